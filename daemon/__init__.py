@@ -1,0 +1,1 @@
+"""berthd process: config, aiohttp app (control API, data plane), CLI."""

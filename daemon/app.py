@@ -1,0 +1,134 @@
+"""The aiohttp application: control API (read-only for now) and health, with one error shape."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from gpu import GpuAllocator, GpuSample
+from scheduler.reconciler import Reconciler
+
+log = logging.getLogger("berth.api")
+
+RECONCILER = web.AppKey("reconciler", Reconciler)
+ALLOCATOR = web.AppKey("allocator", GpuAllocator)
+GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
+ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" means no token is required
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"code": ..., "message": ...}} with `status`."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status,
+                             headers=headers)
+
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+          405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+          422: "invalid", 429: "too_many_requests"}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON; nothing a client sends can produce a bare 500."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        return error_response(exc.status, _CODES.get(exc.status, "http_error"), message, headers)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the berthd log")
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Control API calls need the admin token, when one is configured."""
+    token = request.app[ADMIN_TOKEN]
+    if token and request.path.startswith("/v1/"):
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer "):
+            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(given[7:].encode(), token.encode()):
+            raise ApiError(403, "forbidden", "this token is not the admin token")
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    pools = request.app[RECONCILER].pools
+    return web.json_response({"status": "ok", "endpoints": len(pools)})
+
+
+def _gpu_names(request: web.Request) -> dict[str, Any]:
+    return {g.uuid: {"index": g.index, "uuid": g.uuid, "name": g.name}
+            for g in request.app[ALLOCATOR].gpus}
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    names = _gpu_names(request)
+    pools = sorted(request.app[RECONCILER].pools.values(), key=lambda p: p.name)
+    return web.json_response({"endpoints": [p.describe(names) for p in pools if not p.removed]})
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    pool = request.app[RECONCILER].pools.get(name)
+    if pool is None or pool.removed:
+        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+    return web.json_response(pool.describe(_gpu_names(request)))
+
+
+async def list_gpus(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    owners = allocator.owners()
+    endpoints = {r.id: p.name for p in request.app[RECONCILER].pools.values()
+                 for r in p.replicas.values()}
+    samples = request.app[GPU_SAMPLES]
+    gpus = []
+    for gpu in allocator.gpus:
+        holder = owners.get(gpu.uuid)
+        sample = samples.get(gpu.uuid, GpuSample())
+        gpus.append({"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+                     "memory_mib": gpu.memory_mib, "replica": holder,
+                     "endpoint": endpoints.get(holder) if holder else None,
+                     "utilization_pct": sample.utilization_pct,
+                     "memory_used_mib": sample.memory_used_mib,
+                     "temperature_c": sample.temperature_c})
+    return web.json_response({"gpus": gpus})
+
+
+def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str = "",
+              gpu_samples: dict[str, GpuSample] | None = None,
+              client_max_size: int = 1024 ** 2) -> web.Application:
+    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=client_max_size)
+    app[RECONCILER] = reconciler
+    app[ALLOCATOR] = allocator
+    app[ADMIN_TOKEN] = admin_token
+    app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/endpoints", list_endpoints)
+    app.router.add_get("/v1/endpoints/{name}", get_endpoint)
+    app.router.add_get("/v1/gpus", list_gpus)
+    return app

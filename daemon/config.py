@@ -1,0 +1,268 @@
+"""Configuration: the TOML file, validated with pydantic, errors named by dotted key path.
+
+The same `EndpointSpec` model validates endpoints from the file and (later) from the API, so
+both speak the same field names and give the same errors.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+VOLUME_PATTERN = re.compile(r"^(/[^:]*):(/[^:]*)(:(ro|rw))?$")
+SIZE_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
+
+# Fields whose change alters what a replica runs: a change to any of them rolls the replicas.
+RUNTIME_FIELDS = frozenset(
+    {"image", "command", "args", "port", "env", "secrets", "volumes", "shm_size", "cpus",
+     "memory", "gpus", "gpu_type", "readiness", "liveness"}
+)
+
+
+class Strict(BaseModel):
+    """Base for config models: unknown keys are errors, values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Readiness(Strict):
+    path: str = Field("/health", pattern=r"^/")
+    period_s: float = Field(1.0, gt=0, le=3600)
+    timeout_s: float = Field(2.0, gt=0, le=3600)
+
+
+class Liveness(Strict):
+    path: str | None = Field(None, pattern=r"^/")  # None: same as readiness.path
+    period_s: float = Field(10.0, gt=0, le=3600)
+    timeout_s: float = Field(2.0, gt=0, le=3600)
+    failure_threshold: int = Field(3, ge=1, le=100)
+
+
+class EndpointFields(Strict):
+    """Every endpoint field but the name, with its default (the `[defaults]` table too)."""
+
+    image: str = Field(min_length=1)
+    command: list[str] | None = None
+    args: list[str] | None = None
+    port: int = Field(8080, ge=1, le=65535)
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
+    volumes: list[str] = Field(default_factory=list)
+    shm_size: str | None = None
+    cpus: float | None = Field(None, gt=0, le=1024)
+    memory: str | None = None
+    gpus: int = Field(0, ge=0, le=64)
+    gpu_type: str | None = None
+    min_replicas: int = Field(0, ge=0, le=64)
+    max_replicas: int = Field(1, ge=1, le=64)
+    concurrency: int = Field(1, ge=1, le=10000)
+    idle_timeout_s: float = Field(300.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    async_timeout_s: float = Field(3600.0, gt=0)
+    startup_timeout_s: float = Field(600.0, gt=0)
+    queue_limit: int = Field(100, ge=0, le=1_000_000)
+    readiness: Readiness = Field(default_factory=Readiness)  # type: ignore[arg-type]
+    liveness: Liveness = Field(default_factory=Liveness)  # type: ignore[arg-type]
+    public: bool = False
+    priority: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not VOLUME_PATTERN.match(item):
+                raise ValueError(f"{item!r} is not \"/host/path:/container/path[:ro]\"")
+        return value
+
+    @field_validator("shm_size", "memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None and not SIZE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a size such as \"512m\" or \"16g\"")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return value
+
+    @property
+    def liveness_path(self) -> str:
+        return self.liveness.path or self.readiness.path
+
+
+class EndpointSpec(EndpointFields):
+    """One endpoint, as the file, the API and the store describe it."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+
+    def runtime_view(self) -> dict[str, Any]:
+        """The part of the spec that decides what a replica runs."""
+        return self.model_dump(include=set(RUNTIME_FIELDS))
+
+
+class DaemonSettings(Strict):
+    listen: str = Field("127.0.0.1:8080", pattern=r"^.+:[0-9]{1,5}$")
+    state_dir: str = "/var/lib/berth"
+    admin_token_file: str | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1)
+    max_async_body_bytes: int = Field(1024 * 1024 * 1024, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    stop_replicas_on_exit: bool = False
+    reconcile_interval_s: float = Field(1.0, gt=0, le=60)
+
+
+class DockerSettings(Strict):
+    host: str | None = None  # None: DOCKER_HOST or the default socket
+    network: str = Field("berth", min_length=1)
+    gpu_mode: Literal["auto", "nvidia", "cdi", "env"] = "auto"
+    stop_timeout_s: float = Field(10.0, ge=0)
+    pull: bool = True
+
+
+class GpuDevice(Strict):
+    name: str = Field(min_length=1)
+    memory_mib: int = Field(ge=1)
+    uuid: str | None = None
+
+
+class GpuSettings(Strict):
+    source: Literal["nvml", "static", "none"] = "nvml"
+    devices: list[GpuDevice] = Field(default_factory=list)
+    sample_interval_s: float = Field(10.0, gt=0)
+
+
+class Config(Strict):
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)  # type: ignore[arg-type]
+    docker: DockerSettings = Field(default_factory=DockerSettings)  # type: ignore[arg-type]
+    gpu: GpuSettings = Field(default_factory=GpuSettings)  # type: ignore[arg-type]
+    endpoints: dict[str, EndpointSpec] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """A config that does not validate; `issues` names every wrong key by its dotted path."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = issues
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def issues_from_validation(error: ValidationError, prefix: tuple[Any, ...] = ()) -> list[ConfigIssue]:
+    """Turn pydantic's errors into dotted-path issues, in words a sysadmin reads."""
+    issues = []
+    for err in error.errors():
+        path = ".".join(str(p) for p in (*prefix, *err["loc"]))
+        message = _MESSAGES.get(err["type"], err["msg"])
+        if err["type"] not in _MESSAGES and "input" in err and not isinstance(err["input"], dict):
+            message = f"{message} (got {err['input']!r})"
+        issues.append(ConfigIssue(path, message))
+    return issues
+
+
+def parse_endpoint(name: str, fields: Any, defaults: dict[str, Any],
+                   prefix: tuple[str, ...]) -> tuple[EndpointSpec | None, list[ConfigIssue]]:
+    """Validate one endpoint table merged over the defaults; None and issues when it fails."""
+    if not isinstance(fields, dict):
+        return None, [ConfigIssue(".".join(prefix), "must be a table of endpoint fields")]
+    merged = {**defaults, **fields, "name": name}
+    try:
+        spec = EndpointSpec.model_validate(merged)
+    except ValidationError as exc:
+        return None, issues_from_validation(exc, prefix)
+    return spec, check_endpoint(spec, ".".join(prefix))
+
+
+def check_endpoint(spec: EndpointSpec, path: str) -> list[ConfigIssue]:
+    """Checks across fields that pydantic field validators cannot make alone."""
+    if spec.min_replicas > spec.max_replicas:
+        return [ConfigIssue(f"{path}.min_replicas",
+                            f"min_replicas ({spec.min_replicas}) is greater than "
+                            f"max_replicas ({spec.max_replicas})")]
+    return []
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    data = dict(data)
+    issues: list[ConfigIssue] = []
+    raw_endpoints = data.pop("endpoints", {})
+    raw_defaults = data.pop("defaults", {})
+    if not isinstance(raw_defaults, dict):
+        issues.append(ConfigIssue("defaults", "must be a table of endpoint fields"))
+        raw_defaults = {}
+    for key in raw_defaults:
+        if key not in EndpointFields.model_fields:
+            issues.append(ConfigIssue(f"defaults.{key}", "unknown key"))
+    defaults = {k: v for k, v in raw_defaults.items() if k in EndpointFields.model_fields}
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        issues += issues_from_validation(exc)
+        config = None
+    endpoints: dict[str, EndpointSpec] = {}
+    if not isinstance(raw_endpoints, dict):
+        issues.append(ConfigIssue("endpoints", "must be a table of [endpoints.NAME] tables"))
+        raw_endpoints = {}
+    for name, fields in raw_endpoints.items():
+        spec, found = parse_endpoint(name, fields, defaults, ("endpoints", name))
+        issues += found
+        if spec is not None:
+            endpoints[name] = spec
+    if issues or config is None:
+        raise ConfigError(issues)
+    return config.model_copy(update={"endpoints": endpoints})
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; ConfigError for anything wrong with it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue("", f"{path} is not valid TOML: {exc}")]) from exc
+    return parse_config(data)
+
+
+def gpu_issues(endpoints: dict[str, EndpointSpec], gpus: list[Any]) -> list[ConfigIssue]:
+    """Endpoints asking for more GPUs (of their gpu_type) than the box has at all."""
+    issues = []
+    for name, spec in endpoints.items():
+        if spec.gpus == 0:
+            continue
+        kind = (spec.gpu_type or "").lower()
+        have = sum(1 for g in gpus if kind in g.name.lower())
+        if have < spec.gpus:
+            what = f"GPUs matching gpu_type {spec.gpu_type!r}" if spec.gpu_type else "GPUs"
+            issues.append(ConfigIssue(f"endpoints.{name}.gpus",
+                                      f"asks for {spec.gpus} but this box has {have} {what}"))
+    return issues

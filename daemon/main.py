@@ -1,0 +1,133 @@
+"""berthd: the process entry. `berthd --config PATH` serves; `berthd check-config PATH` checks.
+
+Signal handlers only queue a word; the serve loop acts on it (reload or stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from daemon.config import Config, ConfigError, ConfigIssue, gpu_issues, load_config
+from daemon.logs import setup_logging
+from daemon.sdnotify import Notifier, watchdog_interval_s
+from daemon.service import EXIT_CONFIG, Berth, StartupError, summary_text
+from gpu import GpuSourceError, load_inventory
+
+log = structlog.get_logger("berth.daemon")
+DEFAULT_CONFIG = "/etc/berth/config.toml"
+
+
+def check_config(path: str) -> int:
+    """Validate a file (GPU counts included); print every problem by its dotted path."""
+    try:
+        config = load_config(path)
+        issues = _gpu_check(config)
+    except ConfigError as exc:
+        issues = exc.issues
+    if issues:
+        for issue in issues:
+            print(issue, file=sys.stderr)
+        print(f"{path}: {len(issues)} error(s)", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: ok ({len(config.endpoints)} endpoint(s))")
+    return 0
+
+
+def _gpu_check(config: Config) -> list[ConfigIssue]:
+    try:
+        inventory = load_inventory(config.gpu.source, config.gpu.devices)
+    except GpuSourceError as exc:
+        return [ConfigIssue("gpu.source", str(exc))]
+    try:
+        return gpu_issues(config.endpoints, list(inventory.gpus))
+    finally:
+        inventory.close()
+
+
+async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
+    config = load_config(config_path)
+    setup_logging(config.daemon.log_format, config.daemon.log_level)
+    notifier = Notifier()
+    berth = Berth(config, stop_replicas_on_exit)
+    try:
+        await berth.start()
+    except StartupError as exc:
+        log.error("berthd cannot start", error=str(exc))
+        notifier.send(f"STATUS=cannot start: {exc}")
+        await berth.stop()
+        return exc.exit_code
+    signals: asyncio.Queue[str] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    for sig, word in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"),
+                      (signal.SIGINT, "stop")):
+        loop.add_signal_handler(sig, signals.put_nowait, word)
+    watchdog = loop.create_task(_watchdog(notifier))
+    notifier.send("READY=1", f"STATUS=serving on port {berth.port}")
+    log.info("berthd ready", endpoints=len(config.endpoints), port=berth.port)
+    while await signals.get() == "reload":
+        notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        await _reload(berth, config_path)
+        notifier.send("READY=1", f"STATUS=serving on port {berth.port}")
+    notifier.send("STOPPING=1")
+    log.info("berthd stopping", stop_replicas=berth.stop_replicas_on_exit)
+    watchdog.cancel()
+    await berth.stop()
+    notifier.close()
+    log.info("berthd stopped")
+    return 0
+
+
+async def _reload(berth: Berth, config_path: str) -> None:
+    """Apply the file if it validates; otherwise log why and keep everything as it was."""
+    try:
+        summary = await berth.reload(load_config(config_path))
+    except ConfigError as exc:
+        log.error("reload refused: config does not validate; nothing changed",
+                  errors=[str(i) for i in exc.issues])
+        if berth.reconciler is not None:
+            await berth.reconciler.event("reload_refused",
+                                         f"config does not validate: {exc}")
+        return
+    log.info("config reloaded", summary=summary_text(summary))
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    interval = watchdog_interval_s()
+    if interval is None or not notifier.enabled:
+        return
+    while True:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check-config"]:
+        if len(args) != 2:
+            print("usage: berthd check-config PATH", file=sys.stderr)
+            return EXIT_CONFIG
+        return check_config(args[1])
+    parser = argparse.ArgumentParser(prog="berthd", description="berth model-serving daemon "
+                                     "(also: berthd check-config PATH)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")
+    parser.add_argument("--stop-replicas-on-exit", action="store_true",
+                        help="stop every replica on SIGTERM instead of leaving them to be "
+                             "adopted at the next start")
+    opts = parser.parse_args(args)
+    try:
+        return asyncio.run(serve(opts.config, opts.stop_replicas_on_exit))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

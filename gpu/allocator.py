@@ -1,0 +1,92 @@
+"""GPU allocator: whole GPUs to replicas, never one GPU to two replicas.
+
+Ownership lives in memory for fast decisions and in a ledger (the SQLite store, whose unique
+constraint is the last word) so that a restart or a bug cannot hand one GPU out twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from gpu.inventory import Gpu
+
+
+class GpuLedger(Protocol):
+    """Durable record of GPU ownership (implemented by the store)."""
+
+    async def claim_gpus(self, replica_id: str, uuids: Sequence[str]) -> bool:
+        """Record all of `uuids` as held by the replica, or none and False if any is held."""
+        ...
+
+    async def release_gpus(self, replica_id: str) -> None: ...
+
+    async def gpu_owners(self) -> dict[str, str]: ...
+
+
+def matches(gpu: Gpu, gpu_type: str | None) -> bool:
+    return gpu_type is None or gpu_type.lower() in gpu.name.lower()
+
+
+def choose_gpus(gpus: Sequence[Gpu], owners: Mapping[str, str], count: int,
+                gpu_type: str | None) -> list[Gpu] | None:
+    """The lowest-indexed `count` free GPUs matching `gpu_type`, or None if too few are free."""
+    free = [g for g in gpus if g.uuid not in owners and matches(g, gpu_type)]
+    return free[:count] if len(free) >= count else None
+
+
+class GpuAllocator:
+    """Hands whole GPUs to replicas and takes them back. Safe under concurrent tasks."""
+
+    def __init__(self, gpus: Sequence[Gpu], ledger: GpuLedger) -> None:
+        self.gpus = tuple(gpus)
+        self._ledger = ledger
+        self._owners: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        """Take ownership as the ledger has it; rows for GPUs this box no longer has are dropped."""
+        known = {g.uuid for g in self.gpus}
+        owners = await self._ledger.gpu_owners()
+        for replica in {r for u, r in owners.items() if u not in known}:
+            await self._ledger.release_gpus(replica)
+        self._owners = {u: r for u, r in owners.items() if u in known}
+
+    def owners(self) -> dict[str, str]:
+        """GPU uuid -> replica id, for every held GPU."""
+        return dict(self._owners)
+
+    def held_by(self, replica_id: str) -> list[Gpu]:
+        return [g for g in self.gpus if self._owners.get(g.uuid) == replica_id]
+
+    def can_ever_fit(self, count: int, gpu_type: str | None) -> bool:
+        """Whether the box has enough matching GPUs at all, free or not."""
+        return sum(1 for g in self.gpus if matches(g, gpu_type)) >= count
+
+    async def allocate(self, replica_id: str, count: int, gpu_type: str | None) -> list[Gpu] | None:
+        """GPUs for the replica (already held ones count), or None if not enough are free now."""
+        async with self._lock:
+            held = self.held_by(replica_id)
+            if len(held) >= count:
+                return held
+            if held:  # partial holdings never happen by design; start clean rather than guess
+                await self._release(replica_id)
+            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type)
+            if chosen is None:
+                return None
+            if count and not await self._ledger.claim_gpus(replica_id, [g.uuid for g in chosen]):
+                await self.load()  # memory and ledger disagree: the ledger wins
+                return None
+            for gpu in chosen:
+                self._owners[gpu.uuid] = replica_id
+            return chosen
+
+    async def free(self, replica_id: str) -> None:
+        """Give back every GPU the replica holds (no-op when it holds none)."""
+        async with self._lock:
+            await self._release(replica_id)
+
+    async def _release(self, replica_id: str) -> None:
+        await self._ledger.release_gpus(replica_id)
+        self._owners = {u: r for u, r in self._owners.items() if r != replica_id}

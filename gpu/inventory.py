@@ -1,0 +1,140 @@
+"""GPU inventory: which GPUs the box has, from NVML, from the config (static), or none.
+
+Knows nothing of Docker or HTTP. NVML calls block; callers run `sample()` off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """Live readings of one GPU; None where the source cannot tell."""
+
+    utilization_pct: int | None = None
+    memory_used_mib: int | None = None
+    temperature_c: int | None = None
+
+
+class GpuSourceError(Exception):
+    """The configured GPU source cannot be used (NVML missing, no driver...)."""
+
+
+class Inventory(Protocol):
+    source: str
+
+    @property
+    def gpus(self) -> Sequence[Gpu]: ...
+
+    def sample(self) -> dict[str, GpuSample]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class StaticInventory:
+    """GPUs declared in the config: development and CI boxes without NVIDIA GPUs."""
+
+    gpus: Sequence[Gpu] = field(default_factory=tuple)
+    source: str = "static"
+
+    def sample(self) -> dict[str, GpuSample]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def static_inventory(devices: Sequence[Any]) -> StaticInventory:
+    """Inventory from `[[gpu.devices]]` tables (objects with name, memory_mib, uuid)."""
+    gpus = [
+        Gpu(index=i, uuid=d.uuid or f"static-{i}", name=d.name, memory_mib=d.memory_mib)
+        for i, d in enumerate(devices)
+    ]
+    return StaticInventory(gpus=tuple(gpus))
+
+
+def no_gpus() -> StaticInventory:
+    return StaticInventory(gpus=(), source="none")
+
+
+class NvmlInventory:
+    """GPUs as the NVIDIA driver reports them, through nvidia-ml-py."""
+
+    source = "nvml"
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self._nvml = pynvml
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            raise GpuSourceError(
+                f"gpu.source = \"nvml\" but NVML cannot be used ({exc}); on a machine without "
+                "NVIDIA GPUs or driver set gpu.source = \"static\" and declare [[gpu.devices]], "
+                "or gpu.source = \"none\""
+            ) from exc
+        self._handles = [
+            pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+        ]
+        self.gpus: Sequence[Gpu] = tuple(self._describe(i, h) for i, h in enumerate(self._handles))
+
+    def _describe(self, index: int, handle: Any) -> Gpu:
+        nvml = self._nvml
+        name = nvml.nvmlDeviceGetName(handle)
+        uuid = nvml.nvmlDeviceGetUUID(handle)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        return Gpu(index=index, uuid=_text(uuid), name=_text(name),
+                   memory_mib=int(memory.total) // (1024 * 1024))
+
+    def sample(self) -> dict[str, GpuSample]:
+        nvml = self._nvml
+        samples = {}
+        for gpu, handle in zip(self.gpus, self._handles, strict=True):
+            try:
+                util = nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                temp = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+            except nvml.NVMLError as exc:  # a GPU that fell off the bus must not stop the rest
+                log.warning("nvml sample of GPU %s failed: %s", gpu.index, exc)
+                continue
+            samples[gpu.uuid] = GpuSample(
+                utilization_pct=int(util.gpu),
+                memory_used_mib=int(memory.used) // (1024 * 1024),
+                temperature_c=int(temp),
+            )
+        return samples
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:
+            pass
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def load_inventory(source: str, devices: Sequence[Any]) -> Inventory:
+    """The inventory for `gpu.source`; GpuSourceError when it cannot be had."""
+    if source == "static":
+        return static_inventory(devices)
+    if source == "none":
+        return no_gpus()
+    return NvmlInventory()

@@ -1,0 +1,1 @@
+"""The embedded scheduler: reconciler, policies, probes and the Docker runtime."""

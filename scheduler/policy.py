@@ -1,0 +1,62 @@
+"""Pure scheduling decisions: functions of state and time, no I/O. Tested with tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scheduler.replica import Replica, ReplicaState
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 300.0
+
+
+def desired_replicas(demand: int, concurrency: int, min_replicas: int, max_replicas: int) -> int:
+    """clamp(ceil(demand / concurrency), min_replicas, max_replicas)."""
+    wanted = math.ceil(demand / concurrency) if demand > 0 else 0
+    return max(min_replicas, min(wanted, max_replicas))
+
+
+def backoff_delay(failures: int) -> float:
+    """Wait before replacing a replica after `failures` failures in a row: 1 s doubling to 5 min."""
+    if failures <= 0:
+        return 0.0
+    return min(BACKOFF_BASE_S * 2 ** min(failures - 1, 30), BACKOFF_MAX_S)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one reconcile pass should do to an endpoint's replicas."""
+
+    start: int = 0
+    stop: tuple[str, ...] = ()  # replica ids to drain and stop
+
+    @property
+    def empty(self) -> bool:
+        return self.start == 0 and not self.stop
+
+
+def plan_replicas(replicas: Sequence[Replica], generation: int, desired: int,
+                  idle_timeout_s: float, now: float, may_start: bool) -> Plan:
+    """Start what is missing, roll old generations once new ones are ready, stop the idle excess.
+
+    - Replicas of an older generation that are not ready yet are stopped at once; ready ones
+      once the current generation has `desired` ready replicas (new ready before old stopped).
+    - Excess current replicas: pending ones go first, then ready ones idle for idle_timeout_s
+      (longest idle first). A replica with a call in flight is never picked.
+    """
+    S = ReplicaState
+    active = [r for r in replicas if r.state in (S.PENDING, S.STARTING, S.READY)]
+    current = [r for r in active if r.generation == generation]
+    old = [r for r in active if r.generation != generation]
+    ready_now = sum(1 for r in current if r.state is S.READY)
+    stop = [r.id for r in old if r.state is not S.READY or ready_now >= desired]
+    start = max(0, desired - len(current)) if may_start else 0
+    excess = len(current) - desired
+    if excess > 0:
+        pending = [r for r in current if r.state is S.PENDING]
+        idle = sorted((r for r in current if r.state is S.READY and r.in_flight == 0
+                       and now - r.idle_since >= idle_timeout_s), key=lambda r: r.idle_since)
+        stop += [r.id for r in (pending + idle)[:excess]]
+    return Plan(start=start, stop=tuple(stop))

@@ -1,0 +1,89 @@
+"""An endpoint's replica pool: its spec, its live replicas and what waits on them."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.config import EndpointSpec
+from scheduler.replica import Replica, ReplicaState
+
+
+@dataclass
+class EndpointPool:
+    """Live state of one endpoint. Replicas in it change state only through the Reconciler.
+
+    `changed` is notified on every move into ready, failed or stopped, so callers waiting for
+    capacity (the data plane, tests, shutdown) wake without polling.
+    """
+
+    spec: EndpointSpec
+    source: str
+    generation: int = 1
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    error: str | None = None  # why the endpoint cannot run (image missing, secret missing...)
+    failures: int = 0  # replica failures in a row; reset when one becomes ready
+    next_start_at: float = 0.0  # backoff: no replica is started before this time
+    removed: bool = False  # endpoint deleted: its replicas drain and stop
+    waiting: int = 0  # calls queued for a free slot (the data plane keeps this)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def demand(self) -> int:
+        """Calls in flight + calls waiting (async tasks join in later)."""
+        return sum(r.in_flight for r in self.replicas.values()) + self.waiting
+
+    def count(self, *states: ReplicaState) -> int:
+        return sum(1 for r in self.replicas.values() if r.state in states)
+
+    def status(self) -> str:
+        """One word for people: error, ready, starting, pending, stopping or idle."""
+        S = ReplicaState
+        if self.error:
+            return "error"
+        for word, state in (("ready", S.READY), ("starting", S.STARTING),
+                            ("pending", S.PENDING), ("stopping", S.DRAINING)):
+            if self.count(state):
+                return word
+        return "idle"
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    def describe(self, gpu_names: dict[str, Any]) -> dict[str, Any]:
+        """Spec plus live status, as the API shows it."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "generation": self.generation,
+            "status": self.status(),
+            "error": self.error,
+            "spec": self.spec.model_dump(mode="json"),
+            "replicas": [describe_replica(r, gpu_names) for r in self.replicas.values()],
+            "in_flight": sum(r.in_flight for r in self.replicas.values()),
+            "queued": self.waiting,
+        }
+
+
+def describe_replica(replica: Replica, gpu_names: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": replica.id,
+        "state": replica.state.value,
+        "generation": replica.generation,
+        "container_id": replica.container_id,
+        "address": replica.address,
+        "gpus": [gpu_names.get(u, {"uuid": u}) for u in replica.gpus],
+        "in_flight": replica.in_flight,
+        "created_at": replica.created_at,
+        "started_at": replica.started_at,
+        "ready_at": replica.ready_at,
+        "last_call_at": replica.last_call_at,
+        "failures": replica.failures,
+        "reason": replica.reason,
+    }

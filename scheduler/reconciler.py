@@ -1,0 +1,446 @@
+"""The reconciler: keeps each endpoint at its desired replicas.
+
+It is the one place where replica state changes (`transition`), through the table in
+scheduler.replica. Decisions come from scheduler.policy; this module carries them out against
+the Docker runtime, the GPU allocator and the store. A pass runs every second (APScheduler) and
+at once when something changes (`kick`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from daemon.config import EndpointSpec
+from gpu import GpuAllocator
+from scheduler.policy import backoff_delay, desired_replicas, plan_replicas
+from scheduler.pool import EndpointPool
+from scheduler.probes import Prober
+from scheduler.replica import Replica, ReplicaState
+from scheduler.runtime import (
+    LABEL_ENDPOINT,
+    LABEL_GENERATION,
+    LABEL_MANAGED,
+    LABEL_REPLICA,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerStartError,
+    DockerRuntime,
+    ImageUnavailable,
+    gpu_env,
+)
+from store import EndpointRecord, EventRecord, Store
+
+log = structlog.get_logger("berth.reconciler")
+S = ReplicaState
+FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.period_s
+
+
+@dataclass
+class ChangeSummary:
+    """What applying a set of specs did, by endpoint name."""
+
+    created: list[str] = field(default_factory=list)
+    rolled: list[str] = field(default_factory=list)  # new replicas replace the old ones
+    updated: list[str] = field(default_factory=list)  # applied without replacing replicas
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    """Owns every EndpointPool and the replicas in it."""
+
+    def __init__(self, store: Store, allocator: GpuAllocator, runtime: DockerRuntime,
+                 prober: Prober, gpu_mode: str, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.allocator = allocator
+        self.runtime = runtime
+        self.prober = prober
+        self.gpu_mode = gpu_mode
+        self.clock = clock
+        self.pools: dict[str, EndpointPool] = {}
+        self._pass_lock = asyncio.Lock()
+        self._kick_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._dirty = False
+        self._gpu_index = {g.uuid: g.index for g in allocator.gpus}
+
+    # --- the one place replica state changes ------------------------------------------------
+
+    async def transition(self, pool: EndpointPool, replica: Replica, new: ReplicaState,
+                         reason: str | None = None, kind: str | None = None) -> None:
+        """Move a replica to `new` (IllegalTransition if the table forbids it), persist, tell."""
+        replica.check_move(new)
+        replica.state = new
+        now = self.clock()
+        if new is S.STARTING:
+            replica.started_at = now
+        elif new is S.READY:
+            replica.ready_at = now
+        elif new in (S.STOPPED, S.FAILED):
+            replica.stopped_at = now
+        if reason is not None:
+            replica.reason = reason
+        await self.store.save_replica(replica.record())
+        await self.event(kind or new.value, reason or new.value, pool.name, replica.id)
+        if new in (S.READY, S.FAILED, S.STOPPED):
+            await pool.notify()
+
+    async def event(self, kind: str, message: str, endpoint: str | None = None,
+                    replica: str | None = None) -> None:
+        await self.store.add_event(EventRecord(ts=self.clock(), kind=kind, message=message,
+                                               endpoint=endpoint, replica=replica))
+        log.info(message, event_kind=kind, endpoint=endpoint, replica=replica)
+
+    # --- endpoints -----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild pools from the store (endpoints created over the API live only there)."""
+        for rec in await self.store.endpoints():
+            spec = EndpointSpec.model_validate(rec.spec)
+            self.pools[rec.name] = EndpointPool(spec=spec, source=rec.source,
+                                                generation=rec.generation, error=rec.error)
+
+    async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
+        """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes."""
+        summary = ChangeSummary()
+        for name, spec in specs.items():
+            await self._apply_one(spec, source, summary)
+        for name, pool in list(self.pools.items()):
+            if pool.source == source and name not in specs and not pool.removed:
+                pool.removed = True
+                summary.removed.append(name)
+                await self.event("endpoint_removed", f"endpoint {name} removed", name)
+        self.kick()
+        return summary
+
+    async def _apply_one(self, spec: EndpointSpec, source: str, summary: ChangeSummary) -> None:
+        name = spec.name
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = EndpointPool(spec=spec, source=source)
+            self.pools[name] = pool
+            summary.created.append(name)
+            await self.event("endpoint_created", f"endpoint {name} created", name)
+        elif pool.removed:  # back before its old replicas finished stopping: roll them
+            pool.removed = False
+            pool.generation += 1
+            summary.created.append(name)
+            await self.event("endpoint_created", f"endpoint {name} created again", name)
+        elif pool.spec == spec and pool.source == source:
+            summary.unchanged.append(name)
+            return
+        elif pool.spec.runtime_view() != spec.runtime_view():
+            pool.generation += 1
+            summary.rolled.append(name)
+            await self.event("endpoint_updated", f"endpoint {name} changed what replicas run: "
+                             f"rolling to generation {pool.generation}", name)
+        else:
+            summary.updated.append(name)
+            await self.event("endpoint_updated", f"endpoint {name} settings changed in place",
+                             name)
+        pool.spec, pool.source, pool.error = spec, source, None
+        pool.failures, pool.next_start_at = 0, 0.0
+        await self._save_endpoint(pool)
+
+    async def _save_endpoint(self, pool: EndpointPool) -> None:
+        await self.store.save_endpoint(EndpointRecord(
+            name=pool.name, spec=pool.spec.model_dump(mode="json"), source=pool.source,
+            generation=pool.generation, error=pool.error))
+
+    async def _set_error(self, pool: EndpointPool, error: str | None) -> None:
+        if pool.error != error:
+            pool.error = error
+            await self._save_endpoint(pool)
+
+    # --- adoption at start -----------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Keep running containers that match the store; remove the rest; rebuild GPU owners."""
+        containers = {c.replica: c for c in await self.runtime.list_managed() if c.replica}
+        adopted: set[str] = set()
+        for rec in await self.store.replicas(live_only=True):
+            replica = Replica.from_record(rec)
+            container = containers.get(rec.id)
+            pool = self.pools.get(rec.endpoint)
+            if (pool and container and container.running and container.id == rec.container_id
+                    and replica.state in (S.STARTING, S.READY, S.DRAINING)):
+                pool.replicas[replica.id] = replica
+                adopted.add(replica.id)
+                await self.event("adopt", f"adopted running container {container.id[:12]}",
+                                 pool.name, replica.id)
+                self._resume(pool, replica)
+            else:
+                replica.state, replica.stopped_at = S.STOPPED, self.clock()
+                replica.reason = "container gone when berthd started"
+                await self.store.save_replica(replica.record())
+        for rid, container in containers.items():
+            if rid not in adopted:
+                await self.runtime.remove(container.id, timeout_s=0)
+                await self.event("orphan_removed",
+                                 f"removed container {container.name} unknown to the store",
+                                 container.labels.get(LABEL_ENDPOINT), rid)
+        await self.allocator.load()
+        for rid in set(self.allocator.owners().values()) - adopted:
+            await self.allocator.free(rid)
+
+    def _resume(self, pool: EndpointPool, replica: Replica) -> None:
+        if replica.state is S.STARTING:
+            self._spawn(pool, replica, self._await_ready(pool, replica))
+        elif replica.state is S.READY:
+            self._spawn(pool, replica, self._watch_liveness(pool, replica))
+        else:
+            self._spawn(pool, replica, self._stop(pool, replica, "draining when berthd stopped"))
+
+    # --- a reconcile pass --------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Run a pass as soon as possible; kicks that come while one is queued fold into it."""
+        self._dirty = True
+        if self._closed or (self._kick_task is not None and not self._kick_task.done()):
+            return
+        self._kick_task = asyncio.get_running_loop().create_task(self._kicked_passes())
+
+    async def _kicked_passes(self) -> None:
+        while self._dirty and not self._closed:
+            await asyncio.sleep(0)  # let the kicker finish what it was doing first
+            self._dirty = False
+            await self.run_pass()
+
+    async def run_pass(self) -> None:
+        """A reconcile pass whose errors are logged, never raised (for timers and kicks)."""
+        try:
+            await self.reconcile()
+        except Exception:
+            log.exception("reconcile pass failed")
+
+    async def reconcile(self) -> None:
+        """One pass over every endpoint. Passes never overlap."""
+        async with self._pass_lock:
+            try:
+                containers = await self.runtime.list_managed()
+            except Exception as exc:  # engine hiccup: skip the container check, keep going
+                log.warning("listing containers failed", error=str(exc))
+                containers = None
+            if containers is not None:
+                await self._check_containers(containers)
+            for pool in list(self.pools.values()):
+                await self._reconcile_pool(pool)
+
+    async def _check_containers(self, containers: list[ContainerInfo]) -> None:
+        """Fail replicas whose container stopped; remove containers no replica owns."""
+        by_replica = {c.replica: c for c in containers}
+        known: set[str] = set()
+        for pool in self.pools.values():
+            for replica in list(pool.replicas.values()):
+                known.add(replica.id)
+                if replica.state not in (S.STARTING, S.READY, S.DRAINING):
+                    continue
+                container = by_replica.get(replica.id)
+                if container is None or not container.running:
+                    status = container.status if container else "gone"
+                    await self.fail(pool, replica, f"container exited ({status})")
+        for container in containers:
+            if container.replica not in known:
+                await self.runtime.remove(container.id, timeout_s=0)
+
+    async def _reconcile_pool(self, pool: EndpointPool) -> None:
+        spec, now = pool.spec, self.clock()
+        desired = 0 if pool.removed else desired_replicas(
+            pool.demand(), spec.concurrency, spec.min_replicas, spec.max_replicas)
+        may_start = not pool.removed and now >= pool.next_start_at
+        plan = plan_replicas(list(pool.replicas.values()), pool.generation, desired,
+                             spec.idle_timeout_s, now, may_start)
+        for rid in plan.stop:
+            replica = pool.replicas[rid]
+            self._spawn(pool, replica, self._stop(pool, replica, self._stop_reason(pool, replica)))
+        for _ in range(plan.start):
+            await self._add_replica(pool)
+        await self._place_pending(pool)
+        if pool.removed and not pool.replicas:
+            del self.pools[pool.name]
+            await self.store.delete_endpoint(pool.name)
+
+    def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
+        if pool.removed:
+            return "endpoint removed"
+        if replica.generation != pool.generation:
+            return f"replaced by generation {pool.generation}"
+        if replica.state is S.PENDING:
+            return "no longer needed"
+        return f"idle for {pool.spec.idle_timeout_s:g}s"
+
+    async def _add_replica(self, pool: EndpointPool) -> Replica:
+        replica = Replica(id=f"{pool.name}-{secrets.token_hex(3)}", endpoint=pool.name,
+                          generation=pool.generation, state=S.PENDING, created_at=self.clock(),
+                          failures=pool.failures)
+        pool.replicas[replica.id] = replica
+        await self.store.save_replica(replica.record())
+        await self.event("scale_up", f"new replica for generation {pool.generation}",
+                         pool.name, replica.id)
+        return replica
+
+    async def _place_pending(self, pool: EndpointPool) -> None:
+        """Give GPUs to pending replicas that have none yet and start them."""
+        spec = pool.spec
+        if not self.allocator.can_ever_fit(spec.gpus, spec.gpu_type):
+            await self._set_error(pool, f"needs {spec.gpus} GPU(s) matching "
+                                        f"{spec.gpu_type or 'any'}; this box has fewer")
+            return
+        for replica in [r for r in pool.replicas.values() if r.state is S.PENDING]:
+            if replica.id in pool.tasks:
+                continue
+            gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type)
+            if gpus is None:
+                continue  # stays pending until GPUs free up
+            replica.gpus = [g.uuid for g in gpus]
+            self._spawn(pool, replica, self._start(pool, replica))
+
+    def _spawn(self, pool: EndpointPool, replica: Replica,
+               work: Coroutine[Any, Any, None]) -> None:
+        """Run a replica's lifecycle step as its one task, replacing any task it had."""
+        old = pool.tasks.get(replica.id)
+        if old is not None and old is not asyncio.current_task():
+            old.cancel()
+        task = asyncio.get_running_loop().create_task(work, name=f"replica:{replica.id}")
+        pool.tasks[replica.id] = task
+        task.add_done_callback(lambda t: _forget(pool, replica.id, t))
+
+    # --- replica lifecycle -------------------------------------------------------------------
+
+    async def _start(self, pool: EndpointPool, replica: Replica) -> None:
+        spec = pool.spec
+        try:
+            missing = [n for n in spec.secrets
+                       if n not in await self.store.secret_values(spec.secrets)]
+            if missing:
+                raise ImageUnavailable(f"secret {', '.join(missing)} is not stored")
+            await self.runtime.ensure_image(spec.image)
+            info = await self.runtime.run(await self._container_spec(pool, replica))
+        except (ImageUnavailable, ContainerStartError) as exc:
+            await self._set_error(pool, str(exc))
+            await self.fail(pool, replica, str(exc), kind="start_failed")
+            return
+        replica.container_id = info.id
+        replica.address = f"{info.ip}:{spec.port}"
+        await self.transition(pool, replica, S.STARTING,
+                              f"container {info.id[:12]} started at {replica.address}", "start")
+        await self._await_ready(pool, replica)
+
+    async def _container_spec(self, pool: EndpointPool, replica: Replica) -> ContainerSpec:
+        spec = pool.spec
+        indexes = [self._gpu_index[u] for u in replica.gpus]
+        env = {**spec.env, **await self.store.secret_values(spec.secrets),
+               "BERTH_ENDPOINT": pool.name, "BERTH_REPLICA": replica.id,
+               **gpu_env(replica.gpus, indexes, self.gpu_mode)}
+        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_ENDPOINT: pool.name,
+                  LABEL_REPLICA: replica.id, LABEL_GENERATION: str(replica.generation)}
+        return ContainerSpec(
+            name=f"berth-{replica.id}", image=spec.image, labels=labels, env=env,
+            port=spec.port, command=spec.command, args=spec.args, volumes=spec.volumes,
+            shm_size=spec.shm_size, cpus=spec.cpus, memory=spec.memory,
+            gpu_uuids=list(replica.gpus), gpu_mode=self.gpu_mode)
+
+    async def _await_ready(self, pool: EndpointPool, replica: Replica) -> None:
+        """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed)."""
+        probe = pool.spec.readiness
+        deadline = (replica.started_at or self.clock()) + pool.spec.startup_timeout_s
+        delay = FIRST_PROBE_S
+        assert replica.address is not None
+        while self.clock() < deadline:
+            if await self.prober.check(replica.address, probe.path, probe.timeout_s):
+                pool.failures, pool.next_start_at = 0, 0.0
+                await self._set_error(pool, None)
+                await self.transition(pool, replica, S.READY, "readiness passed")
+                await self._watch_liveness(pool, replica)
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - self.clock())))
+            delay = min(delay * 2, probe.period_s)
+        await self.fail(pool, replica,
+                        f"not ready within startup_timeout_s={pool.spec.startup_timeout_s:g}")
+
+    async def _watch_liveness(self, pool: EndpointPool, replica: Replica) -> None:
+        probe, path = pool.spec.liveness, pool.spec.liveness_path
+        failed = 0
+        assert replica.address is not None
+        while replica.state is S.READY:
+            await asyncio.sleep(probe.period_s)
+            ok = await self.prober.check(replica.address, path, probe.timeout_s)
+            failed = 0 if ok else failed + 1
+            if failed >= probe.failure_threshold:
+                await self.fail(pool, replica, f"liveness failed {failed} times in a row")
+                return
+
+    async def fail(self, pool: EndpointPool, replica: Replica, reason: str,
+                   kind: str = "crash") -> None:
+        """Mark failed, remove the container (keeping its last log lines), free GPUs, back off."""
+        if replica.state in (S.FAILED, S.STOPPED):
+            return
+        pool.failures += 1
+        replica.failures = pool.failures
+        delay = backoff_delay(pool.failures)
+        pool.next_start_at = self.clock() + delay
+        await self.transition(pool, replica, S.FAILED,
+                              f"{reason}; next replica in {delay:g}s", kind)
+        self._cancel_task(pool, replica)
+        if replica.container_id:
+            tail = await self.runtime.logs_tail(replica.container_id, 10)
+            if tail:
+                await self.event("logs", f"last log lines: {tail}", pool.name, replica.id)
+            await self.runtime.remove(replica.container_id, timeout_s=0)
+        await self.allocator.free(replica.id)  # only after the container is gone
+        pool.replicas.pop(replica.id, None)
+        self.kick()
+
+    async def _stop(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
+        """Drain (wait for calls in flight), remove the container, free GPUs, mark stopped."""
+        if replica.state in (S.STARTING, S.READY):
+            await self.transition(pool, replica, S.DRAINING, reason, "drain")
+        if replica.state is S.DRAINING:
+            async with pool.changed:
+                await pool.changed.wait_for(lambda: replica.in_flight == 0)
+        if replica.state in (S.FAILED, S.STOPPED):
+            return
+        if replica.container_id:
+            await self.runtime.remove(replica.container_id)
+        await self.allocator.free(replica.id)
+        await self.transition(pool, replica, S.STOPPED, reason, "scale_down")
+        pool.replicas.pop(replica.id, None)
+        self.kick()
+
+    def _cancel_task(self, pool: EndpointPool, replica: Replica) -> None:
+        task = pool.tasks.pop(replica.id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    async def shutdown(self, stop_replicas: bool) -> None:
+        """Stop watching replicas; with stop_replicas also stop them, else leave them running."""
+        self._closed = True
+        if self._kick_task is not None:
+            self._kick_task.cancel()
+        async with self._pass_lock:
+            tasks = [t for p in self.pools.values() for t in p.tasks.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if stop_replicas:
+                await asyncio.gather(*(self._stop(p, r, "berthd stopping")
+                                       for p in self.pools.values()
+                                       for r in list(p.replicas.values())),
+                                     return_exceptions=True)
+
+
+def _forget(pool: EndpointPool, replica_id: str, task: asyncio.Task[None]) -> None:
+    if pool.tasks.get(replica_id) is task:
+        del pool.tasks[replica_id]
+    if not task.cancelled() and task.exception() is not None:
+        log.error("replica task crashed", replica=replica_id, endpoint=pool.name,
+                  error=repr(task.exception()))

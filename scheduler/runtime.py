@@ -1,0 +1,265 @@
+"""Docker runtime: the only code in berth that calls the Docker SDK.
+
+The SDK blocks, so every call runs in a small dedicated thread pool, never on the event loop.
+Replicas are reached at their address on berth's own bridge network; no port is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import docker.types
+import docker.utils
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LABEL_MANAGED = "berth.managed"
+LABEL_ENDPOINT = "berth.endpoint"
+LABEL_REPLICA = "berth.replica"
+LABEL_GENERATION = "berth.generation"
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+
+
+class DockerUnavailable(Exception):
+    """No Docker engine answers at the configured address."""
+
+
+class ImageUnavailable(Exception):
+    """The image is not on the engine and cannot be pulled."""
+
+
+class ContainerStartError(Exception):
+    """The engine refused to create or start the container; the message says why."""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything the engine needs to run one replica."""
+
+    name: str
+    image: str
+    labels: dict[str, str]
+    env: dict[str, str]
+    port: int
+    command: list[str] | None = None
+    args: list[str] | None = None
+    volumes: list[str] = field(default_factory=list)
+    shm_size: str | None = None
+    cpus: float | None = None
+    memory: str | None = None
+    gpu_uuids: list[str] = field(default_factory=list)
+    gpu_mode: str = "env"  # env | nvidia | cdi
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    labels: dict[str, str]
+    running: bool
+    status: str  # the engine's words, e.g. "Exited (3) 2 seconds ago"
+    ip: str | None
+
+    @property
+    def replica(self) -> str | None:
+        return self.labels.get(LABEL_REPLICA)
+
+
+def gpu_env(uuids: Sequence[str], indexes: Sequence[int], gpu_mode: str) -> dict[str, str]:
+    """CUDA_/NVIDIA_VISIBLE_DEVICES for a replica's GPUs.
+
+    With a device request the container sees only its GPUs, numbered from 0; with env only
+    (static GPUs) CUDA_VISIBLE_DEVICES names the host indexes.
+    """
+    if not uuids:
+        return {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
+    cuda = range(len(uuids)) if gpu_mode in ("nvidia", "cdi") else indexes
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in cuda),
+            "NVIDIA_VISIBLE_DEVICES": ",".join(uuids)}
+
+
+def create_kwargs(spec: ContainerSpec, network: str) -> dict[str, Any]:
+    """Arguments for `containers.create`: pure, so the mapping is tested without an engine."""
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "name": spec.name,
+        "labels": spec.labels,
+        "environment": spec.env,
+        "network": network,
+        "detach": True,
+        "volumes": list(spec.volumes),
+    }
+    if spec.command is not None:
+        kwargs["entrypoint"] = spec.command
+    if spec.args is not None:
+        kwargs["command"] = spec.args
+    if spec.shm_size:
+        kwargs["shm_size"] = spec.shm_size
+    if spec.memory:
+        kwargs["mem_limit"] = spec.memory
+    if spec.cpus:
+        kwargs["nano_cpus"] = int(spec.cpus * 1e9)
+    if spec.gpu_uuids and spec.gpu_mode == "nvidia":
+        kwargs["device_requests"] = [docker.types.DeviceRequest(
+            driver="nvidia", device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])]
+    elif spec.gpu_uuids and spec.gpu_mode == "cdi":
+        kwargs["device_requests"] = [docker.types.DeviceRequest(
+            driver="cdi", device_ids=[f"nvidia.com/gpu={u}" for u in spec.gpu_uuids])]
+    return kwargs
+
+
+class DockerRuntime:
+    """Containers of replicas on one engine. Every public method is a coroutine."""
+
+    def __init__(self, host: str | None, network: str, stop_timeout_s: float = 10.0,
+                 pull: bool = True, workers: int = 4) -> None:
+        self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+        self.network = network
+        self.stop_timeout_s = stop_timeout_s
+        self.pull = pull
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._client: docker.DockerClient | None = None
+        self.runtimes: set[str] = set()
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise DockerUnavailable("runtime not connected")
+        return self._client
+
+    async def connect(self) -> None:
+        """Reach the engine, learn its runtimes, and make sure berth's network exists."""
+        try:
+            self._client = await self._call(
+                docker.DockerClient, base_url=self.host, version="auto", timeout=60)
+            info = await self._call(self.client.info)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise DockerUnavailable(f"no Docker engine answers at {self.host}: {exc}") from exc
+        self.runtimes = set(info.get("Runtimes", {}))
+        await self._call(self._ensure_network)
+
+    def _ensure_network(self) -> None:
+        if not self.client.networks.list(names=[self.network]):
+            self.client.networks.create(self.network, driver="bridge",
+                                        labels={LABEL_MANAGED: "true"})
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._call(self._client.close)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def ensure_image(self, image: str) -> None:
+        """Make sure the image is on the engine, pulling it (progress in the log) if allowed."""
+        await self._call(self._ensure_image, image)
+
+    def _ensure_image(self, image: str) -> None:
+        try:
+            self.client.images.get(image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise ImageUnavailable(f"image {image}: {exc.explanation or exc}") from exc
+        if not self.pull:
+            raise ImageUnavailable(f"image {image} is not on the engine and docker.pull is off")
+        repo, tag = docker.utils.parse_repository_tag(image)
+        log.info("pulling image %s", image)
+        try:
+            last = ""
+            for line in self.client.api.pull(repo, tag or "latest", stream=True, decode=True):
+                if "error" in line:
+                    raise ImageUnavailable(f"image {image} cannot be pulled: {line['error']}")
+                status = f"{line.get('id', '')} {line.get('status', '')}".strip()
+                if status != last:  # layer progress ticks would flood the log
+                    log.info("pull %s: %s", image, status)
+                    last = status
+        except docker.errors.APIError as exc:
+            raise ImageUnavailable(
+                f"image {image} is not on the engine and cannot be pulled: "
+                f"{exc.explanation or exc}") from exc
+
+    async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start the container; ContainerStartError if the engine refuses."""
+        return await self._call(self._run, spec)
+
+    def _run(self, spec: ContainerSpec) -> ContainerInfo:
+        container = None
+        try:
+            container = self.client.containers.create(**create_kwargs(spec, self.network))
+            container.start()
+            container.reload()
+        except docker.errors.APIError as exc:
+            if container is not None:  # never leave a created-but-dead container behind
+                self._remove_quietly(container.id)
+            raise ContainerStartError(f"{exc.explanation or exc}") from exc
+        return self._info(container.attrs)
+
+    def _info(self, attrs: dict[str, Any]) -> ContainerInfo:
+        networks = attrs.get("NetworkSettings", {}).get("Networks", {}) or {}
+        ip = (networks.get(self.network) or {}).get("IPAddress") or None
+        state = attrs.get("State", {})
+        return ContainerInfo(
+            id=attrs["Id"], name=attrs.get("Name", "").lstrip("/"),
+            labels=attrs.get("Config", {}).get("Labels") or {},
+            running=bool(state.get("Running")),
+            status=state.get("Status", ""), ip=ip)
+
+    async def list_managed(self) -> list[ContainerInfo]:
+        """Every container carrying berth's labels, running or not (one cheap engine call)."""
+        rows = await self._call(self.client.api.containers, all=True,
+                                filters={"label": f"{LABEL_MANAGED}=true"})
+        result = []
+        for row in rows:
+            networks = (row.get("NetworkSettings") or {}).get("Networks") or {}
+            ip = (networks.get(self.network) or {}).get("IPAddress") or None
+            names = row.get("Names") or [""]
+            result.append(ContainerInfo(
+                id=row["Id"], name=names[0].lstrip("/"), labels=row.get("Labels") or {},
+                running=row.get("State") == "running", status=row.get("Status", ""), ip=ip))
+        return result
+
+    async def logs_tail(self, container_id: str, lines: int = 20) -> str:
+        """The container's last log lines ('' if it is gone)."""
+        def tail() -> str:
+            try:
+                raw = self.client.api.logs(container_id, tail=lines)
+            except docker.errors.APIError:
+                return ""
+            return bytes(raw).decode("utf-8", "replace").strip()
+        return await self._call(tail)
+
+    async def remove(self, container_id: str, timeout_s: float | None = None) -> None:
+        """Stop (SIGTERM, then SIGKILL after the timeout) and remove; gone already is fine."""
+        timeout = self.stop_timeout_s if timeout_s is None else timeout_s
+        await self._call(self._remove, container_id, timeout)
+
+    def _remove(self, container_id: str, timeout: float) -> None:
+        try:
+            self.client.api.stop(container_id, timeout=max(0, int(round(timeout))))
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            log.warning("stopping container %s failed: %s", container_id[:12], exc)
+        self._remove_quietly(container_id)
+
+    def _remove_quietly(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            log.warning("removing container %s failed: %s", container_id[:12], exc)

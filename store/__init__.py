@@ -1,0 +1,6 @@
+"""SQLite store: schema, migrations and repositories. The only code that writes SQL."""
+
+from store.db import Store, StoreError
+from store.records import EndpointRecord, EventRecord, ReplicaRecord
+
+__all__ = ["EndpointRecord", "EventRecord", "ReplicaRecord", "Store", "StoreError"]

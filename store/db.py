@@ -1,0 +1,223 @@
+"""The SQLite store: the only code in berth that writes SQL.
+
+One aiosqlite connection in WAL mode. Every write commits before it returns, so what a caller
+was told is stored survives a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from store.records import EndpointRecord, EventRecord, ReplicaRecord
+from store.schema import MIGRATIONS, SCHEMA_VERSION
+
+DB_NAME = "berth.db"
+LIVE_STATES = ("pending", "starting", "ready", "draining")
+
+
+class StoreError(Exception):
+    """The state directory or database cannot be used; the message says why and what to do."""
+
+
+class Store:
+    """Endpoints, replicas, GPU ownership and events in one SQLite file."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, state_dir: str | Path) -> Store:
+        """Open (creating if needed) the database under state_dir and migrate it."""
+        path = Path(state_dir) / DB_NAME
+        _prepare_file(path)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        store = cls(db, path)
+        try:
+            await store._setup()
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise StoreError(f"{path} is not a usable SQLite database ({exc}); move it away "
+                             "or point daemon.state_dir elsewhere") from exc
+        except StoreError:
+            await db.close()
+            raise
+        return store
+
+    async def _setup(self) -> None:
+        db = self._db
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA busy_timeout = 5000")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this berthd supports "
+                f"({SCHEMA_VERSION}); run a newer berthd or point daemon.state_dir elsewhere")
+        for number in range(version, SCHEMA_VERSION):
+            await db.executescript(
+                f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def schema_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    async def endpoints(self) -> list[EndpointRecord]:
+        async with self._db.execute("SELECT * FROM endpoints ORDER BY name") as cur:
+            rows = await cur.fetchall()
+        return [_endpoint(r) for r in rows]
+
+    async def save_endpoint(self, rec: EndpointRecord) -> None:
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO endpoints (name, spec, source, generation, error, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec,"
+            " source = excluded.source, generation = excluded.generation,"
+            " error = excluded.error, updated_at = excluded.updated_at",
+            (rec.name, json.dumps(rec.spec, sort_keys=True), rec.source, rec.generation,
+             rec.error, rec.created_at or now, now))
+
+    async def delete_endpoint(self, name: str) -> None:
+        await self._db.execute("DELETE FROM endpoints WHERE name = ?", (name,))
+
+    # --- replicas --------------------------------------------------------------------------
+
+    async def save_replica(self, rec: ReplicaRecord) -> None:
+        row = dataclasses.asdict(rec)
+        row["gpus"] = json.dumps(rec.gpus)
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "id")
+        await self._db.execute(
+            f"INSERT INTO replicas ({cols}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}",
+            tuple(row.values()))
+
+    async def replicas(self, live_only: bool = False) -> list[ReplicaRecord]:
+        sql = "SELECT * FROM replicas"
+        if live_only:
+            sql += f" WHERE state IN ({', '.join('?' for _ in LIVE_STATES)})"
+        async with self._db.execute(sql + " ORDER BY created_at", LIVE_STATES if live_only else ()) as cur:
+            rows = await cur.fetchall()
+        return [_replica(r) for r in rows]
+
+    async def prune_replicas(self, older_than: float) -> None:
+        """Forget stopped and failed replicas that ended before `older_than`."""
+        await self._db.execute(
+            "DELETE FROM replicas WHERE state IN ('stopped', 'failed') AND stopped_at < ?",
+            (older_than,))
+
+    # --- GPU ownership (the GpuLedger of gpu.allocator) ------------------------------------
+
+    async def claim_gpus(self, replica_id: str, uuids: Sequence[str]) -> bool:
+        if not uuids:
+            return True
+        now = time.time()
+        # One multi-row INSERT is atomic on its own: all GPUs are claimed or none is.
+        rows = ", ".join("(?, ?, ?)" for _ in uuids)
+        try:
+            await self._db.execute(
+                f"INSERT INTO gpu_owners (gpu_uuid, replica_id, since) VALUES {rows}",
+                [v for u in uuids for v in (u, replica_id, now)])
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    async def release_gpus(self, replica_id: str) -> None:
+        await self._db.execute("DELETE FROM gpu_owners WHERE replica_id = ?", (replica_id,))
+
+    async def gpu_owners(self) -> dict[str, str]:
+        async with self._db.execute("SELECT gpu_uuid, replica_id FROM gpu_owners") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    # --- secrets ---------------------------------------------------------------------------
+
+    async def put_secret(self, name: str, value: str) -> None:
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO secrets (name, value, created_at, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value,"
+            " updated_at = excluded.updated_at", (name, value, now, now))
+
+    async def delete_secret(self, name: str) -> bool:
+        cur = await self._db.execute("DELETE FROM secrets WHERE name = ?", (name,))
+        return cur.rowcount > 0
+
+    async def secret_values(self, names: Sequence[str]) -> dict[str, str]:
+        """Values of the named secrets that exist (missing names are simply absent)."""
+        if not names:
+            return {}
+        marks = ", ".join("?" for _ in names)
+        async with self._db.execute(
+                f"SELECT name, value FROM secrets WHERE name IN ({marks})", list(names)) as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def add_event(self, event: EventRecord) -> None:
+        await self._db.execute(
+            "INSERT INTO events (ts, kind, endpoint, replica, message) VALUES (?, ?, ?, ?, ?)",
+            (event.ts, event.kind, event.endpoint, event.replica, event.message))
+
+    async def events(self, endpoint: str | None = None, since: float = 0.0,
+                     limit: int = 1000) -> list[EventRecord]:
+        sql = "SELECT * FROM events WHERE ts >= ?"
+        args: list[Any] = [since]
+        if endpoint is not None:
+            sql += " AND endpoint = ?"
+            args.append(endpoint)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        async with self._db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [EventRecord(ts=r["ts"], kind=r["kind"], message=r["message"],
+                            endpoint=r["endpoint"], replica=r["replica"], id=r["id"])
+                for r in reversed(rows)]
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the state dir and a 0600 database file, or say clearly why that is impossible."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        probe = path.parent / ".berth-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"state directory {path.parent} cannot be written: {exc.strerror}; "
+                         "fix its permissions or set daemon.state_dir") from exc
+
+
+def _endpoint(row: Any) -> EndpointRecord:
+    return EndpointRecord(name=row["name"], spec=json.loads(row["spec"]), source=row["source"],
+                          generation=row["generation"], error=row["error"],
+                          created_at=row["created_at"], updated_at=row["updated_at"])
+
+
+def _replica(row: Any) -> ReplicaRecord:
+    values = {k: row[k] for k in row.keys()}  # noqa: SIM118 - sqlite3.Row is not a mapping
+    values["gpus"] = json.loads(values["gpus"])
+    return ReplicaRecord(**values)

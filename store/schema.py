@@ -1,0 +1,56 @@
+"""Schema migrations: forward only, one list entry per version, tracked in PRAGMA user_version."""
+
+MIGRATIONS: list[str] = [
+    # 1: endpoints, replicas, GPU ownership, events, secrets.
+    """
+    CREATE TABLE endpoints (
+        name        TEXT PRIMARY KEY,
+        spec        TEXT NOT NULL,            -- EndpointSpec as JSON
+        source      TEXT NOT NULL CHECK (source IN ('config', 'api')),
+        generation  INTEGER NOT NULL DEFAULT 1, -- bumped when what a replica runs changes
+        error       TEXT,                     -- why the endpoint cannot run, if it cannot
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE replicas (
+        id            TEXT PRIMARY KEY,
+        endpoint      TEXT NOT NULL,
+        generation    INTEGER NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN
+                        ('pending', 'starting', 'ready', 'draining', 'stopped', 'failed')),
+        container_id  TEXT,
+        address       TEXT,
+        gpus          TEXT NOT NULL DEFAULT '[]', -- GPU uuids as JSON
+        created_at    REAL NOT NULL,
+        started_at    REAL,
+        ready_at      REAL,
+        last_call_at  REAL,
+        stopped_at    REAL,
+        failures      INTEGER NOT NULL DEFAULT 0,
+        reason        TEXT
+    );
+    CREATE INDEX replicas_endpoint_state ON replicas (endpoint, state);
+    CREATE TABLE gpu_owners (
+        gpu_uuid    TEXT PRIMARY KEY,         -- one owner per GPU, enforced here
+        replica_id  TEXT NOT NULL,
+        since       REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts        REAL NOT NULL,
+        kind      TEXT NOT NULL,
+        endpoint  TEXT,
+        replica   TEXT,
+        message   TEXT NOT NULL
+    );
+    CREATE INDEX events_endpoint_ts ON events (endpoint, ts);
+    CREATE TABLE secrets (
+        name        TEXT PRIMARY KEY,
+        value       TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
