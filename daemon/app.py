@@ -56,7 +56,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        message = exc.reason
+        if exc.status == 404:
+            message = f"no route for {request.method} {request.path}"
         return error_response(exc.status, _CODES.get(exc.status, "http_error"), message, headers)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)

@@ -174,7 +174,8 @@ _MESSAGES = {
 }
 
 
-def issues_from_validation(error: ValidationError, prefix: tuple[Any, ...] = ()) -> list[ConfigIssue]:
+def issues_from_validation(error: ValidationError,
+                           prefix: tuple[Any, ...] = ()) -> list[ConfigIssue]:
     """Turn pydantic's errors into dotted-path issues, in words a sysadmin reads."""
     issues = []
     for err in error.errors():

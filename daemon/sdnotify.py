@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -25,10 +26,9 @@ class Notifier:
     def send(self, *fields: str) -> None:
         if self._sock is None:
             return
-        try:
+        # systemd gone or socket full: never let notification break the daemon.
+        with contextlib.suppress(OSError):
             self._sock.sendto("\n".join(fields).encode(), self.address)
-        except OSError:
-            pass  # systemd gone or socket full: never let notification break the daemon
 
     def close(self) -> None:
         if self._sock is not None:

@@ -140,8 +140,8 @@ class Berth:
         except OSError as exc:
             raise StartupError(f"daemon.listen: cannot listen on {listen.host}:{listen.port}: "
                                f"{exc.strerror}", EXIT_CONFIG) from exc
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else listen.port
+        addresses = self.runner.addresses  # the bound ones: listen may ask for port 0
+        self.port = int(addresses[0][1]) if addresses else listen.port
         log.info("listening", address=f"{listen.host}:{self.port}")
 
     def _start_jobs(self) -> None:

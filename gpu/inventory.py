@@ -5,6 +5,7 @@ Knows nothing of Docker or HTTP. NVML calls block; callers run `sample()` off th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,10 +122,8 @@ class NvmlInventory:
         return samples
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
-        except self._nvml.NVMLError:
-            pass
 
 
 def _text(value: str | bytes) -> str:

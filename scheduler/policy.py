@@ -22,7 +22,21 @@ def backoff_delay(failures: int) -> float:
     """Wait before replacing a replica after `failures` failures in a row: 1 s doubling to 5 min."""
     if failures <= 0:
         return 0.0
-    return min(BACKOFF_BASE_S * 2 ** min(failures - 1, 30), BACKOFF_MAX_S)
+    return min(BACKOFF_BASE_S * 2.0 ** min(failures - 1, 30), BACKOFF_MAX_S)
+
+
+STABLE_AFTER_S = 60.0  # a replica ready this long before failing starts a fresh backoff count
+
+
+def failures_after(previous: int, ready_at: float | None, now: float) -> int:
+    """The failures-in-a-row count once a replica fails.
+
+    A replica that crashes soon after becoming ready still counts as a failure in the row, so a
+    model that crashes on its first call backs off like one that never starts.
+    """
+    if ready_at is not None and now - ready_at >= STABLE_AFTER_S:
+        return 1
+    return previous + 1
 
 
 @dataclass(frozen=True)

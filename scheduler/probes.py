@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 
@@ -27,7 +25,7 @@ class Prober:
                     f"http://{address}{path}",
                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return 200 <= resp.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
     async def close(self) -> None:

@@ -19,7 +19,7 @@ import structlog
 
 from daemon.config import EndpointSpec
 from gpu import GpuAllocator
-from scheduler.policy import backoff_delay, desired_replicas, plan_replicas
+from scheduler.policy import backoff_delay, desired_replicas, failures_after, plan_replicas
 from scheduler.pool import EndpointPool
 from scheduler.probes import Prober
 from scheduler.replica import Replica, ReplicaState
@@ -110,7 +110,7 @@ class Reconciler:
     async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
         """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes."""
         summary = ChangeSummary()
-        for name, spec in specs.items():
+        for spec in specs.values():
             await self._apply_one(spec, source, summary)
         for name, pool in list(self.pools.items()):
             if pool.source == source and name not in specs and not pool.removed:
@@ -355,7 +355,6 @@ class Reconciler:
         assert replica.address is not None
         while self.clock() < deadline:
             if await self.prober.check(replica.address, probe.path, probe.timeout_s):
-                pool.failures, pool.next_start_at = 0, 0.0
                 await self._set_error(pool, None)
                 await self.transition(pool, replica, S.READY, "readiness passed")
                 await self._watch_liveness(pool, replica)
@@ -382,7 +381,7 @@ class Reconciler:
         """Mark failed, remove the container (keeping its last log lines), free GPUs, back off."""
         if replica.state in (S.FAILED, S.STOPPED):
             return
-        pool.failures += 1
+        pool.failures = failures_after(pool.failures, replica.ready_at, self.clock())
         replica.failures = pool.failures
         delay = backoff_delay(pool.failures)
         pool.next_start_at = self.clock() + delay

@@ -249,7 +249,7 @@ class DockerRuntime:
 
     def _remove(self, container_id: str, timeout: float) -> None:
         try:
-            self.client.api.stop(container_id, timeout=max(0, int(round(timeout))))
+            self.client.api.stop(container_id, timeout=max(0, round(timeout)))
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:

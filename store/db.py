@@ -110,14 +110,16 @@ class Store:
         marks = ", ".join("?" for _ in row)
         updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "id")
         await self._db.execute(
-            f"INSERT INTO replicas ({cols}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}",
-            tuple(row.values()))
+            f"INSERT INTO replicas ({cols}) VALUES ({marks})"
+            f" ON CONFLICT (id) DO UPDATE SET {updates}", tuple(row.values()))
 
     async def replicas(self, live_only: bool = False) -> list[ReplicaRecord]:
         sql = "SELECT * FROM replicas"
+        args: tuple[str, ...] = ()
         if live_only:
             sql += f" WHERE state IN ({', '.join('?' for _ in LIVE_STATES)})"
-        async with self._db.execute(sql + " ORDER BY created_at", LIVE_STATES if live_only else ()) as cur:
+            args = LIVE_STATES
+        async with self._db.execute(sql + " ORDER BY created_at", args) as cur:
             rows = await cur.fetchall()
         return [_replica(r) for r in rows]
 
@@ -194,7 +196,7 @@ class Store:
             rows = await cur.fetchall()
         return [EventRecord(ts=r["ts"], kind=r["kind"], message=r["message"],
                             endpoint=r["endpoint"], replica=r["replica"], id=r["id"])
-                for r in reversed(rows)]
+                for r in reversed(list(rows))]
 
 
 def _prepare_file(path: Path) -> None:
