@@ -52,16 +52,21 @@ class Plan:
 
 
 def plan_replicas(replicas: Sequence[Replica], generation: int, desired: int,
-                  idle_timeout_s: float, now: float, may_start: bool) -> Plan:
+                  idle_timeout_s: float, now: float, may_start: bool,
+                  remove_all: bool = False) -> Plan:
     """Start what is missing, roll old generations once new ones are ready, stop the idle excess.
 
     - Replicas of an older generation that are not ready yet are stopped at once; ready ones
       once the current generation has `desired` ready replicas (new ready before old stopped).
     - Excess current replicas: pending ones go first, then ready ones idle for idle_timeout_s
       (longest idle first). A replica with a call in flight is never picked.
+    - remove_all (the endpoint was deleted): every replica is stopped; draining lets its
+      calls finish.
     """
     S = ReplicaState
     active = [r for r in replicas if r.state in (S.PENDING, S.STARTING, S.READY)]
+    if remove_all:
+        return Plan(stop=tuple(r.id for r in active))
     current = [r for r in active if r.generation == generation]
     old = [r for r in active if r.generation != generation]
     ready_now = sum(1 for r in current if r.state is S.READY)

@@ -29,6 +29,7 @@ class EndpointPool:
     waiting: int = 0  # calls queued for a free slot (the data plane keeps this)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    stopping: set[str] = field(default_factory=set)  # replicas with a stop under way
 
     @property
     def name(self) -> str:

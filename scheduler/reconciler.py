@@ -256,8 +256,11 @@ class Reconciler:
             pool.demand(), spec.concurrency, spec.min_replicas, spec.max_replicas)
         may_start = not pool.removed and now >= pool.next_start_at
         plan = plan_replicas(list(pool.replicas.values()), pool.generation, desired,
-                             spec.idle_timeout_s, now, may_start)
+                             spec.idle_timeout_s, now, may_start, remove_all=pool.removed)
         for rid in plan.stop:
+            if rid in pool.stopping:
+                continue
+            pool.stopping.add(rid)
             replica = pool.replicas[rid]
             self._spawn(pool, replica, self._stop(pool, replica, self._stop_reason(pool, replica)))
         for _ in range(plan.start):
@@ -399,6 +402,12 @@ class Reconciler:
 
     async def _stop(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
         """Drain (wait for calls in flight), remove the container, free GPUs, mark stopped."""
+        try:
+            await self._drain_and_remove(pool, replica, reason)
+        finally:
+            pool.stopping.discard(replica.id)
+
+    async def _drain_and_remove(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
         if replica.state in (S.STARTING, S.READY):
             await self.transition(pool, replica, S.DRAINING, reason, "drain")
         if replica.state is S.DRAINING:

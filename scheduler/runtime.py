@@ -27,6 +27,7 @@ LABEL_MANAGED = "berth.managed"
 LABEL_ENDPOINT = "berth.endpoint"
 LABEL_REPLICA = "berth.replica"
 LABEL_GENERATION = "berth.generation"
+LABEL_INSTANCE = "berth.instance"  # the network name: berthds on other networks are left alone
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 
 
@@ -93,7 +94,7 @@ def create_kwargs(spec: ContainerSpec, network: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": spec.name,
-        "labels": spec.labels,
+        "labels": {**spec.labels, LABEL_INSTANCE: network},
         "environment": spec.env,
         "network": network,
         "detach": True,
@@ -159,8 +160,9 @@ class DockerRuntime:
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._call(self._client.close)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            client, self._client = self._client, None
+            await self._call(client.close)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def ensure_image(self, image: str) -> None:
         """Make sure the image is on the engine, pulling it (progress in the log) if allowed."""
@@ -219,9 +221,9 @@ class DockerRuntime:
             status=state.get("Status", ""), ip=ip)
 
     async def list_managed(self) -> list[ContainerInfo]:
-        """Every container carrying berth's labels, running or not (one cheap engine call)."""
-        rows = await self._call(self.client.api.containers, all=True,
-                                filters={"label": f"{LABEL_MANAGED}=true"})
+        """Every container of this berth instance, running or not (one cheap engine call)."""
+        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.network}"]
+        rows = await self._call(self.client.api.containers, all=True, filters={"label": labels})
         result = []
         for row in rows:
             networks = (row.get("NetworkSettings") or {}).get("Networks") or {}

@@ -1,0 +1,187 @@
+"""Test fixtures: a real Docker engine (reused, or started for the session), the demo model
+image, and in-process berth parts wired to real SQLite files and real containers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "demo"))
+
+import build_image  # noqa: E402
+import engine  # noqa: E402
+
+from daemon.config import EndpointSpec  # noqa: E402
+from gpu import GpuAllocator  # noqa: E402
+from gpu.inventory import Gpu  # noqa: E402
+from scheduler.pool import EndpointPool  # noqa: E402
+from scheduler.probes import Prober  # noqa: E402
+from scheduler.reconciler import Reconciler  # noqa: E402
+from scheduler.runtime import DockerRuntime  # noqa: E402
+from store import Store  # noqa: E402
+
+SESSION = uuid.uuid4().hex[:8]
+TEST_LABEL = "berth.test"
+IMAGE = build_image.DEFAULT_TAG
+
+
+@pytest.fixture(scope="session")
+def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A reachable engine: DOCKER_HOST or the default socket, else a private dockerd.
+
+    Fails (never skips) when no engine can be had: these tests are about the Docker path.
+    """
+    host = engine.existing_engine()
+    proc = None
+    if host is None:
+        base = Path(f"/tmp/berth-test-docker-{SESSION}")
+        try:
+            host, proc = engine.start_dockerd(base)
+        except RuntimeError as exc:
+            pytest.fail(f"Docker engine needed and none could be had: {exc}", pytrace=False)
+    old = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = host
+    yield host
+    _remove_test_containers(host)
+    if old is None:
+        os.environ.pop("DOCKER_HOST", None)
+    else:
+        os.environ["DOCKER_HOST"] = old
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _remove_test_containers(host: str) -> None:
+    client = docker.DockerClient(base_url=host, version="auto")
+    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={SESSION}"}):
+        c.remove(force=True)
+    for n in client.networks.list(names=[f"berth-test-{SESSION}"]):
+        n.remove()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_host: str) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=docker_host, version="auto")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_image(docker_client: docker.DockerClient) -> str:
+    build_image.ensure_image(docker_client, IMAGE)
+    return IMAGE
+
+
+@pytest.fixture
+def network() -> str:
+    return f"berth-test-{SESSION}"
+
+
+def endpoint(name: str, **fields: Any) -> EndpointSpec:
+    """An endpoint on the test image with test-speed probes; fields override."""
+    readiness = {"path": "/health", "period_s": 0.1, "timeout_s": 0.5}
+    liveness = {"period_s": 0.1, "timeout_s": 0.5, "failure_threshold": 2}
+    data: dict[str, Any] = {"name": name, "image": IMAGE, "startup_timeout_s": 20.0,
+                            "readiness": readiness, "liveness": liveness,
+                            "labels": {TEST_LABEL: SESSION}}
+    data.update(fields)
+    return EndpointSpec.model_validate(data)
+
+
+def static_gpus(count: int, name: str = "Test GPU") -> list[Gpu]:
+    return [Gpu(index=i, uuid=f"GPU-test-{i}", name=name, memory_mib=1024) for i in range(count)]
+
+
+class Harness:
+    """A reconciler over real SQLite and a real engine, with a fast timer of its own."""
+
+    def __init__(self, state_dir: Path, network: str, gpus: list[Gpu]) -> None:
+        self.state_dir = state_dir
+        self.network = network
+        self.gpus = gpus
+        self.store: Store | None = None
+        self.runtime: DockerRuntime | None = None
+        self.reconciler: Reconciler | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self.stopped = False
+
+    async def start(self) -> Reconciler:
+        self.store = await Store.open(self.state_dir)
+        allocator = GpuAllocator(self.gpus, self.store)
+        self.runtime = DockerRuntime(None, self.network, stop_timeout_s=1)
+        await self.runtime.connect()
+        self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(), "env")
+        await self.reconciler.load()
+        await self.reconciler.adopt()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return self.reconciler
+
+    async def _tick(self) -> None:
+        assert self.reconciler is not None
+        while True:
+            await asyncio.sleep(0.1)
+            await self.reconciler.run_pass()
+
+    async def stop(self, stop_replicas: bool = True) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.reconciler is not None:
+            await self.reconciler.shutdown(stop_replicas)
+            await self.reconciler.prober.close()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, network: str, model_image: str
+                  ) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    """Start harnesses (several over one state dir simulate berthd restarts); stops them all."""
+    started: list[Harness] = []
+
+    async def make(gpus: int = 0, state: str = "state") -> Harness:
+        h = Harness(tmp_path / state, network, static_gpus(gpus))
+        started.append(h)
+        await h.start()
+        return h
+
+    yield make
+    for h in reversed(started):
+        await h.stop()
+
+
+async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: float = 15.0,
+                   what: str = "condition") -> None:
+    """Wait until `predicate` holds, woken by the pool's ready/failed/stopped notifications."""
+    async def waiter() -> None:
+        while not predicate():
+            async with pool.changed:
+                try:
+                    await asyncio.wait_for(pool.changed.wait(), 0.2)
+                except TimeoutError:
+                    pass
+    try:
+        await asyncio.wait_for(waiter(), timeout)
+    except TimeoutError:
+        states = {r.id: r.state.value for r in pool.replicas.values()}
+        raise AssertionError(f"timed out waiting for {what}; replicas: {states}, "
+                             f"error: {pool.error}") from None
+
+
+def ready_count(pool: EndpointPool) -> int:
+    return sum(1 for r in pool.replicas.values() if r.state.value == "ready")

@@ -1,0 +1,257 @@
+"""The reconciler against a real Docker engine and a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import docker
+
+from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
+from scheduler.replica import ReplicaState
+
+S = ReplicaState
+
+
+async def get_json(address: str, path: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}{path}") as r:
+        return await r.json()
+
+
+async def test_min_replicas_run_with_labels_env_and_gpus(harness, docker_client):
+    h = await harness(gpus=2)
+    rec = h.reconciler
+    await rec.apply_specs({"echo": endpoint("echo", gpus=1, min_replicas=1)}, "config")
+    pool = rec.pools["echo"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="one ready replica")
+    replica = next(iter(pool.replicas.values()))
+    container = docker_client.containers.get(replica.container_id)
+    labels = container.labels
+    assert labels["berth.endpoint"] == "echo"
+    assert labels["berth.replica"] == replica.id
+    assert labels["berth.managed"] == "true"
+    assert h.network in container.attrs["NetworkSettings"]["Networks"]
+    assert container.attrs["HostConfig"]["PortBindings"] in (None, {})  # nothing published
+    env = await get_json(replica.address, "/env")
+    assert env["BERTH_ENDPOINT"] == "echo"
+    assert env["BERTH_REPLICA"] == replica.id
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "GPU-test-0"
+    assert rec.allocator.owners() == {"GPU-test-0": replica.id}
+    stored = {r.id: r for r in await h.store.replicas()}
+    assert stored[replica.id].state == "ready"
+    assert stored[replica.id].container_id == replica.container_id
+    assert stored[replica.id].gpus == ["GPU-test-0"]
+    kinds = [e.kind for e in await h.store.events("echo")]
+    assert kinds[:4] == ["endpoint_created", "scale_up", "start", "ready"]
+
+
+async def test_spec_fields_reach_the_container(harness, docker_client, tmp_path):
+    h = await harness()
+    await h.store.put_secret("HF_TOKEN", "s3cret")
+    data = tmp_path / "models"
+    data.mkdir()
+    (data / "weights.bin").write_text("w")
+    spec = endpoint(
+        "fields", min_replicas=1, port=9000, env={"PORT": "9000", "MODE": "test"},
+        command=["/usr/bin/python3.11"], args=["-u", "/srv/model_server.py"],
+        secrets=["HF_TOKEN"], volumes=[f"{data}:/models:ro"], shm_size="64m", cpus=0.5,
+        memory="256m")
+    await h.reconciler.apply_specs({"fields": spec}, "config")
+    pool = h.reconciler.pools["fields"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready on port 9000")
+    replica = next(iter(pool.replicas.values()))
+    assert replica.address.endswith(":9000")
+    env = await get_json(replica.address, "/env")
+    assert env["MODE"] == "test"
+    assert env["HF_TOKEN"] == "s3cret"
+    attrs = docker_client.containers.get(replica.container_id).attrs
+    host = attrs["HostConfig"]
+    assert attrs["Config"]["Entrypoint"] == ["/usr/bin/python3.11"]
+    assert attrs["Config"]["Cmd"] == ["-u", "/srv/model_server.py"]
+    assert host["ShmSize"] == 64 * 1024 * 1024
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Memory"] == 256 * 1024 * 1024
+    assert f"{data}:/models:ro" in host["Binds"]
+
+
+async def test_crashing_replica_is_replaced_with_backoff_and_frees_gpus(harness, docker_client):
+    h = await harness(gpus=1)
+    rec = h.reconciler
+    spec = endpoint("crashy", gpus=1, min_replicas=1, env={"MODEL_CRASH_AFTER_S": "0.3"})
+    await rec.apply_specs({"crashy": spec}, "config")
+    pool = rec.pools["crashy"]
+    await wait_for(pool, lambda: pool.failures >= 2, timeout=20, what="two failures")
+    failed = [r for r in await h.store.replicas() if r.state == "failed"]
+    assert len(failed) >= 2
+    assert all("container exited" in (r.reason or "") for r in failed)
+    assert [r.failures for r in failed[:2]] == [1, 2]
+    # The replacement waited out the backoff: 1 s after the first failure.
+    second = sorted(await h.store.replicas(), key=lambda r: r.created_at)[1]
+    assert second.created_at - failed[0].stopped_at >= 0.9
+    # Failed containers are removed, not left to pile up; the GPU is held by at most the live one.
+    left = docker_client.containers.list(all=True, filters={"label": "berth.endpoint=crashy"})
+    assert {c.labels["berth.replica"] for c in left} <= set(pool.replicas)
+    assert set(rec.allocator.owners().values()) <= set(pool.replicas)
+    assert "logs" in [e.kind for e in await h.store.events("crashy")]
+
+
+async def test_startup_timeout_fails_the_replica(harness, docker_client):
+    h = await harness()
+    spec = endpoint("slow", min_replicas=1, startup_timeout_s=0.6,
+                    env={"MODEL_FAIL_HEALTH": "1"})
+    await h.reconciler.apply_specs({"slow": spec}, "config")
+    pool = h.reconciler.pools["slow"]
+    await wait_for(pool, lambda: pool.failures >= 1, what="startup timeout")
+    failed = [r for r in await h.store.replicas() if r.state == "failed"][0]
+    assert "not ready within startup_timeout_s=0.6" in failed.reason
+    await asyncio.sleep(0.2)
+    assert not docker_client.containers.list(all=True, filters={"id": failed.container_id})
+
+
+async def test_failed_liveness_replaces_the_replica(harness):
+    h = await harness()
+    await h.reconciler.apply_specs({"live": endpoint("live", min_replicas=1)}, "config")
+    pool = h.reconciler.pools["live"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    first = next(iter(pool.replicas.values()))
+    async with aiohttp.ClientSession() as s:
+        await s.post(f"http://{first.address}/fail-health")
+    await wait_for(pool, lambda: first.state is S.FAILED, what="liveness failure")
+    assert "liveness failed 2 times" in first.reason
+    await wait_for(pool, lambda: ready_count(pool) == 1, timeout=20, what="a replacement")
+    assert first.id not in pool.replicas
+
+
+async def test_missing_image_is_an_endpoint_error_and_others_keep_running(harness):
+    h = await harness()
+    specs = {"good": endpoint("good", min_replicas=1),
+             "bad": endpoint("bad", min_replicas=1, image="berth-test/missing:never")}
+    await h.reconciler.apply_specs(specs, "config")
+    good, bad = h.reconciler.pools["good"], h.reconciler.pools["bad"]
+    await wait_for(bad, lambda: bad.error is not None, what="image error")
+    assert "berth-test/missing:never" in bad.error
+    assert bad.status() == "error"
+    await wait_for(good, lambda: ready_count(good) == 1, what="good endpoint ready")
+    stored = {e.name: e for e in await h.store.endpoints()}
+    assert "missing:never" in stored["bad"].error
+
+
+async def test_restart_adopts_running_containers_and_rebuilds_gpu_owners(harness):
+    first = await harness(gpus=2)
+    await first.reconciler.apply_specs({"keep": endpoint("keep", gpus=1, min_replicas=1)},
+                                       "config")
+    pool = first.reconciler.pools["keep"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    replica = next(iter(pool.replicas.values()))
+    await first.stop(stop_replicas=False)
+
+    second = await harness(gpus=2)
+    await second.reconciler.apply_specs({"keep": endpoint("keep", gpus=1, min_replicas=1)},
+                                        "config")
+    pool2 = second.reconciler.pools["keep"]
+    adopted = pool2.replicas[replica.id]
+    assert adopted.container_id == replica.container_id
+    assert adopted.state is S.READY
+    assert second.reconciler.allocator.owners() == {"GPU-test-0": replica.id}
+    await asyncio.sleep(0.5)  # a few passes: nothing is restarted
+    assert list(pool2.replicas) == [replica.id]
+    assert "adopt" in [e.kind for e in await second.store.events("keep")]
+
+
+async def test_restart_removes_unknown_containers_and_forgets_gone_ones(
+        harness, docker_client, model_image, network):
+    first = await harness(gpus=1)
+    await first.reconciler.apply_specs({"gone": endpoint("gone", gpus=1, min_replicas=1)},
+                                       "config")
+    pool = first.reconciler.pools["gone"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    replica = next(iter(pool.replicas.values()))
+    await first.stop(stop_replicas=False)
+    docker_client.containers.get(replica.container_id).remove(force=True)  # died while down
+    stray = docker_client.containers.run(
+        model_image, detach=True, network=network,
+        labels={"berth.managed": "true", "berth.endpoint": "gone",
+                "berth.replica": "gone-stray0", "berth.instance": network,
+                TEST_LABEL: SESSION})
+
+    second = await harness(gpus=1)
+    assert not docker_client.containers.list(all=True, filters={"id": stray.id})
+    stored = {r.id: r for r in await second.store.replicas()}
+    assert stored[replica.id].state == "stopped"
+    assert second.reconciler.allocator.owners() == {}  # its GPU is free again
+
+
+async def test_changed_image_rolls_new_ready_before_old_stops(harness):
+    h = await harness()
+    rec = h.reconciler
+    await rec.apply_specs({"roll": endpoint("roll", min_replicas=1)}, "config")
+    pool = rec.pools["roll"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="first ready")
+    old = next(iter(pool.replicas.values()))
+    summary = await rec.apply_specs(
+        {"roll": endpoint("roll", min_replicas=1, env={"VERSION": "2"})}, "config")
+    assert summary.rolled == ["roll"]
+    await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica stopped")
+    new = next(iter(pool.replicas.values()))
+    assert new.generation == old.generation + 1 and new.state is S.READY
+    events = await h.store.events("roll")
+    new_ready = next(e.ts for e in events if e.replica == new.id and e.kind == "ready")
+    old_drain = next(e.ts for e in events if e.replica == old.id and e.kind == "drain")
+    assert new_ready <= old_drain
+    assert (await get_json(new.address, "/env"))["VERSION"] == "2"
+
+
+async def test_changed_limits_apply_without_replacing_replicas(harness):
+    h = await harness()
+    rec = h.reconciler
+    await rec.apply_specs({"inplace": endpoint("inplace", min_replicas=1)}, "config")
+    pool = rec.pools["inplace"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    first = next(iter(pool.replicas.values()))
+    summary = await rec.apply_specs(
+        {"inplace": endpoint("inplace", min_replicas=2, max_replicas=3,
+                             request_timeout_s=5.0)}, "config")
+    assert summary.updated == ["inplace"]
+    await wait_for(pool, lambda: ready_count(pool) == 2, what="second replica")
+    assert first.id in pool.replicas and first.state is S.READY
+    assert pool.generation == first.generation
+
+
+async def test_removed_endpoint_stops_its_replicas_and_frees_gpus(harness, docker_client):
+    h = await harness(gpus=1)
+    rec = h.reconciler
+    await rec.apply_specs({"bye": endpoint("bye", gpus=1, min_replicas=1)}, "config")
+    pool = rec.pools["bye"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    replica = next(iter(pool.replicas.values()))
+    summary = await rec.apply_specs({}, "config")
+    assert summary.removed == ["bye"]
+    await wait_for(pool, lambda: replica.state is S.STOPPED, what="stopped")
+    for _ in range(20):
+        if "bye" not in rec.pools:
+            break
+        await asyncio.sleep(0.1)
+    assert "bye" not in rec.pools
+    assert rec.allocator.owners() == {}
+    assert not docker_client.containers.list(all=True, filters={"id": replica.container_id})
+    assert "bye" not in [e.name for e in await h.store.endpoints()]
+
+
+async def test_replica_waits_pending_while_gpus_are_taken(harness):
+    h = await harness(gpus=1)
+    rec = h.reconciler
+    await rec.apply_specs({"a": endpoint("a", gpus=1, min_replicas=1, priority=5)}, "config")
+    await wait_for(rec.pools["a"], lambda: ready_count(rec.pools["a"]) == 1, what="a ready")
+    await rec.apply_specs({"a": endpoint("a", gpus=1, min_replicas=1, priority=5),
+                           "b": endpoint("b", gpus=1, min_replicas=1)}, "config")
+    await asyncio.sleep(0.5)
+    b = rec.pools["b"]
+    assert [r.state for r in b.replicas.values()] == [S.PENDING]
+    assert b.status() == "pending"
+    # When a's replica goes away, b gets the GPU.
+    await rec.apply_specs({"b": endpoint("b", gpus=1, min_replicas=1)}, "config")
+    await wait_for(b, lambda: ready_count(b) == 1, what="b ready on the freed GPU")
+    assert list(rec.allocator.owners().values()) == list(b.replicas)
