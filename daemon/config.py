@@ -163,9 +163,10 @@ class ConfigIssue:
 class ConfigError(Exception):
     """A config that does not validate; `issues` names every wrong key by its dotted path."""
 
-    def __init__(self, issues: list[ConfigIssue]) -> None:
+    def __init__(self, issues: list[ConfigIssue], partial: Config | None = None) -> None:
         super().__init__("\n".join(str(i) for i in issues))
         self.issues = issues
+        self.partial = partial  # what did validate, so later checks can still name problems
 
 
 _MESSAGES = {
@@ -212,18 +213,10 @@ def check_endpoint(spec: EndpointSpec, path: str) -> list[ConfigIssue]:
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     data = dict(data)
-    issues: list[ConfigIssue] = []
     raw_endpoints = data.pop("endpoints", {})
-    raw_defaults = data.pop("defaults", {})
-    if not isinstance(raw_defaults, dict):
-        issues.append(ConfigIssue("defaults", "must be a table of endpoint fields"))
-        raw_defaults = {}
-    for key in raw_defaults:
-        if key not in EndpointFields.model_fields:
-            issues.append(ConfigIssue(f"defaults.{key}", "unknown key"))
-    defaults = {k: v for k, v in raw_defaults.items() if k in EndpointFields.model_fields}
+    defaults, issues = _parse_defaults(data.pop("defaults", {}))
     try:
-        config = Config.model_validate(data)
+        config: Config | None = Config.model_validate(data)
     except ValidationError as exc:
         issues += issues_from_validation(exc)
         config = None
@@ -236,8 +229,27 @@ def parse_config(data: dict[str, Any]) -> Config:
         issues += found
         if spec is not None:
             endpoints[name] = spec
-    if issues or config is None:
-        raise ConfigError(issues)
+    if config is not None and not issues:
+        return config.model_copy(update={"endpoints": endpoints})
+    raise ConfigError(issues, _partial(config, data, endpoints))
+
+
+def _parse_defaults(raw: Any) -> tuple[dict[str, Any], list[ConfigIssue]]:
+    if not isinstance(raw, dict):
+        return {}, [ConfigIssue("defaults", "must be a table of endpoint fields")]
+    issues = [ConfigIssue(f"defaults.{k}", "unknown key")
+              for k in raw if k not in EndpointFields.model_fields]
+    return {k: v for k, v in raw.items() if k in EndpointFields.model_fields}, issues
+
+
+def _partial(config: Config | None, data: dict[str, Any],
+             endpoints: dict[str, EndpointSpec]) -> Config | None:
+    """The parts that did validate (GPU section and endpoints), for checks that need them."""
+    if config is None:
+        try:
+            config = Config(gpu=GpuSettings.model_validate(data.get("gpu", {})))
+        except ValidationError:
+            return None
     return config.model_copy(update={"endpoints": endpoints})
 
 

@@ -31,6 +31,8 @@ def check_config(path: str) -> int:
         issues = _gpu_check(config)
     except ConfigError as exc:
         issues = exc.issues
+        if exc.partial is not None:  # still say which valid endpoints want too many GPUs
+            issues = issues + [i for i in _gpu_check(exc.partial) if i.path != "gpu.source"]
     if issues:
         for issue in issues:
             print(issue, file=sys.stderr)

@@ -86,7 +86,7 @@ class NvmlInventory:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
             raise GpuSourceError(
-                f"gpu.source = \"nvml\" but NVML cannot be used ({exc}); on a machine without "
+                f"NVML cannot be used ({exc}); on a machine without "
                 "NVIDIA GPUs or driver set gpu.source = \"static\" and declare [[gpu.devices]], "
                 "or gpu.source = \"none\""
             ) from exc

@@ -4,6 +4,7 @@ image, and in-process berth parts wired to real SQLite files and real containers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -17,17 +18,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
 
-import build_image  # noqa: E402
-import engine  # noqa: E402
+import build_image
+import engine
 
-from daemon.config import EndpointSpec  # noqa: E402
-from gpu import GpuAllocator  # noqa: E402
-from gpu.inventory import Gpu  # noqa: E402
-from scheduler.pool import EndpointPool  # noqa: E402
-from scheduler.probes import Prober  # noqa: E402
-from scheduler.reconciler import Reconciler  # noqa: E402
-from scheduler.runtime import DockerRuntime  # noqa: E402
-from store import Store  # noqa: E402
+from daemon.config import EndpointSpec
+from gpu import GpuAllocator
+from gpu.inventory import Gpu
+from scheduler.pool import EndpointPool
+from scheduler.probes import Prober
+from scheduler.reconciler import Reconciler
+from scheduler.runtime import DockerRuntime
+from store import Store
 
 SESSION = uuid.uuid4().hex[:8]
 TEST_LABEL = "berth.test"
@@ -171,10 +172,8 @@ async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: f
     async def waiter() -> None:
         while not predicate():
             async with pool.changed:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pool.changed.wait(), 0.2)
-                except TimeoutError:
-                    pass
     try:
         await asyncio.wait_for(waiter(), timeout)
     except TimeoutError:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 
 import aiohttp
-import docker
-
 from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
+
 from scheduler.replica import ReplicaState
 
 S = ReplicaState
@@ -105,7 +102,7 @@ async def test_startup_timeout_fails_the_replica(harness, docker_client):
     await h.reconciler.apply_specs({"slow": spec}, "config")
     pool = h.reconciler.pools["slow"]
     await wait_for(pool, lambda: pool.failures >= 1, what="startup timeout")
-    failed = [r for r in await h.store.replicas() if r.state == "failed"][0]
+    failed = next(r for r in await h.store.replicas() if r.state == "failed")
     assert "not ready within startup_timeout_s=0.6" in failed.reason
     await asyncio.sleep(0.2)
     assert not docker_client.containers.list(all=True, filters={"id": failed.container_id})
