@@ -1,0 +1,109 @@
+"""The Docker runtime against a real engine: labels, network, address, GPUs, images."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import aiohttp
+import docker.types
+import pytest
+
+from conftest import SESSION, TEST_LABEL
+from scheduler.runtime import (
+    ContainerSpec,
+    ContainerStartError,
+    DockerRuntime,
+    DockerUnavailable,
+    ImageUnavailable,
+    create_kwargs,
+    gpu_env,
+)
+
+
+def spec(name: str, image: str, **fields) -> ContainerSpec:
+    return ContainerSpec(name=f"berth-{name}-{SESSION}", image=image,
+                         labels={"berth.managed": "true", "berth.endpoint": "rt",
+                                 "berth.replica": name, TEST_LABEL: SESSION},
+                         env={"BERTH_REPLICA": name}, port=8080, **fields)
+
+
+@pytest.fixture
+async def runtime(docker_host, network):
+    rt = DockerRuntime(None, network, stop_timeout_s=1)
+    await rt.connect()
+    yield rt
+    await rt.close()
+
+
+def test_gpu_env_and_device_requests_are_mapped():
+    assert gpu_env(["GPU-a", "GPU-b"], [2, 5], "env") == {
+        "CUDA_VISIBLE_DEVICES": "2,5", "NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"}
+    assert gpu_env(["GPU-a", "GPU-b"], [2, 5], "nvidia")["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert gpu_env([], [], "nvidia") == {"CUDA_VISIBLE_DEVICES": "",
+                                         "NVIDIA_VISIBLE_DEVICES": "void"}
+    kw = create_kwargs(spec("x", "img", gpu_uuids=["GPU-a"], gpu_mode="nvidia"), "net")
+    [request] = kw["device_requests"]
+    assert isinstance(request, docker.types.DeviceRequest)
+    assert (request.driver, request.device_ids, request.capabilities) == \
+        ("nvidia", ["GPU-a"], [["gpu"]])
+    kw = create_kwargs(spec("x", "img", gpu_uuids=["GPU-a"], gpu_mode="cdi"), "net")
+    assert kw["device_requests"][0].device_ids == ["nvidia.com/gpu=GPU-a"]
+    assert "device_requests" not in create_kwargs(spec("x", "img", gpu_uuids=["GPU-a"]), "net")
+    assert create_kwargs(spec("x", "img"), "net")["labels"]["berth.instance"] == "net"
+
+
+async def test_container_runs_on_the_network_and_answers_at_its_address(runtime, model_image):
+    info = await runtime.run(spec("addr", model_image))
+    try:
+        assert info.running and info.ip
+        listed = {c.id: c for c in await runtime.list_managed()}
+        assert listed[info.id].replica == "addr" and listed[info.id].ip == info.ip
+        async with aiohttp.ClientSession() as s:
+            for _ in range(50):  # the server needs a few hundred ms to bind
+                try:
+                    async with s.get(f"http://{info.ip}:8080/echo") as r:
+                        body = await r.json()
+                        break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+        assert body["replica"] == "addr"
+    finally:
+        await runtime.remove(info.id, timeout_s=0)
+    assert info.id not in {c.id for c in await runtime.list_managed()}
+
+
+async def test_device_request_without_nvidia_runtime_fails_cleanly(runtime, model_image,
+                                                                  docker_client):
+    if "nvidia" in runtime.runtimes:
+        pytest.skip("this engine has the NVIDIA runtime: the refusal cannot happen here")
+    with pytest.raises(ContainerStartError, match="could not select device driver"):
+        await runtime.run(spec("nogpu", model_image, gpu_uuids=["GPU-x"], gpu_mode="nvidia"))
+    leftover = docker_client.containers.list(all=True, filters={"name": f"berth-nogpu-{SESSION}"})
+    assert leftover == []  # created-but-failed containers are removed
+
+
+async def test_missing_image_that_cannot_be_pulled(runtime):
+    with pytest.raises(ImageUnavailable, match="berth-test/absent:1"):
+        await runtime.ensure_image("berth-test/absent:1")
+
+
+async def test_sdk_calls_run_off_the_event_loop(runtime, model_image):
+    seen: list[str] = []
+    api = runtime.client.api
+    original = api.inspect_image
+
+    def spy(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    api.inspect_image = spy
+    await runtime.ensure_image(model_image)
+    assert seen and all(name.startswith("docker") for name in seen)
+    assert threading.current_thread().name not in seen
+
+
+async def test_unreachable_engine_is_a_clear_error():
+    rt = DockerRuntime("unix:///nonexistent/docker.sock", "berth")
+    with pytest.raises(DockerUnavailable, match="no Docker engine answers at unix:///nonexistent"):
+        await rt.connect()
