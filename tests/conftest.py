@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT / "demo"))
 
 import build_image
 import engine
-
 from daemon.config import EndpointSpec
 from gpu import GpuAllocator
 from gpu.inventory import Gpu

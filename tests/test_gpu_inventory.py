@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from daemon.config import GpuDevice
@@ -32,7 +34,7 @@ def test_nvml_inventory(request):
     except pynvml.NVMLError:
         present = False
     if not present:
-        with pytest.raises(GpuSourceError, match='gpu.source = "static"'):
+        with pytest.raises(GpuSourceError, match=re.escape('gpu.source = "static"')):
             load_inventory("nvml", [])
         return
     inv = load_inventory("nvml", [])

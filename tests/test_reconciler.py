@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
 
+from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
 from scheduler.replica import ReplicaState
 
 S = ReplicaState
