@@ -1,0 +1,327 @@
+"""A real berthd process: sd_notify over a real datagram socket, signals, restarts, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import docker
+import pytest
+
+from conftest import ROOT, SESSION, TEST_LABEL
+
+ENDPOINT = """
+[endpoints.{name}]
+image = "{image}"
+min_replicas = {min_replicas}
+gpus = {gpus}
+env = {{ VERSION = "{version}" }}
+startup_timeout_s = 20.0
+readiness = {{ path = "/health", period_s = 0.1, timeout_s = 0.5 }}
+liveness = {{ period_s = 0.2, timeout_s = 0.5 }}
+labels = {{ "{label}" = "{session}" }}
+"""
+
+
+def config_text(state: Path, network: str, image: str, endpoints: dict[str, dict],
+                extra: str = "") -> str:
+    head = f"""
+[daemon]
+listen = "127.0.0.1:0"
+state_dir = "{state}"
+log_format = "json"
+shutdown_grace_s = 2.0
+reconcile_interval_s = 0.2
+{extra}
+[docker]
+network = "{network}"
+stop_timeout_s = 1.0
+[gpu]
+source = "static"
+[[gpu.devices]]
+name = "Test GPU"
+memory_mib = 1024
+[[gpu.devices]]
+name = "Test GPU"
+memory_mib = 1024
+"""
+    body = "".join(ENDPOINT.format(name=n, image=image, label=TEST_LABEL, session=SESSION,
+                                   **{"min_replicas": 1, "gpus": 0, "version": "1", **e})
+                   for n, e in endpoints.items())
+    return head + body
+
+
+class Berthd:
+    """One berthd process with its own NOTIFY_SOCKET, read like systemd would."""
+
+    def __init__(self, tmp: Path, config: Path, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        self.port: int | None = None
+        self.log = open(tmp / "berthd.log", "ab")  # noqa: SIM115
+        self.stderr_path = tmp / f"stderr-{time.monotonic_ns()}"
+        full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.main", "--config", str(config), *args],
+            cwd=ROOT, env=full_env, stdout=self.log, stderr=open(self.stderr_path, "wb"))
+
+    def wait_message(self, wanted: str, timeout: float = 30.0) -> list[str]:
+        """Block until a datagram containing `wanted` arrives; return its fields."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.messages.append(data)
+            fields = data.split("\n")
+            for f in fields:
+                if f.startswith("STATUS=serving on port "):
+                    self.port = int(f.rsplit(" ", 1)[1])
+            if wanted in fields:
+                return fields
+        raise AssertionError(f"no {wanted} from berthd; got {self.messages}; "
+                             f"stderr: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def endpoint(self, name: str) -> dict:
+        status, body = self.get(f"/v1/endpoints/{name}")
+        assert status == 200, body
+        return body
+
+    def wait_endpoint(self, name: str, check, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = self.get(f"/v1/endpoints/{name}")
+            if status == 200 and check(body):
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"endpoint {name} never matched; last: {body}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+        self.log.close()
+
+
+def ready_ids(body: dict) -> list[str]:
+    return [r["container_id"] for r in body["replicas"] if r["state"] == "ready"]
+
+
+def one_ready(body: dict) -> bool:
+    return len(ready_ids(body)) == 1 and len(body["replicas"]) == 1
+
+
+@pytest.fixture
+def daemon(tmp_path, network, model_image, docker_host):
+    started: list[Berthd] = []
+
+    def start(config: Path, *args: str, env: dict[str, str] | None = None) -> Berthd:
+        d = Berthd(tmp_path, config, args, env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+@pytest.fixture
+def write_config(tmp_path, network, model_image):
+    path = tmp_path / "config.toml"
+
+    def write(endpoints: dict[str, dict], extra: str = "") -> Path:
+        path.write_text(config_text(tmp_path / "state", network, model_image, endpoints, extra))
+        return path
+
+    return write
+
+
+def test_ready_notify_and_the_read_only_api(daemon, write_config):
+    d = daemon(write_config({"echo": {"gpus": 1}}))
+    d.wait_message("READY=1")
+    assert d.get("/healthz") == (200, {"status": "ok", "endpoints": 1})
+    body = d.wait_endpoint("echo", one_ready)
+    replica = body["replicas"][0]
+    assert replica["gpus"] == [{"index": 0, "uuid": "static-0", "name": "Test GPU"}]
+    assert body["status"] == "ready" and body["source"] == "config"
+    status, listing = d.get("/v1/endpoints")
+    assert status == 200 and [e["name"] for e in listing["endpoints"]] == ["echo"]
+    status, gpus = d.get("/v1/gpus")
+    held = {g["index"]: (g["replica"], g["endpoint"]) for g in gpus["gpus"]}
+    assert held == {0: (replica["id"], "echo"), 1: (None, None)}
+    assert d.get("/v1/endpoints/nope") == (
+        404, {"error": {"code": "endpoint_not_found", "message": "no endpoint named 'nope'"}})
+    status, body = d.get("/no/such/route")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_sighup_reloads_only_what_changed_and_refuses_a_bad_file(
+        daemon, write_config, docker_client):
+    config = write_config({"same": {}, "changed": {}, "removed": {}})
+    d = daemon(config)
+    d.wait_message("READY=1")
+    before = {n: ready_ids(d.wait_endpoint(n, one_ready))[0]
+              for n in ("same", "changed", "removed")}
+
+    write_config({"same": {}, "changed": {"version": "2"}, "added": {}})
+    d.signal(signal.SIGHUP)
+    d.wait_message("RELOADING=1")
+    d.wait_message("READY=1")
+    changed = d.wait_endpoint("changed", lambda b: one_ready(b) and b["generation"] == 2)
+    assert ready_ids(changed)[0] != before["changed"]
+    d.wait_endpoint("added", one_ready)
+    assert ready_ids(d.endpoint("same")) == [before["same"]]  # untouched
+    deadline = time.monotonic() + 20
+    while d.get("/v1/endpoints/removed")[0] != 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.get("/v1/endpoints/removed")[0] == 404
+    for cid in (before["changed"], before["removed"]):
+        assert not docker_client.containers.list(all=True, filters={"id": cid})
+
+    # A file that does not validate: refused, logged, and everything keeps running.
+    config.write_text(config.read_text().replace("min_replicas = 1", "min_replicas = -1", 1))
+    d.signal(signal.SIGHUP)
+    d.wait_message("READY=1")
+    assert d.proc.poll() is None
+    assert ready_ids(d.endpoint("same")) == [before["same"]]
+    assert ready_ids(d.endpoint("changed")) == ready_ids(changed)
+    log = (config.parent / "berthd.log").read_text()
+    refused = [json.loads(line) for line in log.splitlines() if "reload refused" in line]
+    assert refused and any("min_replicas" in e for e in refused[0]["errors"])
+
+
+def test_sigterm_leaves_replicas_running_and_restart_adopts_them(
+        daemon, write_config, docker_client):
+    config = write_config({"keep": {"gpus": 1}})
+    d = daemon(config)
+    d.wait_message("READY=1")
+    cid = ready_ids(d.wait_endpoint("keep", one_ready))[0]
+    d.signal(signal.SIGTERM)
+    d.wait_message("STOPPING=1")
+    assert d.wait_exit() == 0
+    assert docker_client.containers.get(cid).status == "running"
+
+    d2 = daemon(config)
+    d2.wait_message("READY=1")
+    body = d2.endpoint("keep")
+    assert ready_ids(body) == [cid]  # same container: the model was not restarted
+    assert body["replicas"][0]["gpus"][0]["uuid"] == "static-0"
+    status, gpus = d2.get("/v1/gpus")
+    assert gpus["gpus"][0]["replica"] == body["replicas"][0]["id"]
+
+
+def test_stop_replicas_on_exit_stops_them(daemon, write_config, docker_client):
+    d = daemon(write_config({"gone": {}}), "--stop-replicas-on-exit")
+    d.wait_message("READY=1")
+    cid = ready_ids(d.wait_endpoint("gone", one_ready))[0]
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not docker_client.containers.list(all=True, filters={"id": cid})
+
+
+def test_watchdog_pings_at_half_the_interval(daemon, write_config):
+    d = daemon(write_config({}), env={"WATCHDOG_USEC": "200000"})
+    d.wait_message("READY=1")
+    start = time.monotonic()
+    d.wait_message("WATCHDOG=1", timeout=2)
+    d.wait_message("WATCHDOG=1", timeout=2)
+    d.wait_message("WATCHDOG=1", timeout=2)
+    assert time.monotonic() - start < 1.0  # about every 0.1 s
+
+
+def test_admin_token_guards_the_control_api(daemon, write_config):
+    d = daemon(write_config({}), env={"BERTH_ADMIN_TOKEN": "t0ken"})
+    d.wait_message("READY=1")
+    assert d.get("/healthz")[0] == 200
+    status, body = d.get("/v1/endpoints")
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    assert d.get("/v1/endpoints", token="wrong")[0] == 403
+    assert d.get("/v1/endpoints", token="t0ken")[0] == 200
+
+
+def run_berthd(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(config)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(("case", "code", "message"), [
+    ("state_dir_is_a_file", 3, "cannot be written"),
+    ("database_is_not_sqlite", 3, "is not a usable SQLite database"),
+    ("database_is_newer", 3, "newer than this berthd supports"),
+    ("docker_unreachable", 4, "no Docker engine answers at unix:///nonexistent"),
+    ("public_without_token", 2, "not loopback: set an admin token"),
+    ("bad_config", 2, "endpoints.x.gpus: Input should be greater than or equal to 0"),
+])
+def test_startup_errors_are_clear_with_distinct_exit_codes(tmp_path, write_config, docker_host,
+                                                          case, code, message):
+    config = write_config({})
+    state = tmp_path / "state"
+    env: dict[str, str] = {}
+    if case == "state_dir_is_a_file":
+        state.write_text("x")
+    elif case == "database_is_not_sqlite":
+        state.mkdir()
+        (state / "berth.db").write_bytes(b"garbage" * 1000)
+    elif case == "database_is_newer":
+        state.mkdir()
+        sqlite3.connect(state / "berth.db").execute("PRAGMA user_version = 999").close()
+    elif case == "docker_unreachable":
+        config.write_text(config.read_text().replace(
+            "[docker]", '[docker]\nhost = "unix:///nonexistent/docker.sock"'))
+    elif case == "public_without_token":
+        config.write_text(config.read_text().replace('"127.0.0.1:0"', '"0.0.0.0:0"'))
+    else:
+        config.write_text(config.read_text() + '[endpoints.x]\nimage = "i"\ngpus = -1\n')
+    result = run_berthd(config, env)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_systemd_unit_verifies(tmp_path):
+    tool = subprocess.run(["which", "systemd-analyze"], capture_output=True, text=True)
+    if tool.returncode != 0:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    unit = ROOT / "systemd" / "berthd.service"
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    problems = [line for line in result.stderr.splitlines()
+                if "berthd.service" in line and "Command /usr/bin/berthd" not in line
+                and "docker.service" not in line]
+    assert result.returncode == 0 or not problems, result.stderr
+    assert not problems, result.stderr
