@@ -44,7 +44,7 @@ def existing_engine() -> str | None:
 
 def start_dockerd(base: Path, timeout_s: float = 60.0) -> tuple[str, subprocess.Popen[bytes]]:
     """Start dockerd with everything under `base`; its DOCKER_HOST and process once it answers."""
-    binary = shutil.which("dockerd")
+    binary = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/usr/bin")
     if binary is None:
         raise RuntimeError("no Docker engine is reachable and dockerd is not installed "
                            "(apt-get install docker.io)")

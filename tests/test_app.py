@@ -1,0 +1,42 @@
+"""The HTTP app in-process (aiohttp test server on a real loopback port): one error shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import endpoint, static_gpus
+from daemon.app import build_app
+from gpu import GpuAllocator
+from scheduler.pool import EndpointPool
+from scheduler.probes import Prober
+from scheduler.reconciler import Reconciler
+from scheduler.runtime import DockerRuntime
+from store import Store
+
+
+@pytest.fixture
+async def client(aiohttp_client, tmp_path):
+    store = await Store.open(tmp_path)
+    allocator = GpuAllocator(static_gpus(1), store)
+    # Handlers only read pool state; the runtime is never connected here.
+    reconciler = Reconciler(store, allocator, DockerRuntime(None, "unused"), Prober(), "env")
+    reconciler.pools["m"] = EndpointPool(spec=endpoint("m"), source="api", error="boom")
+    app = build_app(reconciler, allocator, admin_token="")
+    yield await aiohttp_client(app)
+    await store.close()
+
+
+async def test_errors_are_json_with_code_and_message(client):
+    resp = await client.post("/v1/gpus")
+    assert resp.status == 405
+    assert (await resp.json())["error"]["code"] == "method_not_allowed"
+    assert "GET" in resp.headers["Allow"]
+    resp = await client.get("/v1/endpoints/none")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "endpoint_not_found"
+
+
+async def test_endpoint_error_state_is_visible(client):
+    resp = await client.get("/v1/endpoints/m")
+    body = await resp.json()
+    assert (body["status"], body["error"], body["source"]) == ("error", "boom", "api")
+    assert body["spec"]["image"] == endpoint("m").image
