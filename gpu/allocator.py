@@ -65,12 +65,16 @@ class GpuAllocator:
         return sum(1 for g in self.gpus if matches(g, gpu_type)) >= count
 
     async def allocate(self, replica_id: str, count: int, gpu_type: str | None) -> list[Gpu] | None:
-        """GPUs for the replica (already held ones count), or None if not enough are free now."""
+        """Exactly `count` GPUs matching gpu_type for the replica, or None if too few are free.
+
+        GPUs it already holds are kept when they fit the request; otherwise they are given
+        back first (holdings never change shape by design, so this is only a safety net).
+        """
         async with self._lock:
             held = self.held_by(replica_id)
-            if len(held) >= count:
+            if len(held) == count and all(matches(g, gpu_type) for g in held):
                 return held
-            if held:  # partial holdings never happen by design; start clean rather than guess
+            if held:
                 await self._release(replica_id)
             chosen = choose_gpus(self.gpus, self._owners, count, gpu_type)
             if chosen is None:

@@ -196,6 +196,7 @@ class Reconciler:
         elif replica.state is S.READY:
             self._spawn(pool, replica, self._watch_liveness(pool, replica))
         else:
+            pool.stopping.add(replica.id)
             self._spawn(pool, replica, self._stop(pool, replica, "draining when berthd stopped"))
 
     # --- a reconcile pass --------------------------------------------------------------------
@@ -240,8 +241,8 @@ class Reconciler:
         for pool in self.pools.values():
             for replica in list(pool.replicas.values()):
                 known.add(replica.id)
-                if replica.state not in (S.STARTING, S.READY, S.DRAINING):
-                    continue
+                if replica.state not in (S.STARTING, S.READY) or replica.id in pool.stopping:
+                    continue  # a stop under way removes the container itself
                 container = by_replica.get(replica.id)
                 if container is None or not container.running:
                     status = container.status if container else "gone"

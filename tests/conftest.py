@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -59,6 +60,7 @@ def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if proc is not None:
         proc.terminate()
         proc.wait(timeout=30)
+        shutil.rmtree(f"/tmp/berth-test-docker-{SESSION}", ignore_errors=True)
 
 
 def _remove_test_containers(host: str) -> None:

@@ -35,11 +35,11 @@ async def run_ops(state_dir: Path, steps: list[tuple]) -> None:
             rid = f"r{n}"
             got = await allocator.allocate(rid, count, kind)
             if got is not None:
-                assert len(got) >= count
+                assert len(got) == count
                 assert all(kind is None or kind in g.name for g in got)
                 model[rid] = [g.uuid for g in got]
-            elif rid in model and len(model[rid]) < count:
-                model.pop(rid)  # partial holdings are given back before trying again
+            else:
+                model.pop(rid, None)  # holdings that did not fit were given back
         elif step[0] == "free":
             await allocator.free(f"r{step[1]}")
             model.pop(f"r{step[1]}", None)

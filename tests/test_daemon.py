@@ -220,7 +220,8 @@ def test_sighup_reloads_only_what_changed_and_refuses_a_bad_file(
     d.signal(signal.SIGHUP)
     d.wait_message("RELOADING=1")
     d.wait_message("READY=1")
-    changed = d.wait_endpoint("changed", lambda b: one_ready(b) and b["generation"] == 2)
+    changed = d.wait_endpoint(
+        "changed", lambda b: one_ready(b) and b["replicas"][0]["generation"] == 2)
     assert ready_ids(changed)[0] != before["changed"]
     d.wait_endpoint("added", one_ready)
     assert ready_ids(d.endpoint("same")) == [before["same"]]  # untouched
