@@ -74,8 +74,13 @@ class Reconciler:
     # --- the one place replica state changes ------------------------------------------------
 
     async def transition(self, pool: EndpointPool, replica: Replica, new: ReplicaState,
-                         reason: str | None = None, kind: str | None = None) -> None:
-        """Move a replica to `new` (IllegalTransition if the table forbids it), persist, tell."""
+                         reason: str | None = None, kind: str | None = None,
+                         wake: bool = True) -> None:
+        """Move a replica to `new` (IllegalTransition if the table forbids it), persist, tell.
+
+        Moves into ready, failed or stopped wake the pool's waiters; a caller with cleanup
+        still to do passes wake=False and wakes them itself once the world is consistent.
+        """
         replica.check_move(new)
         replica.state = new
         now = self.clock()
@@ -89,7 +94,7 @@ class Reconciler:
             replica.reason = reason
         await self.store.save_replica(replica.record())
         await self.event(kind or new.value, reason or new.value, pool.name, replica.id)
-        if new in (S.READY, S.FAILED, S.STOPPED):
+        if wake and new in (S.READY, S.FAILED, S.STOPPED):
             await pool.notify()
 
     async def event(self, kind: str, message: str, endpoint: str | None = None,
@@ -389,8 +394,9 @@ class Reconciler:
         replica.failures = pool.failures
         delay = backoff_delay(pool.failures)
         pool.next_start_at = self.clock() + delay
+        # Failed at once (no new calls), but waiters wake only once its GPUs are free.
         await self.transition(pool, replica, S.FAILED,
-                              f"{reason}; next replica in {delay:g}s", kind)
+                              f"{reason}; next replica in {delay:g}s", kind, wake=False)
         self._cancel_task(pool, replica)
         if replica.container_id:
             tail = await self.runtime.logs_tail(replica.container_id, 10)
@@ -399,6 +405,7 @@ class Reconciler:
             await self.runtime.remove(replica.container_id, timeout_s=0)
         await self.allocator.free(replica.id)  # only after the container is gone
         pool.replicas.pop(replica.id, None)
+        await pool.notify()
         self.kick()
 
     async def _stop(self, pool: EndpointPool, replica: Replica, reason: str) -> None:

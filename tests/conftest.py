@@ -108,7 +108,9 @@ def static_gpus(count: int, name: str = "Test GPU") -> list[Gpu]:
 class Harness:
     """A reconciler over real SQLite and a real engine, with a fast timer of its own."""
 
-    def __init__(self, state_dir: Path, network: str, gpus: list[Gpu]) -> None:
+    def __init__(self, state_dir: Path, network: str, gpus: list[Gpu],
+                 gpu_mode: str = "env") -> None:
+        self.gpu_mode = gpu_mode
         self.state_dir = state_dir
         self.network = network
         self.gpus = gpus
@@ -123,7 +125,8 @@ class Harness:
         allocator = GpuAllocator(self.gpus, self.store)
         self.runtime = DockerRuntime(None, self.network, stop_timeout_s=1)
         await self.runtime.connect()
-        self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(), "env")
+        self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(),
+                                     self.gpu_mode)
         await self.reconciler.load()
         await self.reconciler.adopt()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -156,8 +159,8 @@ async def harness(tmp_path: Path, network: str, model_image: str
     """Start harnesses (several over one state dir simulate berthd restarts); stops them all."""
     started: list[Harness] = []
 
-    async def make(gpus: int = 0, state: str = "state") -> Harness:
-        h = Harness(tmp_path / state, network, static_gpus(gpus))
+    async def make(gpus: int = 0, state: str = "state", gpu_mode: str = "env") -> Harness:
+        h = Harness(tmp_path / state, network, static_gpus(gpus), gpu_mode)
         started.append(h)
         await h.start()
         return h

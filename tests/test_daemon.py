@@ -242,6 +242,11 @@ def test_sighup_reloads_only_what_changed_and_refuses_a_bad_file(
     log = (config.parent / "berthd.log").read_text()
     refused = [json.loads(line) for line in log.splitlines() if "reload refused" in line]
     assert refused and any("min_replicas" in e for e in refused[0]["errors"])
+    # Every log line is JSON; replica events name their endpoint and replica.
+    events = [json.loads(line) for line in log.splitlines()]
+    ready = [e for e in events if e.get("event_kind") == "ready"]
+    assert {e["endpoint"] for e in ready} >= {"same", "changed", "removed", "added"}
+    assert all(e["replica"].startswith(e["endpoint"] + "-") for e in ready)
 
 
 def test_sigterm_leaves_replicas_running_and_restart_adopts_them(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
 from scheduler.replica import ReplicaState
@@ -252,3 +253,18 @@ async def test_replica_waits_pending_while_gpus_are_taken(harness):
     await rec.apply_specs({"b": endpoint("b", gpus=1, min_replicas=1)}, "config")
     await wait_for(b, lambda: ready_count(b) == 1, what="b ready on the freed GPU")
     assert list(rec.allocator.owners().values()) == list(b.replicas)
+
+
+async def test_failed_container_start_never_leaks_its_gpus(harness, docker_client):
+    h = await harness(gpus=1, gpu_mode="nvidia")  # this engine has no NVIDIA runtime
+    if "nvidia" in h.runtime.runtimes:
+        pytest.skip("this engine has the NVIDIA runtime: the refusal cannot happen here")
+    rec = h.reconciler
+    await rec.apply_specs({"nogpu": endpoint("nogpu", gpus=1, min_replicas=1)}, "config")
+    pool = rec.pools["nogpu"]
+    await wait_for(pool, lambda: pool.failures >= 1 and not pool.count(S.FAILED),
+                   what="refused start, cleaned up")
+    assert "could not select device driver" in pool.error
+    assert rec.allocator.owners() == {}
+    assert await h.store.gpu_owners() == {}
+    assert not docker_client.containers.list(all=True, filters={"label": "berth.endpoint=nogpu"})
