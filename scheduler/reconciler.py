@@ -42,6 +42,10 @@ S = ReplicaState
 FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.period_s
 
 
+class SecretMissing(Exception):
+    """An endpoint names a secret that is not stored: it cannot run until one is."""
+
+
 @dataclass
 class ChangeSummary:
     """What applying a set of specs did, by endpoint name."""
@@ -326,13 +330,9 @@ class Reconciler:
     async def _start(self, pool: EndpointPool, replica: Replica) -> None:
         spec = pool.spec
         try:
-            missing = [n for n in spec.secrets
-                       if n not in await self.store.secret_values(spec.secrets)]
-            if missing:
-                raise ImageUnavailable(f"secret {', '.join(missing)} is not stored")
             await self.runtime.ensure_image(spec.image)
             info = await self.runtime.run(await self._container_spec(pool, replica))
-        except (ImageUnavailable, ContainerStartError) as exc:
+        except (ImageUnavailable, ContainerStartError, SecretMissing) as exc:
             await self._set_error(pool, str(exc))
             await self.fail(pool, replica, str(exc), kind="start_failed")
             return
@@ -344,8 +344,12 @@ class Reconciler:
 
     async def _container_spec(self, pool: EndpointPool, replica: Replica) -> ContainerSpec:
         spec = pool.spec
+        secret_env = await self.store.secret_values(spec.secrets)
+        missing = [n for n in spec.secrets if n not in secret_env]
+        if missing:
+            raise SecretMissing(f"secret {', '.join(missing)} is not stored")
         indexes = [self._gpu_index[u] for u in replica.gpus]
-        env = {**spec.env, **await self.store.secret_values(spec.secrets),
+        env = {**spec.env, **secret_env,
                "BERTH_ENDPOINT": pool.name, "BERTH_REPLICA": replica.id,
                **gpu_env(replica.gpus, indexes, self.gpu_mode)}
         labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_ENDPOINT: pool.name,

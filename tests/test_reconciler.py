@@ -268,3 +268,13 @@ async def test_failed_container_start_never_leaks_its_gpus(harness, docker_clien
     assert rec.allocator.owners() == {}
     assert await h.store.gpu_owners() == {}
     assert not docker_client.containers.list(all=True, filters={"label": "berth.endpoint=nogpu"})
+
+
+async def test_missing_secret_is_an_endpoint_error_naming_it(harness):
+    h = await harness()
+    await h.reconciler.apply_specs(
+        {"sec": endpoint("sec", min_replicas=1, secrets=["HF_TOKEN", "OTHER"])}, "config")
+    pool = h.reconciler.pools["sec"]
+    await h.store.put_secret("OTHER", "x")
+    await wait_for(pool, lambda: pool.error is not None, what="secret error")
+    assert pool.error == "secret HF_TOKEN is not stored"
