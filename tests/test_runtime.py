@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 import threading
 
 import aiohttp
@@ -107,3 +109,38 @@ async def test_unreachable_engine_is_a_clear_error():
     rt = DockerRuntime("unix:///nonexistent/docker.sock", "berth")
     with pytest.raises(DockerUnavailable, match="no Docker engine answers at unix:///nonexistent"):
         await rt.connect()
+
+
+async def test_missing_image_is_pulled_with_progress_in_the_log(
+        runtime, docker_client, aiohttp_server, caplog):
+    from registry import from_docker_save, registry_app
+
+    # An image the engine does not have: made here, exported, then removed from the engine.
+    local = f"berth-test/pullme:{SESSION}"
+    docker_client.api.import_image_from_data(tiny_rootfs(), repository=local.split(":")[0],
+                                             tag=SESSION)
+    saved = b"".join(docker_client.images.get(local).save(named=True))
+    docker_client.images.remove(local)
+    server = await aiohttp_server(registry_app(from_docker_save(saved)))
+    image = f"127.0.0.1:{server.port}/berth-test/pulled:{SESSION}"
+    with caplog.at_level("INFO", logger="scheduler.runtime"):
+        await runtime.ensure_image(image)
+    try:
+        assert docker_client.images.get(image)
+        lines = [r.getMessage() for r in caplog.records]
+        assert f"pulling image {image}" in lines
+        progress = [line for line in lines if line.startswith(f"pull {image}: ")]
+        assert any("Pull complete" in line for line in progress), progress
+        assert len(progress) < 20  # one line per layer state, not one per progress tick
+    finally:
+        docker_client.images.remove(image)
+
+
+def tiny_rootfs() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = f"made by {SESSION}\n".encode() * 20000
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
