@@ -9,8 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.errors import ApiError, error_response
+from daemon.proxy import add_data_plane
 from gpu import GpuAllocator, GpuSample
 from scheduler.reconciler import Reconciler
+from scheduler.router import Router
 
 log = logging.getLogger("berth.api")
 
@@ -20,24 +23,6 @@ GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
 ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" means no token is required
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    """An error answered as {"error": {"code": ..., "message": ...}} with `status`."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def error_response(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status,
-                             headers=headers)
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -123,8 +108,9 @@ async def list_gpus(request: web.Request) -> web.Response:
 
 def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str = "",
               gpu_samples: dict[str, GpuSample] | None = None,
-              client_max_size: int = 1024 ** 2) -> web.Application:
-    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=client_max_size)
+              max_body_bytes: int = 100 * 1024 ** 2) -> web.Application:
+    """The whole HTTP surface. Control bodies are small (1 MiB); call bodies stream."""
+    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=1024 ** 2)
     app[RECONCILER] = reconciler
     app[ALLOCATOR] = allocator
     app[ADMIN_TOKEN] = admin_token
@@ -133,4 +119,5 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app.router.add_get("/v1/endpoints", list_endpoints)
     app.router.add_get("/v1/endpoints/{name}", get_endpoint)
     app.router.add_get("/v1/gpus", list_gpus)
+    add_data_plane(app, Router(reconciler), admin_token, max_body_bytes)
     return app

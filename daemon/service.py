@@ -130,9 +130,10 @@ class Berth:
     async def _listen(self, listen: Listen, token: str, allocator: GpuAllocator) -> None:
         assert self.reconciler is not None
         app = build_app(self.reconciler, allocator, token, self.gpu_samples,
-                        client_max_size=self.config.daemon.max_body_bytes)
+                        max_body_bytes=self.config.daemon.max_body_bytes)
+        # handler_cancellation: a client that leaves cancels its call and frees its slot.
         self.runner = web.AppRunner(app, shutdown_timeout=self.config.daemon.shutdown_grace_s,
-                                    access_log=None)
+                                    access_log=None, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, listen.host, listen.port)
         try:

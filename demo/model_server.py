@@ -5,7 +5,12 @@ Behaviour is driven by the request, so one image serves every test:
                           MODEL_READY_DELAY_S seconds after start)
   ANY  /echo              JSON: method, path, query, headers, body, replica
   GET  /env               the container's environment as JSON
-  GET  /sleep?s=0.5       answers after sleeping
+  GET  /sleep?s=0.5       answers after sleeping; stops early if the caller hangs up
+                          (counted in /stats "abandoned"); reports calls active at its start
+  GET  /stats             {"active", "max_active", "abandoned", "calls"}
+  GET  /bytes?n=N         N bytes, streamed in 64 KiB chunks
+  POST /upload            reads the body as it streams; {"size", "sha256"}
+  POST /close-listener    stop accepting connections (the process stays up)
   GET  /stream?n=5&interval=0.1   SSE: n events, interval seconds apart
   POST /fail-health       health answers 503 from now on
   POST /crash?code=3      the process exits at once with that code
@@ -13,8 +18,10 @@ Behaviour is driven by the request, so one image serves every test:
 Env MODEL_CRASH_AFTER_S makes the process exit by itself after that many seconds.
 """
 
+import hashlib
 import json
 import os
+import select
 import sys
 import threading
 import time
@@ -23,6 +30,9 @@ from urllib.parse import parse_qs, urlparse
 
 STARTED = time.monotonic()
 STATE = {"healthy": os.environ.get("MODEL_FAIL_HEALTH") != "1"}
+STATS = {"active": 0, "max_active": 0, "abandoned": 0, "calls": 0}
+LOCK = threading.Lock()
+SERVER = []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -42,8 +52,65 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _body(self):
+        if self.path.startswith("/upload"):
+            return b""  # read as a stream by the handler
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+    def _caller_gone(self):
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and self.connection.recv(1, 2) == b""  # 2 = MSG_PEEK
+
+    def _sleep(self, seconds):
+        with LOCK:
+            STATS["active"] += 1
+            STATS["calls"] += 1
+            active = STATS["active"]
+            STATS["max_active"] = max(STATS["max_active"], active)
+        try:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                if self._caller_gone():
+                    with LOCK:
+                        STATS["abandoned"] += 1
+                    self.close_connection = True
+                    return
+                time.sleep(min(0.02, max(0, end - time.monotonic())))
+            return self._send(200, {"slept": seconds, "active": active})
+        finally:
+            with LOCK:
+                STATS["active"] -= 1
+
+    def _upload(self):
+        digest, size = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                length = int(self.rfile.readline().strip() or b"0", 16)
+                if length == 0:
+                    self.rfile.readline()
+                    break
+                chunk = self.rfile.read(length)
+                self.rfile.readline()
+                digest.update(chunk)
+                size += len(chunk)
+        else:
+            remaining = int(self.headers.get("Content-Length") or 0)
+            while remaining:
+                chunk = self.rfile.read(min(65536, remaining))
+                digest.update(chunk)
+                size += len(chunk)
+                remaining -= len(chunk)
+        return self._send(200, {"size": size, "sha256": digest.hexdigest()})
+
+    def _bytes(self, count):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(count))
+        self.end_headers()
+        block = b"x" * 65536
+        while count > 0:
+            self.wfile.write(block[:count])
+            count -= min(count, len(block))
 
     def _route(self):
         url = urlparse(self.path)
@@ -62,8 +129,17 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/env":
             return self._send(200, dict(os.environ))
         if path == "/sleep":
-            time.sleep(float(query.get("s", "1")))
-            return self._send(200, {"slept": float(query.get("s", "1"))})
+            return self._sleep(float(query.get("s", "1")))
+        if path == "/stats":
+            with LOCK:
+                return self._send(200, dict(STATS))
+        if path == "/bytes":
+            return self._bytes(int(query.get("n", "1024")))
+        if path == "/upload":
+            return self._upload()
+        if path == "/close-listener":
+            threading.Thread(target=SERVER[0].shutdown).start()
+            return self._send(200, {"listening": False})
         if path == "/stream":
             return self._stream(int(query.get("n", "5")), float(query.get("interval", "0.1")))
         if path == "/fail-health":
@@ -101,8 +177,12 @@ def main():
     port = int(os.environ.get("PORT", "8080"))
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     server.daemon_threads = True
+    SERVER.append(server)
     print(f"model server listening on {port} as {os.environ.get('BERTH_REPLICA')}", flush=True)
     server.serve_forever()
+    server.socket.close()  # /close-listener: refuse connections but stay up
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class GpuAllocator:
     def held_by(self, replica_id: str) -> list[Gpu]:
         return [g for g in self.gpus if self._owners.get(g.uuid) == replica_id]
 
+    def free_count(self, gpu_type: str | None) -> int:
+        return sum(1 for g in self.gpus if g.uuid not in self._owners and matches(g, gpu_type))
+
     def can_ever_fit(self, count: int, gpu_type: str | None) -> bool:
         """Whether the box has enough matching GPUs at all, free or not."""
         return sum(1 for g in self.gpus if matches(g, gpu_type)) >= count

@@ -79,3 +79,46 @@ def plan_replicas(replicas: Sequence[Replica], generation: int, desired: int,
                        and now - r.idle_since >= idle_timeout_s), key=lambda r: r.idle_since)
         stop += [r.id for r in (pending + idle)[:excess]]
     return Plan(start=start, stop=tuple(stop))
+
+
+def pick_replica(replicas: Sequence[Replica], concurrency: int, turn: int,
+                 exclude: frozenset[str] = frozenset()) -> Replica | None:
+    """Round-robin: the first ready replica with a free slot, starting at position `turn`."""
+    ready = [r for r in replicas if r.state is ReplicaState.READY and r.id not in exclude]
+    for i in range(len(ready)):
+        replica = ready[(turn + i) % len(ready)]
+        if replica.in_flight < concurrency:
+            return replica
+    return None
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    """An idle replica of another endpoint, as eviction sees it."""
+
+    replica: str
+    endpoint: str
+    priority: int
+    idle_since: float
+    gpus: tuple[str, ...]  # names of the GPUs it holds, for gpu_type matching
+
+
+def pick_evictions(candidates: Sequence[EvictionCandidate], needed: int, free_matching: int,
+                   gpu_type: str | None, priority: int) -> list[str]:
+    """Replicas to stop so that `needed` GPUs matching gpu_type come free, or [] if they cannot.
+
+    Lowest priority first, then least recently used; never an endpoint of higher priority
+    than the one asking. Callers pass only idle replicas above their endpoint's min_replicas.
+    """
+    kind = (gpu_type or "").lower()
+    order = sorted((c for c in candidates if c.priority <= priority),
+                   key=lambda c: (c.priority, c.idle_since))
+    chosen, freed = [], free_matching
+    for c in order:
+        if freed >= needed:
+            break
+        gain = sum(1 for name in c.gpus if kind in name.lower())
+        if gain:
+            chosen.append(c.replica)
+            freed += gain
+    return chosen if freed >= needed else []

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import EndpointSpec
+from scheduler.policy import pick_replica
 from scheduler.replica import Replica, ReplicaState
+
+
+class EndpointUnavailable(Exception):
+    """The endpoint cannot serve calls now (error state, removed); the message says why."""
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A call queued for a slot; `pinned` names the one replica it may run on."""
+
+    slot: asyncio.Future[Replica]
+    pinned: str | None = None
 
 
 @dataclass
@@ -26,7 +40,8 @@ class EndpointPool:
     failures: int = 0  # replica failures in a row; reset when one becomes ready
     next_start_at: float = 0.0  # backoff: no replica is started before this time
     removed: bool = False  # endpoint deleted: its replicas drain and stop
-    waiting: int = 0  # calls queued for a free slot (the data plane keeps this)
+    queue: deque[Waiter] = field(default_factory=deque)  # calls waiting for a slot, FIFO
+    turn: int = 0  # round-robin position
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     stopping: set[str] = field(default_factory=set)  # replicas with a stop under way
@@ -35,9 +50,58 @@ class EndpointPool:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self.queue if not w.slot.done())
+
     def demand(self) -> int:
         """Calls in flight + calls waiting (async tasks join in later)."""
         return sum(r.in_flight for r in self.replicas.values()) + self.waiting
+
+    # --- slots: every call holds one from start to end ---------------------------------------
+
+    def take(self, pinned: str | None = None,
+             exclude: frozenset[str] = frozenset()) -> Replica | None:
+        """A slot on a ready replica (round-robin, or the pinned one), or None if none is free."""
+        if pinned is not None:
+            replica = self.replicas.get(pinned)
+            if (replica is None or replica.state is not ReplicaState.READY
+                    or replica.in_flight >= self.spec.concurrency):
+                return None
+        else:
+            replica = pick_replica(list(self.replicas.values()), self.spec.concurrency,
+                                   self.turn, exclude)
+            if replica is None:
+                return None
+            self.turn += 1
+        replica.in_flight += 1
+        return replica
+
+    async def release(self, replica: Replica, now: float) -> None:
+        """Give a slot back; the first waiters that can use it get it at once."""
+        replica.in_flight -= 1
+        replica.last_call_at = now
+        self.dispatch()
+        if replica.in_flight == 0 and replica.state is ReplicaState.DRAINING:
+            await self.notify()  # a drain is waiting for this
+
+    def fail_waiters(self, reason: str) -> None:
+        """Tell every queued call the endpoint cannot serve it (instead of letting it time out)."""
+        for waiter in self.queue:
+            if not waiter.slot.done():
+                waiter.slot.set_exception(EndpointUnavailable(reason))
+        self.queue.clear()
+
+    def dispatch(self) -> None:
+        """Hand free slots to queued calls, oldest first."""
+        for waiter in list(self.queue):
+            if waiter.slot.done():
+                self.queue.remove(waiter)
+                continue
+            replica = self.take(waiter.pinned)
+            if replica is not None:
+                self.queue.remove(waiter)
+                waiter.slot.set_result(replica)
 
     def count(self, *states: ReplicaState) -> int:
         return sum(1 for r in self.replicas.values() if r.state in states)

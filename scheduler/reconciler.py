@@ -19,7 +19,14 @@ import structlog
 
 from daemon.config import EndpointSpec
 from gpu import GpuAllocator
-from scheduler.policy import backoff_delay, desired_replicas, failures_after, plan_replicas
+from scheduler.policy import (
+    EvictionCandidate,
+    backoff_delay,
+    desired_replicas,
+    failures_after,
+    pick_evictions,
+    plan_replicas,
+)
 from scheduler.pool import EndpointPool
 from scheduler.probes import Prober
 from scheduler.replica import Replica, ReplicaState
@@ -98,6 +105,8 @@ class Reconciler:
             replica.reason = reason
         await self.store.save_replica(replica.record())
         await self.event(kind or new.value, reason or new.value, pool.name, replica.id)
+        if new is S.READY:
+            pool.dispatch()  # queued calls take the new slots at once
         if wake and new in (S.READY, S.FAILED, S.STOPPED):
             await pool.notify()
 
@@ -164,6 +173,8 @@ class Reconciler:
             generation=pool.generation, error=pool.error))
 
     async def _set_error(self, pool: EndpointPool, error: str | None) -> None:
+        if error is not None:
+            pool.fail_waiters(error)
         if pool.error != error:
             pool.error = error
             await self._save_endpoint(pool)
@@ -221,23 +232,28 @@ class Reconciler:
         while self._dirty and not self._closed:
             await asyncio.sleep(0)  # let the kicker finish what it was doing first
             self._dirty = False
-            await self.run_pass()
+            await self.run_pass(check_containers=False)  # the timer's passes do that
 
-    async def run_pass(self) -> None:
+    async def run_pass(self, check_containers: bool = True) -> None:
         """A reconcile pass whose errors are logged, never raised (for timers and kicks)."""
         try:
-            await self.reconcile()
+            await self.reconcile(check_containers)
         except Exception:
             log.exception("reconcile pass failed")
 
-    async def reconcile(self) -> None:
-        """One pass over every endpoint. Passes never overlap."""
+    async def reconcile(self, check_containers: bool = True) -> None:
+        """One pass over every endpoint. Passes never overlap.
+
+        check_containers: also list the engine's containers to catch exits (one engine call;
+        the periodic pass does it, kicks that only react to demand skip it).
+        """
         async with self._pass_lock:
+            containers = None
             try:
-                containers = await self.runtime.list_managed()
+                if check_containers:
+                    containers = await self.runtime.list_managed()
             except Exception as exc:  # engine hiccup: skip the container check, keep going
                 log.warning("listing containers failed", error=str(exc))
-                containers = None
             if containers is not None:
                 await self._check_containers(containers)
             for pool in list(self.pools.values()):
@@ -311,9 +327,46 @@ class Reconciler:
                 continue
             gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type)
             if gpus is None:
+                await self._evict_for(pool)
                 continue  # stays pending until GPUs free up
             replica.gpus = [g.uuid for g in gpus]
             self._spawn(pool, replica, self._start(pool, replica))
+
+    async def _evict_for(self, pool: EndpointPool) -> None:
+        """Stop idle replicas of other endpoints so that a pending one of `pool` gets GPUs."""
+        coming = sum(1 for p in self.pools.values() for r in p.replicas.values()
+                     if r.id in p.stopping and r.gpus)  # stops under way already free GPUs
+        if coming:
+            return
+        spec = pool.spec
+        victims = pick_evictions(self._eviction_candidates(pool), spec.gpus,
+                                 self.allocator.free_count(spec.gpu_type), spec.gpu_type,
+                                 spec.priority)
+        for rid in victims:
+            victim_pool = next(p for p in self.pools.values() if rid in p.replicas)
+            victim = victim_pool.replicas[rid]
+            victim_pool.stopping.add(rid)
+            reason = (f"evicted: GPUs needed by {pool.name} (priority {spec.priority}, "
+                      f"this endpoint {victim_pool.spec.priority})")
+            await self.event("eviction", reason, victim_pool.name, rid)
+            self._spawn(victim_pool, victim, self._stop(victim_pool, victim, reason))
+
+    def _eviction_candidates(self, pool: EndpointPool) -> list[EvictionCandidate]:
+        """Idle GPU replicas of other endpoints, never taking one below its min_replicas."""
+        names = {g.uuid: g.name for g in self.allocator.gpus}
+        found = []
+        for other in self.pools.values():
+            if other is pool:
+                continue
+            live = [r for r in other.replicas.values()
+                    if r.state in (S.STARTING, S.READY) and r.id not in other.stopping]
+            idle = sorted((r for r in live if r.state is S.READY and r.in_flight == 0
+                           and r.gpus), key=lambda r: r.idle_since)
+            spare = max(0, len(live) - other.spec.min_replicas)
+            found += [EvictionCandidate(r.id, other.name, other.spec.priority, r.idle_since,
+                                        tuple(names.get(u, "") for u in r.gpus))
+                      for r in idle[:spare]]
+        return found
 
     def _spawn(self, pool: EndpointPool, replica: Replica,
                work: Coroutine[Any, Any, None]) -> None:

@@ -1,0 +1,221 @@
+"""Data plane: `ANY /invoke/{name}/{path}`, proxied to one replica, streaming both ways.
+
+A call holds one replica slot from the moment it gets one until its response is over (or the
+client leaves, which cancels the handler). Bodies are never held whole: the request streams to
+the replica as it arrives, and the response streams back chunk by chunk as the replica writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from daemon.errors import ApiError
+from scheduler.pool import EndpointPool
+from scheduler.replica import Replica
+from scheduler.router import CapacityError, Router
+
+log = structlog.get_logger("berth.proxy")
+
+ROUTER = web.AppKey("router", Router)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+DATA_TOKEN = web.AppKey("data_token", str)  # admin token; "" = calls need no token
+MAX_BODY = web.AppKey("max_body", int)
+
+# Headers that belong to one connection, not to the call (RFC 9110 7.6.1), plus berth's own.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
+                        "content-length"})
+REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"})
+CHUNK = 64 * 1024
+
+
+class ReplicaRefused(Exception):
+    """The replica refused the connection before any byte of the call was sent."""
+
+
+@dataclass
+class Call:
+    """One data-plane call on its way to a replica."""
+
+    request: web.Request
+    pool: EndpointPool
+    path: str
+    request_id: str
+    body_sent: bool = False
+    body_too_large: bool = False
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    """One pooled, keep-alive client for every replica; bodies pass through undecoded."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, force_close=False),
+        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+
+
+def check_token(request: web.Request, pool: EndpointPool) -> None:
+    token = request.app[DATA_TOKEN]
+    if pool.spec.public or not token:
+        return
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer "):
+        raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(given[7:].encode(), token.encode()):
+        raise ApiError(403, "forbidden", f"this token is not valid for endpoint {pool.name}")
+
+
+def forward_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    connection = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower not in HOP_BY_HOP and lower not in drop and lower not in connection:
+            out.add(key, value)
+    return out
+
+
+async def invoke(request: web.Request) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    try:
+        pool = router.pool(request.match_info["name"])
+        check_token(request, pool)
+        limit = request.app[MAX_BODY]
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, "payload_too_large",
+                           f"request body of {request.content_length} bytes is over the "
+                           f"limit of {limit} (daemon.max_body_bytes)")
+        call = Call(request, pool, request.match_info.get("path", ""),
+                    request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+        return await _serve(router, call, request.headers.get("X-Berth-Replica"))
+    except CapacityError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        raise ApiError(exc.status, exc.code, exc.message, headers) from None
+
+
+async def _serve(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
+    """Run the call on a replica; a refused connection is retried once on another one."""
+    replica = await router.acquire(call.pool, pinned)
+    try:
+        return await _exchange(call, replica)
+    except ReplicaRefused:
+        router.reconciler.kick()  # let the reconciler look at that replica now
+        if pinned is not None:
+            raise ApiError(502, "replica_unreachable",
+                           f"replica {replica.id} refused the connection") from None
+    finally:
+        await router.release(call.pool, replica)
+    other = await router.acquire(call.pool, exclude=frozenset({replica.id}))
+    try:
+        return await _exchange(call, other)
+    except ReplicaRefused:
+        router.reconciler.kick()
+        raise ApiError(502, "replica_unreachable", f"replicas {replica.id} and {other.id} "
+                       "refused the connection") from None
+    finally:
+        await router.release(call.pool, other)
+
+
+async def _body(call: Call) -> AsyncIterator[bytes]:
+    """The request body as it arrives, cut off past the size limit."""
+    call.body_sent = True
+    limit, total = call.request.app[MAX_BODY], 0
+    async for chunk in call.request.content.iter_chunked(CHUNK):
+        total += len(chunk)
+        if total > limit:
+            call.body_too_large = True
+            raise ApiError(413, "payload_too_large", f"request body is over the limit of "
+                           f"{limit} bytes (daemon.max_body_bytes)")
+        yield chunk
+
+
+async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
+    """Send the call to one replica and stream its answer back, under request_timeout_s."""
+    request, spec = call.request, call.pool.spec
+    url = f"http://{replica.address}/{call.path}"
+    if request.query_string:
+        url += f"?{request.query_string}"
+    headers = forward_headers(request.headers, REQUEST_ONLY)
+    headers["X-Request-Id"] = call.request_id
+    if request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    data = _body(call) if request.body_exists else None
+    response: web.StreamResponse | None = None
+    session = request.app[UPSTREAM]
+    try:
+        async with asyncio.timeout(spec.request_timeout_s), session.request(
+                request.method, url, headers=headers, data=data,
+                allow_redirects=False) as upstream:
+            response = await _start_response(call, replica, upstream)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except TimeoutError:
+        message = f"call exceeded request_timeout_s={spec.request_timeout_s:g}"
+        return await _cut(call, replica, response, 504, "timeout", message)
+    except aiohttp.ClientConnectorError as exc:
+        if not call.body_sent:
+            raise ReplicaRefused(str(exc)) from exc
+        return await _cut(call, replica, response, 502, "replica_failed", str(exc))
+    except (aiohttp.ClientError, ConnectionResetError) as exc:
+        if call.body_too_large:
+            raise ApiError(413, "payload_too_large", "request body is over the limit of "
+                           f"{request.app[MAX_BODY]} bytes (daemon.max_body_bytes)") from None
+        return await _cut(call, replica, response, 502, "replica_failed",
+                          f"replica {replica.id} failed mid-call: {exc!r}")
+
+
+async def _start_response(call: Call, replica: Replica,
+                          upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                  headers=forward_headers(upstream.headers, frozenset()))
+    response.headers["X-Berth-Replica"] = replica.id
+    response.headers["X-Request-Id"] = call.request_id
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(call.request)
+    return response
+
+
+async def _cut(call: Call, replica: Replica, response: web.StreamResponse | None,
+               status: int, code: str, message: str) -> web.StreamResponse:
+    """End a call that failed: a JSON error if nothing was sent, else end the stream."""
+    log.warning("call cut", endpoint=call.pool.name, replica=replica.id,
+                request_id=call.request_id, code=code, reason=message)
+    if response is None:
+        raise ApiError(status, code, message)
+    if response.content_type == "text/event-stream":
+        event = json.dumps({"error": {"code": code, "message": message}})
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(f"event: error\ndata: {event}\n\n".encode())
+    response.force_close()  # the client sees the stream end; the connection is not reused
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write_eof()
+    return response
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the replica client lives as long as the app."""
+    app[UPSTREAM] = upstream_session()
+    yield
+    await app[UPSTREAM].close()
+
+
+def add_data_plane(app: web.Application, router: Router, token: str, max_body: int) -> None:
+    app[ROUTER] = router
+    app[DATA_TOKEN] = token
+    app[MAX_BODY] = max_body
+    app.cleanup_ctx.append(upstream_ctx)
+    app.router.add_route("*", "/invoke/{name}", invoke)
+    app.router.add_route("*", "/invoke/{name}/{path:.*}", invoke)
