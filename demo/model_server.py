@@ -37,6 +37,7 @@ SERVER = []
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
 
     def log_message(self, fmt, *args):
         sys.stdout.write(f"{self.address_string()} {fmt % args}\n")
