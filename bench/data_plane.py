@@ -15,6 +15,7 @@ Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this c
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import shutil
@@ -110,7 +111,7 @@ async def sse_times(url: str) -> tuple[float, float]:
                         _, buffer = buffer.split(b"\n\n", 1)
                         arrivals.append(time.perf_counter())
             firsts.append((arrivals[0] - start) * 1000)
-            gaps += [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+            gaps += [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
     return statistics.median(firsts), statistics.median(gaps)
 
 
