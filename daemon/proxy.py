@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
-import uuid
+import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -38,6 +38,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "content-length"})
 REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"})
 CHUNK = 64 * 1024
+SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
 
 
 class ReplicaRefused(Exception):
@@ -96,7 +97,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
                            f"request body of {request.content_length} bytes is over the "
                            f"limit of {limit} (daemon.max_body_bytes)")
         call = Call(request, pool, request.match_info.get("path", ""),
-                    request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+                    request.headers.get("X-Request-Id") or os.urandom(12).hex())
         return await _serve(router, call, request.headers.get("X-Berth-Replica"))
     except CapacityError as exc:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
@@ -156,6 +157,8 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
         async with asyncio.timeout(spec.request_timeout_s), session.request(
                 request.method, url, headers=headers, data=data,
                 allow_redirects=False) as upstream:
+            if _small(upstream):  # one write for headers and body: the common JSON answer
+                return _whole_response(call, replica, upstream, await upstream.read())
             response = await _start_response(call, replica, upstream)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
@@ -176,12 +179,30 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                           f"replica {replica.id} failed mid-call: {exc!r}")
 
 
+def _small(upstream: aiohttp.ClientResponse) -> bool:
+    length = upstream.content_length
+    return length is not None and length <= SMALL_BODY and \
+        upstream.content_type != "text/event-stream"
+
+
+def _response_headers(call: Call, replica: Replica,
+                      upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    headers = forward_headers(upstream.headers, frozenset())
+    headers["X-Berth-Replica"] = replica.id
+    headers["X-Request-Id"] = call.request_id
+    return headers
+
+
+def _whole_response(call: Call, replica: Replica, upstream: aiohttp.ClientResponse,
+                    body: bytes) -> web.Response:
+    return web.Response(status=upstream.status, reason=upstream.reason, body=body,
+                        headers=_response_headers(call, replica, upstream))
+
+
 async def _start_response(call: Call, replica: Replica,
                           upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                  headers=forward_headers(upstream.headers, frozenset()))
-    response.headers["X-Berth-Replica"] = replica.id
-    response.headers["X-Request-Id"] = call.request_id
+                                  headers=_response_headers(call, replica, upstream))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(call.request)

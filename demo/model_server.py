@@ -176,6 +176,7 @@ def main():
     if crash_after > 0:
         threading.Timer(crash_after, lambda: os._exit(4)).start()
     port = int(os.environ.get("PORT", "8080"))
+    ThreadingHTTPServer.request_queue_size = 256  # a burst of connects must not hit SYN retries
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     server.daemon_threads = True
     SERVER.append(server)

@@ -255,3 +255,51 @@ async def test_large_bodies_stream_both_ways(plane):
     async for chunk in resp.content.iter_chunked(1024 ** 2):
         total += len(chunk)
     assert total == 48 * 1024 ** 2
+
+
+async def test_no_replica_ready_in_time_gives_503(plane):
+    _, client = await plane({"never": endpoint("never", startup_timeout_s=0.5,
+                                               env={"MODEL_FAIL_HEALTH": "1"})})
+    started = time.monotonic()
+    resp = await client.get("/invoke/never/echo")
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "no_capacity"
+    assert "within startup_timeout_s=0.5" in body["error"]["message"]
+    assert resp.headers["Retry-After"] and time.monotonic() - started < 2
+
+
+async def test_burst_from_zero_starts_the_replicas_needed_in_parallel(plane):
+    h, client = await plane({"burst": endpoint("burst", max_replicas=3)})
+    responses = await asyncio.gather(*(client.get("/invoke/burst/sleep?s=0.3")
+                                       for _ in range(3)))
+    assert [r.status for r in responses] == [200] * 3
+    assert len({r.headers["X-Berth-Replica"] for r in responses}) == 3
+    starts = [e.ts for e in await h.store.events("burst") if e.kind == "start"]
+    assert len(starts) == 3 and max(starts) - min(starts) < 0.5  # together, not one by one
+
+
+async def test_a_replica_is_never_stopped_with_a_call_in_flight(plane):
+    h, client = await plane({"busy": endpoint("busy", idle_timeout_s=0.2)})
+    resp = await client.get("/invoke/busy/echo")
+    first = resp.headers["X-Berth-Replica"]
+    await asyncio.sleep(0.1)
+    resp = await client.get("/invoke/busy/sleep?s=1.0")  # longer than idle_timeout_s
+    ended = time.time()
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] == first
+    pool = h.reconciler.pools["busy"]
+    await wait_for(pool, lambda: not pool.replicas, what="idle stop after the call")
+    [drain] = [e for e in await h.store.events("busy") if e.kind == "drain"]
+    assert drain.ts >= ended + 0.15  # idle counted from the end of the call, not its start
+
+
+async def test_call_waits_for_a_busy_gpu_and_gets_it_when_freed(plane):
+    specs = {"holder": endpoint("holder", gpus=1, idle_timeout_s=60),
+             "waiter": endpoint("waiter", gpus=1, idle_timeout_s=60)}
+    h, client = await plane(specs, gpus=1)
+    busy = asyncio.create_task(client.get("/invoke/holder/sleep?s=0.8"))
+    await asyncio.sleep(0.5)  # holder's replica is up and busy: nothing can be evicted
+    started = time.monotonic()
+    resp = await client.get("/invoke/waiter/echo")
+    assert resp.status == 200 and time.monotonic() - started >= 0.2
+    assert (await busy).status == 200
+    assert any(e.kind == "eviction" for e in await h.store.events("holder"))
