@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -355,3 +356,25 @@ def test_systemd_unit_verifies(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "berthd.service" not in result.stderr, result.stderr
+
+
+def test_sigterm_lets_a_call_in_flight_finish(daemon, write_config):
+    d = daemon(write_config({"busy": {}}))
+    d.wait_message("READY=1")
+    d.wait_endpoint("busy", one_ready)
+    result: dict = {}
+
+    def call() -> None:
+        url = f"http://127.0.0.1:{d.port}/invoke/busy/sleep?s=0.8"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            result["status"] = resp.status
+            result["body"] = json.loads(resp.read())
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.3)
+    d.signal(signal.SIGTERM)
+    d.wait_message("STOPPING=1")
+    caller.join(timeout=10)
+    assert result == {"status": 200, "body": {"slept": 0.8, "active": 1}}
+    assert d.wait_exit() == 0
