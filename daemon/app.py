@@ -11,7 +11,9 @@ from aiohttp import web
 
 from daemon.errors import ApiError, error_response
 from daemon.proxy import add_data_plane
+from daemon.tasks_api import add_async_plane
 from gpu import GpuAllocator, GpuSample
+from scheduler.dispatch import Dispatcher
 from scheduler.reconciler import Reconciler
 from scheduler.router import Router
 
@@ -108,7 +110,8 @@ async def list_gpus(request: web.Request) -> web.Response:
 
 def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str = "",
               gpu_samples: dict[str, GpuSample] | None = None,
-              max_body_bytes: int = 100 * 1024 ** 2) -> web.Application:
+              max_body_bytes: int = 100 * 1024 ** 2, dispatcher: Dispatcher | None = None,
+              max_async_body_bytes: int = 1024 ** 3) -> web.Application:
     """The whole HTTP surface. Control bodies are small (1 MiB); call bodies stream."""
     app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=1024 ** 2)
     app[RECONCILER] = reconciler
@@ -119,5 +122,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app.router.add_get("/v1/endpoints", list_endpoints)
     app.router.add_get("/v1/endpoints/{name}", get_endpoint)
     app.router.add_get("/v1/gpus", list_gpus)
-    add_data_plane(app, Router(reconciler), admin_token, max_body_bytes)
+    add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), admin_token,
+                   max_body_bytes)
+    if dispatcher is not None:
+        add_async_plane(app, dispatcher, max_async_body_bytes)
     return app

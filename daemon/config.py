@@ -122,6 +122,13 @@ class DaemonSettings(Strict):
     shutdown_grace_s: float = Field(30.0, ge=0)
     stop_replicas_on_exit: bool = False
     reconcile_interval_s: float = Field(1.0, gt=0, le=60)
+    task_max_attempts: int = Field(3, ge=1, le=100)
+    task_retry_backoff_s: float = Field(1.0, gt=0)
+    result_ttl_s: float = Field(86400.0, gt=0)
+    purge_interval_s: float = Field(60.0, gt=0)
+    callback_secret_file: str | None = None
+    callback_retry_s: float = Field(3600.0, ge=0)
+    callback_backoff_s: float = Field(1.0, gt=0)
 
 
 class DockerSettings(Strict):

@@ -6,8 +6,10 @@ import asyncio
 import datetime
 import ipaddress
 import os
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -16,8 +18,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from daemon.app import build_app
 from daemon.config import Config, ConfigError, gpu_issues
 from gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
+from scheduler.callbacks import CallbackSender
+from scheduler.dispatch import Dispatcher, DispatchSettings
 from scheduler.probes import Prober
 from scheduler.reconciler import ChangeSummary, Reconciler
+from scheduler.router import Router
 from scheduler.runtime import DockerRuntime, DockerUnavailable
 from store import Store, StoreError
 
@@ -71,6 +76,27 @@ def read_admin_token(config: Config) -> str:
     return token
 
 
+def callback_secret(config: Config) -> bytes:
+    """daemon.callback_secret_file, else BERTH_CALLBACK_SECRET, else a key made once and kept
+    in state_dir/callback-secret (0600), so signatures stay valid across restarts."""
+    path = config.daemon.callback_secret_file
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().strip().encode()
+        except OSError as exc:
+            raise StartupError(f"daemon.callback_secret_file: cannot read {path}: "
+                               f"{exc.strerror}", EXIT_CONFIG) from exc
+    if os.environ.get("BERTH_CALLBACK_SECRET"):
+        return os.environ["BERTH_CALLBACK_SECRET"].encode()
+    kept = Path(config.daemon.state_dir) / "callback-secret"
+    if not kept.exists():
+        fd = os.open(kept, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return kept.read_text().strip().encode()
+
+
 class Berth:
     """berthd's parts: store, GPUs, Docker runtime, reconciler, periodic jobs, HTTP listener."""
 
@@ -84,6 +110,8 @@ class Berth:
         self.prober = Prober()
         self.reconciler: Reconciler | None = None
         self.runner: web.AppRunner | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.callbacks: CallbackSender | None = None
         self.jobs = AsyncIOScheduler()
         self.port: int | None = None  # the port actually bound (listen may say 0)
 
@@ -117,9 +145,20 @@ class Berth:
         await self.reconciler.load()
         await self.reconciler.adopt()
         await self.reconciler.apply_specs(cfg.endpoints, "config")
+        self.dispatcher = self._dispatcher()
+        await self.dispatcher.start()
         await self._listen(listen, token, allocator)
         self._start_jobs()
         self.reconciler.kick()
+
+    def _dispatcher(self) -> Dispatcher:
+        assert self.store is not None and self.reconciler is not None
+        daemon = self.config.daemon
+        self.callbacks = CallbackSender(self.store, callback_secret(self.config),
+                                        daemon.callback_retry_s, daemon.callback_backoff_s)
+        settings = DispatchSettings(daemon.task_max_attempts, daemon.task_retry_backoff_s)
+        return Dispatcher(self.store, Router(self.reconciler), Path(daemon.state_dir) / "tasks",
+                          self.callbacks, settings)
 
     def _gpu_mode(self) -> str:
         mode = self.config.docker.gpu_mode
@@ -130,7 +169,9 @@ class Berth:
     async def _listen(self, listen: Listen, token: str, allocator: GpuAllocator) -> None:
         assert self.reconciler is not None
         app = build_app(self.reconciler, allocator, token, self.gpu_samples,
-                        max_body_bytes=self.config.daemon.max_body_bytes)
+                        max_body_bytes=self.config.daemon.max_body_bytes,
+                        dispatcher=self.dispatcher,
+                        max_async_body_bytes=self.config.daemon.max_async_body_bytes)
         # handler_cancellation: a client that leaves cancels its call and frees its slot.
         self.runner = web.AppRunner(app, shutdown_timeout=self.config.daemon.shutdown_grace_s,
                                     access_log=None, handler_cancellation=True)
@@ -155,6 +196,9 @@ class Berth:
                               seconds=self.config.gpu.sample_interval_s, max_instances=1,
                               coalesce=True, id="gpu-sample", next_run_time=_now())
         self.jobs.add_job(self._prune, "interval", hours=1, id="prune")
+        self.jobs.add_job(self._purge_results, "interval", id="purge-results",
+                          seconds=self.config.daemon.purge_interval_s, max_instances=1,
+                          coalesce=True)
         self.jobs.start()
 
     async def _sample_gpus(self) -> None:
@@ -162,6 +206,10 @@ class Berth:
         samples = await asyncio.get_running_loop().run_in_executor(None, self.inventory.sample)
         self.gpu_samples.clear()
         self.gpu_samples.update(samples)
+
+    async def _purge_results(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.purge(self.config.daemon.result_ttl_s)
 
     async def _prune(self) -> None:
         if self.store is not None:
@@ -191,10 +239,16 @@ class Berth:
         # 2. Stop accepting connections; in-flight requests get up to shutdown_grace_s.
         if self.runner is not None:
             await self.runner.cleanup()
-        # 3. Stop watching replicas; stop them too only if asked (else they are adopted later).
+        # 3. Stop dispatching; running tasks stay "running" in SQLite and are queued again at
+        #    the next start. Undelivered callbacks resume then too.
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        if self.callbacks is not None:
+            await self.callbacks.close()
+        # 4. Stop watching replicas; stop them too only if asked (else they are adopted later).
         if self.reconciler is not None:
             await self.reconciler.shutdown(self.stop_replicas_on_exit)
-        # 4. Close clients and the database last: the steps above still record events.
+        # 5. Close clients and the database last: the steps above still record events.
         await self.prober.close()
         if self.runtime is not None:
             await self.runtime.close()

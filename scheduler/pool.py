@@ -42,6 +42,7 @@ class EndpointPool:
     removed: bool = False  # endpoint deleted: its replicas drain and stop
     queue: deque[Waiter] = field(default_factory=deque)  # calls waiting for a slot, FIFO
     turn: int = 0  # round-robin position
+    backlog: int = 0  # async tasks queued behind the one waiting for a slot (the dispatcher's)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     stopping: set[str] = field(default_factory=set)  # replicas with a stop under way
@@ -55,8 +56,8 @@ class EndpointPool:
         return sum(1 for w in self.queue if not w.slot.done())
 
     def demand(self) -> int:
-        """Calls in flight + calls waiting (async tasks join in later)."""
-        return sum(r.in_flight for r in self.replicas.values()) + self.waiting
+        """Calls and tasks in flight + calls waiting + async tasks queued."""
+        return sum(r.in_flight for r in self.replicas.values()) + self.waiting + self.backlog
 
     # --- slots: every call holds one from start to end ---------------------------------------
 

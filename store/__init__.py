@@ -1,6 +1,7 @@
 """SQLite store: schema, migrations and repositories. The only code that writes SQL."""
 
 from store.db import Store, StoreError
-from store.records import EndpointRecord, EventRecord, ReplicaRecord
+from store.records import EndpointRecord, EventRecord, ReplicaRecord, TaskRecord
 
-__all__ = ["EndpointRecord", "EventRecord", "ReplicaRecord", "Store", "StoreError"]
+__all__ = ["EndpointRecord", "EventRecord", "ReplicaRecord", "Store", "StoreError",
+           "TaskRecord"]

@@ -19,6 +19,7 @@ import aiosqlite
 
 from store.records import EndpointRecord, EventRecord, ReplicaRecord
 from store.schema import MIGRATIONS, SCHEMA_VERSION
+from store.tasks import TaskStore
 
 DB_NAME = "berth.db"
 LIVE_STATES = ("pending", "starting", "ready", "draining")
@@ -34,6 +35,7 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        self.tasks = TaskStore(db)
 
     @classmethod
     async def open(cls, state_dir: str | Path) -> Store:

@@ -35,6 +35,40 @@ class ReplicaRecord:
     reason: str | None = None
 
 
+@dataclass
+class TaskRecord:
+    """One async call and what became of it."""
+
+    id: str
+    endpoint: str
+    method: str
+    path: str
+    created_at: float
+    status: str = "queued"
+    query: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | None = None
+    body_file: str | None = None
+    attempts: int = 0
+    replica: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    result_status: int | None = None
+    result_type: str | None = None
+    result_body: bytes | None = None
+    result_file: str | None = None
+    callback_url: str | None = None
+    callback_state: str | None = None
+    callback_attempts: int = 0
+    callback_error: str | None = None
+    purged_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
 @dataclass(frozen=True)
 class EventRecord:
     ts: float

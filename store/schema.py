@@ -51,6 +51,38 @@ MIGRATIONS: list[str] = [
         updated_at  REAL NOT NULL
     );
     """,
+    # 2: async tasks. Bodies and results over 64 KiB live in files under state_dir/tasks.
+    """
+    CREATE TABLE tasks (
+        id               TEXT PRIMARY KEY,      -- unguessable (128 random bits)
+        endpoint         TEXT NOT NULL,
+        method           TEXT NOT NULL,
+        path             TEXT NOT NULL,
+        query            TEXT NOT NULL DEFAULT '',
+        headers          TEXT NOT NULL DEFAULT '[]',  -- kept request headers, JSON pairs
+        body             BLOB,                  -- small bodies inline
+        body_file        TEXT,                  -- else the file name
+        status           TEXT NOT NULL CHECK (status IN
+                           ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        replica          TEXT,
+        created_at       REAL NOT NULL,
+        started_at       REAL,
+        finished_at      REAL,
+        error            TEXT,
+        result_status    INTEGER,
+        result_type      TEXT,
+        result_body      BLOB,
+        result_file      TEXT,
+        callback_url     TEXT,
+        callback_state   TEXT,                  -- pending, delivered, failed
+        callback_attempts INTEGER NOT NULL DEFAULT 0,
+        callback_error   TEXT,
+        purged_at        REAL                   -- body and result deleted after result_ttl_s
+    );
+    CREATE INDEX tasks_queue ON tasks (endpoint, status, created_at);
+    CREATE INDEX tasks_finished ON tasks (finished_at) WHERE purged_at IS NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

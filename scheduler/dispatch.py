@@ -1,0 +1,292 @@
+"""Async dispatch: stored tasks run on replicas, FIFO per endpoint, in the same slots as sync
+calls, with retries when a replica fails, and at-least-once delivery across crashes.
+
+State lives in SQLite (status, attempts, result); memory holds only the queues in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from scheduler.callbacks import CallbackSender
+from scheduler.pool import EndpointPool
+from scheduler.replica import Replica
+from scheduler.router import CapacityError, Router
+from store import Store, TaskRecord
+
+log = structlog.get_logger("berth.dispatch")
+INLINE_MAX = 64 * 1024  # bodies and results up to this live in SQLite, larger ones in files
+CHUNK = 64 * 1024
+NO_CAPACITY_RETRY_S = 1.0
+
+
+class TaskFinished(Exception):
+    """The task already ended; it cannot be cancelled."""
+
+
+class ReplicaFailed(Exception):
+    """The replica could not be reached or broke off: the attempt may be retried."""
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    max_attempts: int = 3
+    retry_backoff_s: float = 1.0
+
+
+class Dispatcher:
+    """Owns the async queues. Every task it finishes is written before callbacks are sent."""
+
+    def __init__(self, store: Store, router: Router, files: Path, callbacks: CallbackSender,
+                 settings: DispatchSettings, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.router = router
+        self.files = files
+        self.callbacks = callbacks
+        self.settings = settings
+        self.clock = clock
+        self.queues: dict[str, deque[str]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._excluded: dict[str, frozenset[str]] = {}
+        self._cancelling: set[str] = set()
+        self._session: aiohttp.ClientSession | None = None
+
+    # --- life ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume after a stop or a crash: running tasks are queued again, in creation order."""
+        self.files.mkdir(parents=True, exist_ok=True)
+        requeued = await self.store.tasks.requeue_running()
+        if requeued:
+            log.warning("tasks that were running when berthd stopped are queued again",
+                        count=requeued)
+        for endpoint, task_id in await self.store.tasks.queued_ids():
+            self._enqueue(endpoint, task_id)
+        for task_id in await self.store.tasks.pending_callbacks():
+            self.callbacks.schedule(task_id)
+
+    async def stop(self) -> None:
+        """Stop dispatching; running tasks stay `running` in the store and resume at start."""
+        work = [*self._pumps.values(), *self._running.values()]
+        for job in work:
+            job.cancel()
+        await asyncio.gather(*work, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def file(self, name: str) -> Path:
+        return self.files / name
+
+    # --- queue ---------------------------------------------------------------------------
+
+    def submit(self, task: TaskRecord) -> None:
+        """A stored, queued task joins its endpoint's queue."""
+        self._enqueue(task.endpoint, task.id)
+
+    def _enqueue(self, endpoint: str, task_id: str, front: bool = False) -> None:
+        queue = self.queues.setdefault(endpoint, deque())
+        if front:
+            queue.appendleft(task_id)
+        else:
+            queue.append(task_id)
+        self._update_backlog(endpoint)
+        self._wake.setdefault(endpoint, asyncio.Event()).set()
+        pump = self._pumps.get(endpoint)
+        if pump is None or pump.done():
+            self._pumps[endpoint] = asyncio.get_running_loop().create_task(
+                self._pump(endpoint), name=f"dispatch:{endpoint}")
+
+    def _update_backlog(self, endpoint: str) -> None:
+        """Queued tasks are demand: the one being placed waits in the router and counts there."""
+        pool = self.router.reconciler.pools.get(endpoint)
+        if pool is not None:
+            pool.backlog = max(0, len(self.queues.get(endpoint, ())) - 1)
+
+    async def _pump(self, endpoint: str) -> None:
+        """Place the endpoint's tasks on slots, oldest first, as slots come free."""
+        queue, wake = self.queues[endpoint], self._wake[endpoint]
+        while True:
+            if not queue:
+                wake.clear()
+                await wake.wait()
+                continue
+            pool = self.router.reconciler.pools.get(endpoint)
+            if pool is None or pool.removed:
+                await self._cancel_all(endpoint, "endpoint removed")
+                continue
+            task_id = queue[0]
+            self._update_backlog(endpoint)
+            try:
+                replica = await self.router.acquire(pool, exclude=self._excluded.get(task_id,
+                                                                                     frozenset()))
+            except CapacityError:  # tasks wait out errors and slow starts: try again shortly
+                await asyncio.sleep(NO_CAPACITY_RETRY_S)
+                continue
+            if not queue or queue[0] != task_id:  # cancelled while it waited for the slot
+                await self.router.release(pool, replica)
+                continue
+            queue.popleft()
+            self._update_backlog(endpoint)
+            self._running[task_id] = asyncio.get_running_loop().create_task(
+                self._run(pool, replica, task_id), name=f"task:{task_id}")
+
+    async def _cancel_all(self, endpoint: str, reason: str) -> None:
+        ids = await self.store.tasks.cancel_queued_of(endpoint, self.clock(), reason)
+        self.queues[endpoint].clear()
+        for task_id in ids:
+            self.callbacks.schedule(task_id)
+
+    # --- one attempt ---------------------------------------------------------------------
+
+    async def _run(self, pool: EndpointPool, replica: Replica, task_id: str) -> None:
+        try:
+            task = await self.store.tasks.get(task_id)
+            if task is None or task.status != "queued":
+                await self.router.release(pool, replica)
+                return
+            task.status, task.replica, task.started_at = "running", replica.id, self.clock()
+            task.attempts += 1
+            await self.store.tasks.update(task, "status", "replica", "started_at", "attempts")
+            await self._attempt(pool, replica, task)
+        finally:
+            self._running.pop(task_id, None)
+
+    async def _attempt(self, pool: EndpointPool, replica: Replica, task: TaskRecord) -> None:
+        timeout = pool.spec.async_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await self._call(replica, task)
+            task.status, task.error = "succeeded", None
+        except TimeoutError:
+            task.status, task.error = "failed", f"task exceeded async_timeout_s={timeout:g}"
+        except ReplicaFailed as exc:
+            if task.attempts < self.settings.max_attempts:
+                await self.router.release(pool, replica)
+                await self._retry(task, replica, str(exc))
+                return
+            task.status = "failed"
+            task.error = f"replica failed on all {task.attempts} attempts; last: {exc}"
+        except asyncio.CancelledError:
+            if task.id not in self._cancelling:
+                await self.router.release(pool, replica)
+                raise  # berthd stopping: the store still says running; requeued at start
+            task.status, task.error = "cancelled", "cancelled by request"
+        await self.router.release(pool, replica)
+        await self._finish(task)
+
+    async def _retry(self, task: TaskRecord, replica: Replica, error: str) -> None:
+        """Back to the front of the queue after a backoff, avoiding the replica that failed."""
+        task.status, task.error, task.replica = "queued", error, None
+        await self.store.tasks.update(task, "status", "error", "replica")
+        self._excluded[task.id] = self._excluded.get(task.id, frozenset()) | {replica.id}
+        self.router.reconciler.kick()  # let the reconciler look at that replica now
+        delay = self.settings.retry_backoff_s * 2 ** (task.attempts - 1)
+        log.warning("task attempt failed; retrying", task=task.id, endpoint=task.endpoint,
+                    replica=replica.id, attempt=task.attempts, error=error, retry_in_s=delay)
+        await asyncio.sleep(delay)
+        self._enqueue(task.endpoint, task.id, front=True)
+
+    async def _finish(self, task: TaskRecord) -> None:
+        task.finished_at = self.clock()
+        self._excluded.pop(task.id, None)
+        self._cancelling.discard(task.id)
+        await self.store.tasks.update(task)
+        log.info("task " + task.status, task=task.id, endpoint=task.endpoint,
+                 replica=task.replica, attempts=task.attempts, error=task.error)
+        if task.callback_url:
+            self.callbacks.schedule(task.id)
+
+    async def _call(self, replica: Replica, task: TaskRecord) -> None:
+        """One HTTP exchange with the replica; the result goes to the task (and a file)."""
+        url = f"http://{replica.address}/{task.path}" + (f"?{task.query}" if task.query else "")
+        headers = [*task.headers, ("X-Request-Id", task.id)]
+        data = task.body if task.body_file is None else self._read_file(task.body_file)
+        try:
+            async with self._client().request(task.method, url, headers=headers, data=data,
+                                              allow_redirects=False) as resp:
+                task.result_status = resp.status
+                task.result_type = resp.headers.get("Content-Type")
+                await self._keep_result(task, resp)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise ReplicaFailed(f"{replica.id}: {exc!r}") from exc
+
+    async def _keep_result(self, task: TaskRecord, resp: aiohttp.ClientResponse) -> None:
+        head = bytearray()
+        out = None
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                if out is None and len(head) + len(chunk) <= INLINE_MAX:
+                    head += chunk
+                    continue
+                if out is None:
+                    task.result_file = f"{task.id}.result"
+                    out = open(self.file(task.result_file), "wb")  # noqa: SIM115, ASYNC230
+                    out.write(head)
+                out.write(chunk)
+        finally:
+            if out is not None:
+                out.close()
+        task.result_body = bytes(head) if out is None else None
+
+    async def _read_file(self, name: str) -> AsyncIterator[bytes]:
+        with open(self.file(name), "rb") as f:  # noqa: ASYNC230 - 64 KiB page-cache reads
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        return self._session
+
+    # --- cancel and purge ------------------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> TaskRecord | None:
+        """Cancel a queued or running task (TaskFinished if it ended); None if unknown."""
+        task = await self.store.tasks.get(task_id)
+        if task is None:
+            return None
+        if task.finished:
+            raise TaskFinished(f"task {task_id} already {task.status}")
+        running = self._running.get(task_id)
+        if running is not None:  # on a replica, or waiting out a retry backoff
+            self._cancelling.add(task_id)
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            task = await self.store.tasks.get(task_id)
+            if task is None or task.finished:
+                return task
+        queue = self.queues.get(task.endpoint)
+        if queue is not None and task_id in queue:
+            queue.remove(task_id)
+            self._update_backlog(task.endpoint)
+        task.status, task.error = "cancelled", "cancelled by request"
+        await self._finish(task)
+        return task
+
+    async def purge(self, ttl_s: float) -> int:
+        """Delete bodies and results of tasks that finished more than ttl_s ago."""
+        now = self.clock()
+        expired = await self.store.tasks.expired(now - ttl_s)
+        for task in expired:
+            for name in (task.body_file, task.result_file):
+                if name:
+                    self.file(name).unlink(missing_ok=True)
+            await self.store.tasks.mark_purged(task.id, now)
+        if expired:
+            log.info("purged task results", count=len(expired))
+        return len(expired)

@@ -1,0 +1,242 @@
+"""Async calls against real replicas: submit, dispatch, results, cancel, callbacks, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from conftest import endpoint, ready_count, wait_for
+from daemon.app import build_app
+from scheduler.callbacks import CallbackSender
+from scheduler.dispatch import Dispatcher, DispatchSettings
+from scheduler.router import Router
+
+SECRET = b"test-callback-key"
+
+
+@pytest.fixture
+async def aplane(harness, aiohttp_client, tmp_path):
+    made = []
+
+    async def make(specs: dict, max_body: int = 10 * 1024 ** 2, gpus: int = 0):
+        h = await harness(gpus=gpus)
+        await h.reconciler.apply_specs(specs, "config")
+        callbacks = CallbackSender(h.store, SECRET, retry_for_s=5, backoff_s=0.1)
+        dispatcher = Dispatcher(h.store, Router(h.reconciler), tmp_path / "tasks", callbacks,
+                                DispatchSettings(max_attempts=3, retry_backoff_s=0.1))
+        await dispatcher.start()
+        made.append((dispatcher, callbacks))
+        app = build_app(h.reconciler, h.reconciler.allocator, dispatcher=dispatcher,
+                        max_async_body_bytes=max_body)
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        return h, client, dispatcher
+    yield make
+    for dispatcher, callbacks in made:
+        await dispatcher.stop()
+        await callbacks.close()
+
+
+async def finished(client, task_id: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = await (await client.get(f"/tasks/{task_id}")).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"task {task_id} did not finish: {body}")
+
+
+async def stats(address: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}/stats") as r:
+        return await r.json()
+
+
+async def test_submit_poll_result_round_trip(aplane):
+    _, client, _ = await aplane({"echo": endpoint("echo", min_replicas=1)})
+    resp = await client.post("/async/echo/echo?x=1", data=b"hello",
+                             headers={"X-Custom": "kept", "Content-Type": "text/plain"})
+    assert resp.status == 202
+    task = await resp.json()
+    assert resp.headers["Location"] == f"/tasks/{task['id']}"
+    assert (task["endpoint"], task["status"], task["attempts"]) == ("echo", "queued", 0)
+    assert len(task["id"]) >= 22 and task["created_at"] > 0
+    done = await finished(client, task["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert done["result"] == {"status": 200, "content_type": "application/json"}
+    assert done["started_at"] <= done["finished_at"]
+    resp = await client.get(f"/tasks/{task['id']}/result")
+    assert resp.status == 200 and resp.headers["Content-Type"] == "application/json"
+    echoed = await resp.json()
+    assert (echoed["method"], echoed["path"], echoed["query"], echoed["body"]) == \
+        ("POST", "/echo", {"x": "1"}, "hello")
+    assert echoed["headers"]["X-Custom"] == "kept"
+    assert echoed["headers"]["X-Request-Id"] == task["id"]
+    listed = await (await client.get("/v1/tasks?endpoint=echo&status=succeeded")).json()
+    assert [t["id"] for t in listed["tasks"]] == [task["id"]]
+    assert (await client.get("/v1/tasks?status=weird")).status == 422
+    assert (await client.get("/tasks/nope")).status == 404
+
+
+async def test_model_errors_are_results_not_retries(aplane):
+    _, client, _ = await aplane({"e": endpoint("e", min_replicas=1)})
+    task = await (await client.post("/async/e/status/503")).json()
+    done = await finished(client, task["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert (await client.get(f"/tasks/{task['id']}/result")).status == 503
+
+
+async def test_backlog_of_50_scales_up_from_zero_and_all_finish(aplane):
+    h, client, _ = await aplane({"work": endpoint("work", max_replicas=3, concurrency=2)})
+    pool = h.reconciler.pools["work"]
+    assert not pool.replicas
+    ids = [(await (await client.post("/async/work/sleep?s=0.1")).json())["id"]
+           for _ in range(50)]
+    peak = 0
+    while True:
+        peak = max(peak, ready_count(pool))
+        states = [(await (await client.get(f"/tasks/{i}")).json())["status"] for i in ids]
+        if all(s == "succeeded" for s in states):
+            break
+        assert not any(s in ("failed", "cancelled") for s in states), states
+        await asyncio.sleep(0.1)
+    assert peak == 3
+    assert sum(1 for e in await h.store.events("work") if e.kind == "scale_up") >= 3
+
+
+async def test_sync_and_async_share_the_replica_slots(aplane):
+    h, client, _ = await aplane({"share": endpoint("share", min_replicas=1)})
+    pool = h.reconciler.pools["share"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [replica] = pool.replicas.values()
+    ids = [(await (await client.post("/async/share/sleep?s=0.15")).json())["id"]
+           for _ in range(3)]
+    syncs = await asyncio.gather(*(client.get("/invoke/share/sleep?s=0.15") for _ in range(3)))
+    assert [r.status for r in syncs] == [200] * 3
+    for i in ids:
+        assert (await finished(client, i))["status"] == "succeeded"
+    s = await stats(replica.address)
+    assert s["max_active"] == 1 and s["calls"] == 6
+
+
+async def test_task_past_async_timeout_fails_and_the_model_stops(aplane):
+    h, client, _ = await aplane({"t": endpoint("t", min_replicas=1, async_timeout_s=0.3)})
+    task = await (await client.post("/async/t/sleep?s=5")).json()
+    done = await finished(client, task["id"])
+    assert done["status"] == "failed"
+    assert done["error"] == "task exceeded async_timeout_s=0.3"
+    [replica] = h.reconciler.pools["t"].replicas.values()
+    for _ in range(50):
+        if (await stats(replica.address))["abandoned"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert (await stats(replica.address))["abandoned"] == 1
+
+
+async def test_task_is_retried_elsewhere_when_its_replica_dies(aplane, docker_client):
+    h, client, _ = await aplane({"r": endpoint("r", min_replicas=2, max_replicas=2)})
+    pool = h.reconciler.pools["r"]
+    await wait_for(pool, lambda: ready_count(pool) == 2, what="two ready")
+    task = await (await client.post("/async/r/sleep?s=1")).json()
+    while (await (await client.get(f"/tasks/{task['id']}")).json())["status"] != "running":
+        await asyncio.sleep(0.02)
+    first = (await (await client.get(f"/tasks/{task['id']}")).json())["replica"]
+    await asyncio.sleep(0.1)
+    docker_client.containers.get(pool.replicas[first].container_id).kill()
+    done = await finished(client, task["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    assert done["replica"] != first
+
+
+async def test_cancel_queued_and_running(aplane):
+    h, client, _ = await aplane({"c": endpoint("c", min_replicas=1)})
+    pool = h.reconciler.pools["c"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [replica] = pool.replicas.values()
+    running = await (await client.post("/async/c/sleep?s=5")).json()
+    queued = await (await client.post("/async/c/echo")).json()
+    while (await (await client.get(f"/tasks/{running['id']}")).json())["status"] != "running":
+        await asyncio.sleep(0.02)
+    resp = await client.delete(f"/tasks/{queued['id']}")
+    assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
+    started = time.monotonic()
+    resp = await client.delete(f"/tasks/{running['id']}")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "cancelled"
+    assert time.monotonic() - started < 1
+    for _ in range(50):
+        if (await stats(replica.address))["abandoned"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert (await stats(replica.address))["abandoned"] == 1
+    assert (await stats(replica.address))["calls"] == 1  # the queued one never ran
+    resp = await client.delete(f"/tasks/{running['id']}")
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "task_finished"
+    assert (await client.get(f"/tasks/{queued['id']}/result")).status == 404
+    assert replica.in_flight == 0
+
+
+async def test_callback_is_signed_delivered_and_retried(aplane, aiohttp_server):
+    received: list[tuple[bytes, str]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers["X-Berth-Signature"]))
+        return web.Response(status=500 if len(received) == 1 else 204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    _, client, _ = await aplane({"cb": endpoint("cb", min_replicas=1)})
+    resp = await client.post("/async/cb/echo",
+                             headers={"X-Callback-Url": f"http://127.0.0.1:{server.port}/hook"})
+    task = await resp.json()
+    await finished(client, task["id"])
+    for _ in range(100):
+        state = (await (await client.get(f"/tasks/{task['id']}")).json())["callback"]
+        if state["state"] == "delivered":
+            break
+        await asyncio.sleep(0.05)
+    assert state == {"url": f"http://127.0.0.1:{server.port}/hook", "state": "delivered",
+                     "attempts": 2, "error": None}
+    body, signature = received[-1]
+    assert signature == "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+    sent = json.loads(body)
+    assert (sent["id"], sent["status"]) == (task["id"], "succeeded")
+    resp = await client.post("/async/cb/echo", headers={"X-Callback-Url": "ftp://x/y"})
+    assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_callback_url"
+
+
+async def test_purge_deletes_results_and_files_then_410(aplane, tmp_path):
+    _, client, dispatcher = await aplane({"p": endpoint("p", min_replicas=1)})
+    big = await (await client.post("/async/p/bytes?n=300000", data=b"z" * 100_000)).json()
+    await finished(client, big["id"])
+    resp = await client.get(f"/tasks/{big['id']}/result")
+    assert resp.status == 200 and len(await resp.read()) == 300_000
+    files = sorted(p.name for p in (tmp_path / "tasks").iterdir())
+    assert files == [f"{big['id']}.body", f"{big['id']}.result"]
+    assert await dispatcher.purge(ttl_s=3600) == 0  # not old enough
+    assert await dispatcher.purge(ttl_s=0) == 1
+    assert list((tmp_path / "tasks").iterdir()) == []
+    resp = await client.get(f"/tasks/{big['id']}/result")
+    assert resp.status == 410 and (await resp.json())["error"]["code"] == "result_purged"
+    assert (await (await client.get(f"/tasks/{big['id']}")).json())["purged"] is True
+
+
+async def test_oversized_body_is_refused_and_leaves_nothing(aplane, tmp_path):
+    h, client, _ = await aplane({"o": endpoint("o", min_replicas=0)}, max_body=200_000)
+
+    async def chunks():
+        for _ in range(5):
+            yield b"q" * 65536
+    resp = await client.post("/async/o/upload", data=chunks())
+    assert resp.status == 413
+    resp = await client.post("/async/o/upload", data=b"q" * 300_000)
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
+    assert list((tmp_path / "tasks").iterdir()) == []
+    assert await h.store.tasks.find() == []
