@@ -114,6 +114,7 @@ class Handler(BaseHTTPRequestHandler):
             count -= min(count, len(block))
 
     def _route(self):
+        received_at = time.time()
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
@@ -126,7 +127,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {
                 "method": self.command, "path": path, "query": query,
                 "headers": dict(self.headers), "body": body.decode("utf-8", "replace"),
-                "replica": os.environ.get("BERTH_REPLICA")})
+                "replica": os.environ.get("BERTH_REPLICA"), "received_at": received_at})
         if path == "/env":
             return self._send(200, dict(os.environ))
         if path == "/sleep":
