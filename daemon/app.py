@@ -1,15 +1,17 @@
-"""The aiohttp application: control API (read-only for now) and health, with one error shape."""
+"""The aiohttp application: control API, data plane, async calls, with one error shape."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from daemon.auth import Auth
+from daemon.control import add_control_api
 from daemon.errors import ApiError, error_response
+from daemon.keys import AUTH
 from daemon.proxy import add_data_plane
 from daemon.tasks_api import add_async_plane
 from gpu import GpuAllocator, GpuSample
@@ -22,7 +24,6 @@ log = logging.getLogger("berth.api")
 RECONCILER = web.AppKey("reconciler", Reconciler)
 ALLOCATOR = web.AppKey("allocator", GpuAllocator)
 GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
-ADMIN_TOKEN = web.AppKey("admin_token", str)  # "" means no token is required
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,7 +39,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -54,14 +55,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 @web.middleware
 async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Control API calls need the admin token, when one is configured."""
-    token = request.app[ADMIN_TOKEN]
-    if token and request.path.startswith("/v1/"):
-        given = request.headers.get("Authorization", "")
-        if not given.startswith("Bearer "):
-            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(given[7:].encode(), token.encode()):
-            raise ApiError(403, "forbidden", "this token is not the admin token")
+    """Control API calls (/v1/...) need the admin token, when one is configured."""
+    if request.path.startswith("/v1/"):
+        request.app[AUTH].require_admin(request)
     return await handler(request)
 
 
@@ -111,19 +107,18 @@ async def list_gpus(request: web.Request) -> web.Response:
 def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str = "",
               gpu_samples: dict[str, GpuSample] | None = None,
               max_body_bytes: int = 100 * 1024 ** 2, dispatcher: Dispatcher | None = None,
-              max_async_body_bytes: int = 1024 ** 3) -> web.Application:
+              max_async_body_bytes: int = 1024 ** 3, auth: Auth | None = None
+              ) -> web.Application:
     """The whole HTTP surface. Control bodies are small (1 MiB); call bodies stream."""
     app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=1024 ** 2)
     app[RECONCILER] = reconciler
     app[ALLOCATOR] = allocator
-    app[ADMIN_TOKEN] = admin_token
+    app[AUTH] = auth if auth is not None else Auth(admin=admin_token)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/v1/endpoints", list_endpoints)
-    app.router.add_get("/v1/endpoints/{name}", get_endpoint)
     app.router.add_get("/v1/gpus", list_gpus)
-    add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), admin_token,
-                   max_body_bytes)
+    add_control_api(app, list_endpoints, get_endpoint)
+    add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), max_body_bytes)
     if dispatcher is not None:
         add_async_plane(app, dispatcher, max_async_body_bytes)
     return app

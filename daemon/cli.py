@@ -1,8 +1,9 @@
 """berth: command-line client of berthd's API.
 
-URL and token come from --url/--token, else env BERTH_URL/BERTH_TOKEN, else the defaults
-(http://127.0.0.1:8080, no token). Exit codes: 0 ok, 1 the API answered an error, 2 usage,
-3 berthd cannot be reached.
+URL and token come from --url/--token, else env BERTH_URL/BERTH_TOKEN, else the local config
+(--config, default /etc/berth/config.toml: daemon.listen and daemon.admin_token_file), else
+http://127.0.0.1:8080 with no token. Tables for people, --json for scripts. Exit codes: 0 ok,
+1 the API answered an error (printed as one line), 2 usage or a bad file, 3 berthd unreachable.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import argparse
 import json
 import os
 import sys
+import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 EXIT_API = 1
+EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+DEFAULT_CONFIG = "/etc/berth/config.toml"
 
 
 class CliError(Exception):
@@ -26,48 +32,86 @@ class CliError(Exception):
         self.code = code
 
 
-def call(url: str, token: str | None, path: str) -> Any:
-    request = urllib.request.Request(url.rstrip("/") + path)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as err:
+class Client:
+    """One berthd, over HTTP."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _request(self, method: str, path: str, body: Any = None) -> urllib.request.Request:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        return request
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            detail = json.loads(err.read())["error"]
-            message = f"{detail['code']}: {detail['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {err.code}"
-        raise CliError(f"error: {message}", EXIT_API) from err
-    except (urllib.error.URLError, OSError) as err:
-        raise CliError(f"error: cannot reach berthd at {url}: {err}", EXIT_UNREACHABLE) from err
+            with urllib.request.urlopen(self._request(method, path, body), timeout=60) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            raise CliError(f"error: {_api_error(err)}", EXIT_API) from err
+        except (urllib.error.URLError, OSError) as err:
+            raise CliError(f"error: cannot reach berthd at {self.url}: {err}",
+                           EXIT_UNREACHABLE) from err
+
+    def lines(self, path: str) -> Iterator[str]:
+        """A streamed text answer, line by line (logs)."""
+        try:
+            with urllib.request.urlopen(self._request("GET", path), timeout=None) as resp:
+                for raw in resp:
+                    yield raw.decode("utf-8", "replace").rstrip("\n")
+        except urllib.error.HTTPError as err:
+            raise CliError(f"error: {_api_error(err)}", EXIT_API) from err
+        except (urllib.error.URLError, OSError) as err:
+            raise CliError(f"error: cannot reach berthd at {self.url}: {err}",
+                           EXIT_UNREACHABLE) from err
+
+
+def _api_error(err: urllib.error.HTTPError) -> str:
+    try:
+        detail = json.loads(err.read())["error"]
+        return f"{detail['code']}: {detail['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {err.code}"
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = [header, *rows]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False))
-                     .rstrip() for line in lines)
+                     .rstrip() for line in [header, *rows])
 
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- renderers: API JSON -> text for people ---------------------------------------------------
 
 def show_endpoints(data: dict[str, Any]) -> str:
     rows = [[e["name"], e["status"], str(sum(r["state"] == "ready" for r in e["replicas"])),
              str(len(e["replicas"])), f"{e['spec']['min_replicas']}-{e['spec']['max_replicas']}",
-             str(e["spec"]["gpus"]), e["spec"]["image"], e["error"] or ""]
+             str(e["spec"]["gpus"]), e["source"], e["spec"]["image"], e["error"] or ""]
             for e in data["endpoints"]]
-    return table(rows, ["NAME", "STATUS", "READY", "REPLICAS", "SCALE", "GPUS", "IMAGE",
-                        "ERROR"])
+    return table(rows, ["NAME", "STATUS", "READY", "REPLICAS", "SCALE", "GPUS", "SOURCE",
+                        "IMAGE", "ERROR"])
 
 
 def show_endpoint(e: dict[str, Any]) -> str:
-    head = f"{e['name']}  {e['status']}  generation {e['generation']}  image {e['spec']['image']}"
+    head = (f"{e['name']}  {e['status']}  generation {e['generation']}  source {e['source']}  "
+            f"image {e['spec']['image']}  in flight {e['in_flight']}  queued {e['queued']}")
     if e["error"]:
         head += f"\nerror: {e['error']}"
-    rows = [[r["id"], r["state"], r["address"] or "", ",".join(str(g.get("index", "?"))
-             for g in r["gpus"]), str(r["in_flight"]), r["reason"] or ""] for r in e["replicas"]]
+    rows = [[r["id"], r["state"], r["address"] or "",
+             ",".join(str(g.get("index", "?")) for g in r["gpus"]) or "-", str(r["in_flight"]),
+             when(r["last_call_at"]), r["reason"] or ""] for r in e["replicas"]]
     return head + "\n" + table(rows, ["REPLICA", "STATE", "ADDRESS", "GPUS", "IN-FLIGHT",
-                                      "REASON"])
+                                      "LAST CALL", "REASON"])
 
 
 def show_gpus(data: dict[str, Any]) -> str:
@@ -78,37 +122,235 @@ def show_gpus(data: dict[str, Any]) -> str:
     return table(rows, ["GPU", "NAME", "MEMORY", "ENDPOINT", "REPLICA", "UTIL"])
 
 
+def show_tasks(data: dict[str, Any]) -> str:
+    rows = [[t["id"], t["endpoint"], t["status"], str(t["attempts"]), when(t["created_at"]),
+             str((t["result"] or {}).get("status", "-")), t["error"] or ""]
+            for t in data["tasks"]]
+    return table(rows, ["TASK", "ENDPOINT", "STATUS", "ATTEMPTS", "CREATED", "RESULT",
+                        "ERROR"])
+
+
+def show_task(t: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in t.items())
+
+
+def show_tokens(data: dict[str, Any]) -> str:
+    return table([[t["id"], t["endpoint"], when(t["created_at"])] for t in data["tokens"]],
+                 ["ID", "ENDPOINT", "CREATED"])
+
+
+def show_secrets(data: dict[str, Any]) -> str:
+    return table([[s["name"], when(s["created_at"]), when(s["updated_at"])]
+                  for s in data["secrets"]], ["NAME", "CREATED", "UPDATED"])
+
+
+def show_events(data: dict[str, Any]) -> str:
+    return table([[when(e["ts"]), e["kind"], e["endpoint"] or "-", e["replica"] or "-",
+                   e["message"]] for e in data["events"]],
+                 ["TIME", "KIND", "ENDPOINT", "REPLICA", "MESSAGE"])
+
+
+def show_message(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda data: str(data.get(key, data))
+
+
+# --- apply -f --------------------------------------------------------------------------------
+
+def read_specs(path: str) -> list[dict[str, Any]]:
+    """Endpoints from a TOML or JSON file: [endpoints.NAME] tables, {"endpoints": {...}},
+    a list of specs, or one spec with a name."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        data: Any = (json.loads(raw) if path.endswith(".json") or raw.lstrip()[:1] in b"[{"
+                     else tomllib.loads(raw.decode()))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"error: cannot read {path}: {exc}", EXIT_USAGE) from exc
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("endpoints"), dict):
+        return [{**spec, "name": name} for name, spec in data["endpoints"].items()]
+    if isinstance(data, dict) and "name" in data:
+        return [data]
+    raise CliError(f"error: {path} holds no endpoints ([endpoints.NAME] tables, a list of "
+                   "specs, or one spec with a name)", EXIT_USAGE)
+
+
+def apply(client: Client, path: str, as_json: bool) -> int:
+    results, failed = [], 0
+    for spec in read_specs(path):
+        name = str(spec.get("name", ""))
+        try:
+            body = client.call("PUT", f"/v1/endpoints/{urllib.parse.quote(name)}", spec)
+            results.append(body)
+            if not as_json:
+                print(f"applied {name} (generation {body['generation']}, {body['status']})")
+        except CliError as exc:
+            if exc.code != EXIT_API:
+                raise
+            failed += 1
+            print(f"{name}: {exc}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    return EXIT_API if failed else 0
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="berth", description="client of the berthd API")
-    p.add_argument("--url", default=os.environ.get("BERTH_URL", "http://127.0.0.1:8080"))
-    p.add_argument("--token", default=os.environ.get("BERTH_TOKEN"))
+    p.add_argument("--url", help="berthd URL (env BERTH_URL; else the local config)")
+    p.add_argument("--token", help="admin or endpoint token (env BERTH_TOKEN)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="local berthd config to read the "
+                   "URL and admin token from")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     sub = p.add_subparsers(dest="command", required=True)
-    endpoints = sub.add_parser("endpoints", help="list or show endpoints")
-    esub = endpoints.add_subparsers(dest="action", required=True)
-    esub.add_parser("ls", help="list endpoints")
-    get = esub.add_parser("get", help="one endpoint with its replicas")
-    get.add_argument("name")
+
+    ep = sub.add_parser("endpoints", help="endpoints").add_subparsers(dest="action",
+                                                                       required=True)
+    ep.add_parser("ls", help="list endpoints")
+    ep.add_parser("get", help="one endpoint with its replicas").add_argument("name")
+    ap = ep.add_parser("apply", help="create or replace endpoints from a TOML or JSON file")
+    ap.add_argument("-f", "--file", required=True)
+    ep.add_parser("delete", help="drain, stop and forget an endpoint").add_argument("name")
+    sc = ep.add_parser("scale", help="change min/max replicas")
+    sc.add_argument("name")
+    sc.add_argument("--min", type=int, dest="min_replicas")
+    sc.add_argument("--max", type=int, dest="max_replicas")
+
+    lg = sub.add_parser("logs", help="replica logs")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("--tail", default="100")
+    lg.add_argument("--replica")
+
     sub.add_parser("gpus", help="GPUs and who holds them")
+
+    tk = sub.add_parser("tasks", help="async tasks").add_subparsers(dest="action",
+                                                                   required=True)
+    tls = tk.add_parser("ls", help="list tasks")
+    tls.add_argument("--endpoint")
+    tls.add_argument("--status")
+    tk.add_parser("get", help="one task").add_argument("id")
+    tk.add_parser("cancel", help="cancel a task").add_argument("id")
+
+    to = sub.add_parser("tokens", help="endpoint tokens").add_subparsers(dest="action",
+                                                                       required=True)
+    to.add_parser("create", help="new token (shown once)").add_argument("name")
+    to.add_parser("ls", help="tokens of an endpoint").add_argument("name")
+    rv = to.add_parser("revoke", help="revoke a token")
+    rv.add_argument("name")
+    rv.add_argument("id")
+
+    se = sub.add_parser("secrets", help="secrets").add_subparsers(dest="action", required=True)
+    st = se.add_parser("set", help="store a secret (value from the argument or stdin)")
+    st.add_argument("name")
+    st.add_argument("value", nargs="?")
+    se.add_parser("ls", help="names and dates")
+    se.add_parser("rm", help="delete a secret").add_argument("name")
+
+    ev = sub.add_parser("events", help="scale, start, ready, crash, eviction, reload...")
+    ev.add_argument("--endpoint")
+    ev.add_argument("--since", type=float, default=0.0)
     return p
+
+
+def local_config(path: str) -> tuple[str | None, str | None]:
+    """URL and admin token from a berthd config on this machine, where readable."""
+    try:
+        with open(path, "rb") as f:
+            daemon = tomllib.load(f).get("daemon", {})
+    except (OSError, ValueError):
+        return None, None
+    listen = str(daemon.get("listen", "127.0.0.1:8080")).replace("0.0.0.0", "127.0.0.1")
+    token = None
+    if daemon.get("admin_token_file"):
+        try:
+            with open(daemon["admin_token_file"], encoding="utf-8") as f:
+                token = f.readline().strip() or None
+        except OSError:
+            pass
+    return f"http://{listen}", token
+
+
+def make_client(args: argparse.Namespace) -> Client:
+    url, token = local_config(args.config)
+    return Client(args.url or os.environ.get("BERTH_URL") or url or "http://127.0.0.1:8080",
+                  args.token or os.environ.get("BERTH_TOKEN") or token)
+
+
+def q(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]]:
+    """(method, path, body, renderer) for every command but apply and logs."""
+    c, a = args.command, getattr(args, "action", None)
+    if c == "gpus":
+        return "GET", "/v1/gpus", None, show_gpus
+    if c == "events":
+        query = urllib.parse.urlencode({k: v for k, v in (("endpoint", args.endpoint),
+                                                          ("since", args.since)) if v})
+        return "GET", f"/v1/events?{query}", None, show_events
+    if c == "endpoints":
+        if a == "ls":
+            return "GET", "/v1/endpoints", None, show_endpoints
+        if a == "get":
+            return "GET", f"/v1/endpoints/{q(args.name)}", None, show_endpoint
+        if a == "delete":
+            return "DELETE", f"/v1/endpoints/{q(args.name)}", None, show_message("deleted")
+        body = {k: v for k, v in (("min_replicas", args.min_replicas),
+                                  ("max_replicas", args.max_replicas)) if v is not None}
+        if not body:
+            raise CliError("error: scale needs --min and/or --max", EXIT_USAGE)
+        return "PATCH", f"/v1/endpoints/{q(args.name)}", body, show_endpoint
+    if c == "tasks":
+        if a == "ls":
+            query = urllib.parse.urlencode({k: v for k, v in (("endpoint", args.endpoint),
+                                                              ("status", args.status)) if v})
+            return "GET", f"/v1/tasks?{query}", None, show_tasks
+        method = "GET" if a == "get" else "DELETE"
+        return method, f"/tasks/{q(args.id)}", None, show_task
+    if c == "tokens":
+        if a == "create":
+            return "POST", f"/v1/endpoints/{q(args.name)}/tokens", None, show_message("token")
+        if a == "ls":
+            return "GET", f"/v1/endpoints/{q(args.name)}/tokens", None, show_tokens
+        return ("DELETE", f"/v1/endpoints/{q(args.name)}/tokens/{q(args.id)}", None,
+                show_message("revoked"))
+    if a == "ls":
+        return "GET", "/v1/secrets", None, show_secrets
+    if a == "rm":
+        return "DELETE", f"/v1/secrets/{q(args.name)}", None, show_message("deleted")
+    value = args.value if args.value is not None else sys.stdin.read().rstrip("\n")
+    return "PUT", f"/v1/secrets/{q(args.name)}", {"value": value}, show_message("stored")
+
+
+def run(args: argparse.Namespace) -> int:
+    client = make_client(args)
+    if args.command == "endpoints" and args.action == "apply":
+        return apply(client, args.file, args.json)
+    if args.command == "logs":
+        query = urllib.parse.urlencode({"follow": str(args.follow).lower(), "tail": args.tail,
+                                        **({"replica": args.replica} if args.replica else {})})
+        for line in client.lines(f"/v1/endpoints/{q(args.name)}/logs?{query}"):
+            print(line, flush=True)
+        return 0
+    method, path, body, render = route(args)
+    data = client.call(method, path, body)
+    print(json.dumps(data, indent=2) if args.json else render(data))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    render: Callable[[dict[str, Any]], str]
     try:
-        if args.command == "gpus":
-            data, render = call(args.url, args.token, "/v1/gpus"), show_gpus
-        elif args.action == "ls":
-            data, render = call(args.url, args.token, "/v1/endpoints"), show_endpoints
-        else:
-            data = call(args.url, args.token, f"/v1/endpoints/{args.name}")
-            render = show_endpoint
+        return run(args)
     except CliError as exc:
         print(exc, file=sys.stderr)
         return exc.code
-    print(json.dumps(data, indent=2) if args.json else render(data))
-    return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -21,16 +20,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from daemon.errors import ApiError
+from daemon.keys import AUTH, MAX_BODY, ROUTER, UPSTREAM
 from scheduler.pool import EndpointPool
 from scheduler.replica import Replica
 from scheduler.router import CapacityError, Router
 
 log = structlog.get_logger("berth.proxy")
 
-ROUTER = web.AppKey("router", Router)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
-DATA_TOKEN = web.AppKey("data_token", str)  # admin token; "" = calls need no token
-MAX_BODY = web.AppKey("max_body", int)
 
 # Headers that belong to one connection, not to the call (RFC 9110 7.6.1), plus berth's own.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -66,14 +62,7 @@ def upstream_session() -> aiohttp.ClientSession:
 
 
 def check_token(request: web.Request, pool: EndpointPool) -> None:
-    token = request.app[DATA_TOKEN]
-    if pool.spec.public or not token:
-        return
-    given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer "):
-        raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given[7:].encode(), token.encode()):
-        raise ApiError(403, "forbidden", f"this token is not valid for endpoint {pool.name}")
+    request.app[AUTH].require_endpoint(request, pool.name, pool.spec.public)
 
 
 def forward_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -233,9 +222,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].close()
 
 
-def add_data_plane(app: web.Application, router: Router, token: str, max_body: int) -> None:
+def add_data_plane(app: web.Application, router: Router, max_body: int) -> None:
     app[ROUTER] = router
-    app[DATA_TOKEN] = token
     app[MAX_BODY] = max_body
     app.cleanup_ctx.append(upstream_ctx)
     app.router.add_route("*", "/invoke/{name}", invoke)

@@ -16,6 +16,7 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from daemon.app import build_app
+from daemon.auth import Auth
 from daemon.config import Config, ConfigError, gpu_issues
 from gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
 from scheduler.callbacks import CallbackSender
@@ -168,7 +169,10 @@ class Berth:
 
     async def _listen(self, listen: Listen, token: str, allocator: GpuAllocator) -> None:
         assert self.reconciler is not None
-        app = build_app(self.reconciler, allocator, token, self.gpu_samples,
+        auth = Auth(admin=token)
+        assert self.store is not None
+        await auth.load(self.store)
+        app = build_app(self.reconciler, allocator, token, self.gpu_samples, auth=auth,
                         max_body_bytes=self.config.daemon.max_body_bytes,
                         dispatcher=self.dispatcher,
                         max_async_body_bytes=self.config.daemon.max_async_body_bytes)

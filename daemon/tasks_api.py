@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import time
 from pathlib import Path
@@ -11,7 +10,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from daemon.errors import ApiError
-from daemon.proxy import DATA_TOKEN, REQUEST_ONLY, ROUTER, check_token, forward_headers
+from daemon.keys import AUTH, ROUTER
+from daemon.proxy import REQUEST_ONLY, check_token, forward_headers
 from scheduler.callbacks import describe_task
 from scheduler.dispatch import INLINE_MAX, Dispatcher, TaskFinished
 from scheduler.router import CapacityError
@@ -99,16 +99,8 @@ async def _task(request: web.Request) -> TaskRecord:
     if pool is not None:
         check_token(request, pool)
     else:  # endpoint gone: only the admin token may look
-        _admin_only(request)
+        request.app[AUTH].require_admin(request)
     return task
-
-
-def _admin_only(request: web.Request) -> None:
-    token = request.app[DATA_TOKEN]
-    given = request.headers.get("Authorization", "")
-    if token and not hmac.compare_digest(given.removeprefix("Bearer ").encode(), token.encode()):
-        raise ApiError(401 if not given else 403, "unauthorized" if not given else "forbidden",
-                       "the admin token is needed here")
 
 
 async def get_task(request: web.Request) -> web.Response:

@@ -132,11 +132,32 @@ class Reconciler:
             await self._apply_one(spec, source, summary)
         for name, pool in list(self.pools.items()):
             if pool.source == source and name not in specs and not pool.removed:
-                pool.removed = True
+                await self.remove_endpoint(name)
                 summary.removed.append(name)
-                await self.event("endpoint_removed", f"endpoint {name} removed", name)
         self.kick()
         return summary
+
+    async def put_endpoint(self, spec: EndpointSpec, source: str) -> ChangeSummary:
+        """Create or change one endpoint (the API's way in)."""
+        summary = ChangeSummary()
+        await self._apply_one(spec, source, summary)
+        self.kick()
+        return summary
+
+    def secret_changed(self, name: str) -> None:
+        """A secret was stored: endpoints waiting for it try again now, not after backoff."""
+        for pool in self.pools.values():
+            if name in pool.spec.secrets and pool.error:
+                pool.next_start_at = 0.0
+        self.kick()
+
+    async def remove_endpoint(self, name: str) -> None:
+        """Drain and stop the endpoint's replicas; it is forgotten once they are gone."""
+        pool = self.pools[name]
+        pool.removed = True
+        pool.fail_waiters(f"endpoint {name} was removed")
+        await self.event("endpoint_removed", f"endpoint {name} removed", name)
+        self.kick()
 
     async def _apply_one(self, spec: EndpointSpec, source: str, summary: ChangeSummary) -> None:
         name = spec.name
@@ -327,17 +348,31 @@ class Reconciler:
                 continue
             gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type)
             if gpus is None:
-                await self._evict_for(pool)
+                if not await self._evict_for(pool):
+                    await self._roll_in_place(pool)
                 continue  # stays pending until GPUs free up
             replica.gpus = [g.uuid for g in gpus]
             self._spawn(pool, replica, self._start(pool, replica))
 
-    async def _evict_for(self, pool: EndpointPool) -> None:
-        """Stop idle replicas of other endpoints so that a pending one of `pool` gets GPUs."""
+    async def _roll_in_place(self, pool: EndpointPool) -> None:
+        """No spare GPUs for the new generation: let an old replica go first (no surge)."""
+        old = sorted((r for r in pool.replicas.values()
+                      if r.generation != pool.generation and r.gpus and r.id not in pool.stopping
+                      and r.state in (S.STARTING, S.READY)), key=lambda r: r.created_at)
+        if old:
+            victim = old[0]
+            pool.stopping.add(victim.id)
+            reason = f"replaced by generation {pool.generation} (no spare GPUs to start first)"
+            self._spawn(pool, victim, self._stop(pool, victim, reason))
+
+    async def _evict_for(self, pool: EndpointPool) -> bool:
+        """Stop idle replicas of other endpoints so that a pending one of `pool` gets GPUs.
+
+        True when GPUs are on their way (stops under way or just started)."""
         coming = sum(1 for p in self.pools.values() for r in p.replicas.values()
                      if r.id in p.stopping and r.gpus)  # stops under way already free GPUs
         if coming:
-            return
+            return True
         spec = pool.spec
         victims = pick_evictions(self._eviction_candidates(pool), spec.gpus,
                                  self.allocator.free_count(spec.gpu_type), spec.gpu_type,
@@ -350,6 +385,7 @@ class Reconciler:
                       f"this endpoint {victim_pool.spec.priority})")
             await self.event("eviction", reason, victim_pool.name, rid)
             self._spawn(victim_pool, victim, self._stop(victim_pool, victim, reason))
+        return bool(victims)
 
     def _eviction_candidates(self, pool: EndpointPool) -> list[EvictionCandidate]:
         """Idle GPU replicas of other endpoints, never taking one below its min_replicas."""

@@ -7,10 +7,12 @@ Replicas are reached at their address on berth's own bridge network; no port is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -243,6 +245,35 @@ class DockerRuntime:
                 return ""
             return bytes(raw).decode("utf-8", "replace").strip()
         return await self._call(tail)
+
+    async def stream_logs(self, container_id: str, tail: int | str,
+                          follow: bool) -> AsyncIterator[bytes]:
+        """The container's log output as it comes. A follow stream ties up a thread of its
+        own (not one of the pool's) until the caller stops iterating."""
+        try:
+            stream = await self._call(self.client.api.logs, container_id, stream=True,
+                                      follow=follow, tail=tail)
+        except docker.errors.NotFound:
+            return
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+
+        def pump() -> None:
+            try:
+                for chunk in stream:
+                    asyncio.run_coroutine_threadsafe(chunks.put(chunk), loop).result()
+            except Exception:  # closed by the reader, or the container went away
+                pass
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
+                    loop.call_soon_threadsafe(chunks.put_nowait, None)
+
+        threading.Thread(target=pump, name="docker-logs", daemon=True).start()
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+        finally:
+            stream.close()
 
     async def remove(self, container_id: str, timeout_s: float | None = None) -> None:
         """Stop (SIGTERM, then SIGKILL after the timeout) and remove; gone already is fine."""

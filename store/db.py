@@ -155,6 +155,29 @@ class Store:
             rows = await cur.fetchall()
         return {str(r[0]): str(r[1]) for r in rows}
 
+    # --- access tokens ---------------------------------------------------------------------
+
+    async def add_token(self, token_id: str, endpoint: str, digest: str) -> float:
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO tokens (id, endpoint, hash, created_at) VALUES (?, ?, ?, ?)",
+            (token_id, endpoint, digest, now))
+        return now
+
+    async def tokens(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Tokens (id, endpoint, hash, created_at), oldest first."""
+        sql = "SELECT * FROM tokens"
+        args: tuple[str, ...] = ()
+        if endpoint is not None:
+            sql, args = sql + " WHERE endpoint = ?", (endpoint,)
+        async with self._db.execute(sql + " ORDER BY created_at", args) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def delete_token(self, endpoint: str, token_id: str) -> bool:
+        cur = await self._db.execute("DELETE FROM tokens WHERE endpoint = ? AND id = ?",
+                                     (endpoint, token_id))
+        return cur.rowcount > 0
+
     # --- secrets ---------------------------------------------------------------------------
 
     async def put_secret(self, name: str, value: str) -> None:
@@ -167,6 +190,12 @@ class Store:
     async def delete_secret(self, name: str) -> bool:
         cur = await self._db.execute("DELETE FROM secrets WHERE name = ?", (name,))
         return cur.rowcount > 0
+
+    async def secrets(self) -> list[dict[str, Any]]:
+        """Names and dates of stored secrets, never their values."""
+        async with self._db.execute(
+                "SELECT name, created_at, updated_at FROM secrets ORDER BY name") as cur:
+            return [dict(r) for r in await cur.fetchall()]
 
     async def secret_values(self, names: Sequence[str]) -> dict[str, str]:
         """Values of the named secrets that exist (missing names are simply absent)."""

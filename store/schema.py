@@ -83,6 +83,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX tasks_queue ON tasks (endpoint, status, created_at);
     CREATE INDEX tasks_finished ON tasks (finished_at) WHERE purged_at IS NULL;
     """,
+    # 3: access tokens of endpoints, stored as SHA-256 of the token (tokens are 256 random bits).
+    """
+    CREATE TABLE tokens (
+        id          TEXT PRIMARY KEY,
+        endpoint    TEXT NOT NULL,
+        hash        TEXT NOT NULL UNIQUE,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX tokens_endpoint ON tokens (endpoint);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

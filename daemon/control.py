@@ -1,0 +1,213 @@
+"""Control API writes: endpoints (create, replace, patch, delete), tokens, secrets, events, logs.
+
+Bodies are validated by the same pydantic models as the config file, so the API and the file
+speak the same field names and give the same errors (422, every wrong field by its path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from daemon.auth import (
+    create_token,
+    delete_secret,
+    list_secrets,
+    list_tokens,
+    put_secret,
+    revoke_token,
+)
+from daemon.config import ConfigIssue, EndpointSpec, check_endpoint, issues_from_validation
+from daemon.errors import ApiError, json_body
+from daemon.keys import ROUTER
+from scheduler.pool import EndpointPool
+from scheduler.reconciler import Reconciler
+from scheduler.replica import ReplicaState
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+def reconciler_of(request: web.Request) -> Reconciler:
+    return request.app[ROUTER].reconciler
+
+
+def validate_spec(data: dict[str, Any], reconciler: Reconciler) -> EndpointSpec:
+    """An EndpointSpec from API data, or 422 naming every wrong field by its path."""
+    try:
+        spec = EndpointSpec.model_validate(data)
+    except ValidationError as exc:
+        issues = issues_from_validation(exc)
+    else:
+        issues = check_endpoint(spec, "")
+        allocator = reconciler.allocator
+        if not allocator.can_ever_fit(spec.gpus, spec.gpu_type):
+            have = sum(1 for g in allocator.gpus
+                       if (spec.gpu_type or "").lower() in g.name.lower())
+            issues.append(ConfigIssue("gpus", f"asks for {spec.gpus} but this box has {have} "
+                                              "matching GPUs"))
+        if not issues:
+            return spec
+    details = [{"path": i.path.lstrip("."), "message": i.message} for i in issues]
+    raise ApiError(422, "invalid", "; ".join(f"{d['path']}: {d['message']}" for d in details),
+                   details=details)
+
+
+def writable_pool(request: web.Request, name: str) -> EndpointPool | None:
+    """The live pool of an API-owned endpoint, None if there is none; 409 if the file owns it."""
+    pool = reconciler_of(request).pools.get(name)
+    if pool is None or pool.removed:
+        return None
+    if pool.source == "config":
+        raise ApiError(409, "owned_by_config", f"endpoint {name} is declared in the config "
+                       "file; change it there and reload")
+    return pool
+
+
+def describe(request: web.Request, pool: EndpointPool) -> dict[str, Any]:
+    names = {g.uuid: {"index": g.index, "uuid": g.uuid, "name": g.name}
+             for g in reconciler_of(request).allocator.gpus}
+    return pool.describe(names)
+
+
+async def create_endpoint(request: web.Request) -> web.Response:
+    data = await json_body(request)
+    reconciler = reconciler_of(request)
+    name = data.get("name")
+    if isinstance(name, str) and (writable_pool(request, name) is not None):
+        raise ApiError(409, "endpoint_exists", f"endpoint {name} already exists")
+    spec = validate_spec(data, reconciler)
+    await reconciler.put_endpoint(spec, "api")
+    return web.json_response(describe(request, reconciler.pools[spec.name]), status=201)
+
+
+async def replace_endpoint(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    data = await json_body(request)
+    if data.setdefault("name", name) != name:
+        raise ApiError(422, "invalid", f"name in the body ({data['name']!r}) is not the "
+                       f"name in the URL ({name!r})",
+                       details=[{"path": "name", "message": "must match the URL"}])
+    existed = writable_pool(request, name) is not None
+    reconciler = reconciler_of(request)
+    await reconciler.put_endpoint(validate_spec(data, reconciler), "api")
+    return web.json_response(describe(request, reconciler.pools[name]),
+                             status=200 if existed else 201)
+
+
+async def patch_endpoint(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    pool = writable_pool(request, name)
+    if pool is None:
+        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+    data = await json_body(request)
+    if data.get("name", name) != name:
+        raise ApiError(422, "invalid", "an endpoint cannot be renamed",
+                       details=[{"path": "name", "message": "cannot change"}])
+    merged = pool.spec.model_dump(mode="json")
+    for key, value in data.items():  # one level deep: readiness = {period_s = 2} keeps path
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "env" \
+                and key != "labels":
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    reconciler = reconciler_of(request)
+    await reconciler.put_endpoint(validate_spec(merged, reconciler), "api")
+    return web.json_response(describe(request, reconciler.pools[name]))
+
+
+async def delete_endpoint(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    pool = writable_pool(request, name)
+    if pool is None:
+        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+    await reconciler_of(request).remove_endpoint(name)
+    stopping = sum(1 for r in pool.replicas.values()
+                   if r.state not in (ReplicaState.STOPPED, ReplicaState.FAILED))
+    return web.json_response({"name": name, "deleted": True, "replicas_stopping": stopping})
+
+
+async def stream_logs(request: web.Request) -> web.StreamResponse:
+    """Replica logs as text, each line prefixed with its replica, until the client leaves
+    (follow=true) or the logs end."""
+    name = request.match_info["name"]
+    pool = reconciler_of(request).pools.get(name)
+    if pool is None or pool.removed:
+        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+    tail_text = request.query.get("tail", "100")
+    if not tail_text.isdigit() and tail_text != "all":
+        raise ApiError(422, "invalid", "tail must be a number of lines or 'all'",
+                       details=[{"path": "tail", "message": "not a number"}])
+    follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+    wanted = request.query.get("replica")
+    replicas = [r for r in pool.replicas.values() if r.container_id
+                and (wanted is None or r.id == wanted)]
+    if wanted is not None and not replicas:
+        raise ApiError(404, "replica_not_found", f"endpoint {name} has no replica {wanted!r}")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+    runtime = reconciler_of(request).runtime
+    tail = int(tail_text) if tail_text.isdigit() else "all"
+
+    async def read(replica_id: str, container_id: str) -> None:
+        buffer = b""
+        try:
+            async for chunk in runtime.stream_logs(container_id, tail, follow):
+                buffer += chunk
+                *whole, buffer = buffer.split(b"\n")
+                for line in whole:
+                    await lines.put(b"[%s] %s\n" % (replica_id.encode(), line))
+            if buffer:
+                await lines.put(b"[%s] %s\n" % (replica_id.encode(), buffer))
+        finally:
+            await lines.put(None)
+
+    readers = [asyncio.create_task(read(r.id, str(r.container_id))) for r in replicas]
+    try:
+        remaining = len(readers)
+        while remaining:
+            line = await lines.get()
+            if line is None:
+                remaining -= 1
+            else:
+                await response.write(line)
+    finally:
+        for reader in readers:
+            reader.cancel()
+    await response.write_eof()
+    return response
+
+
+async def list_events(request: web.Request) -> web.Response:
+    try:
+        since = float(request.query.get("since", "0"))
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        raise ApiError(422, "invalid", "since must be a number (unix time) and limit an "
+                       "integer") from None
+    events = await reconciler_of(request).store.events(request.query.get("endpoint"), since,
+                                                       max(1, min(limit, 10000)))
+    return web.json_response({"events": [
+        {"id": e.id, "ts": e.ts, "kind": e.kind, "endpoint": e.endpoint, "replica": e.replica,
+         "message": e.message} for e in events]})
+
+
+def add_control_api(app: web.Application, list_endpoints: Handler,
+                    get_endpoint: Handler) -> None:
+    app.router.add_get("/v1/endpoints", list_endpoints)
+    app.router.add_post("/v1/endpoints", create_endpoint)
+    app.router.add_get("/v1/endpoints/{name}", get_endpoint)
+    app.router.add_put("/v1/endpoints/{name}", replace_endpoint)
+    app.router.add_patch("/v1/endpoints/{name}", patch_endpoint)
+    app.router.add_delete("/v1/endpoints/{name}", delete_endpoint)
+    app.router.add_get("/v1/endpoints/{name}/logs", stream_logs)
+    app.router.add_post("/v1/endpoints/{name}/tokens", create_token)
+    app.router.add_get("/v1/endpoints/{name}/tokens", list_tokens)
+    app.router.add_delete("/v1/endpoints/{name}/tokens/{id}", revoke_token)
+    app.router.add_get("/v1/secrets", list_secrets)
+    app.router.add_put("/v1/secrets/{name}", put_secret)
+    app.router.add_delete("/v1/secrets/{name}", delete_secret)
+    app.router.add_get("/v1/events", list_events)
