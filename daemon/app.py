@@ -12,6 +12,7 @@ from daemon.auth import Auth
 from daemon.control import add_control_api
 from daemon.errors import ApiError, error_response
 from daemon.keys import AUTH
+from daemon.openapi import add_openapi
 from daemon.proxy import add_data_plane
 from daemon.tasks_api import add_async_plane
 from gpu import GpuAllocator, GpuSample
@@ -121,4 +122,5 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), max_body_bytes)
     if dispatcher is not None:
         add_async_plane(app, dispatcher, max_async_body_bytes)
+    add_openapi(app)
     return app

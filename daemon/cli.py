@@ -162,8 +162,7 @@ def read_specs(path: str) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        data: Any = (json.loads(raw) if path.endswith(".json") or raw.lstrip()[:1] in b"[{"
-                     else tomllib.loads(raw.decode()))
+        data = _parse(path, raw)
     except (OSError, ValueError) as exc:
         raise CliError(f"error: cannot read {path}: {exc}", EXIT_USAGE) from exc
     if isinstance(data, list):
@@ -174,6 +173,18 @@ def read_specs(path: str) -> list[dict[str, Any]]:
         return [data]
     raise CliError(f"error: {path} holds no endpoints ([endpoints.NAME] tables, a list of "
                    "specs, or one spec with a name)", EXIT_USAGE)
+
+
+def _parse(path: str, raw: bytes) -> Any:
+    """JSON for .json, TOML for .toml; otherwise whichever of the two parses."""
+    if path.endswith(".json"):
+        return json.loads(raw)
+    if path.endswith(".toml"):
+        return tomllib.loads(raw.decode())
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return tomllib.loads(raw.decode())
 
 
 def apply(client: Client, path: str, as_json: bool) -> int:

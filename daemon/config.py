@@ -10,13 +10,24 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 VOLUME_PATTERN = re.compile(r"^(/[^:]*):(/[^:]*)(:(ro|rw))?$")
-SIZE_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmg]?$", re.IGNORECASE)
+SIZE_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
+SIZE_SCHEMA: dict[str, Any] = {"pattern": SIZE_PATTERN.pattern}
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 30 * 86400.0  # timers beyond 30 days overflow uvloop
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON and TOML may write a whole number as 2.0; it is still the integer 2."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
 
 # Fields whose change alters what a replica runs: a change to any of them rolls the replicas.
 RUNTIME_FIELDS = frozenset(
@@ -41,7 +52,7 @@ class Liveness(Strict):
     path: str | None = Field(None, pattern=r"^/")  # None: same as readiness.path
     period_s: float = Field(10.0, gt=0, le=3600)
     timeout_s: float = Field(2.0, gt=0, le=3600)
-    failure_threshold: int = Field(3, ge=1, le=100)
+    failure_threshold: Int = Field(3, ge=1, le=100)
 
 
 class EndpointFields(Strict):
@@ -50,27 +61,29 @@ class EndpointFields(Strict):
     image: str = Field(min_length=1)
     command: list[str] | None = None
     args: list[str] | None = None
-    port: int = Field(8080, ge=1, le=65535)
-    env: dict[str, str] = Field(default_factory=dict)
+    port: Int = Field(8080, ge=1, le=65535)
+    env: dict[str, str] = Field(default_factory=dict,
+                                json_schema_extra={"propertyNames": {"pattern": ENV_NAME}})
     secrets: list[str] = Field(default_factory=list)
-    volumes: list[str] = Field(default_factory=list)
-    shm_size: str | None = None
+    volumes: list[str] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "pattern": VOLUME_PATTERN.pattern}})
+    shm_size: str | None = Field(None, json_schema_extra=SIZE_SCHEMA)
     cpus: float | None = Field(None, gt=0, le=1024)
-    memory: str | None = None
-    gpus: int = Field(0, ge=0, le=64)
+    memory: str | None = Field(None, json_schema_extra=SIZE_SCHEMA)
+    gpus: Int = Field(0, ge=0, le=64)
     gpu_type: str | None = None
-    min_replicas: int = Field(0, ge=0, le=64)
-    max_replicas: int = Field(1, ge=1, le=64)
-    concurrency: int = Field(1, ge=1, le=10000)
-    idle_timeout_s: float = Field(300.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0)
-    async_timeout_s: float = Field(3600.0, gt=0)
-    startup_timeout_s: float = Field(600.0, gt=0)
-    queue_limit: int = Field(100, ge=0, le=1_000_000)
+    min_replicas: Int = Field(0, ge=0, le=64)
+    max_replicas: Int = Field(1, ge=1, le=64)
+    concurrency: Int = Field(1, ge=1, le=10000)
+    idle_timeout_s: float = Field(300.0, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
+    request_timeout_s: float = Field(600.0, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
+    async_timeout_s: float = Field(3600.0, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
+    startup_timeout_s: float = Field(600.0, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
+    queue_limit: Int = Field(100, ge=0, le=1_000_000)
     readiness: Readiness = Field(default_factory=Readiness)  # type: ignore[arg-type]
     liveness: Liveness = Field(default_factory=Liveness)  # type: ignore[arg-type]
     public: bool = False
-    priority: int = 0
+    priority: Int = Field(0, ge=-1000, le=1000)
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("volumes")
@@ -92,7 +105,7 @@ class EndpointFields(Strict):
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not re.match(ENV_NAME, key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
         return value
 
@@ -117,12 +130,12 @@ class DaemonSettings(Strict):
     admin_token_file: str | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1)
-    max_async_body_bytes: int = Field(1024 * 1024 * 1024, ge=1)
+    max_body_bytes: Int = Field(100 * 1024 * 1024, ge=1)
+    max_async_body_bytes: Int = Field(1024 * 1024 * 1024, ge=1)
     shutdown_grace_s: float = Field(30.0, ge=0)
     stop_replicas_on_exit: bool = False
     reconcile_interval_s: float = Field(1.0, gt=0, le=60)
-    task_max_attempts: int = Field(3, ge=1, le=100)
+    task_max_attempts: Int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(1.0, gt=0)
     result_ttl_s: float = Field(86400.0, gt=0)
     purge_interval_s: float = Field(60.0, gt=0)
@@ -141,7 +154,7 @@ class DockerSettings(Strict):
 
 class GpuDevice(Strict):
     name: str = Field(min_length=1)
-    memory_mib: int = Field(ge=1)
+    memory_mib: Int = Field(ge=1)
     uuid: str | None = None
 
 

@@ -34,6 +34,22 @@ def reconciler_of(request: web.Request) -> Reconciler:
     return request.app[ROUTER].reconciler
 
 
+def query_limit(request: web.Request, default: int = 1000, most: int = 10000) -> int:
+    text = request.query.get("limit", str(default))
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise ApiError(422, "invalid", f"limit must be a whole number from 1 to {most}",
+                       details=[{"path": "limit", "message": "out of range"}])
+    return int(text)
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ApiError(422, "invalid", f"{name} must be true or false",
+                       details=[{"path": name, "message": "not a boolean"}])
+    return text in ("true", "1")
+
+
 def validate_spec(data: dict[str, Any], reconciler: Reconciler) -> EndpointSpec:
     """An EndpointSpec from API data, or 422 naming every wrong field by its path."""
     try:
@@ -140,7 +156,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     if not tail_text.isdigit() and tail_text != "all":
         raise ApiError(422, "invalid", "tail must be a number of lines or 'all'",
                        details=[{"path": "tail", "message": "not a number"}])
-    follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+    follow = query_flag(request, "follow")
     wanted = request.query.get("replica")
     replicas = [r for r in pool.replicas.values() if r.container_id
                 and (wanted is None or r.id == wanted)]
@@ -184,12 +200,12 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
 async def list_events(request: web.Request) -> web.Response:
     try:
         since = float(request.query.get("since", "0"))
-        limit = int(request.query.get("limit", "1000"))
     except ValueError:
-        raise ApiError(422, "invalid", "since must be a number (unix time) and limit an "
-                       "integer") from None
+        raise ApiError(422, "invalid", "since must be a number (unix time)",
+                       details=[{"path": "since", "message": "not a number"}]) from None
+    limit = query_limit(request)
     events = await reconciler_of(request).store.events(request.query.get("endpoint"), since,
-                                                       max(1, min(limit, 10000)))
+                                                       limit)
     return web.json_response({"events": [
         {"id": e.id, "ts": e.ts, "kind": e.kind, "endpoint": e.endpoint, "replica": e.replica,
          "message": e.message} for e in events]})

@@ -35,6 +35,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"})
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ReplicaRefused(Exception):
@@ -76,6 +77,9 @@ def forward_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMulti
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
+    if request.method not in METHODS:  # TRACE and friends never reach a model
+        raise ApiError(405, "method_not_allowed", f"{request.method} is not proxied",
+                       headers={"Allow": ", ".join(sorted(METHODS))})
     router = request.app[ROUTER]
     try:
         pool = router.pool(request.match_info["name"])

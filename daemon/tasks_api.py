@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from daemon.control import query_limit
 from daemon.errors import ApiError
 from daemon.keys import AUTH, ROUTER
 from daemon.proxy import REQUEST_ONLY, check_token, forward_headers
@@ -143,12 +144,8 @@ async def list_tasks(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise ApiError(422, "invalid", f"status must be one of {', '.join(STATUSES)}")
-    try:
-        limit = int(request.query.get("limit", "1000"))
-    except ValueError:
-        raise ApiError(422, "invalid", "limit must be an integer") from None
     tasks = await request.app[DISPATCHER].store.tasks.find(
-        request.query.get("endpoint"), status, max(1, min(limit, 10000)))
+        request.query.get("endpoint"), status, query_limit(request))
     return web.json_response({"tasks": [describe_task(t) for t in tasks]})
 
 

@@ -65,9 +65,12 @@ def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _remove_test_containers(host: str) -> None:
     client = docker.DockerClient(base_url=host, version="auto")
-    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={SESSION}"}):
-        c.remove(force=True)
-    for n in client.networks.list(names=[f"berth-test-{SESSION}"]):
+    network = f"berth-test-{SESSION}"
+    for filters in ({"label": f"{TEST_LABEL}={SESSION}"}, {"network": network},
+                    {"label": f"berth.instance={network}"}):
+        for c in client.containers.list(all=True, filters=filters):
+            c.remove(force=True)
+    for n in client.networks.list(names=[network]):
         n.remove()
     client.close()
 

@@ -214,3 +214,31 @@ async def test_logs_follow_and_events(api):
     assert all(e["endpoint"] == "l" and e["ts"] > 0 and e["message"] for e in events)
     later = await client.get(f"/v1/events?since={events[-1]['ts'] + 1}", headers=ADMIN)
     assert (await later.json())["events"] == []
+
+
+async def test_rolling_change_without_a_failed_call(api):
+    h, client = await api()
+    await client.post("/v1/endpoints", headers=ADMIN, json=body("roll", min_replicas=1))
+    pool = h.reconciler.pools["roll"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [old] = pool.replicas.values()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def caller():
+        while not stop.is_set():
+            resp = await client.get("/invoke/roll/sleep?s=0.05", headers=ADMIN)
+            statuses.append(resp.status)
+
+    callers = [asyncio.create_task(caller()) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    resp = await client.patch("/v1/endpoints/roll", headers=ADMIN,
+                              json={"image": body("x")["image"], "env": {"V": "2"}})
+    assert resp.status == 200 and (await resp.json())["generation"] == 2
+    await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica gone")
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*callers)
+    assert len(statuses) > 20 and set(statuses) == {200}
+    env = await (await client.get("/invoke/roll/env", headers=ADMIN)).json()
+    assert env["V"] == "2"

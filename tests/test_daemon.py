@@ -71,6 +71,7 @@ class Berthd:
         self.sock.bind(str(self.notify_path))
         self.messages: list[str] = []
         self.port: int | None = None
+        self.token: str | None = None  # sent when a call names none
         self.log = open(tmp / "berthd.log", "ab")  # noqa: SIM115
         self.stderr_path = tmp / f"stderr-{time.monotonic_ns()}"
         self.err = open(self.stderr_path, "wb")  # noqa: SIM115
@@ -103,6 +104,7 @@ class Berthd:
 
     def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        token = token or self.token
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:

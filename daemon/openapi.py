@@ -1,0 +1,175 @@
+"""GET /openapi.json: every route berthd serves, built from the pydantic models in
+daemon.schemas (and EndpointSpec, the config file's own model), never written out by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from daemon import schemas as s
+from daemon.auth import SECRET_NAME
+from daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Op:
+    method: str
+    path: str
+    summary: str
+    ok: tuple[int, type[BaseModel] | None]  # None: the model server's own answer
+    body: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+    query: tuple[tuple[str, dict[str, Any]], ...] = ()
+    auth: str = "admin"  # admin | endpoint | none
+    tag: str = "control"
+    also: tuple[tuple[int, type[BaseModel]], ...] = ()  # more success answers
+
+
+INT = {"type": "integer", "minimum": 1, "maximum": 10000}
+NAME = ("name",)
+EP_ERRORS = (404,)
+BODY_ERRORS = (400, 422)
+INVOKE_ERRORS = (404, 413, 429, 502, 503, 504)
+
+OPS: tuple[Op, ...] = (
+    Op("get", "/healthz", "Liveness of berthd itself", (200, s.Health), auth="none",
+       tag="health"),
+    Op("get", "/openapi.json", "This document", (200, None), auth="none", tag="health"),
+    Op("get", "/v1/endpoints", "Every endpoint with live status", (200, s.EndpointList)),
+    Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
+       (*BODY_ERRORS, 409)),
+    Op("get", "/v1/endpoints/{name}", "One endpoint: spec and replicas",
+       (200, s.EndpointView), errors=EP_ERRORS),
+    Op("put", "/v1/endpoints/{name}", "Create (201) or replace (200) an endpoint; the name "
+       "comes from the URL", (200, s.EndpointView), EndpointFields, (*BODY_ERRORS, 409),
+       also=((201, s.EndpointView),)),
+    Op("patch", "/v1/endpoints/{name}", "Change some fields of an endpoint",
+       (200, s.EndpointView), s.EndpointPatch, (*BODY_ERRORS, 404, 409)),
+    Op("delete", "/v1/endpoints/{name}", "Drain, stop and forget an endpoint",
+       (200, s.EndpointDeleted), errors=(404, 409)),
+    Op("get", "/v1/endpoints/{name}/logs", "Replica logs, streamed as text", (200, None),
+       errors=(404, 422), query=(("tail", {"type": "string", "pattern": "^([0-9]+|all)$"}),
+                                 ("follow", {"type": "boolean"}),
+                                 ("replica", {"type": "string"}))),
+    Op("post", "/v1/endpoints/{name}/tokens", "New access token (shown once)",
+       (201, s.TokenCreated), errors=EP_ERRORS),
+    Op("get", "/v1/endpoints/{name}/tokens", "Token ids and dates", (200, s.TokenList),
+       errors=EP_ERRORS),
+    Op("delete", "/v1/endpoints/{name}/tokens/{id}", "Revoke a token", (200, s.TokenRevoked),
+       errors=EP_ERRORS),
+    Op("get", "/v1/secrets", "Secret names and dates, never values", (200, s.SecretList)),
+    Op("put", "/v1/secrets/{name}", "Store a secret", (200, s.SecretStored), s.SecretValue,
+       BODY_ERRORS),
+    Op("delete", "/v1/secrets/{name}", "Delete a secret", (200, s.SecretDeleted),
+       errors=(404,)),
+    Op("get", "/v1/gpus", "GPUs, holders and readings", (200, s.GpuList)),
+    Op("get", "/v1/events", "Scale, start, ready, crash, eviction, reload and API changes",
+       (200, s.EventList), errors=(422,), query=(("endpoint", {"type": "string"}),
+                                                 ("since", {"type": "number"}),
+                                                 ("limit", INT))),
+    Op("get", "/v1/tasks", "Async tasks, newest first", (200, s.TaskList), errors=(422,),
+       query=(("endpoint", {"type": "string"}),
+              ("status", {"type": "string", "enum": ["queued", "running", "succeeded",
+                                                      "failed", "cancelled"]}),
+              ("limit", INT))),
+    *(Op(m, "/invoke/{name}/{path}", "Sync call, proxied to /{path} on one replica. Any "
+         "status can be the model's own answer; berth's own errors (404 unknown endpoint, 413, "
+         "429, 502, 503, 504) carry the JSON error body.", (200, None), auth="endpoint",
+         tag="data plane") for m in ("get", "post", "put", "patch", "delete")),
+    Op("post", "/async/{name}/{path}", "Async call: stored, answered 202 at once",
+       (202, s.TaskView), errors=(404, 413, 422), auth="endpoint", tag="data plane"),
+    Op("get", "/tasks/{id}", "A task", (200, s.TaskView), errors=(404,), auth="endpoint",
+       tag="data plane"),
+    Op("get", "/tasks/{id}/result", "The replica's answer to a task, as it was (any status); "
+       "berth's own errors: 404 unknown task or no result, 409 not finished, 410 purged",
+       (200, None), auth="endpoint", tag="data plane"),
+    Op("delete", "/tasks/{id}", "Cancel a task", (200, s.TaskView), errors=(404, 409),
+       auth="endpoint", tag="data plane"),
+)
+
+
+def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _params(op: Op) -> list[dict[str, Any]]:
+    params = []
+    for part in op.path.split("/"):
+        if part.startswith("{"):
+            name = part.strip("{}")
+            schema: dict[str, Any] = {"type": "string", "minLength": 1}
+            if name == "name" and op.path.startswith(("/v1/endpoints", "/invoke", "/async")):
+                schema["pattern"] = NAME_PATTERN
+            elif name == "name" and op.path.startswith("/v1/secrets"):
+                schema["pattern"] = SECRET_NAME.pattern
+            params.append({"name": name, "in": "path", "required": True, "schema": schema})
+    params += [{"name": n, "in": "query", "required": False, "schema": sch}
+               for n, sch in op.query]
+    return params
+
+
+def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
+    error = {"description": "error", "content": {JSON: {"schema": _schema(s.ErrorBody,
+                                                                         components)}}}
+    status, model = op.ok
+    if model is None:
+        kind = JSON if op.path == "/openapi.json" else "*/*"
+        ok: dict[str, Any] = {"description": "the answer", "content": {kind: {"schema": {}}}}
+    else:
+        ok = {"description": "ok", "content": {JSON: {"schema": _schema(model, components)}}}
+    responses: dict[str, Any] = {str(status): ok}
+    for code, also in op.also:
+        responses[str(code)] = {"description": "ok",
+                                "content": {JSON: {"schema": _schema(also, components)}}}
+    if model is None and op.tag == "data plane":
+        responses["default"] = {"description": "the model server's own answer",
+                                "content": {"*/*": {"schema": {}}}}
+    codes = set(op.errors) | ({401, 403} if op.auth != "none" and model is not None else set())
+    for code in sorted(codes):
+        responses[str(code)] = error
+    operation: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],
+                                 "parameters": _params(op), "responses": responses,
+                                 "operationId": f"{op.method}_{op.path}"}
+    if op.body is not None:
+        operation["requestBody"] = {"required": True, "content": {
+            JSON: {"schema": _schema(op.body, components)}}}
+    if op.auth != "none":
+        operation["security"] = [{"bearer": []}]
+    return operation
+
+
+def document() -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, components)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "berth", "version": "0.1.0",
+                 "description": "Private model serving on one multi-GPU server."},
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "the admin token, or (data plane) a token of the "
+                                      "endpoint called"}}},
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+OPENAPI = web.AppKey("openapi", dict[str, Any])
+
+
+def add_openapi(app: web.Application) -> None:
+    app[OPENAPI] = document()
+    app.router.add_get("/openapi.json", openapi_json)

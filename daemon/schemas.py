@@ -1,0 +1,205 @@
+"""Pydantic models of what the HTTP API sends and takes, for /openapi.json.
+
+Request bodies are the models that validate them (EndpointSpec is the config file's model).
+Response models describe the JSON the handlers build; tests check real answers against them
+(schemathesis validates every answer it gets against this document).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, create_model
+from pydantic.fields import FieldInfo
+
+from daemon.config import EndpointFields, EndpointSpec
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(Model):
+    path: str
+    message: str
+
+
+class ErrorInfo(Model):
+    code: str
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorBody(Model):
+    """Every error answer: {"error": {"code", "message", "details"?}}."""
+
+    error: ErrorInfo
+
+
+class Health(Model):
+    status: Literal["ok"]
+    endpoints: int
+
+
+class GpuRef(Model):
+    index: int
+    uuid: str
+    name: str
+
+
+class ReplicaView(Model):
+    id: str
+    state: Literal["pending", "starting", "ready", "draining", "stopped", "failed"]
+    generation: int
+    container_id: str | None
+    address: str | None
+    gpus: list[GpuRef]
+    in_flight: int
+    created_at: float
+    started_at: float | None
+    ready_at: float | None
+    last_call_at: float | None
+    failures: int
+    reason: str | None
+
+
+class EndpointView(Model):
+    name: str
+    source: Literal["config", "api"]
+    generation: int
+    status: Literal["error", "ready", "starting", "pending", "stopping", "idle"]
+    error: str | None
+    spec: EndpointSpec
+    replicas: list[ReplicaView]
+    in_flight: int
+    queued: int
+
+
+class EndpointList(Model):
+    endpoints: list[EndpointView]
+
+
+class EndpointDeleted(Model):
+    name: str
+    deleted: Literal[True]
+    replicas_stopping: int
+
+
+def _optional(info: FieldInfo) -> tuple[Any, FieldInfo]:
+    """The same field, with its type and bounds, but not required."""
+    return info.annotation, FieldInfo.merge_field_infos(info, default=None,
+                                                        default_factory=None)
+
+
+# PATCH takes any subset of the fields (the result is validated as a whole EndpointSpec).
+EndpointPatch: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "EndpointPatch", __config__=ConfigDict(extra="forbid", strict=True),
+    **{name: _optional(info) for name, info in EndpointFields.model_fields.items()})
+
+
+class GpuView(Model):
+    index: int
+    uuid: str
+    name: str
+    memory_mib: int
+    replica: str | None
+    endpoint: str | None
+    utilization_pct: int | None
+    memory_used_mib: int | None
+    temperature_c: int | None
+
+
+class GpuList(Model):
+    gpus: list[GpuView]
+
+
+class TokenCreated(Model):
+    id: str
+    token: str
+    endpoint: str
+    created_at: float
+
+
+class TokenView(Model):
+    id: str
+    endpoint: str
+    created_at: float
+
+
+class TokenList(Model):
+    tokens: list[TokenView]
+
+
+class TokenRevoked(Model):
+    id: str
+    revoked: Literal[True]
+
+
+class SecretValue(Model):
+    value: str
+
+
+class SecretView(Model):
+    name: str
+    created_at: float
+    updated_at: float
+
+
+class SecretList(Model):
+    secrets: list[SecretView]
+
+
+class SecretStored(Model):
+    name: str
+    stored: Literal[True]
+
+
+class SecretDeleted(Model):
+    name: str
+    deleted: Literal[True]
+
+
+class TaskResult(Model):
+    status: int
+    content_type: str | None
+
+
+class TaskCallback(Model):
+    url: str
+    state: Literal["pending", "delivered", "failed"] | None
+    attempts: int
+    error: str | None
+
+
+class TaskView(Model):
+    id: str
+    endpoint: str
+    method: str
+    path: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    attempts: int
+    replica: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    result: TaskResult | None
+    callback: TaskCallback | None
+    purged: bool
+
+
+class TaskList(Model):
+    tasks: list[TaskView]
+
+
+class EventView(Model):
+    id: int | None
+    ts: float
+    kind: str
+    endpoint: str | None
+    replica: str | None
+    message: str
+
+
+class EventList(Model):
+    events: list[EventView]
