@@ -149,6 +149,18 @@ async def test_auth_cases(api):
     assert await call({"Authorization": f"Bearer {mine['token']}"}) == 200
     assert await call(ADMIN) == 200
     assert (await client.get("/invoke/pub/echo")).status == 200
+    # Task URLs answer to the task's endpoint token or the admin token only.
+    mine_h = {"Authorization": f"Bearer {mine['token']}"}
+    theirs_h = {"Authorization": f"Bearer {theirs['token']}"}
+    assert (await client.post("/async/priv/echo", headers=theirs_h)).status == 403
+    resp = await client.post("/async/priv/echo", headers=mine_h)
+    task = (await resp.json())["id"]
+    assert resp.status == 202
+    assert (await client.get(f"/tasks/{task}")).status == 401
+    assert (await client.get(f"/tasks/{task}", headers=theirs_h)).status == 403
+    assert (await client.get(f"/tasks/{task}", headers=mine_h)).status == 200
+    assert (await client.get(f"/tasks/{task}", headers=ADMIN)).status == 200
+    assert (await client.delete(f"/tasks/{task}", headers=theirs_h)).status == 403
     listed = await (await client.get("/v1/endpoints/priv/tokens", headers=ADMIN)).json()
     assert listed["tokens"] == [{"id": mine["id"], "endpoint": "priv",
                                  "created_at": mine["created_at"]}]
