@@ -150,8 +150,9 @@ def show_events(data: dict[str, Any]) -> str:
                  ["TIME", "KIND", "ENDPOINT", "REPLICA", "MESSAGE"])
 
 
-def show_message(key: str) -> Callable[[dict[str, Any]], str]:
-    return lambda data: str(data.get(key, data))
+def show_message(template: str) -> Callable[[dict[str, Any]], str]:
+    """A one-line confirmation, e.g. "deleted {name}" filled from the API's answer."""
+    return lambda data: template.format(**data)
 
 
 # --- apply -f --------------------------------------------------------------------------------
@@ -309,7 +310,8 @@ def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]
         if a == "get":
             return "GET", f"/v1/endpoints/{q(args.name)}", None, show_endpoint
         if a == "delete":
-            return "DELETE", f"/v1/endpoints/{q(args.name)}", None, show_message("deleted")
+            return ("DELETE", f"/v1/endpoints/{q(args.name)}", None,
+                    show_message("deleted {name}; {replicas_stopping} replica(s) stopping"))
         body = {k: v for k, v in (("min_replicas", args.min_replicas),
                                   ("max_replicas", args.max_replicas)) if v is not None}
         if not body:
@@ -324,17 +326,18 @@ def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]
         return method, f"/tasks/{q(args.id)}", None, show_task
     if c == "tokens":
         if a == "create":
-            return "POST", f"/v1/endpoints/{q(args.name)}/tokens", None, show_message("token")
+            return ("POST", f"/v1/endpoints/{q(args.name)}/tokens", None,
+                    show_message("{token}"))
         if a == "ls":
             return "GET", f"/v1/endpoints/{q(args.name)}/tokens", None, show_tokens
         return ("DELETE", f"/v1/endpoints/{q(args.name)}/tokens/{q(args.id)}", None,
-                show_message("revoked"))
+                show_message("revoked {id}"))
     if a == "ls":
         return "GET", "/v1/secrets", None, show_secrets
     if a == "rm":
-        return "DELETE", f"/v1/secrets/{q(args.name)}", None, show_message("deleted")
+        return "DELETE", f"/v1/secrets/{q(args.name)}", None, show_message("deleted {name}")
     value = args.value if args.value is not None else sys.stdin.read().rstrip("\n")
-    return "PUT", f"/v1/secrets/{q(args.name)}", {"value": value}, show_message("stored")
+    return "PUT", f"/v1/secrets/{q(args.name)}", {"value": value}, show_message("stored {name}")
 
 
 def run(args: argparse.Namespace) -> int:

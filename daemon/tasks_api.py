@@ -77,7 +77,7 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(exc.status, exc.code, exc.message) from None
     check_token(request, pool)
     url = callback_url(request)
-    task_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
+    task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"
     body, body_file = await read_body(request, task_id, dispatcher.files)
     task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,

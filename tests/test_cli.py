@@ -72,10 +72,12 @@ labels = {{ "{TEST_LABEL}" = "{SESSION}" }}
         assert len(token) > 30
         listed = json.loads(berth(d, "--json", "tokens", "ls", "alpha").stdout)["tokens"]
         assert invoke(d, "alpha", token) == 200
-        assert berth(d, "tokens", "revoke", "alpha", listed[0]["id"]).stdout.strip() == "True"
+        out = berth(d, "tokens", "revoke", "alpha", listed[0]["id"])
+        assert out.stdout.strip() == f"revoked {listed[0]['id']}"
         assert invoke(d, "alpha", token) == 401
 
-        assert berth(d, "secrets", "set", "HF_TOKEN", stdin="hf_cli_value\n").returncode == 0
+        out = berth(d, "secrets", "set", "HF_TOKEN", stdin="hf_cli_value\n")
+        assert out.returncode == 0 and out.stdout.strip() == "stored HF_TOKEN"
         out = berth(d, "secrets", "ls")
         assert "HF_TOKEN" in out.stdout and "hf_cli_value" not in out.stdout
 
@@ -102,7 +104,7 @@ labels = {{ "{TEST_LABEL}" = "{SESSION}" }}
         assert out.stderr.strip() == f"error: task_finished: task {task} already succeeded"
 
         out = berth(d, "endpoints", "delete", "beta")
-        assert out.returncode == 0 and out.stdout.strip() == "True"
+        assert out.returncode == 0 and out.stdout.startswith("deleted beta; ")
         out = berth(d, "endpoints", "get", "beta")
         assert out.returncode == 1
         assert out.stderr.strip() == "error: endpoint_not_found: no endpoint named 'beta'"
