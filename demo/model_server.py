@@ -55,8 +55,19 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self):
         if self.path.startswith("/upload"):
             return b""  # read as a stream by the handler
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return b"".join(self._chunks())
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+    def _chunks(self):
+        while True:
+            length = int(self.rfile.readline().strip() or b"0", 16)
+            if length == 0:
+                self.rfile.readline()
+                return
+            yield self.rfile.read(length)
+            self.rfile.readline()
 
     def _caller_gone(self):
         readable, _, _ = select.select([self.connection], [], [], 0)
@@ -85,13 +96,7 @@ class Handler(BaseHTTPRequestHandler):
     def _upload(self):
         digest, size = hashlib.sha256(), 0
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            while True:
-                length = int(self.rfile.readline().strip() or b"0", 16)
-                if length == 0:
-                    self.rfile.readline()
-                    break
-                chunk = self.rfile.read(length)
-                self.rfile.readline()
+            for chunk in self._chunks():
                 digest.update(chunk)
                 size += len(chunk)
         else:

@@ -19,7 +19,7 @@ import structlog
 
 from scheduler.callbacks import CallbackSender
 from scheduler.pool import EndpointPool
-from scheduler.replica import Replica
+from scheduler.replica import Replica, ReplicaState
 from scheduler.router import CapacityError, Router
 from store import Store, TaskRecord
 
@@ -128,8 +128,7 @@ class Dispatcher:
             task_id = queue[0]
             self._update_backlog(endpoint)
             try:
-                replica = await self.router.acquire(pool, exclude=self._excluded.get(task_id,
-                                                                                     frozenset()))
+                replica = await self.router.acquire(pool, exclude=self._avoid(pool, task_id))
             except CapacityError:  # tasks wait out errors and slow starts: try again shortly
                 await asyncio.sleep(NO_CAPACITY_RETRY_S)
                 continue
@@ -140,6 +139,14 @@ class Dispatcher:
             self._update_backlog(endpoint)
             self._running[task_id] = asyncio.get_running_loop().create_task(
                 self._run(pool, replica, task_id), name=f"task:{task_id}")
+
+    def _avoid(self, pool: EndpointPool, task_id: str) -> frozenset[str]:
+        """Replicas a retried task failed on, as long as another ready one can take it (an
+        endpoint with a single replica tries that one again rather than waiting forever)."""
+        failed = self._excluded.get(task_id, frozenset())
+        others = [r for r in pool.replicas.values()
+                  if r.state is ReplicaState.READY and r.id not in failed]
+        return failed if others else frozenset()
 
     async def _cancel_all(self, endpoint: str, reason: str) -> None:
         ids = await self.store.tasks.cancel_queued_of(endpoint, self.clock(), reason)
@@ -212,6 +219,9 @@ class Dispatcher:
         url = f"http://{replica.address}/{task.path}" + (f"?{task.query}" if task.query else "")
         headers = [*task.headers, ("X-Request-Id", task.id)]
         data = task.body if task.body_file is None else self._read_file(task.body_file)
+        if task.body_file is not None:  # a length, not chunks: many model servers need it
+            size = self.file(task.body_file).stat().st_size
+            headers.append(("Content-Length", str(size)))
         try:
             async with self._client().request(task.method, url, headers=headers, data=data,
                                               allow_redirects=False) as resp:

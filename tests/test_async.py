@@ -240,3 +240,19 @@ async def test_oversized_body_is_refused_and_leaves_nothing(aplane, tmp_path):
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
     assert list((tmp_path / "tasks").iterdir()) == []
     assert await h.store.tasks.find() == []
+
+
+def test_a_retry_avoids_the_failed_replica_only_when_another_can_take_it(tmp_path):
+    from scheduler.pool import EndpointPool
+    from scheduler.replica import Replica, ReplicaState
+
+    pool = EndpointPool(spec=endpoint("x"), source="api")
+    for rid in ("a", "b"):
+        pool.replicas[rid] = Replica(id=rid, endpoint="x", generation=1,
+                                     state=ReplicaState.READY, created_at=0.0)
+    dispatcher = Dispatcher(None, None, tmp_path, None, DispatchSettings())  # type: ignore[arg-type]
+    dispatcher._excluded["t"] = frozenset({"a"})
+    assert dispatcher._avoid(pool, "t") == {"a"}
+    pool.replicas["b"].state = ReplicaState.STOPPED
+    assert dispatcher._avoid(pool, "t") == frozenset()  # the only one left: try it again
+    assert dispatcher._avoid(pool, "other") == frozenset()
