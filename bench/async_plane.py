@@ -27,14 +27,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-import docker
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
 sys.path.insert(0, str(ROOT / "bench"))
 import build_image  # noqa: E402
-import engine  # noqa: E402
-from data_plane import free_port, wait_ready  # noqa: E402
+from data_plane import engine_with_image, free_port, wait_ready  # noqa: E402
 
 TRIALS = 30
 CONFIG = """
@@ -108,13 +106,7 @@ async def received(s: aiohttp.ClientSession, base: str, task_id: str) -> float:
 
 
 def main() -> int:
-    host = engine.existing_engine()
-    proc_engine = None
-    if host is None:
-        host, proc_engine = engine.start_dockerd(Path("/tmp/berth-bench-docker"))
-    os.environ["DOCKER_HOST"] = host
-    client = docker.DockerClient(base_url=host, version="auto")
-    build_image.ensure_image(client, build_image.DEFAULT_TAG)
+    _, proc_engine = engine_with_image()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:

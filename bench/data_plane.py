@@ -198,7 +198,8 @@ async def measure(base: str, client: docker.DockerClient, image: str) -> list[st
     return rows
 
 
-def main() -> int:
+def engine_with_image() -> tuple[docker.DockerClient, subprocess.Popen[bytes] | None]:
+    """A reachable engine (a private dockerd if none answers) holding the demo image."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     host = engine.existing_engine()
@@ -207,8 +208,13 @@ def main() -> int:
         host, proc_engine = engine.start_dockerd(Path("/tmp/berth-bench-docker"))
     os.environ["DOCKER_HOST"] = host
     client = docker.DockerClient(base_url=host, version="auto")
+    build_image.ensure_image(client, build_image.DEFAULT_TAG)
+    return client, proc_engine
+
+
+def main() -> int:
+    client, proc_engine = engine_with_image()
     image = build_image.DEFAULT_TAG
-    build_image.ensure_image(client, image)
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.toml"
