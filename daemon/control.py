@@ -7,7 +7,7 @@ speak the same field names and give the same errors (422, every wrong field by i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +27,7 @@ from daemon.keys import ROUTER
 from scheduler.pool import EndpointPool
 from scheduler.reconciler import Reconciler
 from scheduler.replica import ReplicaState
+from scheduler.runtime import DockerRuntime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -164,37 +165,68 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "replica_not_found", f"endpoint {name} has no replica {wanted!r}")
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
-    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
-    runtime = reconciler_of(request).runtime
+    logs = ReplicaLogs(reconciler_of(request).runtime, follow)
     tail = int(tail_text) if tail_text.isdigit() else "all"
-
-    async def read(replica_id: str, container_id: str) -> None:
-        buffer = b""
-        try:
-            async for chunk in runtime.stream_logs(container_id, tail, follow):
-                buffer += chunk
-                *whole, buffer = buffer.split(b"\n")
-                for line in whole:
-                    await lines.put(b"[%s] %s\n" % (replica_id.encode(), line))
-            if buffer:
-                await lines.put(b"[%s] %s\n" % (replica_id.encode(), buffer))
-        finally:
-            await lines.put(None)
-
-    readers = [asyncio.create_task(read(r.id, str(r.container_id))) for r in replicas]
+    for replica in replicas:
+        logs.add(replica.id, str(replica.container_id), tail)
     try:
-        remaining = len(readers)
-        while remaining:
-            line = await lines.get()
-            if line is None:
-                remaining -= 1
-            else:
-                await response.write(line)
+        async for line in logs.lines(pool, wanted):
+            await response.write(line)
     finally:
-        for reader in readers:
-            reader.cancel()
+        logs.close()
     await response.write_eof()
     return response
+
+
+class ReplicaLogs:
+    """The log lines of an endpoint's replicas, merged and prefixed with the replica. When
+    following, replicas started after the stream began join it, from their first line."""
+
+    RESCAN_S = 1.0
+
+    def __init__(self, runtime: DockerRuntime, follow: bool) -> None:
+        self.runtime = runtime
+        self.follow = follow
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.readers: dict[str, asyncio.Task[None]] = {}
+        self.open = 0  # readers that have not ended
+
+    def add(self, replica_id: str, container_id: str, tail: int | str) -> None:
+        self.open += 1
+        self.readers[replica_id] = asyncio.get_running_loop().create_task(
+            self._read(replica_id, container_id, tail))
+
+    async def _read(self, replica_id: str, container_id: str, tail: int | str) -> None:
+        prefix, buffer = f"[{replica_id}] ".encode(), b""
+        try:
+            async for chunk in self.runtime.stream_logs(container_id, tail, self.follow):
+                *whole, buffer = (buffer + chunk).split(b"\n")
+                for line in whole:
+                    await self.queue.put(prefix + line + b"\n")
+            if buffer:
+                await self.queue.put(prefix + buffer + b"\n")
+        finally:
+            await self.queue.put(None)
+
+    async def lines(self, pool: EndpointPool, wanted: str | None) -> AsyncIterator[bytes]:
+        while self.follow or self.open or not self.queue.empty():
+            if self.follow:
+                for r in list(pool.replicas.values()):
+                    if r.container_id and r.id not in self.readers and wanted in (None, r.id):
+                        self.add(r.id, r.container_id, "all")
+            try:
+                line = await asyncio.wait_for(self.queue.get(),
+                                              self.RESCAN_S if self.follow else None)
+            except TimeoutError:
+                continue
+            if line is None:
+                self.open -= 1
+            else:
+                yield line
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.cancel()
 
 
 async def list_events(request: web.Request) -> web.Response:

@@ -254,3 +254,22 @@ async def test_rolling_change_without_a_failed_call(api):
     assert len(statuses) > 20 and set(statuses) == {200}
     env = await (await client.get("/invoke/roll/env", headers=ADMIN)).json()
     assert env["V"] == "2"
+
+
+async def test_followed_logs_take_in_replicas_started_later(api):
+    h, client = await api()
+    await client.post("/v1/endpoints", headers=ADMIN,
+                      json=body("grow", min_replicas=1, max_replicas=2))
+    pool = h.reconciler.pools["grow"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [first] = pool.replicas.values()
+    resp = await client.get("/v1/endpoints/grow/logs?follow=true&tail=0", headers=ADMIN)
+    await client.patch("/v1/endpoints/grow", headers=ADMIN, json={"min_replicas": 2})
+    await wait_for(pool, lambda: ready_count(pool) == 2, what="second replica")
+    [second] = [r for r in pool.replicas.values() if r.id != first.id]
+    for _ in range(100):
+        line = (await asyncio.wait_for(resp.content.readline(), 5)).decode()
+        if line.startswith(f"[{second.id}] "):
+            break
+    assert line == f"[{second.id}] model server listening on 8080 as {second.id}\n"
+    resp.close()
