@@ -132,7 +132,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {
                 "method": self.command, "path": path, "query": query,
                 "headers": dict(self.headers), "body": body.decode("utf-8", "replace"),
-                "replica": os.environ.get("BERTH_REPLICA"), "received_at": received_at})
+                "replica": os.environ.get("BERTH_REPLICA"), "received_at": received_at,
+                "client_port": self.client_address[1]})
         if path == "/env":
             return self._send(200, dict(os.environ))
         if path == "/sleep":

@@ -303,3 +303,13 @@ async def test_call_waits_for_a_busy_gpu_and_gets_it_when_freed(plane):
     assert resp.status == 200 and time.monotonic() - started >= 0.2
     assert (await busy).status == 200
     assert any(e.kind == "eviction" for e in await h.store.events("holder"))
+
+
+async def test_connections_to_replicas_are_kept_alive(plane):
+    h, client = await plane({"ka": endpoint("ka", min_replicas=1)})
+    await ready(h, "ka", 1)
+    ports = set()
+    for _ in range(5):
+        resp = await client.get("/invoke/ka/echo")
+        ports.add((await resp.json())["client_port"])
+    assert len(ports) == 1  # five calls, one pooled connection from berth to the replica
