@@ -14,7 +14,7 @@ from daemon.errors import ApiError
 from daemon.keys import AUTH, ROUTER
 from daemon.proxy import REQUEST_ONLY, check_token, forward_headers
 from scheduler.callbacks import describe_task
-from scheduler.dispatch import INLINE_MAX, Dispatcher, TaskFinished
+from scheduler.dispatch import Dispatcher, Spool, TaskFinished
 from scheduler.router import CapacityError
 from store import TaskRecord
 
@@ -42,31 +42,19 @@ async def read_body(request: web.Request, task_id: str,
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large", f"request body of {request.content_length} "
                        f"bytes is over the limit of {limit} (daemon.max_async_body_bytes)")
-    head, size, name = bytearray(), 0, None
-    out = None
+    spool, size = Spool(files, f"{task_id}.body"), 0
     try:
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, "payload_too_large", "request body is over the limit of "
                                f"{limit} bytes (daemon.max_async_body_bytes)")
-            if out is None and size <= INLINE_MAX:
-                head += chunk
-                continue
-            if out is None:
-                name = f"{task_id}.body"
-                out = open(files / name, "wb")  # noqa: SIM115, ASYNC230 - page-cache writes
-                out.write(head)
-            out.write(chunk)
+            spool.write(chunk)
     except BaseException:
-        if out is not None:
-            out.close()
-            (files / str(name)).unlink(missing_ok=True)
+        spool.discard()
         raise
-    if out is not None:
-        out.close()
-        return None, name
-    return (bytes(head) if request.body_exists else None), None
+    body, name = spool.close()
+    return (body if request.body_exists else None), name
 
 
 async def submit(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import structlog
@@ -27,6 +28,40 @@ log = structlog.get_logger("berth.dispatch")
 INLINE_MAX = 64 * 1024  # bodies and results up to this live in SQLite, larger ones in files
 CHUNK = 64 * 1024
 NO_CAPACITY_RETRY_S = 1.0
+
+
+class Spool:
+    """Bytes kept in memory up to INLINE_MAX, and in a file named `name` beyond that.
+
+    Task bodies and results both arrive as streams of unknown length; small ones belong in
+    SQLite, large ones must never be held whole in memory.
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.path = directory / name
+        self.head = bytearray()
+        self._out: BinaryIO | None = None
+
+    def write(self, chunk: bytes) -> None:
+        if self._out is None and len(self.head) + len(chunk) <= INLINE_MAX:
+            self.head += chunk
+            return
+        if self._out is None:  # 64 KiB writes to the page cache: not worth a thread
+            self._out = open(self.path, "wb")  # noqa: SIM115
+            self._out.write(self.head)
+        self._out.write(chunk)
+
+    def close(self) -> tuple[bytes | None, str | None]:
+        """(inline bytes, None) or (None, file name)."""
+        if self._out is None:
+            return bytes(self.head), None
+        self._out.close()
+        return None, self.path.name
+
+    def discard(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        self.path.unlink(missing_ok=True)
 
 
 class TaskFinished(Exception):
@@ -232,22 +267,14 @@ class Dispatcher:
             raise ReplicaFailed(f"{replica.id}: {exc!r}") from exc
 
     async def _keep_result(self, task: TaskRecord, resp: aiohttp.ClientResponse) -> None:
-        head = bytearray()
-        out = None
+        spool = Spool(self.files, f"{task.id}.result")
         try:
             async for chunk in resp.content.iter_chunked(CHUNK):
-                if out is None and len(head) + len(chunk) <= INLINE_MAX:
-                    head += chunk
-                    continue
-                if out is None:
-                    task.result_file = f"{task.id}.result"
-                    out = open(self.file(task.result_file), "wb")  # noqa: SIM115, ASYNC230
-                    out.write(head)
-                out.write(chunk)
-        finally:
-            if out is not None:
-                out.close()
-        task.result_body = bytes(head) if out is None else None
+                spool.write(chunk)
+        except BaseException:
+            spool.discard()
+            raise
+        task.result_body, task.result_file = spool.close()
 
     async def _read_file(self, name: str) -> AsyncIterator[bytes]:
         with open(self.file(name), "rb") as f:  # noqa: ASYNC230 - 64 KiB page-cache reads
