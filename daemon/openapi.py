@@ -141,8 +141,12 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
     if op.body is not None:
         operation["requestBody"] = {"required": True, "content": {
             JSON: {"schema": _schema(op.body, components)}}}
-    if op.auth != "none":
+    if op.auth == "admin":
         operation["security"] = [{"bearer": []}]
+    elif op.auth == "endpoint":
+        # An endpoint with `public = true` answers without a token, so on the data plane the
+        # token is optional as far as the document can say; {} is OpenAPI's "no auth" option.
+        operation["security"] = [{"bearer": []}, {}]
     return operation
 
 

@@ -74,13 +74,25 @@ image = "{model_image}"
 min_replicas = 1
 readiness = {{ path = "/health", period_s = 0.05 }}
 labels = {{ "berth.test" = "{SESSION}" }}
+[endpoints.open]
+image = "{model_image}"
+public = true
+min_replicas = 1
+readiness = {{ path = "/health", period_s = 0.05 }}
+labels = {{ "berth.test" = "{SESSION}" }}
 """)
+    # The data plane fuzz calls the public endpoint: without a pinned name nearly every
+    # generated call would stop at 404, and a public endpoint is where token checks must
+    # read the document's optional security right.
+    pinned = tmp_path / "schemathesis.toml"
+    pinned.write_text('[parameters]\n"path.name" = "open"\n')
     d = Berthd(tmp_path, config, ("--stop-replicas-on-exit",),
                env={"BERTH_ADMIN_TOKEN": ADMIN})
     try:
         d.token = ADMIN
         d.wait_message("READY=1")
         d.wait_endpoint("echo", one_ready)
+        d.wait_endpoint("open", one_ready)
         url = f"http://127.0.0.1:{d.port}/openapi.json"
         common = [st, "run", url, "-H", f"Authorization: Bearer {ADMIN}", "--phases",
                   "examples,coverage,fuzzing", "--no-shrink", "--seed", "20261122",
@@ -97,7 +109,7 @@ labels = {{ "berth.test" = "{SESSION}" }}
         # Data plane: 502/503/504 are answers berth gives on purpose (replica failure, no
         # capacity, timeout), so "no 5xx" does not apply there; no 500 is checked below.
         data = subprocess.run(
-            [*common, "--include-tag", "data plane", "--checks", "all", "--exclude-checks",
+            [common[0], "--config-file", str(pinned), *common[1:], "--include-tag", "data plane", "--checks", "all", "--exclude-checks",
              "positive_data_acceptance,not_a_server_error", "-n", "10", "--max-time", "45"],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     finally:
