@@ -3,6 +3,7 @@ daemon.schemas (and EndpointSpec, the config file's own model), never written ou
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ class Op:
     auth: str = "admin"  # admin | endpoint | none
     tag: str = "control"
     also: tuple[tuple[int, type[BaseModel]], ...] = ()  # more success answers
+    # OpenAPI links from the success answer: (target "method path", its path parameter, the
+    # body field that fills it). They tell clients (and fuzzers) where a created id is used.
+    links: tuple[tuple[str, str, str], ...] = ()
 
 
 INT = {"type": "integer", "minimum": 1, "maximum": 10000}
@@ -42,7 +46,8 @@ OPS: tuple[Op, ...] = (
     Op("get", "/openapi.json", "This document", (200, None), auth="none", tag="health"),
     Op("get", "/v1/endpoints", "Every endpoint with live status", (200, s.EndpointList)),
     Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
-       (*BODY_ERRORS, 409)),
+       (*BODY_ERRORS, 409), links=tuple((f"{m} /v1/endpoints/{{name}}", "name", "name")
+                                        for m in ("get", "patch", "delete"))),
     Op("get", "/v1/endpoints/{name}", "One endpoint: spec and replicas",
        (200, s.EndpointView), errors=EP_ERRORS),
     Op("put", "/v1/endpoints/{name}", "Create (201) or replace (200) an endpoint; the name "
@@ -82,7 +87,9 @@ OPS: tuple[Op, ...] = (
          "429, 502, 503, 504) carry the JSON error body.", (200, None), auth="endpoint",
          tag="data plane") for m in ("get", "post", "put", "patch", "delete")),
     Op("post", "/async/{name}/{path}", "Async call: stored, answered 202 at once",
-       (202, s.TaskView), errors=(404, 413, 422), auth="endpoint", tag="data plane"),
+       (202, s.TaskView), errors=(404, 413, 422), auth="endpoint", tag="data plane",
+       links=tuple((target, "id", "id") for target in (
+           "get /tasks/{id}", "get /tasks/{id}/result", "delete /tasks/{id}"))),
     Op("get", "/tasks/{id}", "A task", (200, s.TaskView), errors=(404,), auth="endpoint",
        tag="data plane"),
     Op("get", "/tasks/{id}/result", "The replica's answer to a task, as it was (any status); "
@@ -116,6 +123,10 @@ def _params(op: Op) -> list[dict[str, Any]]:
     return params
 
 
+def _operation_id(method: str, path: str) -> str:
+    return f"{method}_{path}"
+
+
 def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
     error = {"description": "error", "content": {JSON: {"schema": _schema(s.ErrorBody,
                                                                          components)}}}
@@ -125,6 +136,10 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
         ok: dict[str, Any] = {"description": "the answer", "content": {kind: {"schema": {}}}}
     else:
         ok = {"description": "ok", "content": {JSON: {"schema": _schema(model, components)}}}
+    if op.links:
+        ok["links"] = {re.sub(r"[^A-Za-z0-9]+", "_", target).strip("_"): {
+            "operationId": _operation_id(*target.split(" ")),
+            "parameters": {param: f"$response.body#/{field}"}} for target, param, field in op.links}
     responses: dict[str, Any] = {str(status): ok}
     for code, also in op.also:
         responses[str(code)] = {"description": "ok",
@@ -137,7 +152,7 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
         responses[str(code)] = error
     operation: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],
                                  "parameters": _params(op), "responses": responses,
-                                 "operationId": f"{op.method}_{op.path}"}
+                                 "operationId": _operation_id(op.method, op.path)}
     if op.body is not None:
         operation["requestBody"] = {"required": True, "content": {
             JSON: {"schema": _schema(op.body, components)}}}

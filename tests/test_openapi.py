@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from conftest import SESSION, static_gpus
@@ -48,7 +49,25 @@ async def test_document_lists_every_route_served(tmp_path):
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert served == documented
     assert doc["components"]["schemas"]["EndpointSpec"]["required"] == ["image", "name"]
+    # Public endpoints answer without a token: the data plane's token is optional, the control
+    # API's is not.
+    assert doc["paths"]["/tasks/{id}"]["get"]["security"] == [{"bearer": []}, {}]
+    assert doc["paths"]["/v1/endpoints"]["get"]["security"] == [{"bearer": []}]
+    links = doc["paths"]["/async/{name}/{path}"]["post"]["responses"]["202"]["links"]
+    assert {link["operationId"] for link in links.values()} == {
+        "get_/tasks/{id}", "get_/tasks/{id}/result", "delete_/tasks/{id}"}
+    operation_ids = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
+    assert all(link["operationId"] in operation_ids for ops in doc["paths"].values()
+               for op in ops.values() for answer in op["responses"].values()
+               for link in answer.get("links", {}).values())
     await store.close()
+
+
+def submit_task(port: int, endpoint: str) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/async/{endpoint}/echo",
+                                     data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return str(json.loads(answer.read())["id"])
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
@@ -81,11 +100,10 @@ min_replicas = 1
 readiness = {{ path = "/health", period_s = 0.05 }}
 labels = {{ "berth.test" = "{SESSION}" }}
 """)
-    # The data plane fuzz calls the public endpoint: without a pinned name nearly every
+    # The data plane fuzz calls the public endpoint and a real task: without them nearly every
     # generated call would stop at 404, and a public endpoint is where token checks must
     # read the document's optional security right.
-    pinned = tmp_path / "schemathesis.toml"
-    pinned.write_text('[parameters]\n"path.name" = "open"\n')
+    pinned = tmp_path / "data-plane.toml"  # not schemathesis.toml: st reads that by itself
     d = Berthd(tmp_path, config, ("--stop-replicas-on-exit",),
                env={"BERTH_ADMIN_TOKEN": ADMIN})
     try:
@@ -93,9 +111,11 @@ labels = {{ "berth.test" = "{SESSION}" }}
         d.wait_message("READY=1")
         d.wait_endpoint("echo", one_ready)
         d.wait_endpoint("open", one_ready)
+        task = submit_task(d.port, "open")
+        pinned.write_text(f'[parameters]\n"path.name" = "open"\n"path.id" = "{task}"\n')
         url = f"http://127.0.0.1:{d.port}/openapi.json"
         common = [st, "run", url, "-H", f"Authorization: Bearer {ADMIN}", "--phases",
-                  "examples,coverage,fuzzing", "--no-shrink", "--seed", "20261122",
+                  "examples,coverage,fuzzing,stateful", "--no-shrink", "--seed", "20261122",
                   # A followed log stream never ends, which a fuzzer can only read as a hang;
                   # tests/test_control.py covers logs.
                   "--exclude-path-regex", "logs$"]
@@ -118,7 +138,7 @@ labels = {{ "berth.test" = "{SESSION}" }}
         d.wait_exit()
         d.close()
     for run in (control, data):
-        summary = run.stdout[run.stdout.find("SUMMARY"):]
+        summary = run.stdout[run.stdout.find("WARNINGS"):]
         print(summary)
         assert run.returncode == 0, run.stdout[-6000:]
     log = [json.loads(line) for line in (tmp_path / "berthd.log").read_text().splitlines()
