@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -286,16 +287,19 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data)
 
 
-def gpu_issues(endpoints: dict[str, EndpointSpec], gpus: list[Any]) -> list[ConfigIssue]:
+def gpu_shortage(spec: EndpointSpec, gpus: Sequence[Any]) -> str | None:
+    """Why the box can never hold one replica of `spec` (too few GPUs of its gpu_type)."""
+    kind = (spec.gpu_type or "").lower()
+    have = sum(1 for g in gpus if kind in g.name.lower())
+    if have >= spec.gpus:
+        return None
+    what = "GPU" if have == 1 else "GPUs"
+    if spec.gpu_type:
+        what += f" matching gpu_type {spec.gpu_type!r}"
+    return f"asks for {spec.gpus} but this box has {have} {what}"
+
+
+def gpu_issues(endpoints: dict[str, EndpointSpec], gpus: Sequence[Any]) -> list[ConfigIssue]:
     """Endpoints asking for more GPUs (of their gpu_type) than the box has at all."""
-    issues = []
-    for name, spec in endpoints.items():
-        if spec.gpus == 0:
-            continue
-        kind = (spec.gpu_type or "").lower()
-        have = sum(1 for g in gpus if kind in g.name.lower())
-        if have < spec.gpus:
-            what = f"GPUs matching gpu_type {spec.gpu_type!r}" if spec.gpu_type else "GPUs"
-            issues.append(ConfigIssue(f"endpoints.{name}.gpus",
-                                      f"asks for {spec.gpus} but this box has {have} {what}"))
-    return issues
+    return [ConfigIssue(f"endpoints.{name}.gpus", shortage) for name, spec in endpoints.items()
+            if (shortage := gpu_shortage(spec, gpus)) is not None]

@@ -21,7 +21,13 @@ from daemon.auth import (
     put_secret,
     revoke_token,
 )
-from daemon.config import ConfigIssue, EndpointSpec, check_endpoint, issues_from_validation
+from daemon.config import (
+    ConfigIssue,
+    EndpointSpec,
+    check_endpoint,
+    gpu_shortage,
+    issues_from_validation,
+)
 from daemon.errors import ApiError, json_body
 from daemon.keys import ROUTER
 from scheduler.pool import EndpointPool
@@ -59,12 +65,9 @@ def validate_spec(data: dict[str, Any], reconciler: Reconciler) -> EndpointSpec:
         issues = issues_from_validation(exc)
     else:
         issues = check_endpoint(spec, "")
-        allocator = reconciler.allocator
-        if not allocator.can_ever_fit(spec.gpus, spec.gpu_type):
-            have = sum(1 for g in allocator.gpus
-                       if (spec.gpu_type or "").lower() in g.name.lower())
-            issues.append(ConfigIssue("gpus", f"asks for {spec.gpus} but this box has {have} "
-                                              "matching GPUs"))
+        shortage = gpu_shortage(spec, reconciler.allocator.gpus)
+        if shortage is not None:
+            issues.append(ConfigIssue("gpus", shortage))
         if not issues:
             return spec
     details = [{"path": i.path.lstrip("."), "message": i.message} for i in issues]

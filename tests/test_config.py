@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, EndpointSpec, load_config, parse_config
+from daemon.config import ConfigError, EndpointSpec, gpu_shortage, load_config, parse_config
 from daemon.main import check_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +128,7 @@ def test_check_config_exit_codes_and_three_mistakes(tmp_path):
     assert any(line.startswith("endpoints.Embed.name: String should match pattern")
                for line in lines)
     assert "daemon.listen: Input should be a valid string (got 8080)" in lines
-    assert "endpoints.llm.gpus: asks for 4 but this box has 1 GPUs matching gpu_type 'H100'" \
+    assert "endpoints.llm.gpus: asks for 4 but this box has 1 GPU matching gpu_type 'H100'" \
         in lines
     assert lines[-1].endswith("4 error(s)")
     assert "Traceback" not in result.stderr
@@ -151,6 +151,24 @@ def test_gpu_count_checked_against_declared_gpus(tmp_path, capsys):
     assert check_config(str(path)) == 2
     assert "endpoints.a.gpus: asks for 1 but this box has 0 GPUs matching gpu_type 'H100'" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("gpus", "gpu_type", "expected"), [
+    (0, None, None),
+    (2, None, None),
+    (3, None, "asks for 3 but this box has 2 GPUs"),
+    (1, "h100", None),  # matched case-insensitively
+    (2, "H100", "asks for 2 but this box has 1 GPU matching gpu_type 'H100'"),
+    (1, "B200", "asks for 1 but this box has 0 GPUs matching gpu_type 'B200'"),
+])
+def test_gpu_shortage_names_what_the_box_has(gpus, gpu_type, expected):
+    class Gpu:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    box = [Gpu("NVIDIA H100 80GB HBM3"), Gpu("NVIDIA A10")]
+    spec = EndpointSpec(name="m", image="x", gpus=gpus, gpu_type=gpu_type)
+    assert gpu_shortage(spec, box) == expected
 
 
 def test_nvml_source_without_nvml_names_static(tmp_path, capsys):

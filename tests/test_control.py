@@ -108,7 +108,7 @@ async def test_bad_bodies_get_422_naming_every_wrong_field(api):
     resp = await client.post("/v1/endpoints", headers=ADMIN, json={"name": "g", "image": "x",
                                                                     "gpus": 2})
     assert (await resp.json())["error"]["details"] == [
-        {"path": "gpus", "message": "asks for 2 but this box has 0 matching GPUs"}]
+        {"path": "gpus", "message": "asks for 2 but this box has 0 GPUs"}]
     resp = await client.post("/v1/endpoints", headers=ADMIN, data=b"{not json")
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_json"
     resp = await client.put("/v1/endpoints/a", headers=ADMIN, json={"name": "b", "image": "x"})
