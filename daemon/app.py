@@ -11,7 +11,8 @@ from aiohttp import web
 from daemon.auth import Auth
 from daemon.control import add_control_api
 from daemon.errors import ApiError, error_response
-from daemon.keys import AUTH
+from daemon.keys import AUTH, METRICS
+from daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from daemon.openapi import add_openapi
 from daemon.proxy import add_data_plane
 from daemon.tasks_api import add_async_plane
@@ -56,8 +57,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 @web.middleware
 async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Control API calls (/v1/...) need the admin token, when one is configured."""
-    if request.path.startswith("/v1/"):
+    """Control API calls (/v1/...) and /metrics need the admin token, when one is configured."""
+    if request.path.startswith("/v1/") or request.path == "/metrics":
         request.app[AUTH].require_admin(request)
     return await handler(request)
 
@@ -105,6 +106,13 @@ async def list_gpus(request: web.Request) -> web.Response:
     return web.json_response({"gpus": gpus})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    await registry.refresh(request.app[RECONCILER], request.app[ALLOCATOR],
+                           request.app[GPU_SAMPLES])
+    return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str = "",
               gpu_samples: dict[str, GpuSample] | None = None,
               max_body_bytes: int = 100 * 1024 ** 2, dispatcher: Dispatcher | None = None,
@@ -116,7 +124,9 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[ALLOCATOR] = allocator
     app[AUTH] = auth if auth is not None else Auth(admin=admin_token)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
+    app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/gpus", list_gpus)
     add_control_api(app, list_endpoints, get_endpoint)
     add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), max_body_bytes)

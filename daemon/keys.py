@@ -11,8 +11,10 @@ from scheduler.router import Router
 
 if TYPE_CHECKING:
     from daemon.auth import Auth
+    from daemon.metrics import Metrics
 
 ROUTER = web.AppKey("router", Router)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 AUTH: web.AppKey[Auth] = web.AppKey("auth")
 MAX_BODY = web.AppKey("max_body", int)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

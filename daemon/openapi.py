@@ -32,6 +32,7 @@ class Op:
     # OpenAPI links from the success answer: (target "method path", its path parameter, the
     # body field that fills it). They tell clients (and fuzzers) where a created id is used.
     links: tuple[tuple[str, str, str], ...] = ()
+    media: str = "*/*"  # content type of an answer that has no model
 
 
 INT = {"type": "integer", "minimum": 1, "maximum": 10000}
@@ -43,7 +44,10 @@ INVOKE_ERRORS = (404, 413, 429, 502, 503, 504)
 OPS: tuple[Op, ...] = (
     Op("get", "/healthz", "Liveness of berthd itself", (200, s.Health), auth="none",
        tag="health"),
-    Op("get", "/openapi.json", "This document", (200, None), auth="none", tag="health"),
+    Op("get", "/openapi.json", "This document", (200, None), auth="none", tag="health",
+       media=JSON),
+    Op("get", "/metrics", "Prometheus metrics: calls, replicas, GPUs, tasks", (200, None),
+       media="text/plain"),
     Op("get", "/v1/endpoints", "Every endpoint with live status", (200, s.EndpointList)),
     Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
        (*BODY_ERRORS, 409), links=tuple((f"{m} /v1/endpoints/{{name}}", "name", "name")
@@ -58,9 +62,9 @@ OPS: tuple[Op, ...] = (
     Op("delete", "/v1/endpoints/{name}", "Drain, stop and forget an endpoint",
        (200, s.EndpointDeleted), errors=(404, 409)),
     Op("get", "/v1/endpoints/{name}/logs", "Replica logs, streamed as text", (200, None),
-       errors=(404, 422), query=(("tail", {"type": "string", "pattern": "^([0-9]+|all)$"}),
-                                 ("follow", {"type": "boolean"}),
-                                 ("replica", {"type": "string"}))),
+       media="text/plain", errors=(404, 422),
+       query=(("tail", {"type": "string", "pattern": "^([0-9]+|all)$"}),
+              ("follow", {"type": "boolean"}), ("replica", {"type": "string"}))),
     Op("post", "/v1/endpoints/{name}/tokens", "New access token (shown once)",
        (201, s.TokenCreated), errors=EP_ERRORS),
     Op("get", "/v1/endpoints/{name}/tokens", "Token ids and dates", (200, s.TokenList),
@@ -132,8 +136,8 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
                                                                          components)}}}
     status, model = op.ok
     if model is None:
-        kind = JSON if op.path == "/openapi.json" else "*/*"
-        ok: dict[str, Any] = {"description": "the answer", "content": {kind: {"schema": {}}}}
+        ok: dict[str, Any] = {"description": "the answer",
+                              "content": {op.media: {"schema": {}}}}
     else:
         ok = {"description": "ok", "content": {JSON: {"schema": _schema(model, components)}}}
     if op.links:
@@ -147,7 +151,9 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
     if model is None and op.tag == "data plane":
         responses["default"] = {"description": "the model server's own answer",
                                 "content": {"*/*": {"schema": {}}}}
-    codes = set(op.errors) | ({401, 403} if op.auth != "none" and model is not None else set())
+    # The model server's own answers (data plane, no model) are covered by "default" above.
+    guarded = op.auth != "none" and (model is not None or op.tag != "data plane")
+    codes = set(op.errors) | ({401, 403} if guarded else set())
     for code in sorted(codes):
         responses[str(code)] = error
     operation: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],

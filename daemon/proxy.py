@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from daemon.errors import ApiError
-from daemon.keys import AUTH, MAX_BODY, ROUTER, UPSTREAM
+from daemon.keys import AUTH, MAX_BODY, METRICS, ROUTER, UPSTREAM
 from scheduler.pool import EndpointPool
 from scheduler.replica import Replica
 from scheduler.router import CapacityError, Router
@@ -80,21 +81,46 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     if request.method not in METHODS:  # TRACE and friends never reach a model
         raise ApiError(405, "method_not_allowed", f"{request.method} is not proxied",
                        headers={"Allow": ", ".join(sorted(METHODS))})
+    started = time.monotonic()
     router = request.app[ROUTER]
     try:
         pool = router.pool(request.match_info["name"])
-        check_token(request, pool)
-        limit = request.app[MAX_BODY]
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, "payload_too_large",
-                           f"request body of {request.content_length} bytes is over the "
-                           f"limit of {limit} (daemon.max_body_bytes)")
-        call = Call(request, pool, request.match_info.get("path", ""),
-                    request.headers.get("X-Request-Id") or os.urandom(12).hex())
+    except CapacityError as exc:
+        raise capacity_error(exc) from None
+    outcome = 499  # the client left (the handler was cancelled), unless set below
+    try:
+        response = await _invoke(request, router, pool)
+        outcome = response.status
+        return response
+    except ApiError as exc:
+        outcome = exc.status
+        raise
+    except Exception:
+        outcome = 500
+        raise
+    finally:
+        request.app[METRICS].call_ended(pool.name, outcome, time.monotonic() - started)
+
+
+async def _invoke(request: web.Request, router: Router,
+                  pool: EndpointPool) -> web.StreamResponse:
+    check_token(request, pool)
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large",
+                       f"request body of {request.content_length} bytes is over the "
+                       f"limit of {limit} (daemon.max_body_bytes)")
+    call = Call(request, pool, request.match_info.get("path", ""),
+                request.headers.get("X-Request-Id") or os.urandom(12).hex())
+    try:
         return await _serve(router, call, request.headers.get("X-Berth-Replica"))
     except CapacityError as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise ApiError(exc.status, exc.code, exc.message, headers) from None
+        raise capacity_error(exc) from None
+
+
+def capacity_error(exc: CapacityError) -> ApiError:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return ApiError(exc.status, exc.code, exc.message, headers)
 
 
 async def _serve(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:

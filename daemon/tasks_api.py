@@ -12,7 +12,7 @@ from aiohttp import web
 from daemon.control import query_limit
 from daemon.errors import ApiError
 from daemon.keys import AUTH, ROUTER
-from daemon.proxy import REQUEST_ONLY, check_token, forward_headers
+from daemon.proxy import REQUEST_ONLY, capacity_error, check_token, forward_headers
 from scheduler.callbacks import describe_task
 from scheduler.dispatch import Dispatcher, Spool, TaskFinished
 from scheduler.router import CapacityError
@@ -62,7 +62,7 @@ async def submit(request: web.Request) -> web.Response:
     try:
         pool = router.pool(request.match_info["name"])
     except CapacityError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        raise capacity_error(exc) from None
     check_token(request, pool)
     url = callback_url(request)
     task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"

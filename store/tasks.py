@@ -55,6 +55,12 @@ class TaskStore:
             rows = await cur.fetchall()
         return [_task(r, with_bodies=False) for r in rows]
 
+    async def counts(self) -> list[tuple[str, str, int]]:
+        """(endpoint, status, number of tasks) for every pair that has any."""
+        async with self._db.execute(
+                "SELECT endpoint, status, COUNT(*) FROM tasks GROUP BY endpoint, status") as cur:
+            return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
     async def queued_ids(self) -> list[tuple[str, str]]:
         """(endpoint, id) of every queued task, oldest first."""
         async with self._db.execute(

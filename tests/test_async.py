@@ -256,3 +256,13 @@ def test_a_retry_avoids_the_failed_replica_only_when_another_can_take_it(tmp_pat
     pool.replicas["b"].state = ReplicaState.STOPPED
     assert dispatcher._avoid(pool, "t") == frozenset()  # the only one left: try it again
     assert dispatcher._avoid(pool, "other") == frozenset()
+
+
+async def test_metrics_count_tasks_by_status(aplane):
+    _, client, _ = await aplane({"echo": endpoint("echo", min_replicas=1)})
+    ids = [(await (await client.post("/async/echo/echo", data=b"x")).json())["id"]
+           for _ in range(3)]
+    for task_id in ids:
+        await finished(client, task_id)
+    text = await (await client.get("/metrics")).text()
+    assert 'berth_tasks{endpoint="echo",status="succeeded"} 3.0' in text.splitlines()

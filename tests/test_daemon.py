@@ -103,15 +103,19 @@ class Berthd:
         return self.stderr_path.read_text()
 
     def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
+        status, body = self.get_bytes(path, token)
+        return status, json.loads(body)
+
+    def get_bytes(self, path: str, token: str | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
         token = token or self.token
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=5) as resp:
-                return resp.status, json.loads(resp.read())
+                return resp.status, resp.read()
         except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+            return err.code, err.read()
 
     def endpoint(self, name: str) -> dict:
         status, body = self.get(f"/v1/endpoints/{name}")
@@ -299,6 +303,9 @@ def test_admin_token_guards_the_control_api(daemon, write_config):
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert d.get("/v1/endpoints", token="wrong")[0] == 403
     assert d.get("/v1/endpoints", token="t0ken")[0] == 200
+    assert d.get("/metrics")[0] == 401  # endpoint names and GPU holders are the admin's
+    status, text = d.get_bytes("/metrics", token="t0ken")
+    assert status == 200 and b"# TYPE berth_calls_total counter" in text
 
 
 def run_berthd(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -425,8 +432,11 @@ def test_sigkill_mid_backlog_loses_no_task(daemon, write_config):
     print(f"\nkill test: {len(ids)} tasks, {len(ids)} succeeded, "
           f"{sum(a > 1 for a in attempts)} ran twice (were running at the kill), "
           f"model saw {calls} calls for {len(ids)} tasks")
-    assert calls >= len(ids) and max(attempts) <= 2
-    assert calls == sum(attempts)  # same container (adopted), every attempt reached it
+    assert max(attempts) <= 2
+    # Same container (adopted) throughout. An attempt is counted when its task is marked
+    # running, which can land just before the kill and before the call leaves berthd, so the
+    # model sees at least one call per task and at most one per attempt.
+    assert len(ids) <= calls <= sum(attempts)
 
 
 def test_result_ttl_purge_runs_as_a_job(daemon, write_config):

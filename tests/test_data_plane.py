@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import endpoint, ready_count, wait_for
 from daemon.app import build_app
@@ -38,6 +39,15 @@ async def ready(h, name: str, count: int) -> list:
 async def stats(address: str) -> dict:
     async with aiohttp.ClientSession() as s, s.get(f"http://{address}/stats") as r:
         return await r.json()
+
+
+async def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics as {(sample name, sorted labels): value}."""
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(await resp.text())
+            for s in family.samples}
 
 
 async def test_round_robin_over_three_replicas(plane):
@@ -317,3 +327,33 @@ async def test_connections_to_replicas_are_kept_alive(plane):
         resp = await client.get("/invoke/ka/echo")
         ports.add((await resp.json())["client_port"])
     assert len(ports) == 1  # five calls, one pooled connection from berth to the replica
+
+
+async def test_metrics_count_calls_by_answer_and_show_live_replicas_and_gpus(plane):
+    h, client = await plane({"m": endpoint("m", min_replicas=1, gpus=1)}, gpus=2)
+    [replica] = await ready(h, "m", 1)
+    for _ in range(2):
+        assert (await client.get("/invoke/m/echo")).status == 200
+    assert (await client.get("/invoke/m/status/418")).status == 418  # the model's answer
+    pinned = await client.get("/invoke/m/echo", headers={"X-Berth-Replica": "m-nope"})
+    assert pinned.status == 404
+    assert (await client.get("/invoke/nope/echo")).status == 404  # no series for unknown names
+    call = asyncio.create_task(client.get("/invoke/m/sleep?s=10"))
+    await wait_for(h.reconciler.pools["m"], lambda: replica.in_flight == 1, what="in flight")
+    during = await scrape(client)
+    call.cancel()  # the client leaves: counted as 499
+    await wait_for(h.reconciler.pools["m"], lambda: replica.in_flight == 0, what="slot freed")
+    after = await scrape(client)
+
+    def calls(code: str) -> float:
+        return after.get(("berth_calls_total", (("code", code), ("endpoint", "m"))), 0)
+
+    assert (calls("200"), calls("418"), calls("404"), calls("499")) == (2, 1, 1, 1)
+    assert after[("berth_call_duration_seconds_count", (("endpoint", "m"),))] == 5
+    assert not any(dict(labels).get("endpoint") == "nope" for _, labels in after)
+    assert during[("berth_calls_in_flight", (("endpoint", "m"),))] == 1
+    assert after[("berth_calls_in_flight", (("endpoint", "m"),))] == 0
+    assert after[("berth_replicas", (("endpoint", "m"), ("state", "ready")))] == 1
+    held = {dict(labels)["gpu"]: value for (name, labels), value in after.items()
+            if name == "berth_gpu_allocated"}
+    assert sorted(held.values()) == [0, 1] and len(held) == 2

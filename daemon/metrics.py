@@ -1,0 +1,126 @@
+"""GET /metrics: Prometheus text for scrapers.
+
+Counters and a histogram of data-plane calls are kept as calls end; everything else (replicas,
+waiting calls, GPUs, tasks) is read from live state at scrape time, so a removed endpoint or a
+freed GPU disappears from the next scrape instead of lingering as a stale series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from gpu import GpuAllocator, GpuSample
+from scheduler.reconciler import Reconciler
+from scheduler.replica import ReplicaState
+
+# Call durations span sub-millisecond echoes to hour-long generations.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600, 1800, 3600)
+MIB = 1024 ** 2
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+@dataclass
+class LiveState:
+    """Gauges read at scrape time; filled by `Metrics.refresh`."""
+
+    families: list[Metric] = field(default_factory=list)
+
+
+class LiveCollector(Collector):
+    def __init__(self, state: LiveState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.state.families
+
+
+class Metrics:
+    """berth's Prometheus registry: call counters fed by the data plane, live gauges at scrape.
+
+    One instance per app (no global registry), so tests and several apps in one process each
+    count their own calls.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = Counter("berth_calls", "Data-plane calls that ended, by answer status",
+                             ("endpoint", "code"), registry=self.registry)
+        self.call_seconds = Histogram(
+            "berth_call_duration_seconds", "Time from a call's arrival to its last byte",
+            ("endpoint",), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.live = LiveState()
+        self.registry.register(LiveCollector(self.live))
+
+    def call_ended(self, endpoint: str, status: int, seconds: float) -> None:
+        self.calls.labels(endpoint, str(status)).inc()
+        self.call_seconds.labels(endpoint).observe(seconds)
+
+    async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
+                      samples: dict[str, GpuSample]) -> None:
+        tasks = await reconciler.store.tasks.counts()
+        self.live.families = [*endpoint_families(reconciler), *gpu_families(allocator, samples),
+                              task_family(tasks)]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def endpoint_families(reconciler: Reconciler) -> list[Metric]:
+    replicas = GaugeMetricFamily("berth_replicas", "Replicas by state", labels=("endpoint",
+                                                                               "state"))
+    in_flight = GaugeMetricFamily("berth_calls_in_flight", "Calls and tasks running on replicas",
+                                  labels=("endpoint",))
+    waiting = GaugeMetricFamily("berth_calls_waiting", "Calls waiting for a replica slot",
+                                labels=("endpoint",))
+    error = GaugeMetricFamily("berth_endpoint_error", "1 while the endpoint is in an error "
+                              "state (missing image or secret)", labels=("endpoint",))
+    for pool in reconciler.pools.values():
+        if pool.removed:
+            continue
+        for state in (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY,
+                      ReplicaState.DRAINING):
+            replicas.add_metric((pool.name, state.value), pool.count(state))
+        in_flight.add_metric((pool.name,), sum(r.in_flight for r in pool.replicas.values()))
+        waiting.add_metric((pool.name,), pool.waiting)
+        error.add_metric((pool.name,), 1 if pool.error else 0)
+    return [replicas, in_flight, waiting, error]
+
+
+def gpu_families(allocator: GpuAllocator, samples: dict[str, GpuSample]) -> list[Metric]:
+    labels = ("gpu", "uuid", "name")
+    held = GaugeMetricFamily("berth_gpu_allocated", "1 while a replica holds the GPU",
+                             labels=labels)
+    util = GaugeMetricFamily("berth_gpu_utilization_ratio", "GPU busy ratio, 0 to 1, when sampled",
+                             labels=labels)
+    memory = GaugeMetricFamily("berth_gpu_memory_used_bytes", "GPU memory in use, when sampled",
+                               labels=labels)
+    temp = GaugeMetricFamily("berth_gpu_temperature_celsius", "GPU temperature, when sampled",
+                             labels=labels)
+    owners = allocator.owners()
+    for gpu in allocator.gpus:
+        key = (str(gpu.index), gpu.uuid, gpu.name)
+        held.add_metric(key, 1 if gpu.uuid in owners else 0)
+        sample = samples.get(gpu.uuid, GpuSample())
+        if sample.utilization_pct is not None:
+            util.add_metric(key, sample.utilization_pct / 100)
+        if sample.memory_used_mib is not None:
+            memory.add_metric(key, sample.memory_used_mib * MIB)
+        if sample.temperature_c is not None:
+            temp.add_metric(key, sample.temperature_c)
+    return [held, util, memory, temp]
+
+
+def task_family(counts: list[tuple[str, str, int]]) -> Metric:
+    tasks = GaugeMetricFamily("berth_tasks", "Async tasks kept in the store, by status",
+                              labels=("endpoint", "status"))
+    for endpoint, status, n in counts:
+        tasks.add_metric((endpoint, status), n)
+    return tasks
+
