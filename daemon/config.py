@@ -6,6 +6,7 @@ both speak the same field names and give the same errors.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Sequence
@@ -20,6 +21,10 @@ VOLUME_PATTERN = re.compile(r"^(/[^:]*):(/[^:]*)(:(ro|rw))?$")
 SIZE_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
 SIZE_SCHEMA: dict[str, Any] = {"pattern": SIZE_PATTERN.pattern}
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+ORIGIN = re.compile(r"^https?://[^/\s]+$")
+CAPABILITY = re.compile(r"^(CAP_)?[A-Z_]{2,32}$")
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 30 * 86400.0  # timers beyond 30 days overflow uvloop
 
 
@@ -30,10 +35,22 @@ def _whole_number(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_whole_number)]
 
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as "512m", "10g" or 4096 (already checked by SIZE_PATTERN)."""
+    if isinstance(text, int):
+        return text
+    unit = text[-1].lower() if text[-1].isalpha() else ""
+    return int(float(text[:len(text) - len(unit)]) * SIZE_UNITS[unit])
+
+
+Size = Annotated[int, BeforeValidator(lambda v: parse_size(v)
+                                      if isinstance(v, str) and SIZE_PATTERN.match(v) else v)]
+
 # Fields whose change alters what a replica runs: a change to any of them rolls the replicas.
 RUNTIME_FIELDS = frozenset(
     {"image", "command", "args", "port", "env", "secrets", "volumes", "shm_size", "cpus",
-     "memory", "gpus", "gpu_type", "readiness", "liveness"}
+     "memory", "gpus", "gpu_type", "readiness", "liveness", "pids_limit", "cap_add", "user"}
 )
 
 
@@ -86,6 +103,24 @@ class EndpointFields(Strict):
     public: bool = False
     priority: Int = Field(0, ge=-1000, le=1000)
     labels: dict[str, str] = Field(default_factory=dict)
+    async_queue_limit: Int = Field(1000, ge=0, le=10_000_000)
+    async_queue_bytes: str = Field("10g", json_schema_extra=SIZE_SCHEMA)
+    pids_limit: Int = Field(4096, ge=16, le=4_194_304)
+    cap_add: list[str] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "pattern": CAPABILITY.pattern}})
+    user: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$")
+
+    @field_validator("cap_add")
+    @classmethod
+    def _capabilities(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not CAPABILITY.match(item):
+                raise ValueError(f"{item!r} is not a capability name such as \"SYS_NICE\"")
+        return value
+
+    @property
+    def async_queue_max_bytes(self) -> int:
+        return parse_size(self.async_queue_bytes)
 
     @field_validator("volumes")
     @classmethod
@@ -95,7 +130,7 @@ class EndpointFields(Strict):
                 raise ValueError(f"{item!r} is not \"/host/path:/container/path[:ro]\"")
         return value
 
-    @field_validator("shm_size", "memory")
+    @field_validator("shm_size", "memory", "async_queue_bytes")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
         if value is not None and not SIZE_PATTERN.match(value):
@@ -143,6 +178,47 @@ class DaemonSettings(Strict):
     callback_secret_file: str | None = None
     callback_retry_s: float = Field(3600.0, ge=0)
     callback_backoff_s: float = Field(1.0, gt=0)
+    # Networks (CIDRs) and host names callbacks may reach although private or local.
+    callback_allow: list[str] = Field(default_factory=list)
+    # Host names (besides the listener's literal address) the API answers to.
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost"])
+    # Origins (scheme://host[:port]) besides berthd's own whose browser requests are let in.
+    allowed_origins: list[str] = Field(default_factory=list)
+    # Host paths endpoints may mount; empty: any.
+    allowed_volume_prefixes: list[str] = Field(default_factory=list)
+    # Below this much free space in state_dir new async tasks are refused (507).
+    min_free_disk: Size = Field(2 * 1024 ** 3, ge=0)
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    keepalive_timeout_s: float = Field(15.0, gt=0, le=3600)
+    max_connections: Int = Field(4096, ge=1)
+    max_connections_per_client: Int = Field(256, ge=1)
+
+    @field_validator("callback_allow")
+    @classmethod
+    def _networks_or_hosts(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                if not HOST_NAME.match(item):
+                    raise ValueError(f"{item!r} is neither a CIDR nor a host name") from None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not ORIGIN.match(item):
+                raise ValueError(f"{item!r} is not an origin such as \"https://host:8443\"")
+        return [v.lower() for v in value]
+
+    @field_validator("allowed_volume_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.startswith("/"):
+                raise ValueError(f"{item!r} is not an absolute path")
+        return value
 
 
 class DockerSettings(Strict):
@@ -151,6 +227,10 @@ class DockerSettings(Strict):
     gpu_mode: Literal["auto", "nvidia", "cdi", "env"] = "auto"
     stop_timeout_s: float = Field(10.0, ge=0)
     pull: bool = True
+    # Replicas may open connections beyond their own endpoint's network (model downloads).
+    # false: each endpoint's network is internal (no route out), isolated even without
+    # Docker's iptables rules.
+    egress: bool = True
 
 
 class GpuDevice(Strict):
