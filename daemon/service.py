@@ -18,6 +18,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from daemon.app import build_app
 from daemon.auth import Auth
 from daemon.config import Config, ConfigError, gpu_issues
+from daemon.connections import ConnectionLimits, GuardedSite, header_deadline
 from gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
 from scheduler.callbacks import CallbackSender
 from scheduler.dispatch import Dispatcher, DispatchSettings
@@ -176,18 +177,24 @@ class Berth:
                         max_body_bytes=self.config.daemon.max_body_bytes,
                         dispatcher=self.dispatcher,
                         max_async_body_bytes=self.config.daemon.max_async_body_bytes)
+        daemon = self.config.daemon
+        # First, and before setup freezes the app: it stops the connection's header clock
+        # while a request is served, around everything the request does.
+        app.middlewares.insert(0, header_deadline)
         # handler_cancellation: a client that leaves cancels its call and frees its slot.
-        self.runner = web.AppRunner(app, shutdown_timeout=self.config.daemon.shutdown_grace_s,
-                                    access_log=None, handler_cancellation=True)
+        self.runner = web.AppRunner(app, shutdown_timeout=daemon.shutdown_grace_s,
+                                    access_log=None, handler_cancellation=True,
+                                    keepalive_timeout=daemon.keepalive_timeout_s)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, listen.host, listen.port)
+        limits = ConnectionLimits(daemon.header_timeout_s, daemon.max_connections,
+                                  daemon.max_connections_per_client)
+        site = GuardedSite(self.runner, listen.host, listen.port, limits)
         try:
             await site.start()
         except OSError as exc:
             raise StartupError(f"daemon.listen: cannot listen on {listen.host}:{listen.port}: "
                                f"{exc.strerror}", EXIT_CONFIG) from exc
-        addresses = self.runner.addresses  # the bound ones: listen may ask for port 0
-        self.port = int(addresses[0][1]) if addresses else listen.port
+        self.port = site.port  # the bound one: listen may ask for port 0
         log.info("listening", address=f"{listen.host}:{self.port}")
 
     def _start_jobs(self) -> None:

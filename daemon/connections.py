@@ -1,0 +1,270 @@
+"""Connection limits for the HTTP listener: a header deadline and caps on open connections.
+
+aiohttp reads a request's headers for as long as the client cares to drip them, and takes
+every connection it is offered, so a few hundred idle sockets hold berthd's file descriptors
+for good. Between the listening socket and aiohttp this module puts:
+
+- a header deadline: the complete headers of a request must arrive within
+  `header_timeout_s` of connecting, and within that time of the first byte of each later
+  request on a keep-alive connection; else the connection is closed. The clock stops while
+  a request is served (the `header_deadline` middleware tells it when), so long calls and
+  slow streams are never cut. A keep-alive connection that sends nothing after a response is
+  left to aiohttp's `keepalive_timeout`, which also closes one that sent part of a pipelined
+  request while the previous one was served.
+- caps on open connections, in total and per client address: a connection beyond either is
+  answered `503 too_many_connections` at once and closed, before aiohttp sees it.
+
+Use: put `header_deadline` first in the app's middlewares before `runner.setup()`, then
+listen with `GuardedSite` instead of `web.TCPSite`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
+from yarl import URL
+
+log = structlog.get_logger("berth.connections")
+
+WARN_EVERY_S = 60.0  # a flood of refusals logs one warning a minute, not one per connection
+
+
+def _refusal() -> bytes:
+    body = json.dumps({"error": {"code": "too_many_connections",
+                                 "message": "too many open connections; retry later"}},
+                      separators=(",", ":")).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+REFUSAL = _refusal()  # immutable bytes, built once: refusing must cost next to nothing
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What a listener allows (the `daemon.*` settings of the same names)."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 4096
+    max_connections_per_client: int = 256
+
+
+def client_key(peername: Any) -> str:
+    """The address a connection counts against: its peer IP, an IPv4-mapped IPv6 address as
+    IPv4 (one client reaching a dual-stack socket is one client)."""
+    host = peername[0] if isinstance(peername, tuple) and peername else str(peername)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class ConnectionGuard:
+    """A protocol factory for `loop.create_server` in front of an aiohttp `web.Server`.
+
+    Counts open connections by client address; each connection gets a `GuardedConnection`,
+    which hands it to a fresh aiohttp RequestHandler if the caps allow, else refuses it."""
+
+    def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
+        self.server = server
+        self.limits = limits
+        self.refused = 0  # connections refused since start, for logs and metrics
+        self._total = 0
+        self._per_client: dict[str, int] = {}
+        self._warned_at = -WARN_EVERY_S
+
+    def __call__(self) -> GuardedConnection:
+        return GuardedConnection(self)
+
+    @property
+    def open_connections(self) -> int:
+        return self._total
+
+    def from_client(self, key: str) -> int:
+        """How many connections `key` has open."""
+        return self._per_client.get(key, 0)
+
+    def admit(self, key: str) -> bool:
+        """Count a new connection from `key` and say True, or say False if a cap is reached
+        (and count nothing: a refused connection is never `release`d)."""
+        if self._total >= self.limits.max_connections:
+            return self._refuse(key, "daemon.max_connections")
+        if self.from_client(key) >= self.limits.max_connections_per_client:
+            return self._refuse(key, "daemon.max_connections_per_client")
+        self._total += 1
+        self._per_client[key] = self.from_client(key) + 1
+        return True
+
+    def release(self, key: str) -> None:
+        """Uncount an admitted connection that closed."""
+        self._total -= 1
+        left = self.from_client(key) - 1
+        if left > 0:
+            self._per_client[key] = left
+        else:
+            del self._per_client[key]  # no entry per client ever seen: the map stays small
+
+    def _refuse(self, key: str, limit: str) -> bool:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("connections refused: limit reached", limit=limit, client=key,
+                        open=self._total, refused_since_start=self.refused)
+        return False
+
+
+class GuardedConnection(asyncio.Protocol):
+    """One accepted connection: admits or refuses it, runs its header deadline, and passes
+    everything else through to the aiohttp RequestHandler it wraps."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
+        self._handler: RequestHandler | None = None  # None: refused, or not yet connected
+        self._transport: asyncio.Transport | None = None
+        self._key = ""
+        self._admitted = False  # counted by the guard, so to be released when it closes
+        self._timer: asyncio.TimerHandle | None = None
+        self._serving = False  # a request's handler is running: the clock is stopped
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._key = client_key(transport.get_extra_info("peername"))
+        if not self._guard.admit(self._key):
+            # Refused before reading anything: a client that already sent its request may
+            # see a reset instead of the 503, but the socket is freed at once either way.
+            self._transport.write(REFUSAL)
+            self._transport.close()
+            return
+        self._admitted = True
+        self._arm()
+        self._handler = self._guard.server()
+        self._handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        handler, self._handler = self._handler, None
+        try:
+            if handler is not None:
+                handler.connection_lost(exc)
+        finally:
+            if self._admitted:
+                self._admitted = False
+                self._guard.release(self._key)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is None:
+            return  # refused and closing: whatever the client sent is dropped
+        if self._timer is None and not self._serving:
+            self._arm()  # first byte of the next request on a keep-alive connection
+        self._handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self._handler is not None:
+            self._handler.eof_received()  # None, as aiohttp's: the transport closes itself
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def request_started(self) -> None:
+        """A request's headers are complete and its handler runs: stop the clock."""
+        self._serving = True
+        self._disarm()
+
+    def request_finished(self) -> None:
+        """The handler is done: the next request's clock starts at its first byte."""
+        self._serving = False
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._guard.limits.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            log.debug("connection closed: no complete request headers in time",
+                      client=self._key, timeout_s=self._guard.limits.header_timeout_s)
+            self._transport.close()  # connection_lost follows, and tells the handler
+
+
+def _connection(request: web.Request) -> GuardedConnection | None:
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, GuardedConnection) else None
+
+
+@web.middleware
+async def header_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Stop the connection's header clock while this request is served. Must come first in
+    the middlewares, so that it wraps everything the request does; a no-op on connections
+    not made through a ConnectionGuard (tests' clients, other sites)."""
+    connection = _connection(request)
+    if connection is None:
+        return await handler(request)
+    connection.request_started()
+    try:
+        return await handler(request)
+    finally:
+        connection.request_finished()
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP listener like `web.TCPSite` whose connections pass through a ConnectionGuard.
+
+    Make it after `runner.setup()`, from an app whose first middleware is `header_deadline`
+    (checked: without it every request would be cut at the header deadline). `port` is the
+    bound port once started, for a listen address that asks for port 0."""
+
+    __slots__ = ("_bound_port", "_host", "_port", "guard")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits,
+                 *, backlog: int = 128) -> None:
+        super().__init__(runner, backlog=backlog)
+        if isinstance(runner, web.AppRunner) and header_deadline not in runner.app.middlewares:
+            raise RuntimeError("GuardedSite needs connections.header_deadline among the app's "
+                               "middlewares, added before runner.setup()")
+        assert runner.server is not None  # BaseSite raised otherwise
+        self.guard = ConnectionGuard(runner.server, limits)
+        self._host = host
+        self._port = port
+        self._bound_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        return self._bound_port if self._bound_port is not None else self._port
+
+    @property
+    def name(self) -> str:
+        return str(URL.build(scheme="http", host=self._host, port=self.port))
+
+    async def start(self) -> None:
+        """Listen as TCPSite.start does, with the guard as the protocol factory."""
+        await super().start()  # registers the site with the runner, which stops it on cleanup
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self.guard, self._host, self._port,
+                                          backlog=self._backlog)
+        self._server = server
+        self._bound_port = server.sockets[0].getsockname()[1] if server.sockets else self._port
