@@ -63,6 +63,7 @@ class TaskRecord:
     callback_attempts: int = 0
     callback_error: str | None = None
     purged_at: float | None = None
+    body_size: int = 0  # bytes of the request body, inline or in its file
 
     @property
     def finished(self) -> bool:

@@ -93,6 +93,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX tokens_endpoint ON tokens (endpoint);
     """,
+    # 4: an endpoint's tokens go in the same statement as the endpoint (a trigger runs inside
+    # the DELETE's transaction), so a re-created endpoint never honours its old tokens; task
+    # body sizes, for the per-endpoint bound on stored async bodies.
+    """
+    CREATE TRIGGER endpoint_tokens_go_with_it AFTER DELETE ON endpoints
+    BEGIN
+        DELETE FROM tokens WHERE endpoint = OLD.name;
+    END;
+    DELETE FROM tokens WHERE endpoint NOT IN (SELECT name FROM endpoints);
+    ALTER TABLE tasks ADD COLUMN body_size INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

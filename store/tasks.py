@@ -26,6 +26,31 @@ class TaskStore:
         await self._db.execute(f"INSERT INTO tasks ({', '.join(row)}) VALUES ({marks})",
                                tuple(row.values()))
 
+    async def add_within(self, task: TaskRecord, max_queued: int,
+                         max_bytes: int) -> bool:
+        """Add a queued task unless its endpoint already has `max_queued` tasks queued or its
+        queued and running bodies would pass `max_bytes`. One statement: two submits racing
+        for the last place cannot both get it."""
+        row = _row(task)
+        marks = ", ".join("?" for _ in row)
+        cursor = await self._db.execute(
+            f"INSERT INTO tasks ({', '.join(row)}) SELECT {marks} WHERE"
+            " (SELECT count(*) FROM tasks WHERE endpoint = ? AND status = 'queued') < ? AND"
+            " (SELECT coalesce(sum(body_size), 0) FROM tasks WHERE endpoint = ?"
+            "  AND status IN ('queued', 'running')) + ? <= ?",
+            (*row.values(), task.endpoint, max_queued, task.endpoint, task.body_size,
+             max_bytes))
+        return cursor.rowcount == 1
+
+    async def backlog(self, endpoint: str) -> tuple[int, int]:
+        """(tasks queued, bytes of queued and running bodies) of one endpoint."""
+        async with self._db.execute(
+                "SELECT count(*) FILTER (WHERE status = 'queued'), coalesce(sum(body_size), 0)"
+                " FROM tasks WHERE endpoint = ? AND status IN ('queued', 'running')",
+                (endpoint,)) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     async def update(self, task: TaskRecord, *fields: str) -> None:
         """Write the named fields of the task (all but id when none are named)."""
         row = _row(task)
