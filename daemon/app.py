@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from daemon.auth import Auth
+from daemon.browser import BrowserGuard, browser_middleware
 from daemon.control import add_control_api
-from daemon.errors import ApiError, error_response
+from daemon.errors import ApiError, error_response, storage_error
 from daemon.keys import AUTH, METRICS
 from daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from daemon.openapi import add_openapi
 from daemon.proxy import add_data_plane
-from daemon.tasks_api import add_async_plane
+from daemon.tasks_api import Intake, add_async_plane
 from gpu import GpuAllocator, GpuSample
 from scheduler.dispatch import Dispatcher
 from scheduler.reconciler import Reconciler
@@ -28,11 +31,13 @@ ALLOCATOR = web.AppKey("allocator", GpuAllocator)
 GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+WRITES = web.AppKey("writes", set[asyncio.Future[web.StreamResponse]])
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-          422: "invalid", 429: "too_many_requests"}
+          415: "unsupported_media_type", 421: "misdirected_request", 422: "invalid",
+          429: "too_many_requests"}
 
 
 @web.middleware
@@ -50,6 +55,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status == 404:
             message = f"no route for {request.method} {request.path}"
         return error_response(exc.status, _CODES.get(exc.status, "http_error"), message, headers)
+    except (sqlite3.Error, OSError) as exc:  # a full or failing disk is not the caller's fault
+        log.warning("storage error serving %s %s: %s", request.method, request.path, exc)
+        error = storage_error(exc)
+        return error_response(error.status, error.code, error.message, error.headers)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the berthd log")
@@ -63,9 +72,45 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
     return await handler(request)
 
 
+@web.middleware
+async def complete_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A write (control API, task submit or cancel) runs to its end even when its client
+    leaves: aiohttp cancels the handler of a closed connection, and a write cut between
+    SQLite and memory would leave them disagreeing. Sync calls (/invoke) are left to be
+    cancelled: that frees their slot."""
+    if request.method in ("GET", "HEAD", "OPTIONS") or request.path.startswith("/invoke/"):
+        return await handler(request)
+    task = asyncio.ensure_future(handler(request))
+    writes = request.app[WRITES]
+    writes.add(task)
+    task.add_done_callback(writes.discard)
+    task.add_done_callback(_finished_write)
+    return await asyncio.shield(task)
+
+
+def _finished_write(task: asyncio.Future[web.StreamResponse]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a client that left never sees it, nor should the log
+
+
+async def writes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: writes whose clients left still finish before the app closes."""
+    writes: set[asyncio.Future[web.StreamResponse]] = set()
+    app[WRITES] = writes
+    yield
+    while writes:
+        await asyncio.gather(*list(writes), return_exceptions=True)
+
+
 async def healthz(request: web.Request) -> web.Response:
-    pools = request.app[RECONCILER].pools
-    return web.json_response({"status": "ok", "endpoints": len(pools)})
+    """200 when berthd can do its job; 503 while the Docker engine is unreachable."""
+    reconciler = request.app[RECONCILER]
+    runtime = reconciler.runtime
+    if runtime.engine_up:
+        return web.json_response({"status": "ok", "endpoints": len(reconciler.pools)})
+    return web.json_response({"status": "degraded", "endpoints": len(reconciler.pools),
+                              "docker": f"unreachable since {runtime.down_since:.0f}: "
+                                        f"{runtime.down_reason}"}, status=503)
 
 
 def _gpu_names(request: web.Request) -> dict[str, Any]:
@@ -116,21 +161,28 @@ async def metrics(request: web.Request) -> web.Response:
 def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str = "",
               gpu_samples: dict[str, GpuSample] | None = None,
               max_body_bytes: int = 100 * 1024 ** 2, dispatcher: Dispatcher | None = None,
-              max_async_body_bytes: int = 1024 ** 3, auth: Auth | None = None
-              ) -> web.Application:
-    """The whole HTTP surface. Control bodies are small (1 MiB); call bodies stream."""
-    app = web.Application(middlewares=[json_errors, admin_auth], client_max_size=1024 ** 2)
+              max_async_body_bytes: int = 1024 ** 3, auth: Auth | None = None,
+              guard: BrowserGuard | None = None, min_free_disk: int = 0,
+              volume_prefixes: tuple[str, ...] = ()) -> web.Application:
+    """The whole HTTP surface. Control bodies are small (1 MiB); call bodies stream.
+
+    `guard` defaults to a loopback listener answering to 127.0.0.1 and localhost."""
+    guard = guard or BrowserGuard.build("127.0.0.1", ["localhost"], [])
+    app = web.Application(middlewares=[json_errors, browser_middleware(guard), admin_auth,
+                                       complete_writes], client_max_size=1024 ** 2)
+    app.cleanup_ctx.append(writes_ctx)
     app[RECONCILER] = reconciler
     app[ALLOCATOR] = allocator
     app[AUTH] = auth if auth is not None else Auth(admin=admin_token)
+    reconciler.removal_listeners.append(app[AUTH].forget_endpoint)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[METRICS] = Metrics()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/gpus", list_gpus)
-    add_control_api(app, list_endpoints, get_endpoint)
+    add_control_api(app, list_endpoints, get_endpoint, volume_prefixes)
     add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), max_body_bytes)
     if dispatcher is not None:
-        add_async_plane(app, dispatcher, max_async_body_bytes)
+        add_async_plane(app, dispatcher, Intake(max_async_body_bytes, min_free_disk))
     add_openapi(app)
     return app

@@ -43,6 +43,12 @@ class Auth:
         self.endpoint_tokens = {t["hash"]: (t["endpoint"], t["id"])
                                 for t in await store.tokens()}
 
+    def forget_endpoint(self, endpoint: str) -> None:
+        """The endpoint is gone (its tokens left the store with it): drop them here too."""
+        for key, owner in list(self.endpoint_tokens.items()):
+            if owner[0] == endpoint:
+                del self.endpoint_tokens[key]
+
     @staticmethod
     def _presented(request: web.Request) -> str:
         given = request.headers.get("Authorization", "")
@@ -55,10 +61,16 @@ class Auth:
         return hmac.compare_digest(token.encode(), self.admin.encode())
 
     def require_admin(self, request: web.Request) -> None:
+        """401 for a missing, unknown or revoked token; 403 for an endpoint's token."""
         if self.open:
             return
-        if not self._is_admin(self._presented(request)):
-            raise ApiError(403, "forbidden", "this call needs the admin token")
+        token = self._presented(request)
+        if self._is_admin(token):
+            return
+        if digest(token) in self.endpoint_tokens:
+            raise ApiError(403, "forbidden", "this call needs the admin token; an endpoint's "
+                           "token only calls its endpoint")
+        raise ApiError(401, "unauthorized", "unknown or revoked token")
 
     def require_endpoint(self, request: web.Request, endpoint: str, public: bool) -> None:
         """A token of `endpoint` or the admin token (nothing when public or open)."""

@@ -7,6 +7,7 @@ both speak the same field names and give the same errors.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 import tomllib
 from collections.abc import Sequence
@@ -228,8 +229,7 @@ class DockerSettings(Strict):
     stop_timeout_s: float = Field(10.0, ge=0)
     pull: bool = True
     # Replicas may open connections beyond their own endpoint's network (model downloads).
-    # false: each endpoint's network is internal (no route out), isolated even without
-    # Docker's iptables rules.
+    # false: each endpoint's network is internal (no route out of the box).
     egress: bool = True
 
 
@@ -311,6 +311,22 @@ def check_endpoint(spec: EndpointSpec, path: str) -> list[ConfigIssue]:
     return []
 
 
+def volume_issues(spec: EndpointSpec, prefixes: Sequence[str] | tuple[str, ...],
+                  path: str) -> list[ConfigIssue]:
+    """Volumes whose host path lies outside daemon.allowed_volume_prefixes (none: any)."""
+    if not prefixes:
+        return []
+    issues = []
+    for i, volume in enumerate(spec.volumes):
+        host = posixpath.normpath(volume.split(":", 1)[0])
+        if not any(host == p.rstrip("/") or host.startswith(p.rstrip("/") + "/")
+                   or p.rstrip("/") == "" for p in prefixes):
+            issues.append(ConfigIssue(f"{path}.volumes.{i}".lstrip("."),
+                                      f"host path {host} is outside "
+                                      f"daemon.allowed_volume_prefixes ({', '.join(prefixes)})"))
+    return issues
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     data = dict(data)
@@ -330,6 +346,10 @@ def parse_config(data: dict[str, Any]) -> Config:
         issues += found
         if spec is not None:
             endpoints[name] = spec
+    if config is not None:
+        for name, spec in endpoints.items():
+            issues += volume_issues(spec, config.daemon.allowed_volume_prefixes,
+                                    f"endpoints.{name}")
     if config is not None and not issues:
         return config.model_copy(update={"endpoints": endpoints})
     raise ConfigError(issues, _partial(config, data, endpoints))

@@ -7,6 +7,9 @@ speak the same field names and give the same errors (422, every wrong field by i
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +30,7 @@ from daemon.config import (
     check_endpoint,
     gpu_shortage,
     issues_from_validation,
+    volume_issues,
 )
 from daemon.errors import ApiError, json_body
 from daemon.keys import ROUTER
@@ -36,14 +40,21 @@ from scheduler.replica import ReplicaState
 from scheduler.runtime import DockerRuntime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DIGITS = re.compile(r"[0-9]{1,9}")
+VOLUME_PREFIXES = web.AppKey("volume_prefixes", tuple[str, ...])
 
 def reconciler_of(request: web.Request) -> Reconciler:
     return request.app[ROUTER].reconciler
 
 
+def is_count(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() then refuses."""
+    return DIGITS.fullmatch(text) is not None
+
+
 def query_limit(request: web.Request, default: int = 1000, most: int = 10000) -> int:
     text = request.query.get("limit", str(default))
-    if not text.isdigit() or not 1 <= int(text) <= most:
+    if not is_count(text) or not 1 <= int(text) <= most:
         raise ApiError(422, "invalid", f"limit must be a whole number from 1 to {most}",
                        details=[{"path": "limit", "message": "out of range"}])
     return int(text)
@@ -57,14 +68,16 @@ def query_flag(request: web.Request, name: str) -> bool:
     return text in ("true", "1")
 
 
-def validate_spec(data: dict[str, Any], reconciler: Reconciler) -> EndpointSpec:
+def validate_spec(data: dict[str, Any], request: web.Request) -> EndpointSpec:
     """An EndpointSpec from API data, or 422 naming every wrong field by its path."""
+    reconciler = reconciler_of(request)
     try:
         spec = EndpointSpec.model_validate(data)
     except ValidationError as exc:
         issues = issues_from_validation(exc)
     else:
         issues = check_endpoint(spec, "")
+        issues += volume_issues(spec, request.app[VOLUME_PREFIXES], "")
         shortage = gpu_shortage(spec, reconciler.allocator.gpus)
         if shortage is not None:
             issues.append(ConfigIssue("gpus", shortage))
@@ -98,7 +111,7 @@ async def create_endpoint(request: web.Request) -> web.Response:
     name = data.get("name")
     if isinstance(name, str) and (writable_pool(request, name) is not None):
         raise ApiError(409, "endpoint_exists", f"endpoint {name} already exists")
-    spec = validate_spec(data, reconciler)
+    spec = validate_spec(data, request)
     await reconciler.put_endpoint(spec, "api")
     return web.json_response(describe(request, reconciler.pools[spec.name]), status=201)
 
@@ -112,7 +125,7 @@ async def replace_endpoint(request: web.Request) -> web.Response:
                        details=[{"path": "name", "message": "must match the URL"}])
     existed = writable_pool(request, name) is not None
     reconciler = reconciler_of(request)
-    await reconciler.put_endpoint(validate_spec(data, reconciler), "api")
+    await reconciler.put_endpoint(validate_spec(data, request), "api")
     return web.json_response(describe(request, reconciler.pools[name]),
                              status=200 if existed else 201)
 
@@ -134,7 +147,7 @@ async def patch_endpoint(request: web.Request) -> web.Response:
         else:
             merged[key] = value
     reconciler = reconciler_of(request)
-    await reconciler.put_endpoint(validate_spec(merged, reconciler), "api")
+    await reconciler.put_endpoint(validate_spec(merged, request), "api")
     return web.json_response(describe(request, reconciler.pools[name]))
 
 
@@ -157,7 +170,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     if pool is None or pool.removed:
         raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
     tail_text = request.query.get("tail", "100")
-    if not tail_text.isdigit() and tail_text != "all":
+    if not is_count(tail_text) and tail_text != "all":
         raise ApiError(422, "invalid", "tail must be a number of lines or 'all'",
                        details=[{"path": "tail", "message": "not a number"}])
     follow = query_flag(request, "follow")
@@ -169,7 +182,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
     logs = ReplicaLogs(reconciler_of(request).runtime, follow)
-    tail = int(tail_text) if tail_text.isdigit() else "all"
+    tail = int(tail_text) if is_count(tail_text) else "all"
     for replica in replicas:
         logs.add(replica.id, str(replica.container_id), tail)
     try:
@@ -186,13 +199,16 @@ class ReplicaLogs:
     following, replicas started after the stream began join it, from their first line."""
 
     RESCAN_S = 1.0
+    MAX_BEHIND = 10_000  # lines a slow client may fall behind before its stream is cut
 
-    def __init__(self, runtime: DockerRuntime, follow: bool) -> None:
+    def __init__(self, runtime: DockerRuntime, follow: bool,
+                 max_behind: int = MAX_BEHIND) -> None:
         self.runtime = runtime
         self.follow = follow
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=max_behind)
         self.readers: dict[str, asyncio.Task[None]] = {}
         self.open = 0  # readers that have not ended
+        self.cut = False  # a reader found the queue full: the client reads too slowly
 
     def add(self, replica_id: str, container_id: str, tail: int | str) -> None:
         self.open += 1
@@ -205,14 +221,24 @@ class ReplicaLogs:
             async for chunk in self.runtime.stream_logs(container_id, tail, self.follow):
                 *whole, buffer = (buffer + chunk).split(b"\n")
                 for line in whole:
-                    await self.queue.put(prefix + line + b"\n")
+                    self._put(prefix + line + b"\n")
             if buffer:
-                await self.queue.put(prefix + buffer + b"\n")
+                self._put(prefix + buffer + b"\n")
+        except asyncio.QueueFull:
+            self.cut = True  # never buffer without bound for a client that does not read
         finally:
-            await self.queue.put(None)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
+
+    def _put(self, line: bytes) -> None:
+        self.queue.put_nowait(line)
 
     async def lines(self, pool: EndpointPool, wanted: str | None) -> AsyncIterator[bytes]:
         while self.follow or self.open or not self.queue.empty():
+            if self.cut:
+                yield (f"[berth] log stream cut: the client fell {self.queue.maxsize} lines "
+                       "behind\n").encode()
+                return
             if self.follow:
                 for r in list(pool.replicas.values()):
                     if r.container_id and r.id not in self.readers and wanted in (None, r.id):
@@ -235,6 +261,8 @@ class ReplicaLogs:
 async def list_events(request: web.Request) -> web.Response:
     try:
         since = float(request.query.get("since", "0"))
+        if not math.isfinite(since):
+            raise ValueError("not finite")
     except ValueError:
         raise ApiError(422, "invalid", "since must be a number (unix time)",
                        details=[{"path": "since", "message": "not a number"}]) from None
@@ -247,7 +275,8 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 def add_control_api(app: web.Application, list_endpoints: Handler,
-                    get_endpoint: Handler) -> None:
+                    get_endpoint: Handler, volume_prefixes: tuple[str, ...] = ()) -> None:
+    app[VOLUME_PREFIXES] = volume_prefixes
     app.router.add_get("/v1/endpoints", list_endpoints)
     app.router.add_post("/v1/endpoints", create_endpoint)
     app.router.add_get("/v1/endpoints/{name}", get_endpoint)

@@ -19,6 +19,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from daemon.errors import ApiError
 from daemon.keys import AUTH, MAX_BODY, METRICS, ROUTER, UPSTREAM
@@ -33,7 +34,10 @@ log = structlog.get_logger("berth.proxy")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
                         "content-length"})
-REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"})
+# Client-supplied forwarding headers are dropped: berth sets them itself (forwarded_headers).
+FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
+                        "x-forwarded-host", "x-real-ip"})
+REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"}) | FORWARDING
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -77,6 +81,19 @@ def forward_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMulti
     return out
 
 
+def forwarded_headers(request: web.Request) -> dict[str, str]:
+    """What berth tells the model about the caller: never what the caller claims itself."""
+    return {"X-Forwarded-For": request.remote or "", "X-Forwarded-Proto": request.scheme,
+            "X-Forwarded-Host": request.host}
+
+
+def raw_tail(request: web.Request) -> str:
+    """The path after /invoke/{name}/ (or /async/{name}/) as the client encoded it, so that
+    %3F or %2F reach the model as sent instead of turning into a query or a separator."""
+    parts = request.rel_url.raw_path.split("/", 3)
+    return parts[3] if len(parts) > 3 else ""
+
+
 async def invoke(request: web.Request) -> web.StreamResponse:
     if request.method not in METHODS:  # TRACE and friends never reach a model
         raise ApiError(405, "method_not_allowed", f"{request.method} is not proxied",
@@ -110,7 +127,7 @@ async def _invoke(request: web.Request, router: Router,
         raise ApiError(413, "payload_too_large",
                        f"request body of {request.content_length} bytes is over the "
                        f"limit of {limit} (daemon.max_body_bytes)")
-    call = Call(request, pool, request.match_info.get("path", ""),
+    call = Call(request, pool, raw_tail(request),
                 request.headers.get("X-Request-Id") or os.urandom(12).hex())
     try:
         return await _serve(router, call, request.headers.get("X-Berth-Replica"))
@@ -163,9 +180,10 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
     """Send the call to one replica and stream its answer back, under request_timeout_s."""
     request, spec = call.request, call.pool.spec
     url = f"http://{replica.address}/{call.path}"
-    if request.query_string:
-        url += f"?{request.query_string}"
+    if request.rel_url.raw_query_string:
+        url += f"?{request.rel_url.raw_query_string}"
     headers = forward_headers(request.headers, REQUEST_ONLY)
+    headers.update(forwarded_headers(request))
     headers["X-Request-Id"] = call.request_id
     if request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
@@ -174,7 +192,7 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
     session = request.app[UPSTREAM]
     try:
         async with asyncio.timeout(spec.request_timeout_s), session.request(
-                request.method, url, headers=headers, data=data,
+                request.method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False) as upstream:
             if _small(upstream):  # one write for headers and body: the common JSON answer
                 return _whole_response(call, replica, upstream, await upstream.read())

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -128,9 +129,9 @@ class Handler(BaseHTTPRequestHandler):
             delay = float(os.environ.get("MODEL_READY_DELAY_S", "0"))
             ok = STATE["healthy"] and time.monotonic() - STARTED >= delay
             return self._send(200 if ok else 503, {"healthy": ok})
-        if path == "/echo":
+        if path == "/echo" or path.startswith("/echo/"):
             return self._send(200, {
-                "method": self.command, "path": path, "query": query,
+                "method": self.command, "path": path, "raw_path": self.path, "query": query,
                 "headers": dict(self.headers), "body": body.decode("utf-8", "replace"),
                 "replica": os.environ.get("BERTH_REPLICA"), "received_at": received_at,
                 "client_port": self.client_address[1]})
@@ -179,6 +180,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
+    # Exit at once on SIGTERM, as real model servers do (as PID 1 the default is to ignore
+    # it, and every stop would wait out the engine's timeout before SIGKILL).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     crash_after = float(os.environ.get("MODEL_CRASH_AFTER_S", "0"))
     if crash_after > 0:
         threading.Timer(crash_after, lambda: os._exit(4)).start()

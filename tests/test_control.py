@@ -12,6 +12,7 @@ from daemon.app import build_app
 from daemon.auth import Auth
 from scheduler.callbacks import CallbackSender
 from scheduler.dispatch import Dispatcher, DispatchSettings
+from scheduler.egress import CallbackPolicy
 from scheduler.replica import ReplicaState
 from scheduler.router import Router
 
@@ -32,7 +33,7 @@ async def api(harness, aiohttp_client, tmp_path):
     async def make(config_specs: dict | None = None, gpus: int = 0):
         h = await harness(gpus=gpus)
         await h.reconciler.apply_specs(config_specs or {}, "config")
-        callbacks = CallbackSender(h.store, b"k", 1, 0.1)
+        callbacks = CallbackSender(h.store, b"k", 1, 0.1, CallbackPolicy(["127.0.0.0/8"]))
         dispatcher = Dispatcher(h.store, Router(h.reconciler), tmp_path / "tasks", callbacks,
                                 DispatchSettings())
         await dispatcher.start()
@@ -109,7 +110,8 @@ async def test_bad_bodies_get_422_naming_every_wrong_field(api):
                                                                     "gpus": 2})
     assert (await resp.json())["error"]["details"] == [
         {"path": "gpus", "message": "asks for 2 but this box has 0 GPUs"}]
-    resp = await client.post("/v1/endpoints", headers=ADMIN, data=b"{not json")
+    resp = await client.post("/v1/endpoints", data=b"{not json",
+                             headers={**ADMIN, "Content-Type": "application/json"})
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_json"
     resp = await client.put("/v1/endpoints/a", headers=ADMIN, json={"name": "b", "image": "x"})
     assert resp.status == 422
