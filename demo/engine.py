@@ -42,8 +42,13 @@ def existing_engine() -> str | None:
     return None
 
 
-def start_dockerd(base: Path, timeout_s: float = 60.0) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start dockerd with everything under `base`; its DOCKER_HOST and process once it answers."""
+def start_dockerd(base: Path, timeout_s: float = 60.0,
+                  extra: tuple[str, ...] = ("--iptables=false", "--ip6tables=false")
+                  ) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start dockerd with everything under `base`; its DOCKER_HOST and process once it answers.
+
+    `extra` flags replace the default --iptables=false (a second engine beside the first
+    runs with iptables, no default bridge and an address pool of its own)."""
     binary = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/usr/bin")
     if binary is None:
         raise RuntimeError("no Docker engine is reachable and dockerd is not installed "
@@ -52,7 +57,7 @@ def start_dockerd(base: Path, timeout_s: float = 60.0) -> tuple[str, subprocess.
     host = f"unix://{base}/docker.sock"
     log = open(base / "dockerd.log", "ab")  # noqa: SIM115 - lives as long as dockerd
     proc = subprocess.Popen(
-        [binary, "--iptables=false", "--ip6tables=false", "--storage-driver=overlay2",
+        [binary, *extra, "--storage-driver=overlay2",
          f"--data-root={base}/data", f"--exec-root={base}/exec", f"--host={host}",
          f"--pidfile={base}/dockerd.pid"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

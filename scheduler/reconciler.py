@@ -9,9 +9,11 @@ at once when something changes (`kick`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
+import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ from scheduler.runtime import (
     ContainerSpec,
     ContainerStartError,
     DockerRuntime,
+    DockerUnavailable,
     ImageUnavailable,
     gpu_env,
 )
@@ -47,6 +50,7 @@ from store import EndpointRecord, EventRecord, Store
 log = structlog.get_logger("berth.reconciler")
 S = ReplicaState
 FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.period_s
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.05, 2.0  # a failed state write is retried so
 
 
 class SecretMissing(Exception):
@@ -81,39 +85,69 @@ class Reconciler:
         self._closed = False
         self._dirty = False
         self._gpu_index = {g.uuid: g.index for g in allocator.gpus}
+        # Told the name of each endpoint removed (after the store forgot it): Auth drops its
+        # tokens from memory.
+        self.removal_listeners: list[Callable[[str], None]] = []
 
     # --- the one place replica state changes ------------------------------------------------
 
     async def transition(self, pool: EndpointPool, replica: Replica, new: ReplicaState,
                          reason: str | None = None, kind: str | None = None,
                          wake: bool = True) -> None:
-        """Move a replica to `new` (IllegalTransition if the table forbids it), persist, tell.
+        """Move a replica to `new` (IllegalTransition if the table forbids it): stored first
+        (retried while the disk is full), then changed in memory, then told.
 
         Moves into ready, failed or stopped wake the pool's waiters; a caller with cleanup
         still to do passes wake=False and wakes them itself once the world is consistent.
         """
         replica.check_move(new)
-        replica.state = new
-        now = self.clock()
+        now, moved = self.clock(), dataclasses.replace(replica, state=new)
         if new is S.STARTING:
-            replica.started_at = now
+            moved.started_at = now
         elif new is S.READY:
-            replica.ready_at = now
+            moved.ready_at = now
         elif new in (S.STOPPED, S.FAILED):
-            replica.stopped_at = now
+            moved.stopped_at = now
         if reason is not None:
-            replica.reason = reason
-        await self.store.save_replica(replica.record())
+            moved.reason = reason
+        await self.durably(self.store.save_replica, moved.record())
+        replica.state, replica.reason = new, moved.reason
+        replica.started_at, replica.ready_at = moved.started_at, moved.ready_at
+        replica.stopped_at = moved.stopped_at
         await self.event(kind or new.value, reason or new.value, pool.name, replica.id)
         if new is S.READY:
             pool.dispatch()  # queued calls take the new slots at once
         if wake and new in (S.READY, S.FAILED, S.STOPPED):
             await pool.notify()
 
+    async def durably(self, write: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a store write until it succeeds: a full or failing disk stalls a state change
+        (said once in the log) instead of stranding it half done. Gives up only at shutdown."""
+        delay, stalled = STORE_RETRY_FIRST_S, False
+        while True:
+            try:
+                await write(*args)
+                break
+            except (sqlite3.Error, OSError) as exc:
+                if self._closed:
+                    raise
+                if not stalled:
+                    log.warning("state write failed; retrying until it succeeds",
+                                error=str(exc))
+                    stalled = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+        if stalled:
+            log.warning("state writes succeed again")
+
     async def event(self, kind: str, message: str, endpoint: str | None = None,
                     replica: str | None = None) -> None:
-        await self.store.add_event(EventRecord(ts=self.clock(), kind=kind, message=message,
-                                               endpoint=endpoint, replica=replica))
+        """Record an event; a store that cannot take it loses the event, never the caller."""
+        try:
+            await self.store.add_event(EventRecord(ts=self.clock(), kind=kind, message=message,
+                                                   endpoint=endpoint, replica=replica))
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("event not stored", event_kind=kind, error=str(exc))
         log.info(message, event_kind=kind, endpoint=endpoint, replica=replica)
 
     # --- endpoints -----------------------------------------------------------------------------
@@ -152,44 +186,58 @@ class Reconciler:
         self.kick()
 
     async def remove_endpoint(self, name: str) -> None:
-        """Drain and stop the endpoint's replicas; it is forgotten once they are gone."""
+        """Delete the endpoint (and its tokens) from the store, then drain and stop its
+        replicas; the pool is forgotten once they are gone. A restart in between finds no
+        endpoint and removes the replicas as orphans."""
         pool = self.pools[name]
+        await self.store.delete_endpoint(name)  # persist first: the tokens go with it
         pool.removed = True
+        for listener in self.removal_listeners:
+            listener(name)
         pool.fail_waiters(f"endpoint {name} was removed")
         await self.event("endpoint_removed", f"endpoint {name} removed", name)
         self.kick()
 
     async def _apply_one(self, spec: EndpointSpec, source: str, summary: ChangeSummary) -> None:
+        """Store the endpoint's new spec, then change the live pool to match (persist first:
+        a write cut short never leaves memory ahead of SQLite)."""
         name = spec.name
         pool = self.pools.get(name)
-        if pool is None:
-            pool = EndpointPool(spec=spec, source=source)
-            self.pools[name] = pool
-            summary.created.append(name)
-            await self.event("endpoint_created", f"endpoint {name} created", name)
-        elif pool.removed:  # back before its old replicas finished stopping: roll them
-            pool.removed = False
-            pool.generation += 1
-            summary.created.append(name)
-            await self.event("endpoint_created", f"endpoint {name} created again", name)
-        elif pool.spec == spec and pool.source == source:
+        if pool is not None and not pool.removed and pool.spec == spec and \
+                pool.source == source:
             summary.unchanged.append(name)
             return
-        elif pool.spec.runtime_view() != spec.runtime_view():
-            pool.generation += 1
-            summary.rolled.append(name)
-            await self.event("endpoint_updated", f"endpoint {name} changed what replicas run: "
-                             f"rolling to generation {pool.generation}", name)
-        else:
-            summary.updated.append(name)
-            await self.event("endpoint_updated", f"endpoint {name} settings changed in place",
-                             name)
-        pool.spec, pool.source, pool.error = spec, source, None
-        pool.failures, pool.next_start_at = 0, 0.0
-        await self._save_endpoint(pool)
+        generation, kind, message, bucket = self._change_of(pool, spec)
+        await self.store.save_endpoint(EndpointRecord(
+            name=name, spec=spec.model_dump(mode="json"), source=source,
+            generation=generation, error=None))
+        if pool is None:
+            pool = self.pools[name] = EndpointPool(spec=spec, source=source)
+        pool.spec, pool.source, pool.error, pool.generation = spec, source, None, generation
+        pool.removed, pool.failures, pool.next_start_at = False, 0, 0.0
+        getattr(summary, bucket).append(name)
+        await self.event(kind, message, name)
+
+    def _change_of(self, pool: EndpointPool | None,
+                   spec: EndpointSpec) -> tuple[int, str, str, str]:
+        """(generation, event kind, event message, summary bucket) of applying `spec`."""
+        name = spec.name
+        if pool is None:
+            return 1, "endpoint_created", f"endpoint {name} created", "created"
+        if pool.removed:  # back before its old replicas finished stopping: roll them
+            return (pool.generation + 1, "endpoint_created", f"endpoint {name} created again",
+                    "created")
+        if pool.spec.runtime_view() != spec.runtime_view():
+            generation = pool.generation + 1
+            return (generation, "endpoint_updated", f"endpoint {name} changed what replicas "
+                    f"run: rolling to generation {generation}", "rolled")
+        return (pool.generation, "endpoint_updated",
+                f"endpoint {name} settings changed in place", "updated")
 
     async def _save_endpoint(self, pool: EndpointPool) -> None:
-        await self.store.save_endpoint(EndpointRecord(
+        if pool.removed:  # deleted from the store already; never write it back
+            return
+        await self.durably(self.store.save_endpoint, EndpointRecord(
             name=pool.name, spec=pool.spec.model_dump(mode="json"), source=pool.source,
             generation=pool.generation, error=pool.error))
 
@@ -273,10 +321,16 @@ class Reconciler:
             try:
                 if check_containers:
                     containers = await self.runtime.list_managed()
+            except DockerUnavailable:
+                pass  # the runtime says so once per outage
             except Exception as exc:  # engine hiccup: skip the container check, keep going
                 log.warning("listing containers failed", error=str(exc))
             if containers is not None:
                 await self._check_containers(containers)
+            if not self.runtime.engine_up:  # no replica can start: waiting calls hear it now
+                for pool in self.pools.values():
+                    pool.fail_waiters(f"the Docker engine is unreachable "
+                                      f"({self.runtime.down_reason})")
             for pool in list(self.pools.values()):
                 await self._reconcile_pool(pool)
 
@@ -301,7 +355,7 @@ class Reconciler:
         spec, now = pool.spec, self.clock()
         desired = 0 if pool.removed else desired_replicas(
             pool.demand(), spec.concurrency, spec.min_replicas, spec.max_replicas)
-        may_start = not pool.removed and now >= pool.next_start_at
+        may_start = not pool.removed and now >= pool.next_start_at and self.runtime.engine_up
         plan = plan_replicas(list(pool.replicas.values()), pool.generation, desired,
                              spec.idle_timeout_s, now, may_start, remove_all=pool.removed)
         for rid in plan.stop:
@@ -312,10 +366,13 @@ class Reconciler:
             self._spawn(pool, replica, self._stop(pool, replica, self._stop_reason(pool, replica)))
         for _ in range(plan.start):
             await self._add_replica(pool)
-        await self._place_pending(pool)
+        self._retry_cleanups(pool)
+        if self.runtime.engine_up:
+            await self._place_pending(pool)
         if pool.removed and not pool.replicas:
             del self.pools[pool.name]
             await self.store.delete_endpoint(pool.name)
+            await self.runtime.remove_network(self.runtime.endpoint_network(pool.name))
 
     def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
         if pool.removed:
@@ -330,8 +387,8 @@ class Reconciler:
         replica = Replica(id=f"{pool.name}-{secrets.token_hex(3)}", endpoint=pool.name,
                           generation=pool.generation, state=S.PENDING, created_at=self.clock(),
                           failures=pool.failures)
+        await self.durably(self.store.save_replica, replica.record())
         pool.replicas[replica.id] = replica
-        await self.store.save_replica(replica.record())
         await self.event("scale_up", f"new replica for generation {pool.generation}",
                          pool.name, replica.id)
         return replica
@@ -370,7 +427,8 @@ class Reconciler:
 
         True when GPUs are on their way (stops under way or just started)."""
         coming = sum(1 for p in self.pools.values() for r in p.replicas.values()
-                     if r.id in p.stopping and r.gpus)  # stops under way already free GPUs
+                     if (r.id in p.stopping or r.state is S.FAILED) and r.gpus)
+        # (stops under way and failed replicas being cleaned up free GPUs already)
         if coming:
             return True
         spec = pool.spec
@@ -425,6 +483,13 @@ class Reconciler:
             await self._set_error(pool, str(exc))
             await self.fail(pool, replica, str(exc), kind="start_failed")
             return
+        except DockerUnavailable as exc:  # not the endpoint's fault: no backoff for it
+            await self.fail(pool, replica, str(exc), kind="start_failed", counts=False)
+            return
+        except Exception as exc:  # a bug must not leave the replica pending with its GPUs
+            log.exception("replica start failed unexpectedly", replica=replica.id)
+            await self.fail(pool, replica, f"start failed: {exc!r}", kind="start_failed")
+            return
         replica.container_id = info.id
         replica.address = f"{info.ip}:{spec.port}"
         await self.transition(pool, replica, S.STARTING,
@@ -447,7 +512,9 @@ class Reconciler:
             name=f"berth-{replica.id}", image=spec.image, labels=labels, env=env,
             port=spec.port, command=spec.command, args=spec.args, volumes=spec.volumes,
             shm_size=spec.shm_size, cpus=spec.cpus, memory=spec.memory,
-            gpu_uuids=list(replica.gpus), gpu_mode=self.gpu_mode)
+            gpu_uuids=list(replica.gpus), gpu_mode=self.gpu_mode,
+            network=self.runtime.endpoint_network(pool.name), pids_limit=spec.pids_limit,
+            cap_add=list(spec.cap_add), user=spec.user)
 
     async def _await_ready(self, pool: EndpointPool, replica: Replica) -> None:
         """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed)."""
@@ -479,27 +546,51 @@ class Reconciler:
                 return
 
     async def fail(self, pool: EndpointPool, replica: Replica, reason: str,
-                   kind: str = "crash") -> None:
-        """Mark failed, remove the container (keeping its last log lines), free GPUs, back off."""
+                   kind: str = "crash", counts: bool = True) -> None:
+        """Mark failed, then clean up (container, GPUs). `counts`: the failure was the
+        replica's own and delays the next one (backoff); an engine outage was not."""
         if replica.state in (S.FAILED, S.STOPPED):
             return
-        pool.failures = failures_after(pool.failures, replica.ready_at, self.clock())
+        if counts:
+            pool.failures = failures_after(pool.failures, replica.ready_at, self.clock())
+            pool.next_start_at = self.clock() + backoff_delay(pool.failures)
         replica.failures = pool.failures
-        delay = backoff_delay(pool.failures)
-        pool.next_start_at = self.clock() + delay
+        delay = max(0.0, pool.next_start_at - self.clock())
         # Failed at once (no new calls), but waiters wake only once its GPUs are free.
         await self.transition(pool, replica, S.FAILED,
                               f"{reason}; next replica in {delay:g}s", kind, wake=False)
         self._cancel_task(pool, replica)
-        if replica.container_id:
-            tail = await self.runtime.logs_tail(replica.container_id, 10)
-            if tail:
-                await self.event("logs", f"last log lines: {tail}", pool.name, replica.id)
-            await self.runtime.remove(replica.container_id, timeout_s=0)
-        await self.allocator.free(replica.id)  # only after the container is gone
+        await self._clean_up_failed(pool, replica)
+
+    async def _clean_up_failed(self, pool: EndpointPool, replica: Replica) -> None:
+        """Remove a failed replica's container (keeping its last log lines), then free its
+        GPUs and forget it. With the engine unreachable the replica stays, failed and holding
+        its GPUs, until a later pass finds the container gone (_retry_cleanups)."""
+        container = replica.container_id or f"berth-{replica.id}"  # a start cut short
+        try:
+            if replica.container_id:
+                tail = await self.runtime.logs_tail(replica.container_id, 10)
+                if tail:
+                    await self.event("logs", f"last log lines: {tail}", pool.name, replica.id)
+            await self.runtime.remove(container, timeout_s=0)
+        except DockerUnavailable:
+            return  # GPUs stay held: the container may still be running
+        await self.durably(self.allocator.free, replica.id)  # only after the container is gone
         pool.replicas.pop(replica.id, None)
         await pool.notify()
         self.kick()
+
+    def _retry_cleanups(self, pool: EndpointPool) -> None:
+        """Finish what an engine outage interrupted: failed replicas still holding GPUs and
+        drains whose container could not be removed."""
+        for replica in list(pool.replicas.values()):
+            if replica.id in pool.tasks or not self.runtime.engine_up:
+                continue
+            if replica.state is S.FAILED:
+                self._spawn(pool, replica, self._clean_up_failed(pool, replica))
+            elif replica.state is S.DRAINING and replica.id not in pool.stopping:
+                pool.stopping.add(replica.id)
+                self._spawn(pool, replica, self._stop(pool, replica, replica.reason or "drain"))
 
     async def _stop(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
         """Drain (wait for calls in flight), remove the container, free GPUs, mark stopped."""
@@ -517,8 +608,11 @@ class Reconciler:
         if replica.state in (S.FAILED, S.STOPPED):
             return
         if replica.container_id:
-            await self.runtime.remove(replica.container_id)
-        await self.allocator.free(replica.id)
+            try:
+                await self.runtime.remove(replica.container_id)
+            except DockerUnavailable:
+                return  # still draining, GPUs held; _retry_cleanups stops it later
+        await self.durably(self.allocator.free, replica.id)
         await self.transition(pool, replica, S.STOPPED, reason, "scale_down")
         pool.replicas.pop(replica.id, None)
         self.kick()

@@ -56,6 +56,11 @@ class Router:
         replica = pool.take(pinned, exclude)
         if replica is not None:
             return replica
+        runtime = self.reconciler.runtime
+        if not runtime.engine_up:  # waiting would only time out: no replica can start
+            raise CapacityError(503, "docker_unavailable", f"endpoint {pool.name} has no free "
+                                f"replica and none can start: the Docker engine is "
+                                f"unreachable ({runtime.down_reason})", retry_after=5)
         if pool.waiting >= spec.queue_limit:
             raise CapacityError(429, "queue_full", f"endpoint {pool.name} has {pool.waiting} "
                                 f"calls waiting (queue_limit {spec.queue_limit})", retry_after=1)

@@ -1,7 +1,10 @@
 """Docker runtime: the only code in berth that calls the Docker SDK.
 
 The SDK blocks, so every call runs in a small dedicated thread pool, never on the event loop.
-Replicas are reached at their address on berth's own bridge network; no port is published.
+Each endpoint's replicas run on a bridge network of their own ("<network>-<endpoint>"), so
+replicas of different endpoints cannot reach each other; berthd reaches them at their address
+on it from the host, and no port is published. Replicas run with no-new-privileges, every
+capability dropped but the endpoint's cap_add, and a pids limit.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +67,10 @@ class ContainerSpec:
     memory: str | None = None
     gpu_uuids: list[str] = field(default_factory=list)
     gpu_mode: str = "env"  # env | nvidia | cdi
+    network: str | None = None  # the endpoint's network; None: the runtime's own
+    pids_limit: int = 4096
+    cap_add: list[str] = field(default_factory=list)
+    user: str | None = None  # None: the image's user
 
 
 @dataclass(frozen=True)
@@ -98,10 +107,18 @@ def create_kwargs(spec: ContainerSpec, network: str) -> dict[str, Any]:
         "name": spec.name,
         "labels": {**spec.labels, LABEL_INSTANCE: network},
         "environment": spec.env,
-        "network": network,
+        "network": spec.network or network,
         "detach": True,
         "volumes": list(spec.volumes),
+        # Least privilege: a model server needs no capability, setuid or fork bomb.
+        "security_opt": ["no-new-privileges:true"],
+        "cap_drop": ["ALL"],
+        "pids_limit": spec.pids_limit,
     }
+    if spec.cap_add:
+        kwargs["cap_add"] = list(spec.cap_add)
+    if spec.user is not None:
+        kwargs["user"] = spec.user
     if spec.command is not None:
         kwargs["entrypoint"] = spec.command
     if spec.args is not None:
@@ -121,13 +138,40 @@ def create_kwargs(spec: ContainerSpec, network: str) -> dict[str, Any]:
     return kwargs
 
 
+def _short(exc: BaseException) -> str:
+    """An SDK error in one line: the innermost OS error's words when there is one (requests
+    nests them several reprs deep), else the first line of the message."""
+    inner: BaseException | None = exc
+    for _ in range(6):
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror
+        if inner is None:
+            break
+        nested = [a for a in inner.args if isinstance(a, BaseException)]
+        inner = nested[0] if nested else inner.__cause__ or inner.__context__
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def first_address(networks: dict[str, Any]) -> str | None:
+    """A replica's address: it is on one network only, its endpoint's."""
+    for settings in networks.values():
+        if (settings or {}).get("IPAddress"):
+            return str(settings["IPAddress"])
+    return None
+
+
 class DockerRuntime:
     """Containers of replicas on one engine. Every public method is a coroutine."""
 
     def __init__(self, host: str | None, network: str, stop_timeout_s: float = 10.0,
-                 pull: bool = True, workers: int = 4) -> None:
+                 pull: bool = True, workers: int = 4, egress: bool = True) -> None:
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
         self.network = network
+        self.egress = egress  # False: endpoint networks are internal (no route out)
+        self._networks: set[str] = set()  # endpoint networks known to exist
+        self.down_since: float | None = None  # when the engine stopped answering, if it has
+        self.down_reason = ""
         self.stop_timeout_s = stop_timeout_s
         self.pull = pull
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
@@ -135,8 +179,45 @@ class DockerRuntime:
         self.runtimes: set[str] = set()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        """Run a blocking SDK call in the pool. A call that cannot reach the engine raises
+        DockerUnavailable (and marks an outage); an answer of the engine ends one."""
+        loop, started = asyncio.get_running_loop(), time.time()
+        try:
+            result = await loop.run_in_executor(self._pool, functools.partial(fn, *args,
+                                                                              **kwargs))
+        except docker.errors.APIError:
+            self._engine_answered(started)
+            raise
+        except (docker.errors.DockerException, OSError) as exc:  # requests' errors are OSErrors
+            self._engine_lost(exc)
+            raise DockerUnavailable(f"Docker engine at {self.host} is unreachable: "
+                                    f"{_short(exc)}") from exc
+        self._engine_answered(started)
+        return result
+
+    @property
+    def engine_up(self) -> bool:
+        return self.down_since is None
+
+    def _engine_lost(self, exc: BaseException) -> None:
+        if self.down_since is None:  # said once per outage, not at every failed call
+            self._networks.clear()  # the engine may come back without them
+            # Pooled connections may still reach an engine that is shutting down (its socket
+            # is gone, old connections are served): drop them, so "back" means back.
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.api.close()
+            self.down_since = time.time()
+            self.down_reason = _short(exc)
+            log.warning("Docker engine at %s is unreachable: %s", self.host, self.down_reason)
+
+    def _engine_answered(self, asked_at: float) -> None:
+        # Only a call made after the outage began proves the engine is back: one that was
+        # under way before may finish after the engine went away.
+        if self.down_since is not None and asked_at > self.down_since:
+            log.warning("Docker engine at %s answers again after %.1fs", self.host,
+                        time.time() - self.down_since)
+            self.down_since = None
 
     @property
     def client(self) -> docker.DockerClient:
@@ -155,10 +236,28 @@ class DockerRuntime:
         self.runtimes = set(info.get("Runtimes", {}))
         await self._call(self._ensure_network)
 
-    def _ensure_network(self) -> None:
-        if not self.client.networks.list(names=[self.network]):
-            self.client.networks.create(self.network, driver="bridge",
-                                        labels={LABEL_MANAGED: "true"})
+    def _ensure_network(self, name: str | None = None, internal: bool = False) -> None:
+        name = name or self.network
+        if name in self._networks:
+            return
+        if not self.client.networks.list(names=[name]):
+            self.client.networks.create(name, driver="bridge", internal=internal,
+                                        labels={LABEL_MANAGED: "true",
+                                                LABEL_INSTANCE: self.network})
+        self._networks.add(name)
+
+    def endpoint_network(self, endpoint: str) -> str:
+        """The network an endpoint's replicas share, and no other endpoint's."""
+        return f"{self.network}-{endpoint}"
+
+    async def remove_network(self, name: str) -> None:
+        """Remove an endpoint's network once its replicas are gone (gone already is fine)."""
+        def remove() -> None:
+            self._networks.discard(name)
+            for network in self.client.networks.list(names=[name]):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    network.remove()
+        await self._call(remove)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -203,6 +302,7 @@ class DockerRuntime:
     def _run(self, spec: ContainerSpec) -> ContainerInfo:
         container = None
         try:
+            self._ensure_network(spec.network, internal=not self.egress)
             container = self.client.containers.create(**create_kwargs(spec, self.network))
             container.start()
             container.reload()
@@ -214,7 +314,7 @@ class DockerRuntime:
 
     def _info(self, attrs: dict[str, Any]) -> ContainerInfo:
         networks = attrs.get("NetworkSettings", {}).get("Networks", {}) or {}
-        ip = (networks.get(self.network) or {}).get("IPAddress") or None
+        ip = first_address(networks)
         state = attrs.get("State", {})
         return ContainerInfo(
             id=attrs["Id"], name=attrs.get("Name", "").lstrip("/"),
@@ -229,7 +329,7 @@ class DockerRuntime:
         result = []
         for row in rows:
             networks = (row.get("NetworkSettings") or {}).get("Networks") or {}
-            ip = (networks.get(self.network) or {}).get("IPAddress") or None
+            ip = first_address(networks)
             names = row.get("Names") or [""]
             result.append(ContainerInfo(
                 id=row["Id"], name=names[0].lstrip("/"), labels=row.get("Labels") or {},
@@ -296,3 +396,13 @@ class DockerRuntime:
             pass
         except docker.errors.APIError as exc:
             log.warning("removing container %s failed: %s", container_id[:12], exc)
+
+    async def network_subnets(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The IPAM subnets of every network on the engine (callbacks may not reach them)."""
+        networks = await self._call(self.client.api.networks)
+        subnets = []
+        for network in networks:
+            for config in (network.get("IPAM") or {}).get("Config") or []:
+                with contextlib.suppress(ValueError, TypeError):
+                    subnets.append(ipaddress.ip_network(config.get("Subnet"), strict=False))
+        return subnets

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +72,10 @@ def _remove_test_containers(host: str) -> None:
                     {"label": f"berth.instance={network}"}):
         for c in client.containers.list(all=True, filters=filters):
             c.remove(force=True)
-    for n in client.networks.list(names=[network]):
-        n.remove()
+    for n in [*client.networks.list(names=[network]),
+              *client.networks.list(filters={"label": f"berth.instance={network}"})]:
+        with contextlib.suppress(docker.errors.NotFound):
+            n.remove()
     client.close()
 
 
@@ -112,7 +116,9 @@ class Harness:
     """A reconciler over real SQLite and a real engine, with a fast timer of its own."""
 
     def __init__(self, state_dir: Path, network: str, gpus: list[Gpu],
-                 gpu_mode: str = "env") -> None:
+                 gpu_mode: str = "env", egress: bool = True, host: str | None = None) -> None:
+        self.egress = egress
+        self.host = host  # None: DOCKER_HOST, the session's engine
         self.gpu_mode = gpu_mode
         self.state_dir = state_dir
         self.network = network
@@ -126,7 +132,8 @@ class Harness:
     async def start(self) -> Reconciler:
         self.store = await Store.open(self.state_dir)
         allocator = GpuAllocator(self.gpus, self.store)
-        self.runtime = DockerRuntime(None, self.network, stop_timeout_s=1)
+        self.runtime = DockerRuntime(self.host, self.network, stop_timeout_s=1,
+                                     egress=self.egress)
         await self.runtime.connect()
         self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(),
                                      self.gpu_mode)
@@ -162,8 +169,9 @@ async def harness(tmp_path: Path, network: str, model_image: str
     """Start harnesses (several over one state dir simulate berthd restarts); stops them all."""
     started: list[Harness] = []
 
-    async def make(gpus: int = 0, state: str = "state", gpu_mode: str = "env") -> Harness:
-        h = Harness(tmp_path / state, network, static_gpus(gpus), gpu_mode)
+    async def make(gpus: int = 0, state: str = "state", gpu_mode: str = "env",
+                   egress: bool = True, host: str | None = None) -> Harness:
+        h = Harness(tmp_path / state, network, static_gpus(gpus), gpu_mode, egress, host)
         started.append(h)
         await h.start()
         return h
@@ -191,3 +199,69 @@ async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: f
 
 def ready_count(pool: EndpointPool) -> int:
     return sum(1 for r in pool.replicas.values() if r.state.value == "ready")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Make tmpfs mounts of a given size (a disk that fills up for real); unmounts them."""
+    mounts: list[Path] = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"disk-{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+class PrivateEngine:
+    """A second dockerd of the tests' own, with Docker's default iptables rules (which isolate
+    bridge networks), no default bridge and addresses apart from the first engine's. Tests
+    may stop and start it: its data root keeps the model image across restarts."""
+
+    FLAGS = ("--bridge=none", "--default-address-pool=base=10.213.0.0/16,size=24",
+             "--shutdown-timeout=1")
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.host = f"unix://{base}/docker.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        try:
+            self.host, self.proc = engine.start_dockerd(self.base, extra=self.FLAGS)
+        except RuntimeError as exc:
+            pytest.fail(f"a second Docker engine is needed and could not start: {exc}",
+                        pytrace=False)
+
+    def stop(self) -> None:
+        """Stop dockerd as `systemctl stop docker` does (SIGTERM, containers stopped)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+    def client(self) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.host, version="auto")
+
+
+@pytest.fixture(scope="session")
+def private_engine(docker_client: docker.DockerClient, model_image: str
+                   ) -> Iterator[PrivateEngine]:
+    """The second engine, with the demo model image loaded from the first."""
+    private = PrivateEngine(Path(f"/tmp/berth-test-docker2-{SESSION}"))
+    private.start()
+    client = private.client()
+    client.images.load(b"".join(docker_client.images.get(model_image).save(named=True)))
+    client.close()
+    yield private
+    if private.proc is None:
+        private.start()
+    _remove_test_containers(private.host)
+    private.stop()
+    shutil.rmtree(private.base, ignore_errors=True)

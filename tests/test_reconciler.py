@@ -30,7 +30,7 @@ async def test_min_replicas_run_with_labels_env_and_gpus(harness, docker_client)
     assert labels["berth.endpoint"] == "echo"
     assert labels["berth.replica"] == replica.id
     assert labels["berth.managed"] == "true"
-    assert h.network in container.attrs["NetworkSettings"]["Networks"]
+    assert list(container.attrs["NetworkSettings"]["Networks"]) == [f"{h.network}-echo"]
     assert container.attrs["HostConfig"]["PortBindings"] in (None, {})  # nothing published
     env = await get_json(replica.address, "/env")
     assert env["BERTH_ENDPOINT"] == "echo"
