@@ -1,4 +1,9 @@
-"""Task callbacks: POST the final task JSON to the caller's URL, signed, retried with backoff."""
+"""Task callbacks: POST the final task JSON to the caller's URL, signed, retried with backoff.
+
+Only where the egress policy (scheduler.egress) allows, checked as the connection is made;
+redirects are never followed. The error a task records is one of REFUSED, "HTTP <status>" or
+FAILED, never more: the submitter must not learn what answers inside berth's network.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ from typing import Any
 
 import aiohttp
 import structlog
+from yarl import URL
 
+from scheduler.egress import CallbackPolicy, CallbackRefused
 from store import Store, TaskRecord
 
 log = structlog.get_logger("berth.callbacks")
 MAX_BACKOFF_S = 300.0
+REFUSED = "refused by policy"  # final: not retried
+FAILED = "delivery failed"  # no connect/timeout/TLS distinction: that would scan the network
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -41,12 +50,21 @@ def describe_task(task: TaskRecord) -> dict[str, Any]:
             "purged": task.purged_at is not None}
 
 
+def refused(exc: BaseException) -> bool:
+    """True when the egress policy (not the network or the receiver) stopped the delivery."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return isinstance(exc.os_error, CallbackRefused)
+    return isinstance(exc, CallbackRefused)
+
+
 class CallbackSender:
-    """Delivers each finished task's callback once it succeeds, or gives up after retry_for_s."""
+    """Delivers each finished task's callback once it succeeds, or gives up after retry_for_s
+    (at once when the policy refuses the receiver)."""
 
     def __init__(self, store: Store, secret: bytes, retry_for_s: float, backoff_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 policy: CallbackPolicy, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.policy = policy
         self.secret = secret
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
@@ -70,7 +88,7 @@ class CallbackSender:
             task.callback_error = await self._post(task.callback_url, body)
             if task.callback_error is None:
                 task.callback_state = "delivered"
-            elif self.clock() + delay > deadline:
+            elif task.callback_error == REFUSED or self.clock() + delay > deadline:
                 task.callback_state = "failed"
             await self.store.tasks.update(task, "callback_state", "callback_attempts",
                                           "callback_error")
@@ -82,15 +100,23 @@ class CallbackSender:
             delay = min(delay * 2, MAX_BACKOFF_S)
 
     async def _post(self, url: str, body: bytes) -> str | None:
-        """None when the receiver answered 2xx, else what went wrong."""
+        """None when the receiver answered 2xx, else REFUSED, "HTTP <status>" (a redirect
+        included) or FAILED; the details go to berth's log only."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            # No DNS cache and no kept connections: each delivery is resolved and judged anew.
+            connector = aiohttp.TCPConnector(resolver=self.policy.resolver(),
+                                             use_dns_cache=False, force_close=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=30))
         headers = {"Content-Type": "application/json", "X-Berth-Signature": sign(self.secret, body)}
         try:
-            async with self._session.post(url, data=body, headers=headers) as resp:
+            await self.policy.check_literal(URL(url).host or "")
+            async with self._session.post(url, data=body, headers=headers,
+                                          allow_redirects=False) as resp:
                 return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return repr(exc)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            log.info("callback attempt failed", url=url, error=repr(exc))
+            return REFUSED if refused(exc) else FAILED
 
     async def close(self) -> None:
         for job in list(self._pending):

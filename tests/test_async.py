@@ -16,6 +16,7 @@ from conftest import endpoint, ready_count, wait_for
 from daemon.app import build_app
 from scheduler.callbacks import CallbackSender
 from scheduler.dispatch import Dispatcher, DispatchSettings
+from scheduler.egress import CallbackPolicy
 from scheduler.router import Router
 
 SECRET = b"test-callback-key"
@@ -28,7 +29,8 @@ async def aplane(harness, aiohttp_client, tmp_path):
     async def make(specs: dict, max_body: int = 10 * 1024 ** 2, gpus: int = 0):
         h = await harness(gpus=gpus)
         await h.reconciler.apply_specs(specs, "config")
-        callbacks = CallbackSender(h.store, SECRET, retry_for_s=5, backoff_s=0.1)
+        callbacks = CallbackSender(h.store, SECRET, retry_for_s=5, backoff_s=0.1,
+                                   policy=CallbackPolicy(["127.0.0.0/8"]))
         dispatcher = Dispatcher(h.store, Router(h.reconciler), tmp_path / "tasks", callbacks,
                                 DispatchSettings(max_attempts=3, retry_backoff_s=0.1))
         await dispatcher.start()

@@ -17,6 +17,7 @@ from daemon.openapi import document
 from gpu import GpuAllocator
 from scheduler.callbacks import CallbackSender
 from scheduler.dispatch import Dispatcher, DispatchSettings
+from scheduler.egress import CallbackPolicy
 from scheduler.probes import Prober
 from scheduler.reconciler import Reconciler
 from scheduler.router import Router
@@ -32,8 +33,8 @@ async def test_document_lists_every_route_served(tmp_path):
     reconciler = Reconciler(store, GpuAllocator(static_gpus(1), store),
                             DockerRuntime(None, "unused"), Prober(), "env")
     router = Router(reconciler)
-    dispatcher = Dispatcher(store, router, tmp_path / "tasks", CallbackSender(store, b"k", 1, 1),
-                            DispatchSettings())
+    callbacks = CallbackSender(store, b"k", 1, 1, CallbackPolicy([]))
+    dispatcher = Dispatcher(store, router, tmp_path / "tasks", callbacks, DispatchSettings())
     app = build_app(reconciler, reconciler.allocator, dispatcher=dispatcher)
     served = set()
     for route in app.router.routes():
