@@ -231,6 +231,19 @@ class DockerSettings(Strict):
     # Replicas may open connections beyond their own endpoint's network (model downloads).
     # false: each endpoint's network is internal (no route out of the box).
     egress: bool = True
+    # Each endpoint's network gets the first free /24 of this range.
+    subnet_pool: str = Field("10.210.0.0/16", pattern=r"^[0-9.]+/[0-9]{1,2}$")
+
+    @field_validator("subnet_pool")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IPv4 network: {exc}") from None
+        if network.prefixlen > 24:
+            raise ValueError(f"{value!r} holds no /24; use /24 or wider")
+        return value
 
 
 class GpuDevice(Strict):

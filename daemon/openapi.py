@@ -38,12 +38,12 @@ class Op:
 INT = {"type": "integer", "minimum": 1, "maximum": 10000}
 NAME = ("name",)
 EP_ERRORS = (404,)
-BODY_ERRORS = (400, 422)
+BODY_ERRORS = (400, 415, 422)
 INVOKE_ERRORS = (404, 413, 429, 502, 503, 504)
 
 OPS: tuple[Op, ...] = (
-    Op("get", "/healthz", "Liveness of berthd itself", (200, s.Health), auth="none",
-       tag="health"),
+    Op("get", "/healthz", "Liveness of berthd itself (503 while the Docker engine is "
+       "unreachable)", (200, s.Health), auth="none", tag="health", also=((503, s.Health),)),
     Op("get", "/openapi.json", "This document", (200, None), auth="none", tag="health",
        media=JSON),
     Op("get", "/metrics", "Prometheus metrics: calls, replicas, GPUs, tasks", (200, None),
@@ -91,7 +91,8 @@ OPS: tuple[Op, ...] = (
          "429, 502, 503, 504) carry the JSON error body.", (200, None), auth="endpoint",
          tag="data plane") for m in ("get", "post", "put", "patch", "delete")),
     Op("post", "/async/{name}/{path}", "Async call: stored, answered 202 at once",
-       (202, s.TaskView), errors=(404, 413, 422), auth="endpoint", tag="data plane",
+       (202, s.TaskView), errors=(404, 413, 422, 429, 503, 507), auth="endpoint",
+       tag="data plane",
        links=tuple((target, "id", "id") for target in (
            "get /tasks/{id}", "get /tasks/{id}/result", "delete /tasks/{id}"))),
     Op("get", "/tasks/{id}", "A task", (200, s.TaskView), errors=(404,), auth="endpoint",

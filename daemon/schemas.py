@@ -37,8 +37,9 @@ class ErrorBody(Model):
 
 
 class Health(Model):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]
     endpoints: int
+    docker: str | None = None  # only when degraded: since when and why the engine is gone
 
 
 class GpuRef(Model):

@@ -17,11 +17,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from daemon.app import build_app
 from daemon.auth import Auth
+from daemon.browser import BrowserGuard
 from daemon.config import Config, ConfigError, gpu_issues
 from daemon.connections import ConnectionLimits, GuardedSite, header_deadline
 from gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
 from scheduler.callbacks import CallbackSender
 from scheduler.dispatch import Dispatcher, DispatchSettings
+from scheduler.egress import CallbackPolicy
 from scheduler.probes import Prober
 from scheduler.reconciler import ChangeSummary, Reconciler
 from scheduler.router import Router
@@ -85,18 +87,43 @@ def callback_secret(config: Config) -> bytes:
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.readline().strip().encode()
+                key = f.readline().strip()
         except OSError as exc:
             raise StartupError(f"daemon.callback_secret_file: cannot read {path}: "
                                f"{exc.strerror}", EXIT_CONFIG) from exc
+        if not key:
+            raise StartupError(f"daemon.callback_secret_file: {path} is empty", EXIT_CONFIG)
+        return key.encode()
     if os.environ.get("BERTH_CALLBACK_SECRET"):
         return os.environ["BERTH_CALLBACK_SECRET"].encode()
     kept = Path(config.daemon.state_dir) / "callback-secret"
     if not kept.exists():
-        fd = os.open(kept, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        write_private(kept, secrets.token_hex(32) + "\n")
+    key = kept.read_text().strip()
+    if not key:
+        raise StartupError(f"{kept} is empty: remove it to have a new callback key made",
+                           EXIT_CONFIG)
+    return key.encode()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a 0600 file whole or not at all: temp file, fsync, rename, fsync the dir."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-    return kept.read_text().strip().encode()
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class Berth:
@@ -137,7 +164,9 @@ class Berth:
             raise StartupError(str(exc), EXIT_STATE) from exc
         allocator = GpuAllocator(self.inventory.gpus, self.store)
         self.runtime = DockerRuntime(cfg.docker.host, cfg.docker.network,
-                                     cfg.docker.stop_timeout_s, cfg.docker.pull)
+                                     cfg.docker.stop_timeout_s, cfg.docker.pull,
+                                     egress=cfg.docker.egress,
+                                     subnet_pool=cfg.docker.subnet_pool)
         try:
             await self.runtime.connect()
         except DockerUnavailable as exc:
@@ -155,9 +184,12 @@ class Berth:
 
     def _dispatcher(self) -> Dispatcher:
         assert self.store is not None and self.reconciler is not None
+        assert self.runtime is not None
         daemon = self.config.daemon
+        policy = CallbackPolicy(daemon.callback_allow, self.runtime.network_subnets)
         self.callbacks = CallbackSender(self.store, callback_secret(self.config),
-                                        daemon.callback_retry_s, daemon.callback_backoff_s)
+                                        daemon.callback_retry_s, daemon.callback_backoff_s,
+                                        policy)
         settings = DispatchSettings(daemon.task_max_attempts, daemon.task_retry_backoff_s)
         return Dispatcher(self.store, Router(self.reconciler), Path(daemon.state_dir) / "tasks",
                           self.callbacks, settings)
@@ -176,7 +208,11 @@ class Berth:
         app = build_app(self.reconciler, allocator, token, self.gpu_samples, auth=auth,
                         max_body_bytes=self.config.daemon.max_body_bytes,
                         dispatcher=self.dispatcher,
-                        max_async_body_bytes=self.config.daemon.max_async_body_bytes)
+                        max_async_body_bytes=self.config.daemon.max_async_body_bytes,
+                        min_free_disk=self.config.daemon.min_free_disk,
+                        volume_prefixes=tuple(self.config.daemon.allowed_volume_prefixes),
+                        guard=BrowserGuard.build(listen.host, self.config.daemon.allowed_hosts,
+                                                 self.config.daemon.allowed_origins))
         daemon = self.config.daemon
         # First, and before setup freezes the app: it stops the connection's header clock
         # while a request is served, around everything the request does.

@@ -3,42 +3,103 @@
 from __future__ import annotations
 
 import secrets
+import shutil
+import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from yarl import URL
 
+from daemon.config import EndpointSpec
 from daemon.control import query_limit
-from daemon.errors import ApiError
+from daemon.errors import ApiError, storage_error
 from daemon.keys import AUTH, ROUTER
-from daemon.proxy import REQUEST_ONLY, capacity_error, check_token, forward_headers
+from daemon.proxy import (
+    REQUEST_ONLY,
+    capacity_error,
+    check_token,
+    forward_headers,
+    forwarded_headers,
+    raw_tail,
+)
 from scheduler.callbacks import describe_task
 from scheduler.dispatch import Dispatcher, Spool, TaskFinished
+from scheduler.egress import CALLBACK_POLICY, CallbackRefused, PolicyUnavailable
 from scheduler.router import CapacityError
 from store import TaskRecord
 
+
+@dataclass(frozen=True)
+class Intake:
+    """Bounds on what async callers may store: per endpoint (its spec) and on the disk."""
+
+    max_body: int
+    min_free_disk: int = 0
+
+
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
-MAX_ASYNC_BODY = web.AppKey("max_async_body", int)
+INTAKE = web.AppKey("intake", Intake)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KEPT_OUT = REQUEST_ONLY | {"x-callback-url"}
+ASYNC_RETRY_AFTER_S = 5
 
 
-def callback_url(request: web.Request) -> str | None:
+async def callback_url(request: web.Request) -> str | None:
+    """X-Callback-Url, or None: 422 unless an http(s) URL whose host the egress policy allows
+    (checked again at each delivery); 503 if the engine's networks cannot be read."""
     url = request.headers.get("X-Callback-Url")
     if url is None:
         return None
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        host = URL(url).host  # the parser aiohttp connects with
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not parts.netloc or not host:
         raise ApiError(422, "invalid_callback_url",
                        f"X-Callback-Url must be an http or https URL, got {url!r}")
+    try:
+        await request.app[CALLBACK_POLICY].check(host)
+    except CallbackRefused as exc:
+        raise ApiError(422, "callback_refused", f"X-Callback-Url refused by policy: {exc} "
+                       "(daemon.callback_allow)") from None
+    except PolicyUnavailable as exc:
+        raise ApiError(503, "callback_policy_unavailable",
+                       f"X-Callback-Url cannot be checked now: {exc}",
+                       headers={"Retry-After": "5"}) from None
     return url
 
 
+def check_free_space(files: Path, wanted: int, min_free: int) -> None:
+    """507 when storing `wanted` more bytes would leave less than daemon.min_free_disk."""
+    if min_free and shutil.disk_usage(files).free - wanted < min_free:
+        raise ApiError(507, "insufficient_storage", "berth's state disk is below "
+                       f"daemon.min_free_disk ({min_free} bytes free wanted); new async tasks "
+                       "are refused until space is freed")
+
+
+def queue_full(pool_name: str, queued: int, stored: int, size: int,
+               spec: EndpointSpec) -> ApiError | None:
+    """429 when one more task of `size` bytes would pass async_queue_limit or _bytes."""
+    if queued >= spec.async_queue_limit:
+        why = f"{queued} tasks queued (async_queue_limit {spec.async_queue_limit})"
+    elif stored + size > spec.async_queue_max_bytes:
+        why = (f"{stored} bytes of task bodies stored (async_queue_bytes "
+               f"{spec.async_queue_bytes})")
+    else:
+        return None
+    return ApiError(429, "async_queue_full", f"endpoint {pool_name} has {why}",
+                    headers={"Retry-After": str(ASYNC_RETRY_AFTER_S)})
+
+
 async def read_body(request: web.Request, task_id: str,
-                    files: Path) -> tuple[bytes | None, str | None]:
-    """The body inline (up to 64 KiB) or spilled to a file as it arrives; 413 leaves nothing."""
-    limit = request.app[MAX_ASYNC_BODY]
+                    files: Path) -> tuple[bytes | None, str | None, int]:
+    """The body inline (up to 64 KiB) or spilled to a file as it arrives, and its size;
+    413, or a failed write, leaves nothing behind."""
+    limit = request.app[INTAKE].max_body
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large", f"request body of {request.content_length} "
                        f"bytes is over the limit of {limit} (daemon.max_async_body_bytes)")
@@ -50,11 +111,13 @@ async def read_body(request: web.Request, task_id: str,
                 raise ApiError(413, "payload_too_large", "request body is over the limit of "
                                f"{limit} bytes (daemon.max_async_body_bytes)")
             spool.write(chunk)
-    except BaseException:
+        body, name = spool.close()
+    except BaseException as exc:
         spool.discard()
+        if isinstance(exc, OSError):
+            raise storage_error(exc) from None
         raise
-    body, name = spool.close()
-    return (body if request.body_exists else None), name
+    return (body if request.body_exists else None), name, size
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -64,16 +127,32 @@ async def submit(request: web.Request) -> web.Response:
     except CapacityError as exc:
         raise capacity_error(exc) from None
     check_token(request, pool)
-    url = callback_url(request)
+    url = await callback_url(request)
+    spec, tasks = pool.spec, dispatcher.store.tasks
+    expected = request.content_length or 0
+    check_free_space(dispatcher.files, expected, request.app[INTAKE].min_free_disk)
+    refusal = queue_full(pool.name, *await tasks.backlog(pool.name), expected, spec)
+    if refusal is not None:  # refused before a byte of the body is stored
+        raise refusal
     task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"
-    body, body_file = await read_body(request, task_id, dispatcher.files)
+    body, body_file, size = await read_body(request, task_id, dispatcher.files)
     task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,
-        path=request.match_info.get("path", ""), query=request.query_string,
-        headers=list(forward_headers(request.headers, KEPT_OUT).items()),
+        path=raw_tail(request), query=request.rel_url.raw_query_string,
+        headers=[*forward_headers(request.headers, KEPT_OUT).items(),
+                 *forwarded_headers(request).items()],
         created_at=time.time(), body=body, body_file=body_file, callback_url=url,
-        callback_state="pending" if url else None)
-    await dispatcher.store.tasks.add(task)  # committed before the 202: durable from here
+        callback_state="pending" if url else None, body_size=size)
+    try:  # committed before the 202: durable from here
+        stored = await tasks.add_within(task, spec.async_queue_limit, spec.async_queue_max_bytes)
+    except sqlite3.Error as exc:
+        stored = False
+        refusal = storage_error(exc)
+    if not stored:
+        if body_file is not None:
+            dispatcher.file(body_file).unlink(missing_ok=True)
+        raise refusal or queue_full(pool.name, *await tasks.backlog(pool.name), size,
+                                    spec) or storage_error(sqlite3.Error("not stored"))
     dispatcher.submit(task)
     return web.json_response(describe_task(task), status=202,
                              headers={"Location": f"/tasks/{task_id}"})
@@ -137,9 +216,10 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"tasks": [describe_task(t) for t in tasks]})
 
 
-def add_async_plane(app: web.Application, dispatcher: Dispatcher, max_body: int) -> None:
+def add_async_plane(app: web.Application, dispatcher: Dispatcher, intake: Intake) -> None:
     app[DISPATCHER] = dispatcher
-    app[MAX_ASYNC_BODY] = max_body
+    app[CALLBACK_POLICY] = dispatcher.callbacks.policy
+    app[INTAKE] = intake
     app.router.add_post("/async/{name}", submit)
     app.router.add_post("/async/{name}/{path:.*}", submit)
     app.router.add_get("/tasks/{id}", get_task)

@@ -9,6 +9,7 @@ at once when something changes (`kick`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import sqlite3
@@ -639,6 +640,9 @@ class Reconciler:
                                        for p in self.pools.values()
                                        for r in list(p.replicas.values())),
                                      return_exceptions=True)
+                for name in self.pools:  # nothing runs on them now
+                    with contextlib.suppress(DockerUnavailable):
+                        await self.runtime.remove_network(self.runtime.endpoint_network(name))
 
 
 def _forget(pool: EndpointPool, replica_id: str, task: asyncio.Task[None]) -> None:

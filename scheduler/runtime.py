@@ -36,6 +36,7 @@ LABEL_REPLICA = "berth.replica"
 LABEL_GENERATION = "berth.generation"
 LABEL_INSTANCE = "berth.instance"  # the network name: berthds on other networks are left alone
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+SUBNET_PREFIX = 24  # one endpoint's network: 253 replicas
 
 
 class DockerUnavailable(Exception):
@@ -138,6 +139,18 @@ def create_kwargs(spec: ContainerSpec, network: str) -> dict[str, Any]:
     return kwargs
 
 
+def free_subnet(pool: ipaddress.IPv4Network,
+                in_use: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                ) -> ipaddress.IPv4Network | None:
+    """The first /24 of `pool` that overlaps no network of the engine (Docker's own pools
+    hold about 30 networks; one per endpoint needs more)."""
+    taken = [n for n in in_use if isinstance(n, ipaddress.IPv4Network)]
+    for candidate in pool.subnets(new_prefix=SUBNET_PREFIX):
+        if not any(candidate.overlaps(t) for t in taken):
+            return candidate
+    return None
+
+
 def _short(exc: BaseException) -> str:
     """An SDK error in one line: the innermost OS error's words when there is one (requests
     nests them several reprs deep), else the first line of the message."""
@@ -165,11 +178,14 @@ class DockerRuntime:
     """Containers of replicas on one engine. Every public method is a coroutine."""
 
     def __init__(self, host: str | None, network: str, stop_timeout_s: float = 10.0,
-                 pull: bool = True, workers: int = 4, egress: bool = True) -> None:
+                 pull: bool = True, workers: int = 4, egress: bool = True,
+                 subnet_pool: str = "10.210.0.0/16") -> None:
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
         self.network = network
         self.egress = egress  # False: endpoint networks are internal (no route out)
         self._networks: set[str] = set()  # endpoint networks known to exist
+        self._network_lock = threading.Lock()
+        self.subnet_pool = ipaddress.IPv4Network(subnet_pool)
         self.down_since: float | None = None  # when the engine stopped answering, if it has
         self.down_reason = ""
         self.stop_timeout_s = stop_timeout_s
@@ -231,20 +247,43 @@ class DockerRuntime:
             self._client = await self._call(
                 docker.DockerClient, base_url=self.host, version="auto", timeout=60)
             info = await self._call(self.client.info)
-        except (docker.errors.DockerException, OSError) as exc:
-            raise DockerUnavailable(f"no Docker engine answers at {self.host}: {exc}") from exc
+        except (DockerUnavailable, docker.errors.DockerException, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, DockerUnavailable) else exc
+            raise DockerUnavailable(f"no Docker engine answers at {self.host}: "
+                                    f"{_short(cause or exc)}") from exc
         self.runtimes = set(info.get("Runtimes", {}))
         await self._call(self._ensure_network)
 
     def _ensure_network(self, name: str | None = None, internal: bool = False) -> None:
+        """Create the network once (under a lock: two replicas starting together must not
+        make two networks of one name), on the first free /24 of docker.subnet_pool."""
         name = name or self.network
-        if name in self._networks:
-            return
-        if not self.client.networks.list(names=[name]):
-            self.client.networks.create(name, driver="bridge", internal=internal,
-                                        labels={LABEL_MANAGED: "true",
-                                                LABEL_INSTANCE: self.network})
-        self._networks.add(name)
+        with self._network_lock:
+            if name in self._networks:
+                return
+            if not self._networks_named(name):
+                subnet = free_subnet(self.subnet_pool, self._subnets_in_use())
+                if subnet is None:
+                    raise ContainerStartError(f"no free /{SUBNET_PREFIX} left in "
+                                              f"docker.subnet_pool {self.subnet_pool}")
+                ipam = docker.types.IPAMConfig(pool_configs=[
+                    docker.types.IPAMPool(subnet=str(subnet))])
+                self.client.networks.create(name, driver="bridge", internal=internal,
+                                            ipam=ipam, labels={LABEL_MANAGED: "true",
+                                                               LABEL_INSTANCE: self.network})
+            self._networks.add(name)
+
+    def _networks_named(self, name: str) -> list[Any]:
+        # The engine's name filter matches substrings: "berth-e" would find "berth-echo".
+        return [n for n in self.client.networks.list(names=[name]) if n.name == name]
+
+    def _subnets_in_use(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        found = []
+        for network in self.client.api.networks():
+            for config in (network.get("IPAM") or {}).get("Config") or []:
+                with contextlib.suppress(ValueError, TypeError):
+                    found.append(ipaddress.ip_network(config.get("Subnet"), strict=False))
+        return found
 
     def endpoint_network(self, endpoint: str) -> str:
         """The network an endpoint's replicas share, and no other endpoint's."""
@@ -254,7 +293,7 @@ class DockerRuntime:
         """Remove an endpoint's network once its replicas are gone (gone already is fine)."""
         def remove() -> None:
             self._networks.discard(name)
-            for network in self.client.networks.list(names=[name]):
+            for network in self._networks_named(name):
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     network.remove()
         await self._call(remove)
@@ -303,7 +342,14 @@ class DockerRuntime:
         container = None
         try:
             self._ensure_network(spec.network, internal=not self.egress)
-            container = self.client.containers.create(**create_kwargs(spec, self.network))
+            try:
+                container = self.client.containers.create(**create_kwargs(spec, self.network))
+            except docker.errors.NotFound as exc:
+                if "network" not in str(exc):
+                    raise
+                self._networks.discard(spec.network or self.network)  # removed behind us
+                self._ensure_network(spec.network, internal=not self.egress)
+                container = self.client.containers.create(**create_kwargs(spec, self.network))
             container.start()
             container.reload()
         except docker.errors.APIError as exc:

@@ -132,8 +132,10 @@ class Harness:
     async def start(self) -> Reconciler:
         self.store = await Store.open(self.state_dir)
         allocator = GpuAllocator(self.gpus, self.store)
+        # The second engine shares this host's routes: its networks take other addresses.
+        pool = "10.210.0.0/16" if self.host is None else "10.214.0.0/16"
         self.runtime = DockerRuntime(self.host, self.network, stop_timeout_s=1,
-                                     egress=self.egress)
+                                     egress=self.egress, subnet_pool=pool)
         await self.runtime.connect()
         self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(),
                                      self.gpu_mode)

@@ -26,6 +26,7 @@ min_free_disk = 0
 host = "{host}"
 network = "{network}"
 stop_timeout_s = 1.0
+subnet_pool = "10.214.0.0/16"
 [gpu]
 source = "static"
 [[gpu.devices]]
