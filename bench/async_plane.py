@@ -113,8 +113,8 @@ def main() -> int:
         config = Path(tmp) / "config.toml"
         config.write_text(CONFIG.format(port=port, state=f"{tmp}/state",
                                         image=build_image.DEFAULT_TAG))
-        berthd = subprocess.Popen([sys.executable, "-m", "daemon.main", "--config", str(config),
-                                   "--stop-replicas-on-exit"], cwd=ROOT,
+        berthd = subprocess.Popen([sys.executable, "-m", "berth.daemon.main", "--config",
+                                   str(config), "--stop-replicas-on-exit"], cwd=ROOT,
                                   stdout=subprocess.DEVNULL)
         try:
             asyncio.run(wait_ready(base, "fast"))

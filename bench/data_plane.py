@@ -221,8 +221,8 @@ def main() -> int:
         config.write_text(CONFIG.format(
             port=port, state=f"{tmp}/state", network=NETWORK, image=image,
             zero="".join(ZERO.format(i=i) for i in range(ZERO_TRIALS))))
-        berthd = subprocess.Popen([sys.executable, "-m", "daemon.main", "--config", str(config),
-                                   "--stop-replicas-on-exit"], cwd=ROOT,
+        berthd = subprocess.Popen([sys.executable, "-m", "berth.daemon.main", "--config",
+                                   str(config), "--stop-replicas-on-exit"], cwd=ROOT,
                                   stdout=subprocess.DEVNULL)
         try:
             rows = asyncio.run(measure(f"http://127.0.0.1:{port}", client, image))

@@ -10,19 +10,19 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.auth import Auth
-from daemon.browser import BrowserGuard, browser_middleware
-from daemon.control import add_control_api
-from daemon.errors import ApiError, error_response, storage_error
-from daemon.keys import AUTH, METRICS
-from daemon.metrics import CONTENT_TYPE_LATEST, Metrics
-from daemon.openapi import add_openapi
-from daemon.proxy import add_data_plane
-from daemon.tasks_api import Intake, add_async_plane
-from gpu import GpuAllocator, GpuSample
-from scheduler.dispatch import Dispatcher
-from scheduler.reconciler import Reconciler
-from scheduler.router import Router
+from berth.daemon.auth import Auth
+from berth.daemon.browser import BrowserGuard, browser_middleware
+from berth.daemon.control import add_control_api
+from berth.daemon.errors import ApiError, error_response, storage_error
+from berth.daemon.keys import AUTH, METRICS
+from berth.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
+from berth.daemon.openapi import add_openapi
+from berth.daemon.proxy import add_data_plane
+from berth.daemon.tasks_api import Intake, add_async_plane
+from berth.gpu import GpuAllocator, GpuSample
+from berth.scheduler.dispatch import Dispatcher
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.router import Router
 
 log = logging.getLogger("berth.api")
 

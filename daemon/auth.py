@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from daemon.errors import ApiError, json_body
-from daemon.keys import AUTH, ROUTER
-from store import Store
+from berth.daemon.errors import ApiError, json_body
+from berth.daemon.keys import AUTH, ROUTER
+from berth.store import Store
 
 BEARER = "Bearer "
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")

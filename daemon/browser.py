@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from daemon.errors import ApiError
+from berth.daemon.errors import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CROSS_SITE = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of other origins

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from daemon.auth import (
+from berth.daemon.auth import (
     create_token,
     delete_secret,
     list_secrets,
@@ -24,7 +24,7 @@ from daemon.auth import (
     put_secret,
     revoke_token,
 )
-from daemon.config import (
+from berth.daemon.config import (
     ConfigIssue,
     EndpointSpec,
     check_endpoint,
@@ -32,12 +32,12 @@ from daemon.config import (
     issues_from_validation,
     volume_issues,
 )
-from daemon.errors import ApiError, json_body
-from daemon.keys import ROUTER
-from scheduler.pool import EndpointPool
-from scheduler.reconciler import Reconciler
-from scheduler.replica import ReplicaState
-from scheduler.runtime import DockerRuntime
+from berth.daemon.errors import ApiError, json_body
+from berth.daemon.keys import ROUTER
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.replica import ReplicaState
+from berth.scheduler.runtime import DockerRuntime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DIGITS = re.compile(r"[0-9]{1,9}")

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from scheduler.router import Router
+from berth.scheduler.router import Router
 
 if TYPE_CHECKING:
-    from daemon.auth import Auth
-    from daemon.metrics import Metrics
+    from berth.daemon.auth import Auth
+    from berth.daemon.metrics import Metrics
 
 ROUTER = web.AppKey("router", Router)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import structlog
 import uvloop
 
-from daemon.config import Config, ConfigError, ConfigIssue, gpu_issues, load_config
-from daemon.logs import setup_logging
-from daemon.sdnotify import Notifier, watchdog_interval_s
-from daemon.service import EXIT_CONFIG, Berth, StartupError, summary_text
-from gpu import GpuSourceError, load_inventory
+from berth.daemon.config import Config, ConfigError, ConfigIssue, gpu_issues, load_config
+from berth.daemon.logs import setup_logging
+from berth.daemon.sdnotify import Notifier, watchdog_interval_s
+from berth.daemon.service import EXIT_CONFIG, Berth, StartupError, summary_text
+from berth.gpu import GpuSourceError, load_inventory
 
 log = structlog.get_logger("berth.daemon")
 DEFAULT_CONFIG = "/etc/berth/config.toml"

@@ -15,9 +15,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from gpu import GpuAllocator, GpuSample
-from scheduler.reconciler import Reconciler
-from scheduler.replica import ReplicaState
+from berth.gpu import GpuAllocator, GpuSample
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.replica import ReplicaState
 
 # Call durations span sub-millisecond echoes to hour-long generations.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,

@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from daemon import schemas as s
-from daemon.auth import SECRET_NAME
-from daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
+from berth.daemon import schemas as s
+from berth.daemon.auth import SECRET_NAME
+from berth.daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
 
 JSON = "application/json"
 

@@ -21,11 +21,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from daemon.errors import ApiError
-from daemon.keys import AUTH, MAX_BODY, METRICS, ROUTER, UPSTREAM
-from scheduler.pool import EndpointPool
-from scheduler.replica import Replica
-from scheduler.router import CapacityError, Router
+from berth.daemon.errors import ApiError
+from berth.daemon.keys import AUTH, MAX_BODY, METRICS, ROUTER, UPSTREAM
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.replica import Replica
+from berth.scheduler.router import CapacityError, Router
 
 log = structlog.get_logger("berth.proxy")
 

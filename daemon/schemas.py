@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, create_model
 from pydantic.fields import FieldInfo
 
-from daemon.config import EndpointFields, EndpointSpec
+from berth.daemon.config import EndpointFields, EndpointSpec
 
 
 class Model(BaseModel):

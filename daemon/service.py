@@ -15,20 +15,20 @@ import structlog
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon.app import build_app
-from daemon.auth import Auth
-from daemon.browser import BrowserGuard
-from daemon.config import Config, ConfigError, gpu_issues
-from daemon.connections import ConnectionLimits, GuardedSite, header_deadline
-from gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
-from scheduler.callbacks import CallbackSender
-from scheduler.dispatch import Dispatcher, DispatchSettings
-from scheduler.egress import CallbackPolicy
-from scheduler.probes import Prober
-from scheduler.reconciler import ChangeSummary, Reconciler
-from scheduler.router import Router
-from scheduler.runtime import DockerRuntime, DockerUnavailable
-from store import Store, StoreError
+from berth.daemon.app import build_app
+from berth.daemon.auth import Auth
+from berth.daemon.browser import BrowserGuard
+from berth.daemon.config import Config, ConfigError, gpu_issues
+from berth.daemon.connections import ConnectionLimits, GuardedSite, header_deadline
+from berth.gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.dispatch import Dispatcher, DispatchSettings
+from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.probes import Prober
+from berth.scheduler.reconciler import ChangeSummary, Reconciler
+from berth.scheduler.router import Router
+from berth.scheduler.runtime import DockerRuntime, DockerUnavailable
+from berth.store import Store, StoreError
 
 log = structlog.get_logger("berth.daemon")
 

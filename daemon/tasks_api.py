@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from yarl import URL
 
-from daemon.config import EndpointSpec
-from daemon.control import query_limit
-from daemon.errors import ApiError, storage_error
-from daemon.keys import AUTH, ROUTER
-from daemon.proxy import (
+from berth.daemon.config import EndpointSpec
+from berth.daemon.control import query_limit
+from berth.daemon.errors import ApiError, storage_error
+from berth.daemon.keys import AUTH, ROUTER
+from berth.daemon.proxy import (
     REQUEST_ONLY,
     capacity_error,
     check_token,
@@ -25,11 +25,11 @@ from daemon.proxy import (
     forwarded_headers,
     raw_tail,
 )
-from scheduler.callbacks import describe_task
-from scheduler.dispatch import Dispatcher, Spool, TaskFinished
-from scheduler.egress import CALLBACK_POLICY, CallbackRefused, PolicyUnavailable
-from scheduler.router import CapacityError
-from store import TaskRecord
+from berth.scheduler.callbacks import describe_task
+from berth.scheduler.dispatch import Dispatcher, Spool, TaskFinished
+from berth.scheduler.egress import CALLBACK_POLICY, CallbackRefused, PolicyUnavailable
+from berth.scheduler.router import CapacityError
+from berth.store import TaskRecord
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from gpu.inventory import Gpu
+from berth.gpu.inventory import Gpu
 
 
 class GpuLedger(Protocol):

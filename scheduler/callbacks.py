@@ -19,8 +19,8 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from scheduler.egress import CallbackPolicy, CallbackRefused
-from store import Store, TaskRecord
+from berth.scheduler.egress import CallbackPolicy, CallbackRefused
+from berth.store import Store, TaskRecord
 
 log = structlog.get_logger("berth.callbacks")
 MAX_BACKOFF_S = 300.0

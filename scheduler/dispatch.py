@@ -20,11 +20,11 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from scheduler.callbacks import CallbackSender
-from scheduler.pool import EndpointPool
-from scheduler.replica import Replica, ReplicaState
-from scheduler.router import CapacityError, Router
-from store import Store, TaskRecord
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.replica import Replica, ReplicaState
+from berth.scheduler.router import CapacityError, Router
+from berth.store import Store, TaskRecord
 
 log = structlog.get_logger("berth.dispatch")
 INLINE_MAX = 64 * 1024  # bodies and results up to this live in SQLite, larger ones in files

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.replica import Replica, ReplicaState
+from berth.scheduler.replica import Replica, ReplicaState
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0

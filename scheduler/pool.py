@@ -7,9 +7,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.config import EndpointSpec
-from scheduler.policy import pick_replica
-from scheduler.replica import Replica, ReplicaState
+from berth.daemon.config import EndpointSpec
+from berth.scheduler.policy import pick_replica
+from berth.scheduler.replica import Replica, ReplicaState
 
 
 class EndpointUnavailable(Exception):

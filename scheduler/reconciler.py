@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
-from daemon.config import EndpointSpec
-from gpu import GpuAllocator
-from scheduler.policy import (
+from berth.daemon.config import EndpointSpec
+from berth.gpu import GpuAllocator
+from berth.scheduler.policy import (
     EvictionCandidate,
     backoff_delay,
     desired_replicas,
@@ -30,10 +30,10 @@ from scheduler.policy import (
     pick_evictions,
     plan_replicas,
 )
-from scheduler.pool import EndpointPool
-from scheduler.probes import Prober
-from scheduler.replica import Replica, ReplicaState
-from scheduler.runtime import (
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.probes import Prober
+from berth.scheduler.replica import Replica, ReplicaState
+from berth.scheduler.runtime import (
     LABEL_ENDPOINT,
     LABEL_GENERATION,
     LABEL_MANAGED,
@@ -46,7 +46,7 @@ from scheduler.runtime import (
     ImageUnavailable,
     gpu_env,
 )
-from store import EndpointRecord, EventRecord, Store
+from berth.store import EndpointRecord, EventRecord, Store
 
 log = structlog.get_logger("berth.reconciler")
 S = ReplicaState

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from store.records import ReplicaRecord
+from berth.store.records import ReplicaRecord
 
 
 class ReplicaState(StrEnum):

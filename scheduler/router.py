@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scheduler.policy import desired_replicas
-from scheduler.pool import EndpointPool, EndpointUnavailable, Waiter
-from scheduler.reconciler import Reconciler
-from scheduler.replica import Replica, ReplicaState
+from berth.scheduler.policy import desired_replicas
+from berth.scheduler.pool import EndpointPool, EndpointUnavailable, Waiter
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.replica import Replica, ReplicaState
 
 
 @dataclass

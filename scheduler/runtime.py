@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -151,6 +152,27 @@ def free_subnet(pool: ipaddress.IPv4Network,
     return None
 
 
+def host_routes(table: str = "/proc/net/route") -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks this host routes to directly or through a gateway (not the default
+    route), from the kernel's table; none where it cannot be read."""
+    routes = []
+    try:
+        lines = Path(table).read_text().splitlines()[1:]
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        with contextlib.suppress(ValueError):
+            dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+            mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+            network = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
+            if network.prefixlen > 0:
+                routes.append(network)
+    return routes
+
+
 def _short(exc: BaseException) -> str:
     """An SDK error in one line: the innermost OS error's words when there is one (requests
     nests them several reprs deep), else the first line of the message."""
@@ -278,7 +300,9 @@ class DockerRuntime:
         return [n for n in self.client.networks.list(names=[name]) if n.name == name]
 
     def _subnets_in_use(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        found = []
+        """The engine's networks and the host's routes (another engine, a VPN, a stale
+        bridge): a network overlapping any of them would be unreachable from berthd."""
+        found: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = list(host_routes())
         for network in self.client.api.networks():
             for config in (network.get("IPAM") or {}).get("Config") or []:
                 with contextlib.suppress(ValueError, TypeError):

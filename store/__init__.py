@@ -1,7 +1,7 @@
 """SQLite store: schema, migrations and repositories. The only code that writes SQL."""
 
-from store.db import Store, StoreError
-from store.records import EndpointRecord, EventRecord, ReplicaRecord, TaskRecord
+from berth.store.db import Store, StoreError
+from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord, TaskRecord
 
 __all__ = ["EndpointRecord", "EventRecord", "ReplicaRecord", "Store", "StoreError",
            "TaskRecord"]

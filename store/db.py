@@ -17,9 +17,9 @@ from typing import Any
 
 import aiosqlite
 
-from store.records import EndpointRecord, EventRecord, ReplicaRecord
-from store.schema import MIGRATIONS, SCHEMA_VERSION
-from store.tasks import TaskStore
+from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord
+from berth.store.schema import MIGRATIONS, SCHEMA_VERSION
+from berth.store.tasks import TaskStore
 
 DB_NAME = "berth.db"
 LIVE_STATES = ("pending", "starting", "ready", "draining")

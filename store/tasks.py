@@ -8,7 +8,7 @@ from typing import Any
 
 import aiosqlite
 
-from store.records import TaskRecord
+from berth.store.records import TaskRecord
 
 FINISHED = ("succeeded", "failed", "cancelled")
 _COLUMNS = [f.name for f in dataclasses.fields(TaskRecord)]

@@ -23,14 +23,14 @@ sys.path.insert(0, str(ROOT / "demo"))
 
 import build_image
 import engine
-from daemon.config import EndpointSpec
-from gpu import GpuAllocator
-from gpu.inventory import Gpu
-from scheduler.pool import EndpointPool
-from scheduler.probes import Prober
-from scheduler.reconciler import Reconciler
-from scheduler.runtime import DockerRuntime
-from store import Store
+from berth.daemon.config import EndpointSpec
+from berth.gpu import GpuAllocator
+from berth.gpu.inventory import Gpu
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.probes import Prober
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.runtime import DockerRuntime
+from berth.store import Store
 
 SESSION = uuid.uuid4().hex[:8]
 TEST_LABEL = "berth.test"

@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpu import GpuAllocator, choose_gpus
-from gpu.inventory import Gpu
-from store import Store
+from berth.gpu import GpuAllocator, choose_gpus
+from berth.gpu.inventory import Gpu
+from berth.store import Store
 
 GPUS = [Gpu(0, "u0", "NVIDIA H100", 80), Gpu(1, "u1", "NVIDIA H100", 80),
         Gpu(2, "u2", "NVIDIA A10", 24), Gpu(3, "u3", "NVIDIA H100", 80)]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from berth.daemon.app import build_app
+from berth.gpu import GpuAllocator
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.probes import Prober
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.runtime import DockerRuntime
+from berth.store import Store
 from conftest import endpoint, static_gpus
-from daemon.app import build_app
-from gpu import GpuAllocator
-from scheduler.pool import EndpointPool
-from scheduler.probes import Prober
-from scheduler.reconciler import Reconciler
-from scheduler.runtime import DockerRuntime
-from store import Store
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from berth.daemon.app import build_app
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.dispatch import Dispatcher, DispatchSettings
+from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.router import Router
 from conftest import endpoint, ready_count, wait_for
-from daemon.app import build_app
-from scheduler.callbacks import CallbackSender
-from scheduler.dispatch import Dispatcher, DispatchSettings
-from scheduler.egress import CallbackPolicy
-from scheduler.router import Router
 
 SECRET = b"test-callback-key"
 
@@ -245,8 +245,8 @@ async def test_oversized_body_is_refused_and_leaves_nothing(aplane, tmp_path):
 
 
 def test_a_retry_avoids_the_failed_replica_only_when_another_can_take_it(tmp_path):
-    from scheduler.pool import EndpointPool
-    from scheduler.replica import Replica, ReplicaState
+    from berth.scheduler.pool import EndpointPool
+    from berth.scheduler.replica import Replica, ReplicaState
 
     pool = EndpointPool(spec=endpoint("x"), source="api")
     for rid in ("a", "b"):

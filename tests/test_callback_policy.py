@@ -12,13 +12,19 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from berth.daemon.app import build_app
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.dispatch import Dispatcher, DispatchSettings
+from berth.scheduler.egress import (
+    DOCKER,
+    CallbackPolicy,
+    CallbackRefused,
+    PolicyUnavailable,
+    refusal,
+)
+from berth.scheduler.router import Router
+from berth.store import Store, TaskRecord
 from conftest import endpoint, ready_count, wait_for
-from daemon.app import build_app
-from scheduler.callbacks import CallbackSender
-from scheduler.dispatch import Dispatcher, DispatchSettings
-from scheduler.egress import DOCKER, CallbackPolicy, CallbackRefused, PolicyUnavailable, refusal
-from scheduler.router import Router
-from store import Store, TaskRecord
 
 ip, net = ipaddress.ip_address, ipaddress.ip_network
 PRIVATE_ALLOWED = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]

@@ -18,7 +18,7 @@ ADMIN = "cli-admin-token"
 
 
 def berth(d: Berthd, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "berth.daemon.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, input=stdin,
                           env={**os.environ, "BERTH_URL": f"http://127.0.0.1:{d.port}",
                                "BERTH_TOKEN": ADMIN})
@@ -128,7 +128,7 @@ labels = {{ "{TEST_LABEL}" = "{SESSION}" }}
         body = d2.endpoint("alpha")
         assert body["source"] == "api" and body["spec"]["max_replicas"] == 2
         assert d2.get("/v1/endpoints/beta")[0] == 404
-        unreachable = subprocess.run([sys.executable, "-m", "daemon.cli", "--url",
+        unreachable = subprocess.run([sys.executable, "-m", "berth.daemon.cli", "--url",
                                       "http://127.0.0.1:9", "gpus"], cwd=ROOT,
                                      capture_output=True, text=True, timeout=30)
         assert unreachable.returncode == 3

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, EndpointSpec, gpu_shortage, load_config, parse_config
-from daemon.main import check_config
+from berth.daemon.config import ConfigError, EndpointSpec, gpu_shortage, load_config, parse_config
+from berth.daemon.main import check_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_BOX = {"gpu": {"source": "static", "devices": [{"name": "NVIDIA H100", "memory_mib": 80000}]}}
@@ -93,14 +93,14 @@ def test_example_config_is_valid_and_realistic():
 
 def test_example_config_documents_every_setting():
     text = (ROOT / "config.example.toml").read_text()
-    from daemon.config import DaemonSettings, DockerSettings, EndpointFields, GpuSettings
+    from berth.daemon.config import DaemonSettings, DockerSettings, EndpointFields, GpuSettings
     for model in (DaemonSettings, DockerSettings, GpuSettings, EndpointFields):
         for field in model.model_fields:
             assert field in text, f"{model.__name__}.{field} is not in config.example.toml"
 
 
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.main", "check-config", str(path)],
+    return subprocess.run([sys.executable, "-m", "berth.daemon.main", "check-config", str(path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 

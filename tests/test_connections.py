@@ -18,7 +18,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from daemon.connections import ConnectionLimits, GuardedSite, client_key, header_deadline
+from berth.daemon.connections import ConnectionLimits, GuardedSite, client_key, header_deadline
 
 HEADER_S = 0.3
 KEEPALIVE_S = 1.0

@@ -7,14 +7,14 @@ import asyncio
 
 import pytest
 
+from berth.daemon.app import build_app
+from berth.daemon.auth import Auth
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.dispatch import Dispatcher, DispatchSettings
+from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.replica import ReplicaState
+from berth.scheduler.router import Router
 from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
-from daemon.app import build_app
-from daemon.auth import Auth
-from scheduler.callbacks import CallbackSender
-from scheduler.dispatch import Dispatcher, DispatchSettings
-from scheduler.egress import CallbackPolicy
-from scheduler.replica import ReplicaState
-from scheduler.router import Router
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 S = ReplicaState

@@ -77,7 +77,7 @@ class Berthd:
         self.err = open(self.stderr_path, "wb")  # noqa: SIM115
         full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.main", "--config", str(config), *args],
+            [sys.executable, "-m", "berth.daemon.main", "--config", str(config), *args],
             cwd=ROOT, env=full_env, stdout=self.log, stderr=self.err)
 
     def wait_message(self, wanted: str, timeout: float = 30.0) -> list[str]:
@@ -211,7 +211,7 @@ def test_ready_notify_and_the_read_only_api(daemon, write_config):
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "--url", url, *args],
+    return subprocess.run([sys.executable, "-m", "berth.daemon.cli", "--url", url, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
 
 
@@ -309,7 +309,7 @@ def test_admin_token_guards_the_control_api(daemon, write_config):
 
 
 def run_berthd(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "berth.daemon.main", "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, **(env or {})})
 

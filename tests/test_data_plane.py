@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from berth.daemon.app import build_app
+from berth.scheduler.replica import ReplicaState
 from conftest import endpoint, ready_count, wait_for
-from daemon.app import build_app
-from scheduler.replica import ReplicaState
 
 S = ReplicaState
 

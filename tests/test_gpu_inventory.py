@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from daemon.config import GpuDevice
-from gpu import GpuSourceError, load_inventory
+from berth.daemon.config import GpuDevice
+from berth.gpu import GpuSourceError, load_inventory
 
 
 def test_static_inventory_from_declared_devices():

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
+from berth.daemon.app import build_app
+from berth.daemon.auth import Auth
+from berth.daemon.browser import BrowserGuard
+from berth.daemon.config import ConfigError, parse_config
+from berth.daemon.control import ReplicaLogs
+from berth.daemon.service import StartupError, callback_secret
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.dispatch import Dispatcher, DispatchSettings
+from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.router import Router
 from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
-from daemon.app import build_app
-from daemon.auth import Auth
-from daemon.browser import BrowserGuard
-from daemon.config import ConfigError, parse_config
-from daemon.control import ReplicaLogs
-from daemon.service import StartupError, callback_secret
-from scheduler.callbacks import CallbackSender
-from scheduler.dispatch import Dispatcher, DispatchSettings
-from scheduler.egress import CallbackPolicy
-from scheduler.router import Router
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 JSON = {"Content-Type": "application/json"}

@@ -11,7 +11,7 @@ import sys
 import pytest
 import structlog
 
-from daemon.logs import setup_logging
+from berth.daemon.logs import setup_logging
 
 
 @pytest.fixture(autouse=True)

@@ -11,18 +11,18 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from berth.daemon.app import build_app
+from berth.daemon.openapi import document
+from berth.gpu import GpuAllocator
+from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.dispatch import Dispatcher, DispatchSettings
+from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.probes import Prober
+from berth.scheduler.reconciler import Reconciler
+from berth.scheduler.router import Router
+from berth.scheduler.runtime import DockerRuntime
+from berth.store import Store
 from conftest import SESSION, static_gpus
-from daemon.app import build_app
-from daemon.openapi import document
-from gpu import GpuAllocator
-from scheduler.callbacks import CallbackSender
-from scheduler.dispatch import Dispatcher, DispatchSettings
-from scheduler.egress import CallbackPolicy
-from scheduler.probes import Prober
-from scheduler.reconciler import Reconciler
-from scheduler.router import Router
-from scheduler.runtime import DockerRuntime
-from store import Store
 from test_daemon import Berthd, one_ready
 
 ADMIN = "fuzz-admin-token"

@@ -1,17 +1,24 @@
-"""`pip install .` gives working `berthd` and `berth` commands, outside the source tree."""
+"""`pip install .` gives working `berthd` and `berth` commands, outside the source tree, and
+berth installs beside python-daemon without breaking it (berth's modules are berth.*)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 from conftest import ROOT
 
 
-def test_pip_install_gives_working_commands(tmp_path):
+def test_pip_install_gives_working_commands_beside_python_daemon(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would ship stale modules
+    # python-daemon first, then berth into the same place: before, berth's top-level `daemon`
+    # package overwrote python-daemon's files (daemon.DaemonContext -> AttributeError).
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target),
+                    "python-daemon"], check=True, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade",
                     "--target", str(target), str(ROOT)], check=True, timeout=300,
                    capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -25,7 +32,14 @@ def test_pip_install_gives_working_commands(tmp_path):
                           "gpus"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 3 and "cannot reach berthd" in out.stderr
-    # The installed modules are the ones that ran, not the checkout's.
-    out = subprocess.run([sys.executable, "-c", "import daemon; print(daemon.__file__)"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert out.stdout.startswith(str(target))
+    # Both packages work in one process, and the installed modules are the ones that ran.
+    check = ("import daemon, berth.daemon.config as c; "
+             "assert daemon.DaemonContext and c.EndpointSpec; "
+             "print(daemon.__file__); print(c.__file__)")
+    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    python_daemon, berth_config = out.stdout.split()
+    assert python_daemon == str(target / "daemon" / "__init__.py")
+    assert berth_config == str(target / "berth" / "daemon" / "config.py")
+    assert not (target / "daemon" / "config.py").exists()  # nothing of berth's in there

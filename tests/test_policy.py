@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.policy import (
+from berth.scheduler.policy import (
     STABLE_AFTER_S,
     backoff_delay,
     desired_replicas,
     failures_after,
     plan_replicas,
 )
-from scheduler.replica import (
+from berth.scheduler.replica import (
     TRANSITIONS,
     IllegalTransition,
     Replica,

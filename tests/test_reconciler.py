@@ -7,8 +7,8 @@ import asyncio
 import aiohttp
 import pytest
 
+from berth.scheduler.replica import ReplicaState
 from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
-from scheduler.replica import ReplicaState
 
 S = ReplicaState
 

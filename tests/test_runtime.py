@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import tarfile
 import threading
 
@@ -11,16 +12,18 @@ import aiohttp
 import docker.types
 import pytest
 
-from conftest import SESSION, TEST_LABEL
-from scheduler.runtime import (
+from berth.scheduler.runtime import (
     ContainerSpec,
     ContainerStartError,
     DockerRuntime,
     DockerUnavailable,
     ImageUnavailable,
     create_kwargs,
+    free_subnet,
     gpu_env,
+    host_routes,
 )
+from conftest import SESSION, TEST_LABEL
 
 
 def spec(name: str, image: str, **fields) -> ContainerSpec:
@@ -123,7 +126,7 @@ async def test_missing_image_is_pulled_with_progress_in_the_log(
     docker_client.images.remove(local)
     server = await aiohttp_server(registry_app(from_docker_save(saved)))
     image = f"127.0.0.1:{server.port}/berth-test/pulled:{SESSION}"
-    with caplog.at_level("INFO", logger="scheduler.runtime"):
+    with caplog.at_level("INFO", logger="berth.scheduler.runtime"):
         await runtime.ensure_image(image)
     try:
         assert docker_client.images.get(image)
@@ -144,3 +147,17 @@ def tiny_rootfs() -> bytes:
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def test_endpoint_networks_avoid_every_subnet_in_use(tmp_path):
+    pool = ipaddress.IPv4Network("10.210.0.0/22")
+    taken = [ipaddress.ip_network("10.210.0.0/24"), ipaddress.ip_network("10.210.1.128/25"),
+             ipaddress.ip_network("fd00::/64")]
+    assert free_subnet(pool, taken) == ipaddress.IPv4Network("10.210.2.0/24")
+    assert free_subnet(pool, [ipaddress.ip_network("10.0.0.0/8")]) is None
+    table = tmp_path / "route"
+    table.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\t\n"
+                     "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\n"  # default: skipped
+                     "br-x\t0000D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n")  # 10.210.0.0/24
+    assert host_routes(str(table)) == [ipaddress.IPv4Network("10.210.0.0/24")]
+    assert host_routes(str(tmp_path / "absent")) == []

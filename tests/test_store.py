@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from store import EndpointRecord, EventRecord, ReplicaRecord, Store, StoreError
-from store.schema import SCHEMA_VERSION
+from berth.store import EndpointRecord, EventRecord, ReplicaRecord, Store, StoreError
+from berth.store.schema import SCHEMA_VERSION
 
 
 async def test_fresh_store_is_migrated_in_wal_mode_with_private_file(tmp_path):
