@@ -13,7 +13,7 @@ from aiohttp import web
 from berth.daemon.auth import Auth
 from berth.daemon.browser import BrowserGuard, browser_middleware
 from berth.daemon.control import add_control_api
-from berth.daemon.errors import ApiError, error_response, storage_error
+from berth.daemon.errors import ApiError, as_api_error, error_response, storage_error
 from berth.daemon.keys import AUTH, METRICS
 from berth.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from berth.daemon.openapi import add_openapi
@@ -21,6 +21,7 @@ from berth.daemon.proxy import add_data_plane
 from berth.daemon.tasks_api import Intake, add_async_plane
 from berth.gpu import GpuAllocator, GpuSample
 from berth.scheduler.dispatch import Dispatcher
+from berth.scheduler.errors import SchedulerError
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.router import Router
 
@@ -45,8 +46,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     """Every error leaves as JSON; nothing a client sends can produce a bare 500."""
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
+    except (ApiError, SchedulerError) as exc:
+        error = as_api_error(exc)
+        return error_response(error.status, error.code, error.message, error.headers,
+                              error.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -9,6 +9,16 @@ from typing import Any
 
 from aiohttp import web
 
+from berth.scheduler.errors import (
+    EndpointFailing,
+    EndpointNotFound,
+    EngineUnavailable,
+    NoCapacity,
+    QueueFull,
+    ReplicaNotFound,
+    SchedulerError,
+)
+
 
 class ApiError(Exception):
     """An error answered as {"error": {"code": ..., "message": ...}} with `status`."""
@@ -22,6 +32,27 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.details = details  # 422: one {"path", "message"} per wrong field
+
+
+# The scheduler's refusals as HTTP: the one place their statuses and codes are chosen.
+SCHEDULER_ERRORS: dict[type[SchedulerError], tuple[int, str]] = {
+    EndpointNotFound: (404, "endpoint_not_found"),
+    ReplicaNotFound: (404, "replica_not_found"),
+    QueueFull: (429, "queue_full"),
+    EndpointFailing: (503, "endpoint_error"),
+    EngineUnavailable: (503, "docker_unavailable"),
+    NoCapacity: (503, "no_capacity"),
+}
+
+
+def as_api_error(exc: ApiError | SchedulerError) -> ApiError:
+    """The HTTP answer to an error; a scheduler error by the table above."""
+    if isinstance(exc, ApiError):
+        return exc
+    status, code = next((v for k, v in SCHEDULER_ERRORS.items() if isinstance(exc, k)),
+                        (503, "unavailable"))
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return ApiError(status, code, exc.message, headers)
 
 
 def storage_error(exc: Exception) -> ApiError:

@@ -21,11 +21,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from berth.daemon.errors import ApiError
+from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, MAX_BODY, METRICS, ROUTER, UPSTREAM
+from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
-from berth.scheduler.router import CapacityError, Router
+from berth.scheduler.router import Router
 
 log = structlog.get_logger("berth.proxy")
 
@@ -100,17 +101,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
                        headers={"Allow": ", ".join(sorted(METHODS))})
     started = time.monotonic()
     router = request.app[ROUTER]
-    try:
-        pool = router.pool(request.match_info["name"])
-    except CapacityError as exc:
-        raise capacity_error(exc) from None
+    pool = router.pool(request.match_info["name"])
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
         response = await _invoke(request, router, pool)
         outcome = response.status
         return response
-    except ApiError as exc:
-        outcome = exc.status
+    except (ApiError, SchedulerError) as exc:
+        outcome = as_api_error(exc).status
         raise
     except Exception:
         outcome = 500
@@ -129,38 +127,22 @@ async def _invoke(request: web.Request, router: Router,
                        f"limit of {limit} (daemon.max_body_bytes)")
     call = Call(request, pool, raw_tail(request),
                 request.headers.get("X-Request-Id") or os.urandom(12).hex())
-    try:
-        return await _serve(router, call, request.headers.get("X-Berth-Replica"))
-    except CapacityError as exc:
-        raise capacity_error(exc) from None
-
-
-def capacity_error(exc: CapacityError) -> ApiError:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-    return ApiError(exc.status, exc.code, exc.message, headers)
+    return await _serve(router, call, request.headers.get("X-Berth-Replica"))
 
 
 async def _serve(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
-    """Run the call on a replica; a refused connection is retried once on another one."""
-    replica = await router.acquire(call.pool, pinned)
-    try:
-        return await _exchange(call, replica)
-    except ReplicaRefused:
-        router.reconciler.kick()  # let the reconciler look at that replica now
-        if pinned is not None:
-            raise ApiError(502, "replica_unreachable",
-                           f"replica {replica.id} refused the connection") from None
-    finally:
-        await router.release(call.pool, replica)
-    other = await router.acquire(call.pool, exclude=frozenset({replica.id}))
-    try:
-        return await _exchange(call, other)
-    except ReplicaRefused:
-        router.reconciler.kick()
-        raise ApiError(502, "replica_unreachable", f"replicas {replica.id} and {other.id} "
-                       "refused the connection") from None
-    finally:
-        await router.release(call.pool, other)
+    """Run the call on a replica; a refused connection is retried once on another one. The
+    slot is held for the whole exchange, streamed answer included, and released on exit."""
+    refused: list[str] = []
+    for _ in range(1 if pinned else 2):
+        async with router.acquire(call.pool, pinned, frozenset(refused)) as lease:
+            try:
+                return await _exchange(call, lease.replica)
+            except ReplicaRefused:
+                router.reconciler.kick()  # let the reconciler look at that replica now
+                refused.append(lease.replica.id)
+    raise ApiError(502, "replica_unreachable", f"{' and '.join(refused)} refused the "
+                   "connection")
 
 
 async def _body(call: Call) -> AsyncIterator[bytes]:

@@ -19,7 +19,6 @@ from berth.daemon.errors import ApiError, storage_error
 from berth.daemon.keys import AUTH, ROUTER
 from berth.daemon.proxy import (
     REQUEST_ONLY,
-    capacity_error,
     check_token,
     forward_headers,
     forwarded_headers,
@@ -28,7 +27,6 @@ from berth.daemon.proxy import (
 from berth.scheduler.callbacks import describe_task
 from berth.scheduler.dispatch import Dispatcher, Spool, TaskFinished
 from berth.scheduler.egress import CALLBACK_POLICY, CallbackRefused, PolicyUnavailable
-from berth.scheduler.router import CapacityError
 from berth.store import TaskRecord
 
 
@@ -122,10 +120,7 @@ async def read_body(request: web.Request, task_id: str,
 
 async def submit(request: web.Request) -> web.Response:
     router, dispatcher = request.app[ROUTER], request.app[DISPATCHER]
-    try:
-        pool = router.pool(request.match_info["name"])
-    except CapacityError as exc:
-        raise capacity_error(exc) from None
+    pool = router.pool(request.match_info["name"])
     check_token(request, pool)
     url = await callback_url(request)
     spec, tasks = pool.spec, dispatcher.store.tasks

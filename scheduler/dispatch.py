@@ -21,9 +21,10 @@ import structlog
 from yarl import URL
 
 from berth.scheduler.callbacks import CallbackSender
+from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica, ReplicaState
-from berth.scheduler.router import CapacityError, Router
+from berth.scheduler.router import Lease, Router
 from berth.store import Store, TaskRecord
 
 log = structlog.get_logger("berth.dispatch")
@@ -167,17 +168,17 @@ class Dispatcher:
             task_id = queue[0]
             self._update_backlog(endpoint)
             try:
-                replica = await self.router.acquire(pool, exclude=self._avoid(pool, task_id))
-            except CapacityError:  # tasks wait out errors and slow starts: try again shortly
+                lease = await self.router.lease(pool, exclude=self._avoid(pool, task_id))
+            except SchedulerError:  # tasks wait out errors and slow starts: try again shortly
                 await asyncio.sleep(NO_CAPACITY_RETRY_S)
                 continue
             if not queue or queue[0] != task_id:  # cancelled while it waited for the slot
-                await self.router.release(pool, replica)
+                await lease.release()
                 continue
             queue.popleft()
             self._update_backlog(endpoint)
             self._running[task_id] = asyncio.get_running_loop().create_task(
-                self._run(pool, replica, task_id), name=f"task:{task_id}")
+                self._run(lease, task_id), name=f"task:{task_id}")
 
     def _avoid(self, pool: EndpointPool, task_id: str) -> frozenset[str]:
         """Replicas a retried task failed on, as long as another ready one can take it (an
@@ -195,21 +196,25 @@ class Dispatcher:
 
     # --- one attempt ---------------------------------------------------------------------
 
-    async def _run(self, pool: EndpointPool, replica: Replica, task_id: str) -> None:
+    async def _run(self, lease: Lease, task_id: str) -> None:
+        """One attempt of a task on the leased slot; the slot goes back when this ends (the
+        only place the dispatcher releases one), or earlier where the task waits to retry."""
         try:
-            task = await self.store.tasks.get(task_id)
-            if task is None or task.status != "queued":
-                await self.router.release(pool, replica)
-                return
-            task.status, task.replica, task.started_at = "running", replica.id, self.clock()
-            task.attempts += 1
-            await self.store.tasks.update(task, "status", "replica", "started_at", "attempts")
-            await self._attempt(pool, replica, task)
+            async with lease:
+                task = await self.store.tasks.get(task_id)
+                if task is None or task.status != "queued":
+                    return
+                task.status, task.replica = "running", lease.replica.id
+                task.started_at = self.clock()
+                task.attempts += 1
+                await self.store.tasks.update(task, "status", "replica", "started_at",
+                                              "attempts")
+                await self._attempt(lease, task)
         finally:
             self._running.pop(task_id, None)
 
-    async def _attempt(self, pool: EndpointPool, replica: Replica, task: TaskRecord) -> None:
-        timeout = pool.spec.async_timeout_s
+    async def _attempt(self, lease: Lease, task: TaskRecord) -> None:
+        timeout, replica = lease.pool.spec.async_timeout_s, lease.replica
         try:
             async with asyncio.timeout(timeout):
                 await self._call(replica, task)
@@ -218,17 +223,16 @@ class Dispatcher:
             task.status, task.error = "failed", f"task exceeded async_timeout_s={timeout:g}"
         except ReplicaFailed as exc:
             if task.attempts < self.settings.max_attempts:
-                await self.router.release(pool, replica)
+                await lease.release()  # no slot is held through the backoff
                 await self._retry(task, replica, str(exc))
                 return
             task.status = "failed"
             task.error = f"replica failed on all {task.attempts} attempts; last: {exc}"
         except asyncio.CancelledError:
             if task.id not in self._cancelling:
-                await self.router.release(pool, replica)
                 raise  # berthd stopping: the store still says running; requeued at start
             task.status, task.error = "cancelled", "cancelled by request"
-        await self.router.release(pool, replica)
+        await lease.release()  # free before the callback and the store write
         await self._finish(task)
 
     async def _retry(self, task: TaskRecord, replica: Replica, error: str) -> None:

@@ -8,12 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth.daemon.config import EndpointSpec
+from berth.scheduler.errors import EndpointFailing
 from berth.scheduler.policy import pick_replica
 from berth.scheduler.replica import Replica, ReplicaState
-
-
-class EndpointUnavailable(Exception):
-    """The endpoint cannot serve calls now (error state, removed); the message says why."""
 
 
 @dataclass(eq=False)
@@ -79,7 +76,10 @@ class EndpointPool:
         return replica
 
     async def release(self, replica: Replica, now: float) -> None:
-        """Give a slot back; the first waiters that can use it get it at once."""
+        """Give a slot back; the first waiters that can use it get it at once. Only a Lease
+        calls this, once (router.Lease)."""
+        if replica.in_flight <= 0:
+            raise RuntimeError(f"replica {replica.id}: a slot released that was not taken")
         replica.in_flight -= 1
         replica.last_call_at = now
         self.dispatch()
@@ -90,7 +90,7 @@ class EndpointPool:
         """Tell every queued call the endpoint cannot serve it (instead of letting it time out)."""
         for waiter in self.queue:
             if not waiter.slot.done():
-                waiter.slot.set_exception(EndpointUnavailable(reason))
+                waiter.slot.set_exception(EndpointFailing(reason))
         self.queue.clear()
 
     def dispatch(self) -> None:

@@ -7,31 +7,53 @@ raises the endpoint's demand and kicks the reconciler, which starts replicas at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from berth.scheduler.errors import (
+    EndpointFailing,
+    EndpointNotFound,
+    EngineUnavailable,
+    NoCapacity,
+    QueueFull,
+    ReplicaNotFound,
+)
 from berth.scheduler.policy import desired_replicas
-from berth.scheduler.pool import EndpointPool, EndpointUnavailable, Waiter
+from berth.scheduler.pool import EndpointPool, Waiter
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.replica import Replica, ReplicaState
 
 
-@dataclass
-class CapacityError(Exception):
-    """No slot can be had; status/code/message are what the client is told."""
+@dataclass(eq=False)
+class Lease:
+    """One call's slot on one replica, from acquire until release. Releasing twice is
+    harmless (the second does nothing), so a slot can never be given back twice; as an
+    async context manager it is released on exit."""
 
-    status: int
-    code: str
-    message: str
-    retry_after: int | None = None
+    pool: EndpointPool
+    replica: Replica
+    clock: Callable[[], float]
+    released: bool = False
 
-    def __str__(self) -> str:
-        return self.message
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            await self.pool.release(self.replica, self.clock())
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
 
 
 class Router:
-    """Hands out replica slots; every slot acquired must be given back with `release`."""
+    """Hands out replica slots as leases: `async with router.acquire(pool) as lease:`.
+
+    Refusals are scheduler errors (EndpointNotFound, ReplicaNotFound, QueueFull, NoCapacity,
+    EndpointFailing, EngineUnavailable), never HTTP."""
 
     def __init__(self, reconciler: Reconciler, clock: Callable[[], float] = time.time) -> None:
         self.reconciler = reconciler
@@ -40,30 +62,40 @@ class Router:
     def pool(self, name: str) -> EndpointPool:
         pool = self.reconciler.pools.get(name)
         if pool is None or pool.removed:
-            raise CapacityError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+            raise EndpointNotFound(f"no endpoint named {name!r}")
         return pool
 
+    @contextlib.asynccontextmanager
     async def acquire(self, pool: EndpointPool, pinned: str | None = None,
-                      exclude: frozenset[str] = frozenset()) -> Replica:
-        """A slot, at once or after waiting in the endpoint's FIFO queue."""
+                      exclude: frozenset[str] = frozenset()) -> AsyncIterator[Lease]:
+        """`async with router.acquire(pool) as lease:` a slot, released on exit."""
+        async with await self.lease(pool, pinned, exclude) as lease:
+            yield lease
+
+    async def lease(self, pool: EndpointPool, pinned: str | None = None,
+                    exclude: frozenset[str] = frozenset()) -> Lease:
+        """A lease on a slot, at once or after waiting in the endpoint's FIFO queue, for a
+        holder that hands it on (the dispatcher's pump to the task's runner)."""
+        return Lease(pool, await self._slot(pool, pinned, exclude), self.clock)
+
+    async def _slot(self, pool: EndpointPool, pinned: str | None,
+                    exclude: frozenset[str]) -> Replica:
         spec = pool.spec
         if pool.error:
-            raise CapacityError(503, "endpoint_error", f"endpoint {pool.name} cannot run: "
-                                f"{pool.error}", retry_after=5)
+            raise EndpointFailing(f"endpoint {pool.name} cannot run: {pool.error}")
         if pinned is not None and pinned not in pool.replicas:
-            raise CapacityError(404, "replica_not_found",
-                                f"endpoint {pool.name} has no replica {pinned!r}")
+            raise ReplicaNotFound(f"endpoint {pool.name} has no replica {pinned!r}")
         replica = pool.take(pinned, exclude)
         if replica is not None:
             return replica
         runtime = self.reconciler.runtime
         if not runtime.engine_up:  # waiting would only time out: no replica can start
-            raise CapacityError(503, "docker_unavailable", f"endpoint {pool.name} has no free "
-                                f"replica and none can start: the Docker engine is "
-                                f"unreachable ({runtime.down_reason})", retry_after=5)
+            raise EngineUnavailable(f"endpoint {pool.name} has no free replica and none can "
+                                    f"start: the Docker engine is unreachable "
+                                    f"({runtime.down_reason})")
         if pool.waiting >= spec.queue_limit:
-            raise CapacityError(429, "queue_full", f"endpoint {pool.name} has {pool.waiting} "
-                                f"calls waiting (queue_limit {spec.queue_limit})", retry_after=1)
+            raise QueueFull(f"endpoint {pool.name} has {pool.waiting} calls waiting "
+                            f"(queue_limit {spec.queue_limit})")
         waiter = Waiter(asyncio.get_running_loop().create_future(), pinned)
         pool.queue.append(waiter)
         if self._needs_more(pool):
@@ -77,11 +109,10 @@ class Router:
         except TimeoutError:
             if _granted(waiter):  # the slot came in the same instant as the deadline
                 return waiter.slot.result()
-            raise CapacityError(503, "no_capacity", f"no replica of {pool.name} had a free slot "
-                                f"within startup_timeout_s={timeout:g}", retry_after=5) from None
-        except EndpointUnavailable as exc:
-            raise CapacityError(503, "endpoint_error",
-                                f"endpoint {pool.name} cannot run: {exc}", retry_after=5) from None
+            raise NoCapacity(f"no replica of {pool.name} had a free slot within "
+                             f"startup_timeout_s={timeout:g}") from None
+        except EndpointFailing as exc:
+            raise EndpointFailing(f"endpoint {pool.name} cannot run: {exc}") from None
         except asyncio.CancelledError:  # the client left while waiting
             if _granted(waiter):
                 await pool.release(waiter.slot.result(), self.clock())
@@ -99,9 +130,6 @@ class Router:
                                   spec.max_replicas)
         return wanted > pool.count(ReplicaState.PENDING, ReplicaState.STARTING,
                                    ReplicaState.READY)
-
-    async def release(self, pool: EndpointPool, replica: Replica) -> None:
-        await pool.release(replica, self.clock())
 
 
 def _granted(waiter: Waiter) -> bool:

@@ -1,0 +1,85 @@
+"""An endpoint pool's slots and the router's leases, without Docker: round-robin, pinning,
+concurrency, FIFO hand-over of freed slots, and a release that can only happen once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from berth.daemon.config import EndpointSpec
+from berth.scheduler.errors import EndpointFailing
+from berth.scheduler.pool import EndpointPool, Waiter
+from berth.scheduler.replica import Replica, ReplicaState
+from berth.scheduler.router import Lease
+
+S = ReplicaState
+
+
+def pool_of(states: list[ReplicaState], concurrency: int = 1) -> EndpointPool:
+    spec = EndpointSpec.model_validate({"name": "p", "image": "x",
+                                        "concurrency": concurrency})
+    pool = EndpointPool(spec=spec, source="api")
+    for i, state in enumerate(states):
+        pool.replicas[f"r{i}"] = Replica(id=f"r{i}", endpoint="p", generation=1, state=state,
+                                         created_at=0.0)
+    return pool
+
+
+@pytest.mark.parametrize(("states", "concurrency", "pinned", "takes"), [
+    ([S.READY, S.READY, S.READY], 1, None, ["r0", "r1", "r2", None]),  # round-robin, then full
+    ([S.READY, S.READY], 2, None, ["r0", "r1", "r0", "r1", None]),     # concurrency 2 each
+    ([S.STARTING, S.READY, S.DRAINING], 1, None, ["r1", None]),       # only ready take calls
+    ([S.READY, S.READY], 2, "r1", ["r1", "r1", None]),                 # pinned: that one only
+    ([S.READY, S.STARTING], 1, "r1", [None]),                           # pinned, not ready
+    ([S.READY], 1, "nope", [None]),                                     # pinned, unknown
+    ([], 1, None, [None]),
+])
+def test_take(states, concurrency, pinned, takes):
+    pool = pool_of(states, concurrency)
+    got = []
+    for _ in takes:
+        replica = pool.take(pinned)
+        got.append(replica.id if replica else None)
+    assert got == takes
+    assert pool.demand() == sum(1 for t in takes if t)
+
+
+async def test_a_released_slot_goes_to_the_oldest_waiter_that_can_use_it():
+    pool = pool_of([S.READY, S.READY])
+    first, second = pool.take(), pool.take()
+    assert first is not None and second is not None
+    loop = asyncio.get_running_loop()
+    pinned_to_first = Waiter(loop.create_future(), pinned=first.id)
+    anyone = Waiter(loop.create_future())
+    pool.queue.extend([Waiter(loop.create_future(), pinned=second.id), pinned_to_first, anyone])
+    assert pool.waiting == 3
+    await pool.release(first, now=10.0)
+    assert pinned_to_first.slot.result() is first  # the pinned-elsewhere one keeps waiting
+    assert not anyone.slot.done() and pool.waiting == 2
+    assert first.last_call_at == 10.0 and first.in_flight == 1
+
+
+async def test_a_lease_releases_once_however_often_it_is_told():
+    pool = pool_of([S.READY])
+    replica = pool.take()
+    assert replica is not None
+    lease = Lease(pool, replica, clock=lambda: 5.0)
+    async with lease:
+        assert replica.in_flight == 1
+        await lease.release()  # early, as the dispatcher does before a retry backoff
+        assert replica.in_flight == 0
+    await lease.release()
+    assert replica.in_flight == 0 and lease.released
+    with pytest.raises(RuntimeError, match="not taken"):  # only a bug could get here
+        await pool.release(replica, now=6.0)
+
+
+async def test_waiters_hear_why_the_endpoint_cannot_serve():
+    pool = pool_of([])
+    waiter = Waiter(asyncio.get_running_loop().create_future())
+    pool.queue.append(waiter)
+    pool.fail_waiters("image missing")
+    with pytest.raises(EndpointFailing, match="image missing"):
+        waiter.slot.result()
+    assert pool.waiting == 0
