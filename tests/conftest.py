@@ -1,15 +1,14 @@
 """Test fixtures: a real Docker engine (reused, or started for the session), the demo model
-image, and in-process berth parts wired to real SQLite files and real containers."""
+image, and in-process berth parts wired to real SQLite files and real containers.
+
+The helpers they build on (and that tests import) are in helpers.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
-import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,23 +17,17 @@ import docker
 import docker.errors
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "demo"))
-
-import build_image
-import engine
-from berth.daemon.config import EndpointSpec
-from berth.gpu import GpuAllocator
-from berth.gpu.inventory import Gpu
-from berth.scheduler.pool import EndpointPool
-from berth.scheduler.probes import Prober
-from berth.scheduler.reconciler import Reconciler
-from berth.scheduler.runtime import DockerRuntime
-from berth.store import Store
-
-SESSION = uuid.uuid4().hex[:8]
-TEST_LABEL = "berth.test"
-IMAGE = build_image.DEFAULT_TAG
+from helpers import (
+    IMAGE,
+    SESSION,
+    TEST_LABEL,
+    AdminApps,
+    Harness,
+    PrivateEngine,
+    build_image,
+    engine,
+    static_gpus,
+)
 
 
 @pytest.fixture(scope="session")
@@ -97,74 +90,6 @@ def network() -> str:
     return f"berth-test-{SESSION}"
 
 
-def endpoint(name: str, **fields: Any) -> EndpointSpec:
-    """An endpoint on the test image with test-speed probes; fields override."""
-    readiness = {"path": "/health", "period_s": 0.1, "timeout_s": 0.5}
-    liveness = {"period_s": 0.1, "timeout_s": 0.5, "failure_threshold": 2}
-    data: dict[str, Any] = {"name": name, "image": IMAGE, "startup_timeout_s": 20.0,
-                            "readiness": readiness, "liveness": liveness,
-                            "labels": {TEST_LABEL: SESSION}}
-    data.update(fields)
-    return EndpointSpec.model_validate(data)
-
-
-def static_gpus(count: int, name: str = "Test GPU") -> list[Gpu]:
-    return [Gpu(index=i, uuid=f"GPU-test-{i}", name=name, memory_mib=1024) for i in range(count)]
-
-
-class Harness:
-    """A reconciler over real SQLite and a real engine, with a fast timer of its own."""
-
-    def __init__(self, state_dir: Path, network: str, gpus: list[Gpu],
-                 gpu_mode: str = "env", egress: bool = True, host: str | None = None) -> None:
-        self.egress = egress
-        self.host = host  # None: DOCKER_HOST, the session's engine
-        self.gpu_mode = gpu_mode
-        self.state_dir = state_dir
-        self.network = network
-        self.gpus = gpus
-        self.store: Store | None = None
-        self.runtime: DockerRuntime | None = None
-        self.reconciler: Reconciler | None = None
-        self._ticker: asyncio.Task[None] | None = None
-        self.stopped = False
-
-    async def start(self) -> Reconciler:
-        self.store = await Store.open(self.state_dir)
-        allocator = GpuAllocator(self.gpus, self.store)
-        # The second engine shares this host's routes: its networks take other addresses.
-        pool = "10.210.0.0/16" if self.host is None else "10.214.0.0/16"
-        self.runtime = DockerRuntime(self.host, self.network, stop_timeout_s=1,
-                                     egress=self.egress, subnet_pool=pool)
-        await self.runtime.connect()
-        self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(),
-                                     self.gpu_mode)
-        await self.reconciler.load()
-        await self.reconciler.adopt()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
-        return self.reconciler
-
-    async def _tick(self) -> None:
-        assert self.reconciler is not None
-        while True:
-            await asyncio.sleep(0.1)
-            await self.reconciler.run_pass()
-
-    async def stop(self, stop_replicas: bool = True) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        if self._ticker is not None:
-            self._ticker.cancel()
-        if self.reconciler is not None:
-            await self.reconciler.shutdown(stop_replicas)
-            await self.reconciler.prober.close()
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self.store is not None:
-            await self.store.close()
-
-
 @pytest.fixture
 async def harness(tmp_path: Path, network: str, model_image: str
                   ) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
@@ -183,24 +108,13 @@ async def harness(tmp_path: Path, network: str, model_image: str
         await h.stop()
 
 
-async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: float = 15.0,
-                   what: str = "condition") -> None:
-    """Wait until `predicate` holds, woken by the pool's ready/failed/stopped notifications."""
-    async def waiter() -> None:
-        while not predicate():
-            async with pool.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pool.changed.wait(), 0.2)
-    try:
-        await asyncio.wait_for(waiter(), timeout)
-    except TimeoutError:
-        states = {r.id: r.state.value for r in pool.replicas.values()}
-        raise AssertionError(f"timed out waiting for {what}; replicas: {states}, "
-                             f"error: {pool.error}") from None
-
-
-def ready_count(pool: EndpointPool) -> int:
-    return sum(1 for r in pool.replicas.values() if r.state.value == "ready")
+@pytest.fixture
+async def api(harness: Callable[..., Awaitable[Harness]], aiohttp_client: Any,
+              tmp_path: Path) -> AsyncIterator[AdminApps]:
+    """Build the whole app with an admin token and a dispatcher: see helpers.AdminApps."""
+    apps = AdminApps(harness, aiohttp_client, tmp_path / "tasks")
+    yield apps
+    await apps.close()
 
 
 @pytest.fixture
@@ -219,37 +133,6 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     yield make
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-class PrivateEngine:
-    """A second dockerd of the tests' own, with Docker's default iptables rules (which isolate
-    bridge networks), no default bridge and addresses apart from the first engine's. Tests
-    may stop and start it: its data root keeps the model image across restarts."""
-
-    FLAGS = ("--bridge=none", "--default-address-pool=base=10.213.0.0/16,size=24",
-             "--shutdown-timeout=1")
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.host = f"unix://{base}/docker.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        try:
-            self.host, self.proc = engine.start_dockerd(self.base, extra=self.FLAGS)
-        except RuntimeError as exc:
-            pytest.fail(f"a second Docker engine is needed and could not start: {exc}",
-                        pytrace=False)
-
-    def stop(self) -> None:
-        """Stop dockerd as `systemctl stop docker` does (SIGTERM, containers stopped)."""
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-            self.proc = None
-
-    def client(self) -> docker.DockerClient:
-        return docker.DockerClient(base_url=self.host, version="auto")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from berth.scheduler.probes import Prober
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.runtime import DockerRuntime
 from berth.store import Store
-from conftest import endpoint, static_gpus
+from helpers import endpoint, static_gpus
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.dispatch import Dispatcher, DispatchSettings
 from berth.scheduler.egress import CallbackPolicy
 from berth.scheduler.router import Router
-from conftest import endpoint, ready_count, wait_for
+from helpers import endpoint, ready_count, wait_for
 
 SECRET = b"test-callback-key"
 

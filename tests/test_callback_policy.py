@@ -24,7 +24,7 @@ from berth.scheduler.egress import (
 )
 from berth.scheduler.router import Router
 from berth.store import Store, TaskRecord
-from conftest import endpoint, ready_count, wait_for
+from helpers import endpoint, ready_count, wait_for
 
 ip, net = ipaddress.ip_address, ipaddress.ip_network
 PRIVATE_ALLOWED = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]

@@ -11,8 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import ROOT, SESSION, TEST_LABEL
-from test_daemon import Berthd, config_text
+from helpers import ROOT, SESSION, TEST_LABEL, Berthd, config_text
 
 ADMIN = "cli-admin-token"
 

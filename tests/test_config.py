@@ -11,8 +11,8 @@ import pytest
 
 from berth.daemon.config import ConfigError, EndpointSpec, gpu_shortage, load_config, parse_config
 from berth.daemon.main import check_config
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GPU_BOX = {"gpu": {"source": "static", "devices": [{"name": "NVIDIA H100", "memory_mib": 80000}]}}
 
 

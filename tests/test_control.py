@@ -5,47 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from berth.daemon.app import build_app
-from berth.daemon.auth import Auth
-from berth.scheduler.callbacks import CallbackSender
-from berth.scheduler.dispatch import Dispatcher, DispatchSettings
-from berth.scheduler.egress import CallbackPolicy
 from berth.scheduler.replica import ReplicaState
-from berth.scheduler.router import Router
-from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
+from helpers import body, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 S = ReplicaState
-
-
-def body(name: str, **fields) -> dict:
-    data = endpoint(name, **fields).model_dump(mode="json")
-    data["labels"] = {TEST_LABEL: SESSION}
-    return data
-
-
-@pytest.fixture
-async def api(harness, aiohttp_client, tmp_path):
-    made = []
-
-    async def make(config_specs: dict | None = None, gpus: int = 0):
-        h = await harness(gpus=gpus)
-        await h.reconciler.apply_specs(config_specs or {}, "config")
-        callbacks = CallbackSender(h.store, b"k", 1, 0.1, CallbackPolicy(["127.0.0.0/8"]))
-        dispatcher = Dispatcher(h.store, Router(h.reconciler), tmp_path / "tasks", callbacks,
-                                DispatchSettings())
-        await dispatcher.start()
-        made.append((dispatcher, callbacks))
-        auth = Auth(admin="admin-secret")
-        await auth.load(h.store)
-        app = build_app(h.reconciler, h.reconciler.allocator, dispatcher=dispatcher, auth=auth)
-        return h, await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    yield make
-    for dispatcher, callbacks in made:
-        await dispatcher.stop()
-        await callbacks.close()
 
 
 async def test_endpoint_lifecycle_through_the_api(api, docker_client):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,140 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SESSION, TEST_LABEL
-
-ENDPOINT = """
-[endpoints.{name}]
-image = "{image}"
-min_replicas = {min_replicas}
-gpus = {gpus}
-env = {{ VERSION = "{version}" }}
-startup_timeout_s = 20.0
-readiness = {{ path = "/health", period_s = 0.1, timeout_s = 0.5 }}
-liveness = {{ period_s = 0.2, timeout_s = 0.5 }}
-labels = {{ "{label}" = "{session}" }}
-"""
-
-
-def config_text(state: Path, network: str, image: str, endpoints: dict[str, dict],
-                extra: str = "") -> str:
-    head = f"""
-[daemon]
-listen = "127.0.0.1:0"
-state_dir = "{state}"
-log_format = "json"
-shutdown_grace_s = 2.0
-reconcile_interval_s = 0.2
-{extra}
-[docker]
-network = "{network}"
-stop_timeout_s = 1.0
-[gpu]
-source = "static"
-[[gpu.devices]]
-name = "Test GPU"
-memory_mib = 1024
-[[gpu.devices]]
-name = "Test GPU"
-memory_mib = 1024
-"""
-    body = "".join(ENDPOINT.format(name=n, image=image, label=TEST_LABEL, session=SESSION,
-                                   **{"min_replicas": 1, "gpus": 0, "version": "1", **e})
-                   for n, e in endpoints.items())
-    return head + body
-
-
-class Berthd:
-    """One berthd process with its own NOTIFY_SOCKET, read like systemd would."""
-
-    def __init__(self, tmp: Path, config: Path, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
-        self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.notify_path))
-        self.messages: list[str] = []
-        self.port: int | None = None
-        self.token: str | None = None  # sent when a call names none
-        self.log = open(tmp / "berthd.log", "ab")  # noqa: SIM115
-        self.stderr_path = tmp / f"stderr-{time.monotonic_ns()}"
-        self.err = open(self.stderr_path, "wb")  # noqa: SIM115
-        full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "berth.daemon.main", "--config", str(config), *args],
-            cwd=ROOT, env=full_env, stdout=self.log, stderr=self.err)
-
-    def wait_message(self, wanted: str, timeout: float = 30.0) -> list[str]:
-        """Block until a datagram containing `wanted` arrives; return its fields."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.messages.append(data)
-            fields = data.split("\n")
-            for f in fields:
-                if f.startswith("STATUS=serving on port "):
-                    self.port = int(f.rsplit(" ", 1)[1])
-            if wanted in fields:
-                return fields
-        raise AssertionError(f"no {wanted} from berthd; got {self.messages}; "
-                             f"stderr: {self.stderr()}")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
-        status, body = self.get_bytes(path, token)
-        return status, json.loads(body)
-
-    def get_bytes(self, path: str, token: str | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        token = token or self.token
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
-
-    def endpoint(self, name: str) -> dict:
-        status, body = self.get(f"/v1/endpoints/{name}")
-        assert status == 200, body
-        return body
-
-    def wait_endpoint(self, name: str, check, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, body = self.get(f"/v1/endpoints/{name}")
-            if status == 200 and check(body):
-                return body
-            time.sleep(0.05)
-        raise AssertionError(f"endpoint {name} never matched; last: {body}")
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait_exit(self, timeout: float = 30.0) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.sock.close()
-        self.log.close()
-        self.err.close()
-
-
-def ready_ids(body: dict) -> list[str]:
-    return [r["container_id"] for r in body["replicas"] if r["state"] == "ready"]
-
-
-def one_ready(body: dict) -> bool:
-    return len(ready_ids(body)) == 1 and len(body["replicas"]) == 1
+from helpers import ROOT, Berthd, config_text, one_ready, ready_ids
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from berth.daemon.app import build_app
 from berth.scheduler.replica import ReplicaState
-from conftest import endpoint, ready_count, wait_for
+from helpers import endpoint, ready_count, wait_for
 
 S = ReplicaState
 

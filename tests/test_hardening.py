@@ -8,55 +8,18 @@ import asyncio
 import contextlib
 import os
 import stat
-from pathlib import Path
 
 import pytest
 from yarl import URL
 
-from berth.daemon.app import build_app
-from berth.daemon.auth import Auth
 from berth.daemon.browser import BrowserGuard
 from berth.daemon.config import ConfigError, parse_config
 from berth.daemon.control import ReplicaLogs
 from berth.daemon.service import StartupError, callback_secret
-from berth.scheduler.callbacks import CallbackSender
-from berth.scheduler.dispatch import Dispatcher, DispatchSettings
-from berth.scheduler.egress import CallbackPolicy
-from berth.scheduler.router import Router
-from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
+from helpers import body, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 JSON = {"Content-Type": "application/json"}
-
-
-def body(name: str, **fields) -> dict:
-    data = endpoint(name, **fields).model_dump(mode="json")
-    data["labels"] = {TEST_LABEL: SESSION}
-    return data
-
-
-@pytest.fixture
-async def api(harness, aiohttp_client, tmp_path):
-    """The whole app with an admin token, a dispatcher and the given app options."""
-    made = []
-
-    async def make(specs: dict | None = None, files: Path | None = None, **options):
-        h = await harness()
-        await h.reconciler.apply_specs(specs or {}, "config")
-        callbacks = CallbackSender(h.store, b"k", 1, 0.1, policy=CallbackPolicy([]))
-        dispatcher = Dispatcher(h.store, Router(h.reconciler), files or tmp_path / "tasks",
-                                callbacks, DispatchSettings())
-        await dispatcher.start()
-        made.append((dispatcher, callbacks))
-        auth = Auth(admin="admin-secret")
-        await auth.load(h.store)
-        app = build_app(h.reconciler, h.reconciler.allocator, dispatcher=dispatcher,
-                        auth=auth, **options)
-        return h, await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    yield make
-    for dispatcher, callbacks in made:
-        await dispatcher.stop()
-        await callbacks.close()
 
 
 # --- 1. browsers ------------------------------------------------------------------------------

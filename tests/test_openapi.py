@@ -22,8 +22,7 @@ from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.router import Router
 from berth.scheduler.runtime import DockerRuntime
 from berth.store import Store
-from conftest import SESSION, static_gpus
-from test_daemon import Berthd, one_ready
+from helpers import SESSION, Berthd, one_ready, static_gpus
 
 ADMIN = "fuzz-admin-token"
 

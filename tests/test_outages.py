@@ -11,8 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import SESSION, TEST_LABEL
-from test_daemon import Berthd
+from helpers import SESSION, TEST_LABEL, Berthd
 
 CONFIG = """
 [daemon]

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_pip_install_gives_working_commands_beside_python_daemon(tmp_path):

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from berth.scheduler.replica import ReplicaState
-from conftest import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
+from helpers import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
 
 S = ReplicaState
 

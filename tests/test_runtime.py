@@ -23,7 +23,7 @@ from berth.scheduler.runtime import (
     gpu_env,
     host_routes,
 )
-from conftest import SESSION, TEST_LABEL
+from helpers import SESSION, TEST_LABEL
 
 
 def spec(name: str, image: str, **fields) -> ContainerSpec:
