@@ -6,19 +6,30 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from berth.daemon.auth import Auth
+from berth.daemon.auth import Auth, add_admin_route, admin_auth
 from berth.daemon.browser import BrowserGuard, browser_middleware
 from berth.daemon.control import add_control_api
 from berth.daemon.errors import ApiError, as_api_error, error_response, storage_error
-from berth.daemon.keys import AUTH, METRICS
+from berth.daemon.keys import (
+    ADMIN_ROUTES,
+    ALLOCATOR,
+    AUTH,
+    GPU_SAMPLES,
+    LIMITS,
+    METRICS,
+    RECONCILER,
+    ROUTER,
+    STORE,
+    WRITES,
+    Limits,
+)
 from berth.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from berth.daemon.openapi import add_openapi
 from berth.daemon.proxy import add_data_plane
-from berth.daemon.tasks_api import Intake, add_async_plane
+from berth.daemon.tasks_api import add_async_plane
 from berth.gpu import GpuAllocator, GpuSample
 from berth.scheduler.dispatch import Dispatcher
 from berth.scheduler.errors import SchedulerError
@@ -27,12 +38,7 @@ from berth.scheduler.router import Router
 
 log = logging.getLogger("berth.api")
 
-RECONCILER = web.AppKey("reconciler", Reconciler)
-ALLOCATOR = web.AppKey("allocator", GpuAllocator)
-GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-WRITES = web.AppKey("writes", set[asyncio.Future[web.StreamResponse]])
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -65,14 +71,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the berthd log")
-
-
-@web.middleware
-async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Control API calls (/v1/...) and /metrics need the admin token, when one is configured."""
-    if request.path.startswith("/v1/") or request.path == "/metrics":
-        request.app[AUTH].require_admin(request)
-    return await handler(request)
 
 
 @web.middleware
@@ -110,48 +108,10 @@ async def healthz(request: web.Request) -> web.Response:
     reconciler = request.app[RECONCILER]
     runtime = reconciler.runtime
     if runtime.engine_up:
-        return web.json_response({"status": "ok", "endpoints": len(reconciler.pools)})
-    return web.json_response({"status": "degraded", "endpoints": len(reconciler.pools),
+        return web.json_response({"status": "ok", "endpoints": len(reconciler.live_pools())})
+    return web.json_response({"status": "degraded", "endpoints": len(reconciler.live_pools()),
                               "docker": f"unreachable since {runtime.down_since:.0f}: "
                                         f"{runtime.down_reason}"}, status=503)
-
-
-def _gpu_names(request: web.Request) -> dict[str, Any]:
-    return {g.uuid: {"index": g.index, "uuid": g.uuid, "name": g.name}
-            for g in request.app[ALLOCATOR].gpus}
-
-
-async def list_endpoints(request: web.Request) -> web.Response:
-    names = _gpu_names(request)
-    pools = sorted(request.app[RECONCILER].pools.values(), key=lambda p: p.name)
-    return web.json_response({"endpoints": [p.describe(names) for p in pools if not p.removed]})
-
-
-async def get_endpoint(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    pool = request.app[RECONCILER].pools.get(name)
-    if pool is None or pool.removed:
-        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
-    return web.json_response(pool.describe(_gpu_names(request)))
-
-
-async def list_gpus(request: web.Request) -> web.Response:
-    allocator = request.app[ALLOCATOR]
-    owners = allocator.owners()
-    endpoints = {r.id: p.name for p in request.app[RECONCILER].pools.values()
-                 for r in p.replicas.values()}
-    samples = request.app[GPU_SAMPLES]
-    gpus = []
-    for gpu in allocator.gpus:
-        holder = owners.get(gpu.uuid)
-        sample = samples.get(gpu.uuid, GpuSample())
-        gpus.append({"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
-                     "memory_mib": gpu.memory_mib, "replica": holder,
-                     "endpoint": endpoints.get(holder) if holder else None,
-                     "utilization_pct": sample.utilization_pct,
-                     "memory_used_mib": sample.memory_used_mib,
-                     "temperature_c": sample.temperature_c})
-    return web.json_response({"gpus": gpus})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -167,25 +127,28 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
               max_async_body_bytes: int = 1024 ** 3, auth: Auth | None = None,
               guard: BrowserGuard | None = None, min_free_disk: int = 0,
               volume_prefixes: tuple[str, ...] = ()) -> web.Application:
-    """The whole HTTP surface. Control bodies are small (1 MiB); call bodies stream.
-
-    `guard` defaults to a loopback listener answering to 127.0.0.1 and localhost."""
+    """The whole HTTP surface, every shared object on its key (daemon/keys.py). Control
+    bodies are small (1 MiB); call bodies stream. `guard` defaults to a loopback listener
+    answering to 127.0.0.1 and localhost."""
     guard = guard or BrowserGuard.build("127.0.0.1", ["localhost"], [])
     app = web.Application(middlewares=[json_errors, browser_middleware(guard), admin_auth,
                                        complete_writes], client_max_size=1024 ** 2)
     app.cleanup_ctx.append(writes_ctx)
+    app[STORE] = reconciler.store
     app[RECONCILER] = reconciler
     app[ALLOCATOR] = allocator
+    app[ROUTER] = dispatcher.router if dispatcher else Router(reconciler)
     app[AUTH] = auth if auth is not None else Auth(admin=admin_token)
     reconciler.removal_listeners.append(app[AUTH].forget_endpoint)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[METRICS] = Metrics()
+    app[LIMITS] = Limits(max_body_bytes, max_async_body_bytes, min_free_disk, volume_prefixes)
+    app[ADMIN_ROUTES] = set()
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/gpus", list_gpus)
-    add_control_api(app, list_endpoints, get_endpoint, volume_prefixes)
-    add_data_plane(app, dispatcher.router if dispatcher else Router(reconciler), max_body_bytes)
+    add_admin_route(app, "GET", "/metrics", metrics)
+    add_control_api(app)
+    add_data_plane(app)
     if dispatcher is not None:
-        add_async_plane(app, dispatcher, Intake(max_async_body_bytes, min_free_disk))
+        add_async_plane(app, dispatcher)
     add_openapi(app)
     return app

@@ -1,4 +1,4 @@
-"""Who may call what: the admin token, endpoint tokens, and the secrets store's API.
+"""Who may call what: the admin token and endpoint tokens (their handlers are control API).
 
 Without an admin token berth runs open (it then refuses to listen beyond loopback). With one,
 the control API needs it, and data-plane calls need it or a token of the endpoint they call,
@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
-import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from berth.daemon.errors import ApiError, json_body
-from berth.daemon.keys import AUTH, ROUTER
+from berth.daemon.errors import ApiError
+from berth.daemon.keys import ADMIN_ROUTES, AUTH
 from berth.store import Store
 
 BEARER = "Bearer "
-SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def digest(token: str) -> str:
@@ -42,6 +41,16 @@ class Auth:
     async def load(self, store: Store) -> None:
         self.endpoint_tokens = {t["hash"]: (t["endpoint"], t["id"])
                                 for t in await store.tokens()}
+
+    def remember(self, token: str, endpoint: str, token_id: str) -> None:
+        """A token just stored: it authenticates from now on."""
+        self.endpoint_tokens[digest(token)] = (endpoint, token_id)
+
+    def revoke(self, endpoint: str, token_id: str) -> None:
+        """A token just deleted from the store: refused from now on."""
+        for key, owner in list(self.endpoint_tokens.items()):
+            if owner == (endpoint, token_id):
+                del self.endpoint_tokens[key]
 
     def forget_endpoint(self, endpoint: str) -> None:
         """The endpoint is gone (its tokens left the store with it): drop them here too."""
@@ -86,74 +95,15 @@ class Auth:
             raise ApiError(403, "forbidden", f"this token is not for endpoint {endpoint}")
 
 
-def _store(request: web.Request) -> Store:
-    return request.app[ROUTER].reconciler.store
+def add_admin_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    """A route that needs the admin token: the admin_auth middleware knows it by this mark,
+    not by its path."""
+    app[ADMIN_ROUTES].add(app.router.add_route(method, path, handler))
 
 
-def _endpoint_name(request: web.Request) -> str:
-    name = request.match_info["name"]
-    pool = request.app[ROUTER].reconciler.pools.get(name)
-    if pool is None or pool.removed:
-        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
-    return name
-
-
-async def _event(request: web.Request, kind: str, message: str, endpoint: str | None) -> None:
-    await request.app[ROUTER].reconciler.event(kind, message, endpoint)
-
-
-async def create_token(request: web.Request) -> web.Response:
-    name = _endpoint_name(request)
-    token, token_id = secrets.token_urlsafe(32), "tok_" + secrets.token_hex(6)
-    created = await _store(request).add_token(token_id, name, digest(token))
-    request.app[AUTH].endpoint_tokens[digest(token)] = (name, token_id)
-    await _event(request, "token_created", f"token {token_id} created", name)
-    return web.json_response({"id": token_id, "token": token, "endpoint": name,
-                              "created_at": created}, status=201)
-
-
-async def list_tokens(request: web.Request) -> web.Response:
-    name = _endpoint_name(request)
-    tokens = [{"id": t["id"], "endpoint": t["endpoint"], "created_at": t["created_at"]}
-              for t in await _store(request).tokens(name)]
-    return web.json_response({"tokens": tokens})
-
-
-async def revoke_token(request: web.Request) -> web.Response:
-    name, token_id = _endpoint_name(request), request.match_info["id"]
-    if not await _store(request).delete_token(name, token_id):
-        raise ApiError(404, "token_not_found", f"endpoint {name} has no token {token_id!r}")
-    tokens = request.app[AUTH].endpoint_tokens
-    for key, owner in list(tokens.items()):
-        if owner == (name, token_id):
-            del tokens[key]
-    await _event(request, "token_revoked", f"token {token_id} revoked", name)
-    return web.json_response({"id": token_id, "revoked": True})
-
-
-async def put_secret(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    if not SECRET_NAME.match(name):
-        raise ApiError(422, "invalid", f"secret name {name!r} is not an environment variable "
-                       "name", details=[{"path": "name", "message": "not an env var name"}])
-    body = await json_body(request)
-    value = body.get("value")
-    if not isinstance(value, str) or set(body) != {"value"}:
-        raise ApiError(422, "invalid", 'the body must be {"value": "<string>"}',
-                       details=[{"path": "value", "message": "required string, no other key"}])
-    await _store(request).put_secret(name, value)
-    await _event(request, "secret_set", f"secret {name} set", None)
-    request.app[ROUTER].reconciler.secret_changed(name)
-    return web.json_response({"name": name, "stored": True})
-
-
-async def delete_secret(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    if not await _store(request).delete_secret(name):
-        raise ApiError(404, "secret_not_found", f"no secret named {name!r}")
-    await _event(request, "secret_deleted", f"secret {name} deleted", None)
-    return web.json_response({"name": name, "deleted": True})
-
-
-async def list_secrets(request: web.Request) -> web.Response:
-    return web.json_response({"secrets": await _store(request).secrets()})
+@web.middleware
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes marked by add_admin_route need the admin token, when one is configured."""
+    if request.match_info.route in request.app[ADMIN_ROUTES]:
+        request.app[AUTH].require_admin(request)
+    return await handler(request)

@@ -2,8 +2,10 @@
 
 URL and token come from --url/--token, else env BERTH_URL/BERTH_TOKEN, else the local config
 (--config, default /etc/berth/config.toml: daemon.listen and daemon.admin_token_file), else
-http://127.0.0.1:8080 with no token. Tables for people, --json for scripts. Exit codes: 0 ok,
-1 the API answered an error (printed as one line), 2 usage or a bad file, 3 berthd unreachable.
+http://127.0.0.1:8080 with no token. Tables for people, --json for scripts. These global options
+may come before or after the subcommand (`berth endpoints ls --json`); given in both places,
+the later wins. Exit codes: 0 ok, 1 the API answered an error (printed as one line), 2 usage or
+a bad file, 3 berthd unreachable.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ def apply(client: Client, path: str, as_json: bool) -> int:
     for spec in read_specs(path):
         name = str(spec.get("name", ""))
         try:
-            body = client.call("PUT", f"/v1/endpoints/{urllib.parse.quote(name)}", spec)
+            body = client.call("PUT", f"/v1/endpoints/{q(name)}", spec)
             results.append(body)
             if not as_json:
                 print(f"applied {name} (generation {body['generation']}, {body['status']})")
@@ -209,59 +211,77 @@ def apply(client: Client, path: str, as_json: bool) -> int:
 
 # --- argument parsing ---------------------------------------------------------------------------
 
+def global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--url, --token, --config, --json. Given to the top-level parser with their real defaults,
+    and to every subcommand with none (argparse.SUPPRESS), so that they may follow the
+    subcommand as users type them (`berth endpoints ls --json`) and a later one wins."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+    parser.add_argument("--url", default=default(None),
+                        help="berthd URL (env BERTH_URL; else the local config)")
+    parser.add_argument("--token", default=default(None),
+                        help="admin or endpoint token (env BERTH_TOKEN)")
+    parser.add_argument("--config", default=default(DEFAULT_CONFIG),
+                        help="local berthd config to read the URL and admin token from")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the API's JSON")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="berth", description="client of the berthd API")
-    p.add_argument("--url", help="berthd URL (env BERTH_URL; else the local config)")
-    p.add_argument("--token", help="admin or endpoint token (env BERTH_TOKEN)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="local berthd config to read the "
-                   "URL and admin token from")
-    p.add_argument("--json", action="store_true", help="print the API's JSON")
-    sub = p.add_subparsers(dest="command", required=True)
+    global_options(p)
+    common = argparse.ArgumentParser(add_help=False)
+    global_options(common, suppress=True)
 
-    ep = sub.add_parser("endpoints", help="endpoints").add_subparsers(dest="action",
-                                                                       required=True)
-    ep.add_parser("ls", help="list endpoints")
-    ep.add_parser("get", help="one endpoint with its replicas").add_argument("name")
-    ap = ep.add_parser("apply", help="create or replace endpoints from a TOML or JSON file")
+    def commands(parent: argparse.ArgumentParser, dest: str
+                 ) -> Callable[..., argparse.ArgumentParser]:
+        """add_parser of `parent`'s subcommands, each taking the global options too."""
+        sub = parent.add_subparsers(dest=dest, required=True)
+        return lambda name, **kw: sub.add_parser(name, parents=[common], **kw)
+
+    command = commands(p, "command")
+
+    action = commands(command("endpoints", help="endpoints"), "action")
+    action("ls", help="list endpoints")
+    action("get", help="one endpoint with its replicas").add_argument("name")
+    ap = action("apply", help="create or replace endpoints from a TOML or JSON file")
     ap.add_argument("-f", "--file", required=True)
-    ep.add_parser("delete", help="drain, stop and forget an endpoint").add_argument("name")
-    sc = ep.add_parser("scale", help="change min/max replicas")
+    action("delete", help="drain, stop and forget an endpoint").add_argument("name")
+    sc = action("scale", help="change min/max replicas")
     sc.add_argument("name")
     sc.add_argument("--min", type=int, dest="min_replicas")
     sc.add_argument("--max", type=int, dest="max_replicas")
 
-    lg = sub.add_parser("logs", help="replica logs")
+    lg = command("logs", help="replica logs")
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("--tail", default="100")
     lg.add_argument("--replica")
 
-    sub.add_parser("gpus", help="GPUs and who holds them")
+    command("gpus", help="GPUs and who holds them")
 
-    tk = sub.add_parser("tasks", help="async tasks").add_subparsers(dest="action",
-                                                                   required=True)
-    tls = tk.add_parser("ls", help="list tasks")
+    action = commands(command("tasks", help="async tasks"), "action")
+    tls = action("ls", help="list tasks")
     tls.add_argument("--endpoint")
     tls.add_argument("--status")
-    tk.add_parser("get", help="one task").add_argument("id")
-    tk.add_parser("cancel", help="cancel a task").add_argument("id")
+    action("get", help="one task").add_argument("id")
+    action("cancel", help="cancel a task").add_argument("id")
 
-    to = sub.add_parser("tokens", help="endpoint tokens").add_subparsers(dest="action",
-                                                                       required=True)
-    to.add_parser("create", help="new token (shown once)").add_argument("name")
-    to.add_parser("ls", help="tokens of an endpoint").add_argument("name")
-    rv = to.add_parser("revoke", help="revoke a token")
+    action = commands(command("tokens", help="endpoint tokens"), "action")
+    action("create", help="new token (shown once)").add_argument("name")
+    action("ls", help="tokens of an endpoint").add_argument("name")
+    rv = action("revoke", help="revoke a token")
     rv.add_argument("name")
     rv.add_argument("id")
 
-    se = sub.add_parser("secrets", help="secrets").add_subparsers(dest="action", required=True)
-    st = se.add_parser("set", help="store a secret (value from the argument or stdin)")
+    action = commands(command("secrets", help="secrets"), "action")
+    st = action("set", help="store a secret (value from the argument or stdin)")
     st.add_argument("name")
     st.add_argument("value", nargs="?")
-    se.add_parser("ls", help="names and dates")
-    se.add_parser("rm", help="delete a secret").add_argument("name")
+    action("ls", help="names and dates")
+    action("rm", help="delete a secret").add_argument("name")
 
-    ev = sub.add_parser("events", help="scale, start, ready, crash, eviction, reload...")
+    ev = command("events", help="scale, start, ready, crash, eviction, reload...")
     ev.add_argument("--endpoint")
     ev.add_argument("--since", type=float, default=0.0)
     return p
@@ -295,15 +315,20 @@ def q(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
 
+def with_query(path: str, params: dict[str, Any]) -> str:
+    """`path` with the params that are set (not None, empty or 0) as its query, if any."""
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v})
+    return f"{path}?{query}" if query else path
+
+
 def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]]:
     """(method, path, body, renderer) for every command but apply and logs."""
     c, a = args.command, getattr(args, "action", None)
     if c == "gpus":
         return "GET", "/v1/gpus", None, show_gpus
     if c == "events":
-        query = urllib.parse.urlencode({k: v for k, v in (("endpoint", args.endpoint),
-                                                          ("since", args.since)) if v})
-        return "GET", f"/v1/events?{query}", None, show_events
+        return ("GET", with_query("/v1/events", {"endpoint": args.endpoint, "since": args.since}),
+                None, show_events)
     if c == "endpoints":
         if a == "ls":
             return "GET", "/v1/endpoints", None, show_endpoints
@@ -319,9 +344,8 @@ def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]
         return "PATCH", f"/v1/endpoints/{q(args.name)}", body, show_endpoint
     if c == "tasks":
         if a == "ls":
-            query = urllib.parse.urlencode({k: v for k, v in (("endpoint", args.endpoint),
-                                                              ("status", args.status)) if v})
-            return "GET", f"/v1/tasks?{query}", None, show_tasks
+            return ("GET", with_query("/v1/tasks", {"endpoint": args.endpoint,
+                                                    "status": args.status}), None, show_tasks)
         method = "GET" if a == "get" else "DELETE"
         return method, f"/tasks/{q(args.id)}", None, show_task
     if c == "tokens":

@@ -1,29 +1,21 @@
-"""Control API writes: endpoints (create, replace, patch, delete), tokens, secrets, events, logs.
+"""The control API: endpoints (list, get, create, replace, patch, delete), their tokens,
+secrets, GPUs and events. Every route here needs the admin token (add_admin_route).
 
 Bodies are validated by the same pydantic models as the config file, so the API and the file
 speak the same field names and give the same errors (422, every wrong field by its path).
+Writes go to SQLite first and then to memory (the reconciler and Auth do it in that order).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import secrets
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from berth.daemon.auth import (
-    create_token,
-    delete_secret,
-    list_secrets,
-    list_tokens,
-    put_secret,
-    revoke_token,
-)
+from berth.daemon.auth import add_admin_route, digest
 from berth.daemon.config import (
     ConfigIssue,
     EndpointSpec,
@@ -33,52 +25,35 @@ from berth.daemon.config import (
     volume_issues,
 )
 from berth.daemon.errors import ApiError, json_body
-from berth.daemon.keys import ROUTER
+from berth.daemon.keys import ALLOCATOR, AUTH, GPU_SAMPLES, LIMITS, RECONCILER, STORE
+from berth.daemon.params import query_limit, query_time
+from berth.daemon.replica_logs import stream_logs
+from berth.gpu import GpuSample
 from berth.scheduler.pool import EndpointPool
-from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.replica import ReplicaState
-from berth.scheduler.runtime import DockerRuntime
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DIGITS = re.compile(r"[0-9]{1,9}")
-VOLUME_PREFIXES = web.AppKey("volume_prefixes", tuple[str, ...])
-
-def reconciler_of(request: web.Request) -> Reconciler:
-    return request.app[ROUTER].reconciler
+SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
-def is_count(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '²', which int() then refuses."""
-    return DIGITS.fullmatch(text) is not None
-
-
-def query_limit(request: web.Request, default: int = 1000, most: int = 10000) -> int:
-    text = request.query.get("limit", str(default))
-    if not is_count(text) or not 1 <= int(text) <= most:
-        raise ApiError(422, "invalid", f"limit must be a whole number from 1 to {most}",
-                       details=[{"path": "limit", "message": "out of range"}])
-    return int(text)
-
-
-def query_flag(request: web.Request, name: str) -> bool:
-    text = request.query.get(name, "false").lower()
-    if text not in ("true", "false", "1", "0"):
-        raise ApiError(422, "invalid", f"{name} must be true or false",
-                       details=[{"path": name, "message": "not a boolean"}])
-    return text in ("true", "1")
+def live_pool(request: web.Request) -> EndpointPool:
+    """The endpoint named in the URL; 404 if there is none."""
+    name = request.match_info["name"]
+    pool = request.app[RECONCILER].pool(name)
+    if pool is None:
+        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+    return pool
 
 
 def validate_spec(data: dict[str, Any], request: web.Request) -> EndpointSpec:
     """An EndpointSpec from API data, or 422 naming every wrong field by its path."""
-    reconciler = reconciler_of(request)
     try:
         spec = EndpointSpec.model_validate(data)
     except ValidationError as exc:
         issues = issues_from_validation(exc)
     else:
         issues = check_endpoint(spec, "")
-        issues += volume_issues(spec, request.app[VOLUME_PREFIXES], "")
-        shortage = gpu_shortage(spec, reconciler.allocator.gpus)
+        issues += volume_issues(spec, request.app[LIMITS].volume_prefixes, "")
+        shortage = gpu_shortage(spec, request.app[ALLOCATOR].gpus)
         if shortage is not None:
             issues.append(ConfigIssue("gpus", shortage))
         if not issues:
@@ -90,8 +65,8 @@ def validate_spec(data: dict[str, Any], request: web.Request) -> EndpointSpec:
 
 def writable_pool(request: web.Request, name: str) -> EndpointPool | None:
     """The live pool of an API-owned endpoint, None if there is none; 409 if the file owns it."""
-    pool = reconciler_of(request).pools.get(name)
-    if pool is None or pool.removed:
+    pool = request.app[RECONCILER].pool(name)
+    if pool is None:
         return None
     if pool.source == "config":
         raise ApiError(409, "owned_by_config", f"endpoint {name} is declared in the config "
@@ -99,15 +74,27 @@ def writable_pool(request: web.Request, name: str) -> EndpointPool | None:
     return pool
 
 
+def gpu_names(request: web.Request) -> dict[str, Any]:
+    return {g.uuid: {"index": g.index, "uuid": g.uuid, "name": g.name}
+            for g in request.app[ALLOCATOR].gpus}
+
+
 def describe(request: web.Request, pool: EndpointPool) -> dict[str, Any]:
-    names = {g.uuid: {"index": g.index, "uuid": g.uuid, "name": g.name}
-             for g in reconciler_of(request).allocator.gpus}
-    return pool.describe(names)
+    return pool.describe(gpu_names(request))
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    pools = sorted(request.app[RECONCILER].live_pools(), key=lambda p: p.name)
+    return web.json_response({"endpoints": [describe(request, p) for p in pools]})
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    return web.json_response(describe(request, live_pool(request)))
 
 
 async def create_endpoint(request: web.Request) -> web.Response:
     data = await json_body(request)
-    reconciler = reconciler_of(request)
+    reconciler = request.app[RECONCILER]
     name = data.get("name")
     if isinstance(name, str) and (writable_pool(request, name) is not None):
         raise ApiError(409, "endpoint_exists", f"endpoint {name} already exists")
@@ -124,7 +111,7 @@ async def replace_endpoint(request: web.Request) -> web.Response:
                        f"name in the URL ({name!r})",
                        details=[{"path": "name", "message": "must match the URL"}])
     existed = writable_pool(request, name) is not None
-    reconciler = reconciler_of(request)
+    reconciler = request.app[RECONCILER]
     await reconciler.put_endpoint(validate_spec(data, request), "api")
     return web.json_response(describe(request, reconciler.pools[name]),
                              status=200 if existed else 201)
@@ -146,7 +133,7 @@ async def patch_endpoint(request: web.Request) -> web.Response:
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    reconciler = reconciler_of(request)
+    reconciler = request.app[RECONCILER]
     await reconciler.put_endpoint(validate_spec(merged, request), "api")
     return web.json_response(describe(request, reconciler.pools[name]))
 
@@ -156,138 +143,114 @@ async def delete_endpoint(request: web.Request) -> web.Response:
     pool = writable_pool(request, name)
     if pool is None:
         raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
-    await reconciler_of(request).remove_endpoint(name)
+    await request.app[RECONCILER].remove_endpoint(name)
     stopping = sum(1 for r in pool.replicas.values()
                    if r.state not in (ReplicaState.STOPPED, ReplicaState.FAILED))
     return web.json_response({"name": name, "deleted": True, "replicas_stopping": stopping})
 
 
-async def stream_logs(request: web.Request) -> web.StreamResponse:
-    """Replica logs as text, each line prefixed with its replica, until the client leaves
-    (follow=true) or the logs end."""
-    name = request.match_info["name"]
-    pool = reconciler_of(request).pools.get(name)
-    if pool is None or pool.removed:
-        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
-    tail_text = request.query.get("tail", "100")
-    if not is_count(tail_text) and tail_text != "all":
-        raise ApiError(422, "invalid", "tail must be a number of lines or 'all'",
-                       details=[{"path": "tail", "message": "not a number"}])
-    follow = query_flag(request, "follow")
-    wanted = request.query.get("replica")
-    replicas = [r for r in pool.replicas.values() if r.container_id
-                and (wanted is None or r.id == wanted)]
-    if wanted is not None and not replicas:
-        raise ApiError(404, "replica_not_found", f"endpoint {name} has no replica {wanted!r}")
-    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await response.prepare(request)
-    logs = ReplicaLogs(reconciler_of(request).runtime, follow)
-    tail = int(tail_text) if is_count(tail_text) else "all"
-    for replica in replicas:
-        logs.add(replica.id, str(replica.container_id), tail)
-    try:
-        async for line in logs.lines(pool, wanted):
-            await response.write(line)
-    finally:
-        logs.close()
-    await response.write_eof()
-    return response
-
-
-class ReplicaLogs:
-    """The log lines of an endpoint's replicas, merged and prefixed with the replica. When
-    following, replicas started after the stream began join it, from their first line."""
-
-    RESCAN_S = 1.0
-    MAX_BEHIND = 10_000  # lines a slow client may fall behind before its stream is cut
-
-    def __init__(self, runtime: DockerRuntime, follow: bool,
-                 max_behind: int = MAX_BEHIND) -> None:
-        self.runtime = runtime
-        self.follow = follow
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=max_behind)
-        self.readers: dict[str, asyncio.Task[None]] = {}
-        self.open = 0  # readers that have not ended
-        self.cut = False  # a reader found the queue full: the client reads too slowly
-
-    def add(self, replica_id: str, container_id: str, tail: int | str) -> None:
-        self.open += 1
-        self.readers[replica_id] = asyncio.get_running_loop().create_task(
-            self._read(replica_id, container_id, tail))
-
-    async def _read(self, replica_id: str, container_id: str, tail: int | str) -> None:
-        prefix, buffer = f"[{replica_id}] ".encode(), b""
-        try:
-            async for chunk in self.runtime.stream_logs(container_id, tail, self.follow):
-                *whole, buffer = (buffer + chunk).split(b"\n")
-                for line in whole:
-                    self._put(prefix + line + b"\n")
-            if buffer:
-                self._put(prefix + buffer + b"\n")
-        except asyncio.QueueFull:
-            self.cut = True  # never buffer without bound for a client that does not read
-        finally:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
-
-    def _put(self, line: bytes) -> None:
-        self.queue.put_nowait(line)
-
-    async def lines(self, pool: EndpointPool, wanted: str | None) -> AsyncIterator[bytes]:
-        while self.follow or self.open or not self.queue.empty():
-            if self.cut:
-                yield (f"[berth] log stream cut: the client fell {self.queue.maxsize} lines "
-                       "behind\n").encode()
-                return
-            if self.follow:
-                for r in list(pool.replicas.values()):
-                    if r.container_id and r.id not in self.readers and wanted in (None, r.id):
-                        self.add(r.id, r.container_id, "all")
-            try:
-                line = await asyncio.wait_for(self.queue.get(),
-                                              self.RESCAN_S if self.follow else None)
-            except TimeoutError:
-                continue
-            if line is None:
-                self.open -= 1
-            else:
-                yield line
-
-    def close(self) -> None:
-        for reader in self.readers.values():
-            reader.cancel()
-
-
 async def list_events(request: web.Request) -> web.Response:
-    try:
-        since = float(request.query.get("since", "0"))
-        if not math.isfinite(since):
-            raise ValueError("not finite")
-    except ValueError:
-        raise ApiError(422, "invalid", "since must be a number (unix time)",
-                       details=[{"path": "since", "message": "not a number"}]) from None
-    limit = query_limit(request)
-    events = await reconciler_of(request).store.events(request.query.get("endpoint"), since,
-                                                       limit)
+    since, limit = query_time(request, "since"), query_limit(request)
+    events = await request.app[STORE].events(request.query.get("endpoint"), since, limit)
     return web.json_response({"events": [
         {"id": e.id, "ts": e.ts, "kind": e.kind, "endpoint": e.endpoint, "replica": e.replica,
          "message": e.message} for e in events]})
 
 
-def add_control_api(app: web.Application, list_endpoints: Handler,
-                    get_endpoint: Handler, volume_prefixes: tuple[str, ...] = ()) -> None:
-    app[VOLUME_PREFIXES] = volume_prefixes
-    app.router.add_get("/v1/endpoints", list_endpoints)
-    app.router.add_post("/v1/endpoints", create_endpoint)
-    app.router.add_get("/v1/endpoints/{name}", get_endpoint)
-    app.router.add_put("/v1/endpoints/{name}", replace_endpoint)
-    app.router.add_patch("/v1/endpoints/{name}", patch_endpoint)
-    app.router.add_delete("/v1/endpoints/{name}", delete_endpoint)
-    app.router.add_get("/v1/endpoints/{name}/logs", stream_logs)
-    app.router.add_post("/v1/endpoints/{name}/tokens", create_token)
-    app.router.add_get("/v1/endpoints/{name}/tokens", list_tokens)
-    app.router.add_delete("/v1/endpoints/{name}/tokens/{id}", revoke_token)
-    app.router.add_get("/v1/secrets", list_secrets)
-    app.router.add_put("/v1/secrets/{name}", put_secret)
-    app.router.add_delete("/v1/secrets/{name}", delete_secret)
-    app.router.add_get("/v1/events", list_events)
+async def list_gpus(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    owners = allocator.owners()
+    endpoints = {r.id: p.name for p in request.app[RECONCILER].live_pools()
+                 for r in p.replicas.values()}
+    samples = request.app[GPU_SAMPLES]
+    gpus = []
+    for gpu in allocator.gpus:
+        holder = owners.get(gpu.uuid)
+        sample = samples.get(gpu.uuid, GpuSample())
+        gpus.append({"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+                     "memory_mib": gpu.memory_mib, "replica": holder,
+                     "endpoint": endpoints.get(holder) if holder else None,
+                     "utilization_pct": sample.utilization_pct,
+                     "memory_used_mib": sample.memory_used_mib,
+                     "temperature_c": sample.temperature_c})
+    return web.json_response({"gpus": gpus})
+
+
+# --- tokens and secrets -------------------------------------------------------------------
+
+async def create_token(request: web.Request) -> web.Response:
+    name = live_pool(request).name
+    token, token_id = secrets.token_urlsafe(32), "tok_" + secrets.token_hex(6)
+    created = await request.app[STORE].add_token(token_id, name, digest(token))
+    request.app[AUTH].remember(token, name, token_id)
+    await request.app[RECONCILER].event("token_created", f"token {token_id} created", name)
+    return web.json_response({"id": token_id, "token": token, "endpoint": name,
+                              "created_at": created}, status=201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    name = live_pool(request).name
+    tokens = [{"id": t["id"], "endpoint": t["endpoint"], "created_at": t["created_at"]}
+              for t in await request.app[STORE].tokens(name)]
+    return web.json_response({"tokens": tokens})
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    name, token_id = live_pool(request).name, request.match_info["id"]
+    if not await request.app[STORE].delete_token(name, token_id):
+        raise ApiError(404, "token_not_found", f"endpoint {name} has no token {token_id!r}")
+    request.app[AUTH].revoke(name, token_id)
+    await request.app[RECONCILER].event("token_revoked", f"token {token_id} revoked", name)
+    return web.json_response({"id": token_id, "revoked": True})
+
+
+async def put_secret(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not SECRET_NAME.match(name):
+        raise ApiError(422, "invalid", f"secret name {name!r} is not an environment variable "
+                       "name", details=[{"path": "name", "message": "not an env var name"}])
+    body = await json_body(request)
+    value = body.get("value")
+    if not isinstance(value, str) or set(body) != {"value"}:
+        raise ApiError(422, "invalid", 'the body must be {"value": "<string>"}',
+                       details=[{"path": "value", "message": "required string, no other key"}])
+    await request.app[STORE].put_secret(name, value)
+    await request.app[RECONCILER].event("secret_set", f"secret {name} set", None)
+    request.app[RECONCILER].secret_changed(name)
+    return web.json_response({"name": name, "stored": True})
+
+
+async def delete_secret(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not await request.app[STORE].delete_secret(name):
+        raise ApiError(404, "secret_not_found", f"no secret named {name!r}")
+    await request.app[RECONCILER].event("secret_deleted", f"secret {name} deleted", None)
+    return web.json_response({"name": name, "deleted": True})
+
+
+async def list_secrets(request: web.Request) -> web.Response:
+    return web.json_response({"secrets": await request.app[STORE].secrets()})
+
+
+ROUTES = (
+    ("GET", "/v1/endpoints", list_endpoints),
+    ("POST", "/v1/endpoints", create_endpoint),
+    ("GET", "/v1/endpoints/{name}", get_endpoint),
+    ("PUT", "/v1/endpoints/{name}", replace_endpoint),
+    ("PATCH", "/v1/endpoints/{name}", patch_endpoint),
+    ("DELETE", "/v1/endpoints/{name}", delete_endpoint),
+    ("GET", "/v1/endpoints/{name}/logs", stream_logs),
+    ("POST", "/v1/endpoints/{name}/tokens", create_token),
+    ("GET", "/v1/endpoints/{name}/tokens", list_tokens),
+    ("DELETE", "/v1/endpoints/{name}/tokens/{id}", revoke_token),
+    ("GET", "/v1/secrets", list_secrets),
+    ("PUT", "/v1/secrets/{name}", put_secret),
+    ("DELETE", "/v1/secrets/{name}", delete_secret),
+    ("GET", "/v1/events", list_events),
+    ("GET", "/v1/gpus", list_gpus),
+)
+
+
+def add_control_api(app: web.Application) -> None:
+    for method, path, handler in ROUTES:
+        add_admin_route(app, method, path, handler)

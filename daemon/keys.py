@@ -1,20 +1,51 @@
-"""Shared objects of the aiohttp app, on typed keys (no module-level state)."""
+"""Every shared object of the aiohttp app, on one typed key per service (no module-level
+state). build_app (daemon/app.py) sets them all; handlers read only these, never one service
+through another."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
+from berth.gpu import GpuAllocator, GpuSample
+from berth.scheduler.dispatch import Dispatcher
+from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.router import Router
+from berth.store import Store
 
 if TYPE_CHECKING:
     from berth.daemon.auth import Auth
     from berth.daemon.metrics import Metrics
 
+
+@dataclass(frozen=True)
+class Limits:
+    """What callers may send: body sizes, free disk for async bodies, mountable host paths."""
+
+    max_body: int = 100 * 1024 ** 2
+    max_async_body: int = 1024 ** 3
+    min_free_disk: int = 0
+    volume_prefixes: tuple[str, ...] = ()
+
+
+STORE = web.AppKey("store", Store)
+RECONCILER = web.AppKey("reconciler", Reconciler)
+ALLOCATOR = web.AppKey("allocator", GpuAllocator)
 ROUTER = web.AppKey("router", Router)
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+CALLBACK_POLICY = web.AppKey("callback_policy", CallbackPolicy)
 AUTH: web.AppKey[Auth] = web.AppKey("auth")
-MAX_BODY = web.AppKey("max_body", int)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
+LIMITS = web.AppKey("limits", Limits)
+# Routes that need the admin token (the admin_auth middleware checks membership).
+ADMIN_ROUTES = web.AppKey("admin_routes", set[web.AbstractRoute])
+# Writes whose clients left, still running to their end (complete_writes middleware).
+WRITES = web.AppKey("writes", set[asyncio.Future[web.StreamResponse]])
+OPENAPI = web.AppKey("openapi", dict[str, Any])

@@ -11,8 +11,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from berth.daemon import schemas as s
-from berth.daemon.auth import SECRET_NAME
 from berth.daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
+from berth.daemon.control import SECRET_NAME
+from berth.daemon.keys import OPENAPI
 
 JSON = "application/json"
 
@@ -192,8 +193,6 @@ def document() -> dict[str, Any]:
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
-
-OPENAPI = web.AppKey("openapi", dict[str, Any])
 
 
 def add_openapi(app: web.Application) -> None:

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.keys import AUTH, MAX_BODY, METRICS, ROUTER, UPSTREAM
+from berth.daemon.keys import AUTH, LIMITS, METRICS, ROUTER, UPSTREAM
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
@@ -120,7 +120,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 async def _invoke(request: web.Request, router: Router,
                   pool: EndpointPool) -> web.StreamResponse:
     check_token(request, pool)
-    limit = request.app[MAX_BODY]
+    limit = request.app[LIMITS].max_body
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large",
                        f"request body of {request.content_length} bytes is over the "
@@ -148,7 +148,7 @@ async def _serve(router: Router, call: Call, pinned: str | None) -> web.StreamRe
 async def _body(call: Call) -> AsyncIterator[bytes]:
     """The request body as it arrives, cut off past the size limit."""
     call.body_sent = True
-    limit, total = call.request.app[MAX_BODY], 0
+    limit, total = call.request.app[LIMITS].max_body, 0
     async for chunk in call.request.content.iter_chunked(CHUNK):
         total += len(chunk)
         if total > limit:
@@ -192,8 +192,9 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
         return await _cut(call, replica, response, 502, "replica_failed", str(exc))
     except (aiohttp.ClientError, ConnectionResetError) as exc:
         if call.body_too_large:
+            limit = request.app[LIMITS].max_body
             raise ApiError(413, "payload_too_large", "request body is over the limit of "
-                           f"{request.app[MAX_BODY]} bytes (daemon.max_body_bytes)") from None
+                           f"{limit} bytes (daemon.max_body_bytes)") from None
         return await _cut(call, replica, response, 502, "replica_failed",
                           f"replica {replica.id} failed mid-call: {exc!r}")
 
@@ -252,9 +253,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].close()
 
 
-def add_data_plane(app: web.Application, router: Router, max_body: int) -> None:
-    app[ROUTER] = router
-    app[MAX_BODY] = max_body
+def add_data_plane(app: web.Application) -> None:
     app.cleanup_ctx.append(upstream_ctx)
     app.router.add_route("*", "/invoke/{name}", invoke)
     app.router.add_route("*", "/invoke/{name}/{path:.*}", invoke)

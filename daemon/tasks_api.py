@@ -6,17 +6,17 @@ import secrets
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from yarl import URL
 
+from berth.daemon.auth import add_admin_route
 from berth.daemon.config import EndpointSpec
-from berth.daemon.control import query_limit
 from berth.daemon.errors import ApiError, storage_error
-from berth.daemon.keys import AUTH, ROUTER
+from berth.daemon.keys import AUTH, CALLBACK_POLICY, DISPATCHER, LIMITS, RECONCILER, ROUTER
+from berth.daemon.params import query_limit
 from berth.daemon.proxy import (
     REQUEST_ONLY,
     check_token,
@@ -26,20 +26,9 @@ from berth.daemon.proxy import (
 )
 from berth.scheduler.callbacks import describe_task
 from berth.scheduler.dispatch import Dispatcher, Spool, TaskFinished
-from berth.scheduler.egress import CALLBACK_POLICY, CallbackRefused, PolicyUnavailable
+from berth.scheduler.egress import CallbackRefused, PolicyUnavailable
 from berth.store import TaskRecord
 
-
-@dataclass(frozen=True)
-class Intake:
-    """Bounds on what async callers may store: per endpoint (its spec) and on the disk."""
-
-    max_body: int
-    min_free_disk: int = 0
-
-
-DISPATCHER = web.AppKey("dispatcher", Dispatcher)
-INTAKE = web.AppKey("intake", Intake)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KEPT_OUT = REQUEST_ONLY | {"x-callback-url"}
 ASYNC_RETRY_AFTER_S = 5
@@ -97,7 +86,7 @@ async def read_body(request: web.Request, task_id: str,
                     files: Path) -> tuple[bytes | None, str | None, int]:
     """The body inline (up to 64 KiB) or spilled to a file as it arrives, and its size;
     413, or a failed write, leaves nothing behind."""
-    limit = request.app[INTAKE].max_body
+    limit = request.app[LIMITS].max_async_body
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large", f"request body of {request.content_length} "
                        f"bytes is over the limit of {limit} (daemon.max_async_body_bytes)")
@@ -125,7 +114,7 @@ async def submit(request: web.Request) -> web.Response:
     url = await callback_url(request)
     spec, tasks = pool.spec, dispatcher.store.tasks
     expected = request.content_length or 0
-    check_free_space(dispatcher.files, expected, request.app[INTAKE].min_free_disk)
+    check_free_space(dispatcher.files, expected, request.app[LIMITS].min_free_disk)
     refusal = queue_full(pool.name, *await tasks.backlog(pool.name), expected, spec)
     if refusal is not None:  # refused before a byte of the body is stored
         raise refusal
@@ -158,7 +147,7 @@ async def _task(request: web.Request) -> TaskRecord:
     task = await request.app[DISPATCHER].store.tasks.get(task_id)
     if task is None:
         raise ApiError(404, "task_not_found", f"no task {task_id!r}")
-    pool = request.app[ROUTER].reconciler.pools.get(task.endpoint)
+    pool = request.app[RECONCILER].pool(task.endpoint)
     if pool is not None:
         check_token(request, pool)
     else:  # endpoint gone: only the admin token may look
@@ -211,13 +200,12 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"tasks": [describe_task(t) for t in tasks]})
 
 
-def add_async_plane(app: web.Application, dispatcher: Dispatcher, intake: Intake) -> None:
+def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
     app[DISPATCHER] = dispatcher
     app[CALLBACK_POLICY] = dispatcher.callbacks.policy
-    app[INTAKE] = intake
     app.router.add_post("/async/{name}", submit)
     app.router.add_post("/async/{name}/{path:.*}", submit)
     app.router.add_get("/tasks/{id}", get_task)
     app.router.add_get("/tasks/{id}/result", get_result)
     app.router.add_delete("/tasks/{id}", cancel_task)
-    app.router.add_get("/v1/tasks", list_tasks)
+    add_admin_route(app, "GET", "/v1/tasks", list_tasks)

@@ -149,7 +149,7 @@ class Dispatcher:
 
     def _update_backlog(self, endpoint: str) -> None:
         """Queued tasks are demand: the one being placed waits in the router and counts there."""
-        pool = self.router.reconciler.pools.get(endpoint)
+        pool = self.router.reconciler.pool(endpoint)
         if pool is not None:
             pool.backlog = max(0, len(self.queues.get(endpoint, ())) - 1)
 
@@ -161,8 +161,8 @@ class Dispatcher:
                 wake.clear()
                 await wake.wait()
                 continue
-            pool = self.router.reconciler.pools.get(endpoint)
-            if pool is None or pool.removed:
+            pool = self.router.reconciler.pool(endpoint)
+            if pool is None:
                 await self._cancel_all(endpoint, "endpoint removed")
                 continue
             task_id = queue[0]

@@ -31,7 +31,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
@@ -233,5 +232,3 @@ class PolicyResolver(AbstractResolver):
     async def close(self) -> None:
         await self.inner.close()
 
-
-CALLBACK_POLICY = web.AppKey("callback_policy", CallbackPolicy)

@@ -16,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -80,7 +81,7 @@ class Reconciler:
         self.prober = prober
         self.gpu_mode = gpu_mode
         self.clock = clock
-        self.pools: dict[str, EndpointPool] = {}
+        self._pools: dict[str, EndpointPool] = {}  # by name; removed ones until drained
         self._pass_lock = asyncio.Lock()
         self._kick_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -89,6 +90,22 @@ class Reconciler:
         # Told the name of each endpoint removed (after the store forgot it): Auth drops its
         # tokens from memory.
         self.removal_listeners: list[Callable[[str], None]] = []
+
+    # --- what callers may know of the pools ---------------------------------------------------
+
+    def pool(self, name: str) -> EndpointPool | None:
+        """The endpoint's live pool; None when there is none or it is being removed."""
+        pool = self._pools.get(name)
+        return None if pool is None or pool.removed else pool
+
+    def live_pools(self) -> list[EndpointPool]:
+        """Every endpoint that exists (not those draining after removal)."""
+        return [p for p in self._pools.values() if not p.removed]
+
+    @property
+    def pools(self) -> Mapping[str, EndpointPool]:
+        """A read-only view of every pool, removed ones included (for inspection and tests)."""
+        return MappingProxyType(self._pools)
 
     # --- the one place replica state changes ------------------------------------------------
 
@@ -157,7 +174,7 @@ class Reconciler:
         """Rebuild pools from the store (endpoints created over the API live only there)."""
         for rec in await self.store.endpoints():
             spec = EndpointSpec.model_validate(rec.spec)
-            self.pools[rec.name] = EndpointPool(spec=spec, source=rec.source,
+            self._pools[rec.name] = EndpointPool(spec=spec, source=rec.source,
                                                 generation=rec.generation, error=rec.error)
 
     async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
@@ -165,7 +182,7 @@ class Reconciler:
         summary = ChangeSummary()
         for spec in specs.values():
             await self._apply_one(spec, source, summary)
-        for name, pool in list(self.pools.items()):
+        for name, pool in list(self._pools.items()):
             if pool.source == source and name not in specs and not pool.removed:
                 await self.remove_endpoint(name)
                 summary.removed.append(name)
@@ -181,7 +198,7 @@ class Reconciler:
 
     def secret_changed(self, name: str) -> None:
         """A secret was stored: endpoints waiting for it try again now, not after backoff."""
-        for pool in self.pools.values():
+        for pool in self._pools.values():
             if name in pool.spec.secrets and pool.error:
                 pool.next_start_at = 0.0
         self.kick()
@@ -190,7 +207,7 @@ class Reconciler:
         """Delete the endpoint (and its tokens) from the store, then drain and stop its
         replicas; the pool is forgotten once they are gone. A restart in between finds no
         endpoint and removes the replicas as orphans."""
-        pool = self.pools[name]
+        pool = self._pools[name]
         await self.store.delete_endpoint(name)  # persist first: the tokens go with it
         pool.removed = True
         for listener in self.removal_listeners:
@@ -203,7 +220,7 @@ class Reconciler:
         """Store the endpoint's new spec, then change the live pool to match (persist first:
         a write cut short never leaves memory ahead of SQLite)."""
         name = spec.name
-        pool = self.pools.get(name)
+        pool = self._pools.get(name)
         if pool is not None and not pool.removed and pool.spec == spec and \
                 pool.source == source:
             summary.unchanged.append(name)
@@ -213,7 +230,7 @@ class Reconciler:
             name=name, spec=spec.model_dump(mode="json"), source=source,
             generation=generation, error=None))
         if pool is None:
-            pool = self.pools[name] = EndpointPool(spec=spec, source=source)
+            pool = self._pools[name] = EndpointPool(spec=spec, source=source)
         pool.spec, pool.source, pool.error, pool.generation = spec, source, None, generation
         pool.removed, pool.failures, pool.next_start_at = False, 0, 0.0
         getattr(summary, bucket).append(name)
@@ -258,7 +275,7 @@ class Reconciler:
         for rec in await self.store.replicas(live_only=True):
             replica = Replica.from_record(rec)
             container = containers.get(rec.id)
-            pool = self.pools.get(rec.endpoint)
+            pool = self._pools.get(rec.endpoint)
             if (pool and container and container.running and container.id == rec.container_id
                     and replica.state in (S.STARTING, S.READY, S.DRAINING)):
                 pool.replicas[replica.id] = replica
@@ -329,17 +346,17 @@ class Reconciler:
             if containers is not None:
                 await self._check_containers(containers)
             if not self.runtime.engine_up:  # no replica can start: waiting calls hear it now
-                for pool in self.pools.values():
+                for pool in self._pools.values():
                     pool.fail_waiters(f"the Docker engine is unreachable "
                                       f"({self.runtime.down_reason})")
-            for pool in list(self.pools.values()):
+            for pool in list(self._pools.values()):
                 await self._reconcile_pool(pool)
 
     async def _check_containers(self, containers: list[ContainerInfo]) -> None:
         """Fail replicas whose container stopped; remove containers no replica owns."""
         by_replica = {c.replica: c for c in containers}
         known: set[str] = set()
-        for pool in self.pools.values():
+        for pool in self._pools.values():
             for replica in list(pool.replicas.values()):
                 known.add(replica.id)
                 if replica.state not in (S.STARTING, S.READY) or replica.id in pool.stopping:
@@ -371,7 +388,7 @@ class Reconciler:
         if self.runtime.engine_up:
             await self._place_pending(pool)
         if pool.removed and not pool.replicas:
-            del self.pools[pool.name]
+            del self._pools[pool.name]
             await self.store.delete_endpoint(pool.name)
             await self.runtime.remove_network(self.runtime.endpoint_network(pool.name))
 
@@ -427,7 +444,7 @@ class Reconciler:
         """Stop idle replicas of other endpoints so that a pending one of `pool` gets GPUs.
 
         True when GPUs are on their way (stops under way or just started)."""
-        coming = sum(1 for p in self.pools.values() for r in p.replicas.values()
+        coming = sum(1 for p in self._pools.values() for r in p.replicas.values()
                      if (r.id in p.stopping or r.state is S.FAILED) and r.gpus)
         # (stops under way and failed replicas being cleaned up free GPUs already)
         if coming:
@@ -437,7 +454,7 @@ class Reconciler:
                                  self.allocator.free_count(spec.gpu_type), spec.gpu_type,
                                  spec.priority)
         for rid in victims:
-            victim_pool = next(p for p in self.pools.values() if rid in p.replicas)
+            victim_pool = next(p for p in self._pools.values() if rid in p.replicas)
             victim = victim_pool.replicas[rid]
             victim_pool.stopping.add(rid)
             reason = (f"evicted: GPUs needed by {pool.name} (priority {spec.priority}, "
@@ -450,7 +467,7 @@ class Reconciler:
         """Idle GPU replicas of other endpoints, never taking one below its min_replicas."""
         names = {g.uuid: g.name for g in self.allocator.gpus}
         found = []
-        for other in self.pools.values():
+        for other in self._pools.values():
             if other is pool:
                 continue
             live = [r for r in other.replicas.values()
@@ -631,16 +648,16 @@ class Reconciler:
         if self._kick_task is not None:
             self._kick_task.cancel()
         async with self._pass_lock:
-            tasks = [t for p in self.pools.values() for t in p.tasks.values()]
+            tasks = [t for p in self._pools.values() for t in p.tasks.values()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if stop_replicas:
                 await asyncio.gather(*(self._stop(p, r, "berthd stopping")
-                                       for p in self.pools.values()
+                                       for p in self._pools.values()
                                        for r in list(p.replicas.values())),
                                      return_exceptions=True)
-                for name in self.pools:  # nothing runs on them now
+                for name in self._pools:  # nothing runs on them now
                     with contextlib.suppress(DockerUnavailable):
                         await self.runtime.remove_network(self.runtime.endpoint_network(name))
 

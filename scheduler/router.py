@@ -60,8 +60,8 @@ class Router:
         self.clock = clock
 
     def pool(self, name: str) -> EndpointPool:
-        pool = self.reconciler.pools.get(name)
-        if pool is None or pool.removed:
+        pool = self.reconciler.pool(name)
+        if pool is None:
             raise EndpointNotFound(f"no endpoint named {name!r}")
         return pool
 

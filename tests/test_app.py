@@ -6,11 +6,10 @@ import pytest
 
 from berth.daemon.app import build_app
 from berth.gpu import GpuAllocator
-from berth.scheduler.pool import EndpointPool
 from berth.scheduler.probes import Prober
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.runtime import DockerRuntime
-from berth.store import Store
+from berth.store import EndpointRecord, Store
 from helpers import endpoint, static_gpus
 
 
@@ -20,7 +19,9 @@ async def client(aiohttp_client, tmp_path):
     allocator = GpuAllocator(static_gpus(1), store)
     # Handlers only read pool state; the runtime is never connected here.
     reconciler = Reconciler(store, allocator, DockerRuntime(None, "unused"), Prober(), "env")
-    reconciler.pools["m"] = EndpointPool(spec=endpoint("m"), source="api", error="boom")
+    await store.save_endpoint(EndpointRecord(name="m", spec=endpoint("m").model_dump(mode="json"),
+                                             source="api", generation=1, error="boom"))
+    await reconciler.load()  # the pool as a restart would find it
     app = build_app(reconciler, allocator, admin_token="")
     yield await aiohttp_client(app)
     await store.close()

@@ -1,0 +1,111 @@
+"""Replica logs over HTTP: `GET /v1/endpoints/{name}/logs`, merged, prefixed, followed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from berth.daemon.errors import ApiError
+from berth.daemon.keys import RECONCILER
+from berth.daemon.params import is_count, query_flag
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.runtime import DockerRuntime
+
+
+async def stream_logs(request: web.Request) -> web.StreamResponse:
+    """Replica logs as text, each line prefixed with its replica, until the client leaves
+    (follow=true) or the logs end."""
+    name = request.match_info["name"]
+    pool = request.app[RECONCILER].pool(name)
+    if pool is None:
+        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+    tail_text = request.query.get("tail", "100")
+    if not is_count(tail_text) and tail_text != "all":
+        raise ApiError(422, "invalid", "tail must be a number of lines or 'all'",
+                       details=[{"path": "tail", "message": "not a number"}])
+    follow = query_flag(request, "follow")
+    wanted = request.query.get("replica")
+    replicas = [r for r in pool.replicas.values() if r.container_id
+                and (wanted is None or r.id == wanted)]
+    if wanted is not None and not replicas:
+        raise ApiError(404, "replica_not_found", f"endpoint {name} has no replica {wanted!r}")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    logs = ReplicaLogs(request.app[RECONCILER].runtime, follow)
+    tail = int(tail_text) if is_count(tail_text) else "all"
+    for replica in replicas:
+        logs.add(replica.id, str(replica.container_id), tail)
+    try:
+        async for line in logs.lines(pool, wanted):
+            await response.write(line)
+    finally:
+        logs.close()
+    await response.write_eof()
+    return response
+
+
+class ReplicaLogs:
+    """The log lines of an endpoint's replicas, merged and prefixed with the replica. When
+    following, replicas started after the stream began join it, from their first line."""
+
+    RESCAN_S = 1.0
+    MAX_BEHIND = 10_000  # lines a slow client may fall behind before its stream is cut
+
+    def __init__(self, runtime: DockerRuntime, follow: bool,
+                 max_behind: int = MAX_BEHIND) -> None:
+        self.runtime = runtime
+        self.follow = follow
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=max_behind)
+        self.readers: dict[str, asyncio.Task[None]] = {}
+        self.open = 0  # readers that have not ended
+        self.cut = False  # a reader found the queue full: the client reads too slowly
+
+    def add(self, replica_id: str, container_id: str, tail: int | str) -> None:
+        self.open += 1
+        self.readers[replica_id] = asyncio.get_running_loop().create_task(
+            self._read(replica_id, container_id, tail))
+
+    async def _read(self, replica_id: str, container_id: str, tail: int | str) -> None:
+        prefix, buffer = f"[{replica_id}] ".encode(), b""
+        try:
+            async for chunk in self.runtime.stream_logs(container_id, tail, self.follow):
+                *whole, buffer = (buffer + chunk).split(b"\n")
+                for line in whole:
+                    self._put(prefix + line + b"\n")
+            if buffer:
+                self._put(prefix + buffer + b"\n")
+        except asyncio.QueueFull:
+            self.cut = True  # never buffer without bound for a client that does not read
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
+
+    def _put(self, line: bytes) -> None:
+        self.queue.put_nowait(line)
+
+    async def lines(self, pool: EndpointPool, wanted: str | None) -> AsyncIterator[bytes]:
+        while self.follow or self.open or not self.queue.empty():
+            if self.cut:
+                yield (f"[berth] log stream cut: the client fell {self.queue.maxsize} lines "
+                       "behind\n").encode()
+                return
+            if self.follow:
+                for r in list(pool.replicas.values()):
+                    if r.container_id and r.id not in self.readers and wanted in (None, r.id):
+                        self.add(r.id, r.container_id, "all")
+            try:
+                line = await asyncio.wait_for(self.queue.get(),
+                                              self.RESCAN_S if self.follow else None)
+            except TimeoutError:
+                continue
+            if line is None:
+                self.open -= 1
+            else:
+                yield line
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.cancel()
