@@ -14,7 +14,7 @@ from yarl import URL
 
 from berth.daemon.browser import BrowserGuard
 from berth.daemon.config import ConfigError, parse_config
-from berth.daemon.control import ReplicaLogs
+from berth.daemon.replica_logs import ReplicaLogs
 from berth.daemon.service import StartupError, callback_secret
 from helpers import body, endpoint, ready_count, wait_for
 
