@@ -1,7 +1,10 @@
-"""The berth CLI against a real berthd: every command group, exit codes, persistence."""
+"""The berth CLI: argv to API calls and option spellings as tables (no server), then against
+a real berthd: every command group, exit codes, persistence."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import signal
@@ -10,10 +13,196 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
+import pytest
+
+from berth.daemon import cli
 from helpers import ROOT, SESSION, TEST_LABEL, Berthd, config_text
 
 ADMIN = "cli-admin-token"
+
+# --- argv -> (method, path, body), no server ---------------------------------------------------
+
+ROUTES = [
+    (["gpus"], ("GET", "/v1/gpus", None)),
+    (["events"], ("GET", "/v1/events", None)),
+    (["events", "--endpoint", "m", "--since", "5"],
+     ("GET", "/v1/events?endpoint=m&since=5.0", None)),
+    (["endpoints", "ls"], ("GET", "/v1/endpoints", None)),
+    (["endpoints", "get", "m"], ("GET", "/v1/endpoints/m", None)),
+    (["endpoints", "get", "a b/../c?"], ("GET", "/v1/endpoints/a%20b%2F..%2Fc%3F", None)),
+    (["endpoints", "delete", "m"], ("DELETE", "/v1/endpoints/m", None)),
+    (["endpoints", "scale", "m", "--min", "0"],
+     ("PATCH", "/v1/endpoints/m", {"min_replicas": 0})),
+    (["endpoints", "scale", "m", "--max", "3"],
+     ("PATCH", "/v1/endpoints/m", {"max_replicas": 3})),
+    (["endpoints", "scale", "m", "--min", "1", "--max", "2"],
+     ("PATCH", "/v1/endpoints/m", {"min_replicas": 1, "max_replicas": 2})),
+    (["tasks", "ls"], ("GET", "/v1/tasks", None)),
+    (["tasks", "ls", "--endpoint", "m", "--status", "queued"],
+     ("GET", "/v1/tasks?endpoint=m&status=queued", None)),
+    (["tasks", "get", "t1"], ("GET", "/tasks/t1", None)),
+    (["tasks", "cancel", "t1"], ("DELETE", "/tasks/t1", None)),
+    (["tokens", "create", "m"], ("POST", "/v1/endpoints/m/tokens", None)),
+    (["tokens", "ls", "m"], ("GET", "/v1/endpoints/m/tokens", None)),
+    (["tokens", "revoke", "m", "k1"], ("DELETE", "/v1/endpoints/m/tokens/k1", None)),
+    (["secrets", "ls"], ("GET", "/v1/secrets", None)),
+    (["secrets", "rm", "HF_TOKEN"], ("DELETE", "/v1/secrets/HF_TOKEN", None)),
+    (["secrets", "set", "HF_TOKEN", "v"], ("PUT", "/v1/secrets/HF_TOKEN", {"value": "v"})),
+    (["secrets", "set", "HF_TOKEN"], ("PUT", "/v1/secrets/HF_TOKEN", {"value": "from stdin"})),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), ROUTES, ids=[" ".join(a) for a, _ in ROUTES])
+def test_route_table(argv: list[str], expected: tuple[str, str, Any],
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin\n"))
+    method, path, body, render = cli.route(cli.parser().parse_args(argv))
+    assert (method, path, body) == expected
+    assert callable(render)
+
+
+def test_scale_without_bounds_is_a_usage_error() -> None:
+    with pytest.raises(cli.CliError) as err:
+        cli.route(cli.parser().parse_args(["endpoints", "scale", "m"]))
+    assert err.value.code == cli.EXIT_USAGE
+
+
+class FakeClient:
+    """Records the calls run() makes instead of reaching a berthd."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        self.calls.append((method, path, body))
+        return {"generation": 1, "status": "idle", "gpus": []}
+
+    def lines(self, path: str) -> list[str]:
+        self.calls.append(("GET", path, None))
+        return ["[r1] hello"]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
+    client = FakeClient()
+    monkeypatch.setattr(cli, "make_client", lambda args: client)
+    return client
+
+
+SPECS = """
+[endpoints.a]
+image = "img:1"
+[endpoints."b/c"]
+image = "img:2"
+gpus = 1
+"""
+
+STREAMED = [  # the two commands route() leaves to run(): logs streams, apply PUTs each spec
+    (["logs", "m"], [("GET", "/v1/endpoints/m/logs?follow=false&tail=100", None)]),
+    (["logs", "m", "-f", "--tail", "all", "--replica", "r1"],
+     [("GET", "/v1/endpoints/m/logs?follow=true&tail=all&replica=r1", None)]),
+    (["endpoints", "apply", "-f", "{specs}"],
+     [("PUT", "/v1/endpoints/a", {"name": "a", "image": "img:1"}),
+      ("PUT", "/v1/endpoints/b%2Fc", {"name": "b/c", "image": "img:2", "gpus": 1})]),
+]
+
+
+@pytest.mark.parametrize(("argv", "calls"), STREAMED, ids=[" ".join(a) for a, _ in STREAMED])
+def test_logs_and_apply_table(argv: list[str], calls: list[tuple[str, str, Any]],
+                              fake: FakeClient, tmp_path, capsys) -> None:
+    specs = tmp_path / "specs.toml"
+    specs.write_text(SPECS)
+    assert cli.main([a.format(specs=specs) for a in argv]) == 0
+    assert fake.calls == calls
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+                ) -> list[tuple[str, ...]]:
+    """Every command the parser knows, as words: ("gpus",), ("endpoints", "ls"), ..."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        return [prefix]
+    return [found for name, sub in actions[0].choices.items()
+            for found in subcommands(sub, (*prefix, name))]
+
+
+def test_every_subcommand_is_in_a_table() -> None:
+    commands = set(subcommands(cli.parser()))
+    assert len(commands) == 17
+    tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
+              if tuple(argv[:len(c)]) == c}
+    assert tabled == commands
+
+
+# --- global options before or after the subcommand --------------------------------------------
+
+SPELLINGS = [
+    (["--json", "endpoints", "ls"], ["endpoints", "ls", "--json"]),
+    (["--json", "endpoints", "ls"], ["endpoints", "--json", "ls"]),
+    (["--url", "http://h:8080", "gpus"], ["gpus", "--url", "http://h:8080"]),
+    (["--url=http://h:8080", "gpus"], ["gpus", "--url=http://h:8080"]),
+    (["--token", "T", "--config", "/c.toml", "tokens", "revoke", "m", "k1"],
+     ["tokens", "revoke", "m", "k1", "--token", "T", "--config", "/c.toml"]),
+    (["--token", "T", "tokens", "create", "m"], ["tokens", "create", "--token", "T", "m"]),
+    (["--json", "--url", "http://h", "logs", "m", "-f"],
+     ["logs", "m", "-f", "--json", "--url", "http://h"]),
+    (["--url", "http://h", "events", "--since", "3"],
+     ["events", "--since", "3", "--url", "http://h"]),
+    (["--json", "tasks", "ls", "--status", "queued"],
+     ["tasks", "ls", "--json", "--status", "queued"]),
+    (["--json", "secrets", "set", "S", "v"], ["secrets", "set", "S", "v", "--json"]),
+    (["--config", "/c.toml", "endpoints", "apply", "-f", "x.toml"],
+     ["endpoints", "apply", "-f", "x.toml", "--config", "/c.toml"]),
+    (["--json", "--token", "T", "endpoints", "scale", "m", "--min", "1"],
+     ["endpoints", "--token", "T", "scale", "m", "--json", "--min", "1"]),
+    (["gpus"], ["gpus"]),  # none given: the top-level defaults
+]
+
+
+@pytest.mark.parametrize(("before", "after"), SPELLINGS,
+                         ids=[" ".join(a) for _, a in SPELLINGS])
+def test_global_options_may_follow_the_subcommand(before: list[str], after: list[str]) -> None:
+    assert cli.parser().parse_args(after) == cli.parser().parse_args(before)
+
+
+def test_defaults_and_the_later_option_wins() -> None:
+    args = vars(cli.parser().parse_args(["gpus"]))
+    assert args == {"url": None, "token": None, "config": cli.DEFAULT_CONFIG, "json": False,
+                    "command": "gpus"}
+    args = cli.parser().parse_args(["--url", "http://a", "--token", "A", "endpoints",
+                                    "--token", "B", "ls", "--url", "http://b"])
+    assert (args.url, args.token, args.json) == ("http://b", "B", False)
+    args = cli.parser().parse_args(["--token", "A", "endpoints", "--token", "B", "get", "m",
+                                    "--token", "C"])
+    assert args.token == "C"
+
+
+def test_json_after_the_subcommand_prints_json(fake: FakeClient, capsys) -> None:
+    assert cli.main(["gpus", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"generation": 1, "status": "idle",
+                                                   "gpus": []}
+    assert cli.main(["gpus"]) == 0
+    assert capsys.readouterr().out.startswith("GPU  NAME")
+
+
+def test_url_token_and_config_after_the_subcommand_reach_the_client(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("BERTH_URL", "http://env:1")
+    monkeypatch.setenv("BERTH_TOKEN", "env-token")
+    client = cli.make_client(cli.parser().parse_args(
+        ["gpus", "--url", "http://h:8080/", "--token", "T", "--config", str(tmp_path / "no")]))
+    assert (client.url, client.token) == ("http://h:8080", "T")
+    monkeypatch.delenv("BERTH_URL")
+    monkeypatch.delenv("BERTH_TOKEN")
+    (tmp_path / "admin-token").write_text("from-config\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nlisten = "0.0.0.0:9090"\n'
+                      f'admin_token_file = "{tmp_path / "admin-token"}"\n')
+    client = cli.make_client(cli.parser().parse_args(["endpoints", "ls", "--config",
+                                                      str(config)]))
+    assert (client.url, client.token) == ("http://127.0.0.1:9090", "from-config")
 
 
 def berth(d: Berthd, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
