@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import structlog
 from aiohttp import web
 
 from berth.daemon.auth import Auth, add_admin_route, admin_auth
@@ -36,7 +36,7 @@ from berth.scheduler.errors import SchedulerError
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.router import Router
 
-log = logging.getLogger("berth.api")
+log = structlog.get_logger("berth.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,11 +65,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             message = f"no route for {request.method} {request.path}"
         return error_response(exc.status, _CODES.get(exc.status, "http_error"), message, headers)
     except (sqlite3.Error, OSError) as exc:  # a full or failing disk is not the caller's fault
-        log.warning("storage error serving %s %s: %s", request.method, request.path, exc)
+        log.warning("http.storage_error", method=request.method, path=request.path,
+                    error=str(exc))
         error = storage_error(exc)
         return error_response(error.status, error.code, error.message, error.headers)
     except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
+        log.exception("http.unhandled_error", method=request.method, path=request.path)
         return error_response(500, "internal", "internal error; see the berthd log")
 
 

@@ -122,8 +122,9 @@ class ConnectionGuard:
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
-            log.warning("connections refused: limit reached", limit=limit, client=key,
-                        open=self._total, refused_since_start=self.refused)
+            log.warning("connections.refused", message="connections refused: limit reached",
+                        limit=limit, client=key, open=self._total,
+                        refused_since_start=self.refused)
         return False
 
 
@@ -205,7 +206,8 @@ class GuardedConnection(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         if self._transport is not None and not self._transport.is_closing():
-            log.debug("connection closed: no complete request headers in time",
+            log.debug("connections.header_timeout",
+                      message="connection closed: no complete request headers in time",
                       client=self._key, timeout_s=self._guard.limits.header_timeout_s)
             self._transport.close()  # connection_lost follows, and tells the handler
 

@@ -62,7 +62,7 @@ async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
     try:
         await berth.start()
     except StartupError as exc:
-        log.error("berthd cannot start", error=str(exc))
+        log.error("berthd.start_failed", message="berthd cannot start", error=str(exc))
         notifier.send(f"STATUS=cannot start: {exc}")
         await berth.stop()
         return exc.exit_code
@@ -73,17 +73,17 @@ async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
         loop.add_signal_handler(sig, signals.put_nowait, word)
     watchdog = loop.create_task(_watchdog(notifier))
     notifier.send("READY=1", f"STATUS=serving on port {berth.port}")
-    log.info("berthd ready", endpoints=len(config.endpoints), port=berth.port)
+    log.info("berthd.ready", endpoints=len(config.endpoints), port=berth.port)
     while await signals.get() == "reload":
         notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         await _reload(berth, config_path)
         notifier.send("READY=1", f"STATUS=serving on port {berth.port}")
     notifier.send("STOPPING=1")
-    log.info("berthd stopping", stop_replicas=berth.stop_replicas_on_exit)
+    log.info("berthd.stopping", stop_replicas=berth.stop_replicas_on_exit)
     watchdog.cancel()
     await berth.stop()
     notifier.close()
-    log.info("berthd stopped")
+    log.info("berthd.stopped")
     return 0
 
 
@@ -92,13 +92,14 @@ async def _reload(berth: Berth, config_path: str) -> None:
     try:
         summary = await berth.reload(load_config(config_path))
     except ConfigError as exc:
-        log.error("reload refused: config does not validate; nothing changed",
+        log.error("config.reload_refused",
+                  message="reload refused: config does not validate; nothing changed",
                   errors=[str(i) for i in exc.issues])
         if berth.reconciler is not None:
             await berth.reconciler.event("reload_refused",
                                          f"config does not validate: {exc}")
         return
-    log.info("config reloaded", summary=summary_text(summary))
+    log.info("config.reloaded", summary=summary_text(summary))
 
 
 async def _watchdog(notifier: Notifier) -> None:

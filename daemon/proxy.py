@@ -232,7 +232,7 @@ async def _start_response(call: Call, replica: Replica,
 async def _cut(call: Call, replica: Replica, response: web.StreamResponse | None,
                status: int, code: str, message: str) -> web.StreamResponse:
     """End a call that failed: a JSON error if nothing was sent, else end the stream."""
-    log.warning("call cut", endpoint=call.pool.name, replica=replica.id,
+    log.warning("call.cut", endpoint=call.pool.name, replica=replica.id,
                 request_id=call.request_id, code=code, reason=message)
     if response is None:
         raise ApiError(status, code, message)

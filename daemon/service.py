@@ -231,7 +231,7 @@ class Berth:
             raise StartupError(f"daemon.listen: cannot listen on {listen.host}:{listen.port}: "
                                f"{exc.strerror}", EXIT_CONFIG) from exc
         self.port = site.port  # the bound one: listen may ask for port 0
-        log.info("listening", address=f"{listen.host}:{self.port}")
+        log.info("berthd.listening", address=f"{listen.host}:{self.port}")
 
     def _start_jobs(self) -> None:
         assert self.reconciler is not None
@@ -270,7 +270,8 @@ class Berth:
             raise ConfigError(issues)
         for section in ("daemon", "docker", "gpu"):
             if getattr(config, section) != getattr(self.config, section):
-                log.warning("settings need a restart to apply", section=section)
+                log.warning("config.needs_restart", section=section,
+                            message="settings need a restart to apply")
         self.config = config.model_copy(update={"daemon": self.config.daemon,
                                                 "docker": self.config.docker,
                                                 "gpu": self.config.gpu})

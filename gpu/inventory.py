@@ -6,12 +6,13 @@ Knows nothing of Docker or HTTP. NVML calls block; callers run `sample()` off th
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+import structlog
+
+log = structlog.get_logger("berth.gpu")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class NvmlInventory:
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 temp = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
             except nvml.NVMLError as exc:  # a GPU that fell off the bus must not stop the rest
-                log.warning("nvml sample of GPU %s failed: %s", gpu.index, exc)
+                log.warning("gpu.sample_failed", gpu=gpu.index, error=str(exc))
                 continue
             samples[gpu.uuid] = GpuSample(
                 utilization_pct=int(util.gpu),

@@ -93,7 +93,7 @@ class CallbackSender:
             await self.store.tasks.update(task, "callback_state", "callback_attempts",
                                           "callback_error")
             if task.callback_state != "pending":
-                log.info("callback " + str(task.callback_state), task=task.id,
+                log.info(f"callback.{task.callback_state}", task=task.id,
                          endpoint=task.endpoint, attempts=task.callback_attempts)
                 return
             await asyncio.sleep(delay)
@@ -115,7 +115,7 @@ class CallbackSender:
                                           allow_redirects=False) as resp:
                 return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            log.info("callback attempt failed", url=url, error=repr(exc))
+            log.info("callback.attempt_failed", url=url, error=repr(exc))
             return REFUSED if refused(exc) else FAILED
 
     async def close(self) -> None:

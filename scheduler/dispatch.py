@@ -109,7 +109,8 @@ class Dispatcher:
         self.files.mkdir(parents=True, exist_ok=True)
         requeued = await self.store.tasks.requeue_running()
         if requeued:
-            log.warning("tasks that were running when berthd stopped are queued again",
+            log.warning("task.requeued",
+                        message="tasks that were running when berthd stopped are queued again",
                         count=requeued)
         for endpoint, task_id in await self.store.tasks.queued_ids():
             self._enqueue(endpoint, task_id)
@@ -242,7 +243,7 @@ class Dispatcher:
         self._excluded[task.id] = self._excluded.get(task.id, frozenset()) | {replica.id}
         self.router.reconciler.kick()  # let the reconciler look at that replica now
         delay = self.settings.retry_backoff_s * 2 ** (task.attempts - 1)
-        log.warning("task attempt failed; retrying", task=task.id, endpoint=task.endpoint,
+        log.warning("task.retrying", task=task.id, endpoint=task.endpoint,
                     replica=replica.id, attempt=task.attempts, error=error, retry_in_s=delay)
         await asyncio.sleep(delay)
         self._enqueue(task.endpoint, task.id, front=True)
@@ -252,7 +253,7 @@ class Dispatcher:
         self._excluded.pop(task.id, None)
         self._cancelling.discard(task.id)
         await self.store.tasks.update(task)
-        log.info("task " + task.status, task=task.id, endpoint=task.endpoint,
+        log.info(f"task.{task.status}", task=task.id, endpoint=task.endpoint,
                  replica=task.replica, attempts=task.attempts, error=task.error)
         if task.callback_url:
             self.callbacks.schedule(task.id)
@@ -334,5 +335,5 @@ class Dispatcher:
                     self.file(name).unlink(missing_ok=True)
             await self.store.tasks.mark_purged(task.id, now)
         if expired:
-            log.info("purged task results", count=len(expired))
+            log.info("task.results_purged", count=len(expired))
         return len(expired)

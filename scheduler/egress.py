@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("berth.egress")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -131,7 +131,8 @@ class CallbackPolicy:
                 self._subnets = list(await self.networks())
                 self._read_at = self.clock()
             except Exception as exc:
-                log.warning("cannot list the engine's networks for the callback policy: %s", exc)
+                log.warning("callback.networks_unknown", error=str(exc),
+                            message="cannot list the engine's networks for the policy")
                 if self._subnets is None:
                     raise PolicyUnavailable("the engine's networks are unknown") from exc
         return self._subnets

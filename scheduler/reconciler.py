@@ -55,6 +55,24 @@ FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.05, 2.0  # a failed state write is retried so
 
 
+# Events that are not about one replica, by their stored kind: the log's stable names.
+EVENT_NAMES = {
+    "endpoint_created": "endpoint.created", "endpoint_updated": "endpoint.updated",
+    "endpoint_removed": "endpoint.removed", "reload": "config.reloaded",
+    "reload_refused": "config.reload_refused", "token_created": "token.created",
+    "token_revoked": "token.revoked", "secret_set": "secret.set",
+    "secret_deleted": "secret.deleted", "orphan_removed": "container.orphan_removed",
+}
+
+
+def event_name(kind: str, replica: str | None) -> str:
+    """The stable log event name of a stored event: replica.<kind> for replicas' moves
+    (replica.ready, replica.crash, replica.scale_up...), else from EVENT_NAMES."""
+    if kind in EVENT_NAMES:
+        return EVENT_NAMES[kind]
+    return f"replica.{kind}" if replica else f"berthd.{kind}"
+
+
 class SecretMissing(Exception):
     """An endpoint names a secret that is not stored: it cannot run until one is."""
 
@@ -150,13 +168,13 @@ class Reconciler:
                 if self._closed:
                     raise
                 if not stalled:
-                    log.warning("state write failed; retrying until it succeeds",
-                                error=str(exc))
+                    log.warning("store.write_stalled", error=str(exc),
+                                message="state write failed; retrying until it succeeds")
                     stalled = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
         if stalled:
-            log.warning("state writes succeed again")
+            log.warning("store.write_recovered", message="state writes succeed again")
 
     async def event(self, kind: str, message: str, endpoint: str | None = None,
                     replica: str | None = None) -> None:
@@ -165,8 +183,9 @@ class Reconciler:
             await self.store.add_event(EventRecord(ts=self.clock(), kind=kind, message=message,
                                                    endpoint=endpoint, replica=replica))
         except (sqlite3.Error, OSError) as exc:
-            log.warning("event not stored", event_kind=kind, error=str(exc))
-        log.info(message, event_kind=kind, endpoint=endpoint, replica=replica)
+            log.warning("event.not_stored", event_kind=kind, error=str(exc))
+        log.info(event_name(kind, replica), message=message, endpoint=endpoint,
+                 replica=replica)
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -326,7 +345,7 @@ class Reconciler:
         try:
             await self.reconcile(check_containers)
         except Exception:
-            log.exception("reconcile pass failed")
+            log.exception("reconcile.pass_failed")
 
     async def reconcile(self, check_containers: bool = True) -> None:
         """One pass over every endpoint. Passes never overlap.
@@ -342,7 +361,7 @@ class Reconciler:
             except DockerUnavailable:
                 pass  # the runtime says so once per outage
             except Exception as exc:  # engine hiccup: skip the container check, keep going
-                log.warning("listing containers failed", error=str(exc))
+                log.warning("reconcile.list_failed", error=str(exc))
             if containers is not None:
                 await self._check_containers(containers)
             if not self.runtime.engine_up:  # no replica can start: waiting calls hear it now
@@ -505,7 +524,7 @@ class Reconciler:
             await self.fail(pool, replica, str(exc), kind="start_failed", counts=False)
             return
         except Exception as exc:  # a bug must not leave the replica pending with its GPUs
-            log.exception("replica start failed unexpectedly", replica=replica.id)
+            log.exception("replica.start_crashed", replica=replica.id)
             await self.fail(pool, replica, f"start failed: {exc!r}", kind="start_failed")
             return
         replica.container_id = info.id
@@ -666,5 +685,5 @@ def _forget(pool: EndpointPool, replica_id: str, task: asyncio.Task[None]) -> No
     if pool.tasks.get(replica_id) is task:
         del pool.tasks[replica_id]
     if not task.cancelled() and task.exception() is not None:
-        log.error("replica task crashed", replica=replica_id, endpoint=pool.name,
+        log.error("replica.task_crashed", replica=replica_id, endpoint=pool.name,
                   error=repr(task.exception()))

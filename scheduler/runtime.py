@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
-import logging
 import os
 import threading
 import time
@@ -27,8 +26,9 @@ import docker
 import docker.errors
 import docker.types
 import docker.utils
+import structlog
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("berth.runtime")
 T = TypeVar("T")
 
 LABEL_MANAGED = "berth.managed"
@@ -247,14 +247,16 @@ class DockerRuntime:
                     self._client.api.close()
             self.down_since = time.time()
             self.down_reason = _short(exc)
-            log.warning("Docker engine at %s is unreachable: %s", self.host, self.down_reason)
+            log.warning("docker.unreachable", host=self.host, error=self.down_reason,
+                        message=f"Docker engine at {self.host} is unreachable")
 
     def _engine_answered(self, asked_at: float) -> None:
         # Only a call made after the outage began proves the engine is back: one that was
         # under way before may finish after the engine went away.
         if self.down_since is not None and asked_at > self.down_since:
-            log.warning("Docker engine at %s answers again after %.1fs", self.host,
-                        time.time() - self.down_since)
+            log.warning("docker.reachable", host=self.host,
+                        down_s=round(time.time() - self.down_since, 1),
+                        message=f"Docker engine at {self.host} answers again")
             self.down_since = None
 
     @property
@@ -343,7 +345,7 @@ class DockerRuntime:
         if not self.pull:
             raise ImageUnavailable(f"image {image} is not on the engine and docker.pull is off")
         repo, tag = docker.utils.parse_repository_tag(image)
-        log.info("pulling image %s", image)
+        log.info("image.pulling", image=image, message=f"pulling image {image}")
         try:
             last = ""
             for line in self.client.api.pull(repo, tag or "latest", stream=True, decode=True):
@@ -351,7 +353,7 @@ class DockerRuntime:
                     raise ImageUnavailable(f"image {image} cannot be pulled: {line['error']}")
                 status = f"{line.get('id', '')} {line.get('status', '')}".strip()
                 if status != last:  # layer progress ticks would flood the log
-                    log.info("pull %s: %s", image, status)
+                    log.info("image.pull_progress", image=image, status=status)
                     last = status
         except docker.errors.APIError as exc:
             raise ImageUnavailable(
@@ -456,7 +458,7 @@ class DockerRuntime:
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:
-            log.warning("stopping container %s failed: %s", container_id[:12], exc)
+            log.warning("container.stop_failed", container=container_id[:12], error=str(exc))
         self._remove_quietly(container_id)
 
     def _remove_quietly(self, container_id: str) -> None:
@@ -465,7 +467,7 @@ class DockerRuntime:
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
-            log.warning("removing container %s failed: %s", container_id[:12], exc)
+            log.warning("container.remove_failed", container=container_id[:12], error=str(exc))
 
     async def network_subnets(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The IPAM subnets of every network on the engine (callbacks may not reach them)."""

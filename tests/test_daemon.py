@@ -113,11 +113,12 @@ def test_sighup_reloads_only_what_changed_and_refuses_a_bad_file(
     assert ready_ids(d.endpoint("same")) == [before["same"]]
     assert ready_ids(d.endpoint("changed")) == ready_ids(changed)
     log = (config.parent / "berthd.log").read_text()
-    refused = [json.loads(line) for line in log.splitlines() if "reload refused" in line]
+    refused = [e for e in map(json.loads, log.splitlines())
+               if e["event"] == "config.reload_refused"]
     assert refused and any("min_replicas" in e for e in refused[0]["errors"])
     # Every log line is JSON; replica events name their endpoint and replica.
     events = [json.loads(line) for line in log.splitlines()]
-    ready = [e for e in events if e.get("event_kind") == "ready"]
+    ready = [e for e in events if e["event"] == "replica.ready"]  # stable event names
     assert {e["endpoint"] for e in ready} >= {"same", "changed", "removed", "added"}
     assert all(e["replica"].startswith(e["endpoint"] + "-") for e in ready)
 

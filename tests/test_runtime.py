@@ -11,6 +11,8 @@ import threading
 import aiohttp
 import docker.types
 import pytest
+import structlog
+import structlog.testing
 
 from berth.scheduler.runtime import (
     ContainerSpec,
@@ -115,7 +117,7 @@ async def test_unreachable_engine_is_a_clear_error():
 
 
 async def test_missing_image_is_pulled_with_progress_in_the_log(
-        runtime, docker_client, aiohttp_server, caplog):
+        runtime, docker_client, aiohttp_server):
     from registry import from_docker_save, registry_app
 
     # An image the engine does not have: made here, exported, then removed from the engine.
@@ -126,13 +128,13 @@ async def test_missing_image_is_pulled_with_progress_in_the_log(
     docker_client.images.remove(local)
     server = await aiohttp_server(registry_app(from_docker_save(saved)))
     image = f"127.0.0.1:{server.port}/berth-test/pulled:{SESSION}"
-    with caplog.at_level("INFO", logger="berth.scheduler.runtime"):
+    with structlog.testing.capture_logs() as logged:
         await runtime.ensure_image(image)
     try:
         assert docker_client.images.get(image)
-        lines = [r.getMessage() for r in caplog.records]
-        assert f"pulling image {image}" in lines
-        progress = [line for line in lines if line.startswith(f"pull {image}: ")]
+        assert {"event": "image.pulling", "image": image, "message": f"pulling image {image}",
+                "log_level": "info"} in logged
+        progress = [e["status"] for e in logged if e["event"] == "image.pull_progress"]
         assert any("Pull complete" in line for line in progress), progress
         assert len(progress) < 20  # one line per layer state, not one per progress tick
     finally:
