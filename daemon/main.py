@@ -58,13 +58,11 @@ async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
     config = load_config(config_path)
     setup_logging(config.daemon.log_format, config.daemon.log_level)
     notifier = Notifier()
-    berth = Berth(config, stop_replicas_on_exit)
     try:
-        await berth.start()
-    except StartupError as exc:
+        berth = await Berth.start(config, stop_replicas_on_exit)
+    except StartupError as exc:  # what had started is stopped again already
         log.error("berthd.start_failed", message="berthd cannot start", error=str(exc))
         notifier.send(f"STATUS=cannot start: {exc}")
-        await berth.stop()
         return exc.exit_code
     signals: asyncio.Queue[str] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -95,9 +93,7 @@ async def _reload(berth: Berth, config_path: str) -> None:
         log.error("config.reload_refused",
                   message="reload refused: config does not validate; nothing changed",
                   errors=[str(i) for i in exc.issues])
-        if berth.reconciler is not None:
-            await berth.reconciler.event("reload_refused",
-                                         f"config does not validate: {exc}")
+        await berth.reconciler.event("reload_refused", f"config does not validate: {exc}")
         return
     log.info("config.reloaded", summary=summary_text(summary))
 

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import secrets
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,30 +21,26 @@ from berth.daemon.auth import Auth
 from berth.daemon.browser import BrowserGuard
 from berth.daemon.config import Config, ConfigError, gpu_issues
 from berth.daemon.connections import ConnectionLimits, GuardedSite, header_deadline
-from berth.gpu import GpuAllocator, GpuSample, GpuSourceError, Inventory, load_inventory
+from berth.daemon.core import (
+    EXIT_CONFIG,
+    EXIT_DOCKER,
+    EXIT_STATE,
+    Core,
+    StartupError,
+    start_core,
+)
+from berth.gpu import GpuSample
 from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.dispatch import Dispatcher, DispatchSettings
 from berth.scheduler.egress import CallbackPolicy
-from berth.scheduler.probes import Prober
 from berth.scheduler.reconciler import ChangeSummary, Reconciler
 from berth.scheduler.router import Router
-from berth.scheduler.runtime import DockerRuntime, DockerUnavailable
-from berth.store import Store, StoreError
 
 log = structlog.get_logger("berth.daemon")
 
-EXIT_CONFIG = 2
-EXIT_STATE = 3
-EXIT_DOCKER = 4
 REPLICA_HISTORY_S = 7 * 86400  # stopped/failed replicas are kept this long for inspection
-
-
-class StartupError(Exception):
-    """berthd cannot start; `exit_code` tells systemd and scripts which part failed."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+__all__ = ["EXIT_CONFIG", "EXIT_DOCKER", "EXIT_STATE", "Berth", "StartupError",
+           "callback_secret", "read_admin_token"]
 
 
 @dataclass(frozen=True)
@@ -126,146 +123,91 @@ def write_private(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
+@dataclass
 class Berth:
-    """berthd's parts: store, GPUs, Docker runtime, reconciler, periodic jobs, HTTP listener."""
+    """A started berthd: every part on one AsyncExitStack, none optional. `start` builds it
+    (a failed start unwinds what started); `stop` closes the stack, in reverse order:
 
-    def __init__(self, config: Config, stop_replicas_on_exit: bool = False) -> None:
-        self.config = config
-        self.stop_replicas_on_exit = stop_replicas_on_exit or config.daemon.stop_replicas_on_exit
-        self.gpu_samples: dict[str, GpuSample] = {}
-        self.store: Store | None = None
-        self.inventory: Inventory | None = None
-        self.runtime: DockerRuntime | None = None
-        self.prober = Prober()
-        self.reconciler: Reconciler | None = None
-        self.runner: web.AppRunner | None = None
-        self.dispatcher: Dispatcher | None = None
-        self.callbacks: CallbackSender | None = None
-        self.jobs = AsyncIOScheduler()
-        self.port: int | None = None  # the port actually bound (listen may say 0)
+    1. periodic jobs (no new passes or samples);
+    2. the HTTP listener (in-flight calls get shutdown_grace_s);
+    3. async dispatch and callbacks (running tasks stay `running` and resume at the next
+       start, undelivered callbacks too);
+    4. the reconciler (replicas are stopped only with stop_replicas_on_exit, else adopted
+       by the next berthd), then prober, Docker client, store and GPU inventory.
+    """
 
-    async def start(self) -> None:
-        cfg = self.config
-        listen = Listen.parse(cfg.daemon.listen)
-        token = read_admin_token(cfg)
-        if not listen.loopback and not token:
-            raise StartupError(f"daemon.listen is {cfg.daemon.listen}, not loopback: set an admin "
-                               "token (daemon.admin_token_file or BERTH_ADMIN_TOKEN)", EXIT_CONFIG)
+    config: Config
+    core: Core
+    dispatcher: Dispatcher
+    port: int  # the port actually bound (listen may say 0)
+    stack: AsyncExitStack
+    stop_replicas_on_exit: bool
+    gpu_samples: dict[str, GpuSample]
+
+    @property
+    def reconciler(self) -> Reconciler:
+        return self.core.reconciler
+
+    @classmethod
+    async def start(cls, config: Config, stop_replicas_on_exit: bool = False) -> Berth:
+        stack = AsyncExitStack()
         try:
-            self.inventory = load_inventory(cfg.gpu.source, cfg.gpu.devices)
-        except GpuSourceError as exc:
-            raise StartupError(f"gpu.source: {exc}", EXIT_CONFIG) from exc
-        issues = gpu_issues(cfg.endpoints, list(self.inventory.gpus))
+            return await cls._start(config, stack, stop_replicas_on_exit
+                                    or config.daemon.stop_replicas_on_exit)
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    @classmethod
+    async def _start(cls, config: Config, stack: AsyncExitStack,
+                     stop_replicas: bool) -> Berth:
+        listen = Listen.parse(config.daemon.listen)
+        token = read_admin_token(config)
+        if not listen.loopback and not token:
+            raise StartupError(f"daemon.listen is {config.daemon.listen}, not loopback: set "
+                               "an admin token (daemon.admin_token_file or BERTH_ADMIN_TOKEN)",
+                               EXIT_CONFIG)
+        core = await start_core(config, stack, lambda: stop_replicas)
+        issues = gpu_issues(config.endpoints, list(core.inventory.gpus))
         if issues:
             raise StartupError(str(ConfigError(issues)), EXIT_CONFIG)
-        try:
-            self.store = await Store.open(cfg.daemon.state_dir)
-        except StoreError as exc:
-            raise StartupError(str(exc), EXIT_STATE) from exc
-        allocator = GpuAllocator(self.inventory.gpus, self.store)
-        self.runtime = DockerRuntime(cfg.docker.host, cfg.docker.network,
-                                     cfg.docker.stop_timeout_s, cfg.docker.pull,
-                                     egress=cfg.docker.egress,
-                                     subnet_pool=cfg.docker.subnet_pool)
-        try:
-            await self.runtime.connect()
-        except DockerUnavailable as exc:
-            raise StartupError(str(exc), EXIT_DOCKER) from exc
-        self.reconciler = Reconciler(self.store, allocator, self.runtime, self.prober,
-                                     gpu_mode=self._gpu_mode())
-        await self.reconciler.load()
-        await self.reconciler.adopt()
-        await self.reconciler.apply_specs(cfg.endpoints, "config")
-        self.dispatcher = self._dispatcher()
-        await self.dispatcher.start()
-        await self._listen(listen, token, allocator)
-        self._start_jobs()
-        self.reconciler.kick()
-
-    def _dispatcher(self) -> Dispatcher:
-        assert self.store is not None and self.reconciler is not None
-        assert self.runtime is not None
-        daemon = self.config.daemon
-        policy = CallbackPolicy(daemon.callback_allow, self.runtime.network_subnets)
-        self.callbacks = CallbackSender(self.store, callback_secret(self.config),
-                                        daemon.callback_retry_s, daemon.callback_backoff_s,
-                                        policy)
-        settings = DispatchSettings(daemon.task_max_attempts, daemon.task_retry_backoff_s)
-        return Dispatcher(self.store, Router(self.reconciler), Path(daemon.state_dir) / "tasks",
-                          self.callbacks, settings)
-
-    def _gpu_mode(self) -> str:
-        mode = self.config.docker.gpu_mode
-        if mode != "auto":
-            return mode
-        return "nvidia" if self.config.gpu.source == "nvml" else "env"
-
-    async def _listen(self, listen: Listen, token: str, allocator: GpuAllocator) -> None:
-        assert self.reconciler is not None
-        auth = Auth(admin=token)
-        assert self.store is not None
-        await auth.load(self.store)
-        app = build_app(self.reconciler, allocator, token, self.gpu_samples, auth=auth,
-                        max_body_bytes=self.config.daemon.max_body_bytes,
-                        dispatcher=self.dispatcher,
-                        max_async_body_bytes=self.config.daemon.max_async_body_bytes,
-                        min_free_disk=self.config.daemon.min_free_disk,
-                        volume_prefixes=tuple(self.config.daemon.allowed_volume_prefixes),
-                        guard=BrowserGuard.build(listen.host, self.config.daemon.allowed_hosts,
-                                                 self.config.daemon.allowed_origins))
-        daemon = self.config.daemon
-        # First, and before setup freezes the app: it stops the connection's header clock
-        # while a request is served, around everything the request does.
-        app.middlewares.insert(0, header_deadline)
-        # handler_cancellation: a client that leaves cancels its call and frees its slot.
-        self.runner = web.AppRunner(app, shutdown_timeout=daemon.shutdown_grace_s,
-                                    access_log=None, handler_cancellation=True,
-                                    keepalive_timeout=daemon.keepalive_timeout_s)
-        await self.runner.setup()
-        limits = ConnectionLimits(daemon.header_timeout_s, daemon.max_connections,
-                                  daemon.max_connections_per_client)
-        site = GuardedSite(self.runner, listen.host, listen.port, limits)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"daemon.listen: cannot listen on {listen.host}:{listen.port}: "
-                               f"{exc.strerror}", EXIT_CONFIG) from exc
-        self.port = site.port  # the bound one: listen may ask for port 0
-        log.info("berthd.listening", address=f"{listen.host}:{self.port}")
+        await core.reconciler.apply_specs(config.endpoints, "config")
+        dispatcher = await _start_dispatch(config, core, stack)
+        samples: dict[str, GpuSample] = {}
+        port = await _listen(config, core, dispatcher, samples, listen, token, stack)
+        berth = cls(config, core, dispatcher, port, stack, stop_replicas, samples)
+        berth._start_jobs()
+        core.reconciler.kick()
+        return berth
 
     def _start_jobs(self) -> None:
-        assert self.reconciler is not None
-        self.jobs.add_job(self.reconciler.run_pass, "interval",
-                          seconds=self.config.daemon.reconcile_interval_s,
-                          max_instances=1, coalesce=True, id="reconcile")
-        if self.inventory is not None and self.inventory.source == "nvml":
-            self.jobs.add_job(self._sample_gpus, "interval",
-                              seconds=self.config.gpu.sample_interval_s, max_instances=1,
-                              coalesce=True, id="gpu-sample", next_run_time=_now())
-        self.jobs.add_job(self._prune, "interval", hours=1, id="prune")
-        self.jobs.add_job(self._purge_results, "interval", id="purge-results",
-                          seconds=self.config.daemon.purge_interval_s, max_instances=1,
-                          coalesce=True)
-        self.jobs.start()
+        jobs, daemon = AsyncIOScheduler(), self.config.daemon
+        jobs.add_job(self.reconciler.run_pass, "interval", seconds=daemon.reconcile_interval_s,
+                     max_instances=1, coalesce=True, id="reconcile")
+        if self.core.inventory.source == "nvml":
+            jobs.add_job(self._sample_gpus, "interval", seconds=self.config.gpu.sample_interval_s,
+                         max_instances=1, coalesce=True, id="gpu-sample", next_run_time=_now())
+        jobs.add_job(self._prune, "interval", hours=1, id="prune")
+        jobs.add_job(self._purge_results, "interval", id="purge-results",
+                     seconds=daemon.purge_interval_s, max_instances=1, coalesce=True)
+        jobs.start()
+        self.stack.callback(jobs.shutdown, wait=False)
 
     async def _sample_gpus(self) -> None:
-        assert self.inventory is not None
-        samples = await asyncio.get_running_loop().run_in_executor(None, self.inventory.sample)
+        samples = await asyncio.get_running_loop().run_in_executor(
+            None, self.core.inventory.sample)
         self.gpu_samples.clear()
         self.gpu_samples.update(samples)
 
     async def _purge_results(self) -> None:
-        if self.dispatcher is not None:
-            await self.dispatcher.purge(self.config.daemon.result_ttl_s)
+        await self.dispatcher.purge(self.config.daemon.result_ttl_s)
 
     async def _prune(self) -> None:
-        if self.store is not None:
-            await self.store.prune_replicas(time.time() - REPLICA_HISTORY_S)
+        await self.core.store.prune_replicas(time.time() - REPLICA_HISTORY_S)
 
     async def reload(self, config: Config) -> ChangeSummary:
         """Apply a new, already validated config; ConfigError if it cannot apply here."""
-        assert self.reconciler is not None and self.inventory is not None
-        issues = gpu_issues(config.endpoints, list(self.inventory.gpus))
+        issues = gpu_issues(config.endpoints, list(self.core.inventory.gpus))
         if issues:
             raise ConfigError(issues)
         for section in ("daemon", "docker", "gpu"):
@@ -280,30 +222,57 @@ class Berth:
         return summary
 
     async def stop(self) -> None:
-        """Ordered shutdown: each step assumes the ones before it are done."""
-        # 1. No new reconcile passes or samples.
-        if self.jobs.running:
-            self.jobs.shutdown(wait=False)
-        # 2. Stop accepting connections; in-flight requests get up to shutdown_grace_s.
-        if self.runner is not None:
-            await self.runner.cleanup()
-        # 3. Stop dispatching; running tasks stay "running" in SQLite and are queued again at
-        #    the next start. Undelivered callbacks resume then too.
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-        if self.callbacks is not None:
-            await self.callbacks.close()
-        # 4. Stop watching replicas; stop them too only if asked (else they are adopted later).
-        if self.reconciler is not None:
-            await self.reconciler.shutdown(self.stop_replicas_on_exit)
-        # 5. Close clients and the database last: the steps above still record events.
-        await self.prober.close()
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self.inventory is not None:
-            self.inventory.close()
-        if self.store is not None:
-            await self.store.close()
+        """Stop every part, in the order of the class docstring."""
+        await self.stack.aclose()
+
+
+async def _start_dispatch(config: Config, core: Core, stack: AsyncExitStack) -> Dispatcher:
+    daemon = config.daemon
+    policy = CallbackPolicy(daemon.callback_allow, core.runtime.network_subnets)
+    callbacks = CallbackSender(core.store, callback_secret(config), daemon.callback_retry_s,
+                               daemon.callback_backoff_s, policy)
+    stack.push_async_callback(callbacks.close)
+    settings = DispatchSettings(daemon.task_max_attempts, daemon.task_retry_backoff_s)
+    dispatcher = Dispatcher(core.store, Router(core.reconciler),
+                            Path(daemon.state_dir) / "tasks", callbacks, settings)
+    stack.push_async_callback(dispatcher.stop)
+    await dispatcher.start()
+    return dispatcher
+
+
+async def _listen(config: Config, core: Core, dispatcher: Dispatcher,
+                  samples: dict[str, GpuSample], listen: Listen, token: str,
+                  stack: AsyncExitStack) -> int:
+    """Serve the app on the listener; the bound port."""
+    daemon = config.daemon
+    auth = Auth(admin=token)
+    await auth.load(core.store)
+    app = build_app(core.reconciler, core.allocator, token, samples, auth=auth,
+                    max_body_bytes=daemon.max_body_bytes, dispatcher=dispatcher,
+                    max_async_body_bytes=daemon.max_async_body_bytes,
+                    min_free_disk=daemon.min_free_disk,
+                    volume_prefixes=tuple(daemon.allowed_volume_prefixes),
+                    guard=BrowserGuard.build(listen.host, daemon.allowed_hosts,
+                                             daemon.allowed_origins))
+    # First, and before setup freezes the app: it stops the connection's header clock
+    # while a request is served, around everything the request does.
+    app.middlewares.insert(0, header_deadline)
+    # handler_cancellation: a client that leaves cancels its call and frees its slot.
+    runner = web.AppRunner(app, shutdown_timeout=daemon.shutdown_grace_s, access_log=None,
+                           handler_cancellation=True,
+                           keepalive_timeout=daemon.keepalive_timeout_s)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    limits = ConnectionLimits(daemon.header_timeout_s, daemon.max_connections,
+                              daemon.max_connections_per_client)
+    site = GuardedSite(runner, listen.host, listen.port, limits)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(f"daemon.listen: cannot listen on {listen.host}:{listen.port}: "
+                           f"{exc.strerror}", EXIT_CONFIG) from exc
+    log.info("berthd.listening", address=f"{listen.host}:{site.port}")
+    return site.port
 
 
 def summary_text(summary: ChangeSummary) -> str:

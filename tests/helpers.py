@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,11 @@ if str(ROOT / "demo") not in sys.path:
 # demo/'s modules, importable once the line above ran; conftest takes them from here.
 import build_image
 import engine
-from berth.daemon.config import EndpointSpec
-from berth.gpu import GpuAllocator
+from berth.daemon.config import EndpointSpec, parse_config
+from berth.daemon.core import start_core
 from berth.gpu.inventory import Gpu
 from berth.scheduler.pool import EndpointPool
-from berth.scheduler.probes import Prober
 from berth.scheduler.reconciler import Reconciler
-from berth.scheduler.runtime import DockerRuntime
-from berth.store import Store
 
 SESSION = uuid.uuid4().hex[:8]
 TEST_LABEL = "berth.test"
@@ -72,39 +70,36 @@ def static_gpus(count: int, name: str = "Test GPU") -> list[Gpu]:
 # --- in-process berth parts -------------------------------------------------------------------
 
 class Harness:
-    """A reconciler over real SQLite and a real engine, with a fast timer of its own."""
+    """berthd's core (start_core, as berthd builds it) over real SQLite and a real engine,
+    with a fast reconcile timer of its own and no HTTP listener."""
 
     def __init__(self, state_dir: Path, network: str, gpus: list[Gpu],
                  gpu_mode: str = "env", egress: bool = True, host: str | None = None) -> None:
-        self.egress = egress
-        self.host = host  # None: DOCKER_HOST, the session's engine
-        self.gpu_mode = gpu_mode
-        self.state_dir = state_dir
+        # The second engine shares this host's routes: its networks take other addresses.
+        pool = "10.210.0.0/16" if host is None else "10.214.0.0/16"
         self.network = network
-        self.gpus = gpus
-        self.store: Store | None = None
-        self.runtime: DockerRuntime | None = None
-        self.reconciler: Reconciler | None = None
+        self.config = parse_config({
+            "daemon": {"state_dir": str(state_dir)},
+            "docker": {"host": host, "network": network, "stop_timeout_s": 1.0,
+                       "egress": egress, "subnet_pool": pool, "gpu_mode": gpu_mode},
+            "gpu": {"source": "static", "devices": [
+                {"name": g.name, "memory_mib": g.memory_mib, "uuid": g.uuid} for g in gpus]}})
+        self._stack = AsyncExitStack()
+        self._stop_replicas = True
         self._ticker: asyncio.Task[None] | None = None
         self.stopped = False
 
     async def start(self) -> Reconciler:
-        self.store = await Store.open(self.state_dir)
-        allocator = GpuAllocator(self.gpus, self.store)
-        # The second engine shares this host's routes: its networks take other addresses.
-        pool = "10.210.0.0/16" if self.host is None else "10.214.0.0/16"
-        self.runtime = DockerRuntime(self.host, self.network, stop_timeout_s=1,
-                                     egress=self.egress, subnet_pool=pool)
-        await self.runtime.connect()
-        self.reconciler = Reconciler(self.store, allocator, self.runtime, Prober(),
-                                     self.gpu_mode)
-        await self.reconciler.load()
-        await self.reconciler.adopt()
+        try:
+            core = await start_core(self.config, self._stack, lambda: self._stop_replicas)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self.store, self.runtime, self.reconciler = core.store, core.runtime, core.reconciler
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         return self.reconciler
 
     async def _tick(self) -> None:
-        assert self.reconciler is not None
         while True:
             await asyncio.sleep(0.1)
             await self.reconciler.run_pass()
@@ -115,13 +110,8 @@ class Harness:
         self.stopped = True
         if self._ticker is not None:
             self._ticker.cancel()
-        if self.reconciler is not None:
-            await self.reconciler.shutdown(stop_replicas)
-            await self.reconciler.prober.close()
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self.store is not None:
-            await self.store.close()
+        self._stop_replicas = stop_replicas
+        await self._stack.aclose()
 
 
 async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: float = 15.0,
