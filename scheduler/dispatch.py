@@ -152,7 +152,7 @@ class Dispatcher:
         """Queued tasks are demand: the one being placed waits in the router and counts there."""
         pool = self.router.reconciler.pool(endpoint)
         if pool is not None:
-            pool.backlog = max(0, len(self.queues.get(endpoint, ())) - 1)
+            pool.set_backlog(len(self.queues.get(endpoint, ())) - 1)
 
     async def _pump(self, endpoint: str) -> None:
         """Place the endpoint's tasks on slots, oldest first, as slots come free."""

@@ -1,4 +1,11 @@
-"""An endpoint's replica pool: its spec, its live replicas and what waits on them."""
+"""An endpoint's replica pool: its live replicas, their slots, the calls waiting for one and
+the demand they make.
+
+Owners: the reconciler sets the endpoint fields (spec, source, generation, error, failures,
+next_start_at, removed) and adds replicas; each replica's ReplicaLifecycle changes its state
+and removes it; slots, the wait queue and the async backlog change only through the methods
+here (take, release, enqueue, leave, set_backlog, dispatch, fail_waiters), called by the
+router (through a Lease) and the dispatcher."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ class Waiter:
 
 @dataclass
 class EndpointPool:
-    """Live state of one endpoint. Replicas in it change state only through the Reconciler.
+    """Live state of one endpoint. Replicas in it change state only through their lifecycle.
 
     `changed` is notified on every move into ready, failed or stopped, so callers waiting for
     capacity (the data plane, tests, shutdown) wake without polling.
@@ -41,8 +48,6 @@ class EndpointPool:
     turn: int = 0  # round-robin position
     backlog: int = 0  # async tasks queued behind the one waiting for a slot (the dispatcher's)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    stopping: set[str] = field(default_factory=set)  # replicas with a stop under way
 
     @property
     def name(self) -> str:
@@ -85,6 +90,19 @@ class EndpointPool:
         self.dispatch()
         if replica.in_flight == 0 and replica.state is ReplicaState.DRAINING:
             await self.notify()  # a drain is waiting for this
+
+    def enqueue(self, waiter: Waiter) -> None:
+        """A call waits, last in line, for a slot."""
+        self.queue.append(waiter)
+
+    def leave(self, waiter: Waiter) -> None:
+        """A call stops waiting (served, timed out, or its client left)."""
+        if waiter in self.queue:
+            self.queue.remove(waiter)
+
+    def set_backlog(self, count: int) -> None:
+        """Async tasks queued behind the one the dispatcher is placing: demand too."""
+        self.backlog = max(0, count)
 
     def fail_waiters(self, reason: str) -> None:
         """Tell every queued call the endpoint cannot serve it (instead of letting it time out)."""

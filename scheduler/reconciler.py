@@ -1,20 +1,23 @@
 """The reconciler: keeps each endpoint at its desired replicas.
 
-It is the one place where replica state changes (`transition`), through the table in
-scheduler.replica. Decisions come from scheduler.policy; this module carries them out against
-the Docker runtime, the GPU allocator and the store. A pass runs every second (APScheduler) and
-at once when something changes (`kick`).
+It owns the endpoints (their pools: spec, generation, error, backoff, removal) and decides
+*when* replicas start and stop: passes (every reconcile_interval_s and at once on `kick`),
+apply (config and API), adoption at start, eviction between endpoints. Each replica's life
+(start, readiness, liveness, failure, drain, and every state change) is carried out by its
+own ReplicaLifecycle (scheduler.lifecycle), to which this module hands the decisions.
+Decisions themselves are pure functions in scheduler.policy. Other modules read pools through
+`pool()`, `live_pools()` and the read-only `pools` view; they change them only through the
+methods here (apply_specs, put_endpoint, remove_endpoint, secret_changed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -23,11 +26,10 @@ import structlog
 
 from berth.daemon.config import EndpointSpec
 from berth.gpu import GpuAllocator
+from berth.scheduler.lifecycle import ReplicaLifecycle
 from berth.scheduler.policy import (
     EvictionCandidate,
-    backoff_delay,
     desired_replicas,
-    failures_after,
     pick_evictions,
     plan_replicas,
 )
@@ -36,22 +38,14 @@ from berth.scheduler.probes import Prober
 from berth.scheduler.replica import Replica, ReplicaState
 from berth.scheduler.runtime import (
     LABEL_ENDPOINT,
-    LABEL_GENERATION,
-    LABEL_MANAGED,
-    LABEL_REPLICA,
     ContainerInfo,
-    ContainerSpec,
-    ContainerStartError,
     DockerRuntime,
     DockerUnavailable,
-    ImageUnavailable,
-    gpu_env,
 )
 from berth.store import EndpointRecord, EventRecord, Store
 
 log = structlog.get_logger("berth.reconciler")
 S = ReplicaState
-FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.period_s
 STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.05, 2.0  # a failed state write is retried so
 
 
@@ -71,10 +65,6 @@ def event_name(kind: str, replica: str | None) -> str:
     if kind in EVENT_NAMES:
         return EVENT_NAMES[kind]
     return f"replica.{kind}" if replica else f"berthd.{kind}"
-
-
-class SecretMissing(Exception):
-    """An endpoint names a secret that is not stored: it cannot run until one is."""
 
 
 @dataclass
@@ -104,10 +94,28 @@ class Reconciler:
         self._kick_task: asyncio.Task[None] | None = None
         self._closed = False
         self._dirty = False
-        self._gpu_index = {g.uuid: g.index for g in allocator.gpus}
         # Told the name of each endpoint removed (after the store forgot it): Auth drops its
         # tokens from memory.
         self.removal_listeners: list[Callable[[str], None]] = []
+        self._lives: dict[str, ReplicaLifecycle] = {}  # replica id -> its owner
+
+    # --- replicas' owners ----------------------------------------------------------------------
+
+    def _life(self, pool: EndpointPool, replica: Replica) -> ReplicaLifecycle:
+        """The lifecycle that owns the replica (made on first need)."""
+        life = self._lives.get(replica.id)
+        if life is None:
+            life = self._lives[replica.id] = ReplicaLifecycle(self, pool, replica)
+        return life
+
+    def forget(self, replica: Replica) -> None:
+        """A lifecycle is over: its replica left the pool."""
+        self._lives.pop(replica.id, None)
+
+    def _stop_soon(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
+        life = self._life(pool, replica)
+        life.stopping = True  # at once, so this pass and the next do not ask again
+        life.run(life.stop(reason))
 
     # --- what callers may know of the pools ---------------------------------------------------
 
@@ -124,37 +132,6 @@ class Reconciler:
     def pools(self) -> Mapping[str, EndpointPool]:
         """A read-only view of every pool, removed ones included (for inspection and tests)."""
         return MappingProxyType(self._pools)
-
-    # --- the one place replica state changes ------------------------------------------------
-
-    async def transition(self, pool: EndpointPool, replica: Replica, new: ReplicaState,
-                         reason: str | None = None, kind: str | None = None,
-                         wake: bool = True) -> None:
-        """Move a replica to `new` (IllegalTransition if the table forbids it): stored first
-        (retried while the disk is full), then changed in memory, then told.
-
-        Moves into ready, failed or stopped wake the pool's waiters; a caller with cleanup
-        still to do passes wake=False and wakes them itself once the world is consistent.
-        """
-        replica.check_move(new)
-        now, moved = self.clock(), dataclasses.replace(replica, state=new)
-        if new is S.STARTING:
-            moved.started_at = now
-        elif new is S.READY:
-            moved.ready_at = now
-        elif new in (S.STOPPED, S.FAILED):
-            moved.stopped_at = now
-        if reason is not None:
-            moved.reason = reason
-        await self.durably(self.store.save_replica, moved.record())
-        replica.state, replica.reason = new, moved.reason
-        replica.started_at, replica.ready_at = moved.started_at, moved.ready_at
-        replica.stopped_at = moved.stopped_at
-        await self.event(kind or new.value, reason or new.value, pool.name, replica.id)
-        if new is S.READY:
-            pool.dispatch()  # queued calls take the new slots at once
-        if wake and new in (S.READY, S.FAILED, S.STOPPED):
-            await pool.notify()
 
     async def durably(self, write: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run a store write until it succeeds: a full or failing disk stalls a state change
@@ -278,7 +255,7 @@ class Reconciler:
             name=pool.name, spec=pool.spec.model_dump(mode="json"), source=pool.source,
             generation=pool.generation, error=pool.error))
 
-    async def _set_error(self, pool: EndpointPool, error: str | None) -> None:
+    async def set_error(self, pool: EndpointPool, error: str | None) -> None:
         if error is not None:
             pool.fail_waiters(error)
         if pool.error != error:
@@ -317,13 +294,9 @@ class Reconciler:
             await self.allocator.free(rid)
 
     def _resume(self, pool: EndpointPool, replica: Replica) -> None:
-        if replica.state is S.STARTING:
-            self._spawn(pool, replica, self._await_ready(pool, replica))
-        elif replica.state is S.READY:
-            self._spawn(pool, replica, self._watch_liveness(pool, replica))
-        else:
-            pool.stopping.add(replica.id)
-            self._spawn(pool, replica, self._stop(pool, replica, "draining when berthd stopped"))
+        life = self._life(pool, replica)
+        life.stopping = replica.state is S.DRAINING
+        life.run(life.resume())
 
     # --- a reconcile pass --------------------------------------------------------------------
 
@@ -378,12 +351,13 @@ class Reconciler:
         for pool in self._pools.values():
             for replica in list(pool.replicas.values()):
                 known.add(replica.id)
-                if replica.state not in (S.STARTING, S.READY) or replica.id in pool.stopping:
+                life = self._life(pool, replica)
+                if replica.state not in (S.STARTING, S.READY) or life.stopping:
                     continue  # a stop under way removes the container itself
                 container = by_replica.get(replica.id)
                 if container is None or not container.running:
                     status = container.status if container else "gone"
-                    await self.fail(pool, replica, f"container exited ({status})")
+                    await life.fail(f"container exited ({status})")
         for container in containers:
             if container.replica not in known:
                 await self.runtime.remove(container.id, timeout_s=0)
@@ -396,11 +370,9 @@ class Reconciler:
         plan = plan_replicas(list(pool.replicas.values()), pool.generation, desired,
                              spec.idle_timeout_s, now, may_start, remove_all=pool.removed)
         for rid in plan.stop:
-            if rid in pool.stopping:
-                continue
-            pool.stopping.add(rid)
             replica = pool.replicas[rid]
-            self._spawn(pool, replica, self._stop(pool, replica, self._stop_reason(pool, replica)))
+            if not self._life(pool, replica).stopping:
+                self._stop_soon(pool, replica, self._stop_reason(pool, replica))
         for _ in range(plan.start):
             await self._add_replica(pool)
         self._retry_cleanups(pool)
@@ -434,11 +406,12 @@ class Reconciler:
         """Give GPUs to pending replicas that have none yet and start them."""
         spec = pool.spec
         if not self.allocator.can_ever_fit(spec.gpus, spec.gpu_type):
-            await self._set_error(pool, f"needs {spec.gpus} GPU(s) matching "
+            await self.set_error(pool, f"needs {spec.gpus} GPU(s) matching "
                                         f"{spec.gpu_type or 'any'}; this box has fewer")
             return
         for replica in [r for r in pool.replicas.values() if r.state is S.PENDING]:
-            if replica.id in pool.tasks:
+            life = self._life(pool, replica)
+            if life.busy:
                 continue
             gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type)
             if gpus is None:
@@ -446,25 +419,24 @@ class Reconciler:
                     await self._roll_in_place(pool)
                 continue  # stays pending until GPUs free up
             replica.gpus = [g.uuid for g in gpus]
-            self._spawn(pool, replica, self._start(pool, replica))
+            life.run(life.start())
 
     async def _roll_in_place(self, pool: EndpointPool) -> None:
         """No spare GPUs for the new generation: let an old replica go first (no surge)."""
         old = sorted((r for r in pool.replicas.values()
-                      if r.generation != pool.generation and r.gpus and r.id not in pool.stopping
+                      if r.generation != pool.generation and r.gpus
+                      and not self._life(pool, r).stopping
                       and r.state in (S.STARTING, S.READY)), key=lambda r: r.created_at)
         if old:
-            victim = old[0]
-            pool.stopping.add(victim.id)
             reason = f"replaced by generation {pool.generation} (no spare GPUs to start first)"
-            self._spawn(pool, victim, self._stop(pool, victim, reason))
+            self._stop_soon(pool, old[0], reason)
 
     async def _evict_for(self, pool: EndpointPool) -> bool:
         """Stop idle replicas of other endpoints so that a pending one of `pool` gets GPUs.
 
         True when GPUs are on their way (stops under way or just started)."""
         coming = sum(1 for p in self._pools.values() for r in p.replicas.values()
-                     if (r.id in p.stopping or r.state is S.FAILED) and r.gpus)
+                     if (self._life(p, r).stopping or r.state is S.FAILED) and r.gpus)
         # (stops under way and failed replicas being cleaned up free GPUs already)
         if coming:
             return True
@@ -475,11 +447,10 @@ class Reconciler:
         for rid in victims:
             victim_pool = next(p for p in self._pools.values() if rid in p.replicas)
             victim = victim_pool.replicas[rid]
-            victim_pool.stopping.add(rid)
             reason = (f"evicted: GPUs needed by {pool.name} (priority {spec.priority}, "
                       f"this endpoint {victim_pool.spec.priority})")
             await self.event("eviction", reason, victim_pool.name, rid)
-            self._spawn(victim_pool, victim, self._stop(victim_pool, victim, reason))
+            self._stop_soon(victim_pool, victim, reason)
         return bool(victims)
 
     def _eviction_candidates(self, pool: EndpointPool) -> list[EvictionCandidate]:
@@ -490,7 +461,7 @@ class Reconciler:
             if other is pool:
                 continue
             live = [r for r in other.replicas.values()
-                    if r.state in (S.STARTING, S.READY) and r.id not in other.stopping]
+                    if r.state in (S.STARTING, S.READY) and not self._life(other, r).stopping]
             idle = sorted((r for r in live if r.state is S.READY and r.in_flight == 0
                            and r.gpus), key=lambda r: r.idle_since)
             spare = max(0, len(live) - other.spec.min_replicas)
@@ -499,165 +470,17 @@ class Reconciler:
                       for r in idle[:spare]]
         return found
 
-    def _spawn(self, pool: EndpointPool, replica: Replica,
-               work: Coroutine[Any, Any, None]) -> None:
-        """Run a replica's lifecycle step as its one task, replacing any task it had."""
-        old = pool.tasks.get(replica.id)
-        if old is not None and old is not asyncio.current_task():
-            old.cancel()
-        task = asyncio.get_running_loop().create_task(work, name=f"replica:{replica.id}")
-        pool.tasks[replica.id] = task
-        task.add_done_callback(lambda t: _forget(pool, replica.id, t))
-
-    # --- replica lifecycle -------------------------------------------------------------------
-
-    async def _start(self, pool: EndpointPool, replica: Replica) -> None:
-        spec = pool.spec
-        try:
-            await self.runtime.ensure_image(spec.image)
-            info = await self.runtime.run(await self._container_spec(pool, replica))
-        except (ImageUnavailable, ContainerStartError, SecretMissing) as exc:
-            await self._set_error(pool, str(exc))
-            await self.fail(pool, replica, str(exc), kind="start_failed")
-            return
-        except DockerUnavailable as exc:  # not the endpoint's fault: no backoff for it
-            await self.fail(pool, replica, str(exc), kind="start_failed", counts=False)
-            return
-        except Exception as exc:  # a bug must not leave the replica pending with its GPUs
-            log.exception("replica.start_crashed", replica=replica.id)
-            await self.fail(pool, replica, f"start failed: {exc!r}", kind="start_failed")
-            return
-        replica.container_id = info.id
-        replica.address = f"{info.ip}:{spec.port}"
-        await self.transition(pool, replica, S.STARTING,
-                              f"container {info.id[:12]} started at {replica.address}", "start")
-        await self._await_ready(pool, replica)
-
-    async def _container_spec(self, pool: EndpointPool, replica: Replica) -> ContainerSpec:
-        spec = pool.spec
-        secret_env = await self.store.secret_values(spec.secrets)
-        missing = [n for n in spec.secrets if n not in secret_env]
-        if missing:
-            raise SecretMissing(f"secret {', '.join(missing)} is not stored")
-        indexes = [self._gpu_index[u] for u in replica.gpus]
-        env = {**spec.env, **secret_env,
-               "BERTH_ENDPOINT": pool.name, "BERTH_REPLICA": replica.id,
-               **gpu_env(replica.gpus, indexes, self.gpu_mode)}
-        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_ENDPOINT: pool.name,
-                  LABEL_REPLICA: replica.id, LABEL_GENERATION: str(replica.generation)}
-        return ContainerSpec(
-            name=f"berth-{replica.id}", image=spec.image, labels=labels, env=env,
-            port=spec.port, command=spec.command, args=spec.args, volumes=spec.volumes,
-            shm_size=spec.shm_size, cpus=spec.cpus, memory=spec.memory,
-            gpu_uuids=list(replica.gpus), gpu_mode=self.gpu_mode,
-            network=self.runtime.endpoint_network(pool.name), pids_limit=spec.pids_limit,
-            cap_add=list(spec.cap_add), user=spec.user)
-
-    async def _await_ready(self, pool: EndpointPool, replica: Replica) -> None:
-        """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed)."""
-        probe = pool.spec.readiness
-        deadline = (replica.started_at or self.clock()) + pool.spec.startup_timeout_s
-        delay = FIRST_PROBE_S
-        assert replica.address is not None
-        while self.clock() < deadline:
-            if await self.prober.check(replica.address, probe.path, probe.timeout_s):
-                await self._set_error(pool, None)
-                await self.transition(pool, replica, S.READY, "readiness passed")
-                await self._watch_liveness(pool, replica)
-                return
-            await asyncio.sleep(min(delay, max(0.0, deadline - self.clock())))
-            delay = min(delay * 2, probe.period_s)
-        await self.fail(pool, replica,
-                        f"not ready within startup_timeout_s={pool.spec.startup_timeout_s:g}")
-
-    async def _watch_liveness(self, pool: EndpointPool, replica: Replica) -> None:
-        probe, path = pool.spec.liveness, pool.spec.liveness_path
-        failed = 0
-        assert replica.address is not None
-        while replica.state is S.READY:
-            await asyncio.sleep(probe.period_s)
-            ok = await self.prober.check(replica.address, path, probe.timeout_s)
-            failed = 0 if ok else failed + 1
-            if failed >= probe.failure_threshold:
-                await self.fail(pool, replica, f"liveness failed {failed} times in a row")
-                return
-
-    async def fail(self, pool: EndpointPool, replica: Replica, reason: str,
-                   kind: str = "crash", counts: bool = True) -> None:
-        """Mark failed, then clean up (container, GPUs). `counts`: the failure was the
-        replica's own and delays the next one (backoff); an engine outage was not."""
-        if replica.state in (S.FAILED, S.STOPPED):
-            return
-        if counts:
-            pool.failures = failures_after(pool.failures, replica.ready_at, self.clock())
-            pool.next_start_at = self.clock() + backoff_delay(pool.failures)
-        replica.failures = pool.failures
-        delay = max(0.0, pool.next_start_at - self.clock())
-        # Failed at once (no new calls), but waiters wake only once its GPUs are free.
-        await self.transition(pool, replica, S.FAILED,
-                              f"{reason}; next replica in {delay:g}s", kind, wake=False)
-        self._cancel_task(pool, replica)
-        await self._clean_up_failed(pool, replica)
-
-    async def _clean_up_failed(self, pool: EndpointPool, replica: Replica) -> None:
-        """Remove a failed replica's container (keeping its last log lines), then free its
-        GPUs and forget it. With the engine unreachable the replica stays, failed and holding
-        its GPUs, until a later pass finds the container gone (_retry_cleanups)."""
-        container = replica.container_id or f"berth-{replica.id}"  # a start cut short
-        try:
-            if replica.container_id:
-                tail = await self.runtime.logs_tail(replica.container_id, 10)
-                if tail:
-                    await self.event("logs", f"last log lines: {tail}", pool.name, replica.id)
-            await self.runtime.remove(container, timeout_s=0)
-        except DockerUnavailable:
-            return  # GPUs stay held: the container may still be running
-        await self.durably(self.allocator.free, replica.id)  # only after the container is gone
-        pool.replicas.pop(replica.id, None)
-        await pool.notify()
-        self.kick()
-
     def _retry_cleanups(self, pool: EndpointPool) -> None:
         """Finish what an engine outage interrupted: failed replicas still holding GPUs and
         drains whose container could not be removed."""
         for replica in list(pool.replicas.values()):
-            if replica.id in pool.tasks or not self.runtime.engine_up:
+            life = self._life(pool, replica)
+            if life.busy or not self.runtime.engine_up:
                 continue
             if replica.state is S.FAILED:
-                self._spawn(pool, replica, self._clean_up_failed(pool, replica))
-            elif replica.state is S.DRAINING and replica.id not in pool.stopping:
-                pool.stopping.add(replica.id)
-                self._spawn(pool, replica, self._stop(pool, replica, replica.reason or "drain"))
-
-    async def _stop(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
-        """Drain (wait for calls in flight), remove the container, free GPUs, mark stopped."""
-        try:
-            await self._drain_and_remove(pool, replica, reason)
-        finally:
-            pool.stopping.discard(replica.id)
-
-    async def _drain_and_remove(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
-        if replica.state in (S.STARTING, S.READY):
-            await self.transition(pool, replica, S.DRAINING, reason, "drain")
-        if replica.state is S.DRAINING:
-            async with pool.changed:
-                await pool.changed.wait_for(lambda: replica.in_flight == 0)
-        if replica.state in (S.FAILED, S.STOPPED):
-            return
-        if replica.container_id:
-            try:
-                await self.runtime.remove(replica.container_id)
-            except DockerUnavailable:
-                return  # still draining, GPUs held; _retry_cleanups stops it later
-        await self.durably(self.allocator.free, replica.id)
-        await self.transition(pool, replica, S.STOPPED, reason, "scale_down")
-        pool.replicas.pop(replica.id, None)
-        self.kick()
-
-    def _cancel_task(self, pool: EndpointPool, replica: Replica) -> None:
-        task = pool.tasks.pop(replica.id, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+                life.run(life.clean_up())
+            elif replica.state is S.DRAINING and not life.stopping:
+                self._stop_soon(pool, replica, replica.reason or "drain")
 
     # --- shutdown ------------------------------------------------------------------------------
 
@@ -667,23 +490,15 @@ class Reconciler:
         if self._kick_task is not None:
             self._kick_task.cancel()
         async with self._pass_lock:
-            tasks = [t for p in self._pools.values() for t in p.tasks.values()]
+            tasks = [life.task for life in self._lives.values() if life.task is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if stop_replicas:
-                await asyncio.gather(*(self._stop(p, r, "berthd stopping")
+                await asyncio.gather(*(self._life(p, r).stop("berthd stopping")
                                        for p in self._pools.values()
                                        for r in list(p.replicas.values())),
                                      return_exceptions=True)
                 for name in self._pools:  # nothing runs on them now
                     with contextlib.suppress(DockerUnavailable):
                         await self.runtime.remove_network(self.runtime.endpoint_network(name))
-
-
-def _forget(pool: EndpointPool, replica_id: str, task: asyncio.Task[None]) -> None:
-    if pool.tasks.get(replica_id) is task:
-        del pool.tasks[replica_id]
-    if not task.cancelled() and task.exception() is not None:
-        log.error("replica.task_crashed", replica=replica_id, endpoint=pool.name,
-                  error=repr(task.exception()))

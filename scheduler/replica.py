@@ -37,7 +37,8 @@ class IllegalTransition(Exception):
 
 @dataclass
 class Replica:
-    """One container of an endpoint. Its `state` changes only through EndpointPool.transition."""
+    """One container of an endpoint. Its `state` changes only through
+    ReplicaLifecycle.transition (scheduler.lifecycle), by the table above."""
 
     id: str
     endpoint: str

@@ -97,7 +97,7 @@ class Router:
             raise QueueFull(f"endpoint {pool.name} has {pool.waiting} calls waiting "
                             f"(queue_limit {spec.queue_limit})")
         waiter = Waiter(asyncio.get_running_loop().create_future(), pinned)
-        pool.queue.append(waiter)
+        pool.enqueue(waiter)
         if self._needs_more(pool):
             self.reconciler.kick()  # scale up now, not at the next tick
         return await self._wait(pool, waiter)
@@ -118,8 +118,7 @@ class Router:
                 await pool.release(waiter.slot.result(), self.clock())
             raise
         finally:
-            if waiter in pool.queue:
-                pool.queue.remove(waiter)
+            pool.leave(waiter)
             if not waiter.slot.done():
                 waiter.slot.cancel()
 

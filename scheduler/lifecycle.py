@@ -1,0 +1,283 @@
+"""One replica's life, owned by one ReplicaLifecycle with one task: start (container spec,
+image, container), await readiness, watch liveness, fail and clean up, drain and stop.
+
+It owns the replica's state: `transition` is the one place a replica moves, through the
+table in scheduler.replica, stored before memory changes. The reconciler decides *when*
+(passes, adoption, eviction) and calls `start`, `resume`, `stop`, `fail` and `clean_up`; it
+reaches the world (store, engine, GPUs, events) through the Context it hands in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+import structlog
+
+from berth.gpu import GpuAllocator
+from berth.scheduler.policy import backoff_delay, failures_after
+from berth.scheduler.pool import EndpointPool
+from berth.scheduler.probes import Prober
+from berth.scheduler.replica import Replica, ReplicaState
+from berth.scheduler.runtime import (
+    LABEL_ENDPOINT,
+    LABEL_GENERATION,
+    LABEL_MANAGED,
+    LABEL_REPLICA,
+    ContainerSpec,
+    ContainerStartError,
+    DockerRuntime,
+    DockerUnavailable,
+    ImageUnavailable,
+    gpu_env,
+)
+from berth.store import Store
+
+log = structlog.get_logger("berth.lifecycle")
+S = ReplicaState
+FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.period_s
+
+
+class SecretMissing(Exception):
+    """An endpoint names a secret that is not stored: it cannot run until one is."""
+
+
+class Context(Protocol):
+    """What a lifecycle needs from the rest of berth (the reconciler provides it)."""
+
+    store: Store
+    runtime: DockerRuntime
+    allocator: GpuAllocator
+    prober: Prober
+    gpu_mode: str
+    clock: Callable[[], float]
+
+    async def durably(self, write: Callable[..., Awaitable[None]], *args: Any) -> None: ...
+
+    async def event(self, kind: str, message: str, endpoint: str | None = None,
+                    replica: str | None = None) -> None: ...
+
+    async def set_error(self, pool: EndpointPool, error: str | None) -> None: ...
+
+    def kick(self) -> None: ...
+
+    def forget(self, replica: Replica) -> None: ...
+
+
+class ReplicaLifecycle:
+    """The owner of one replica: every step of its life runs as this object's one task
+    (a new step replaces the old), and only `transition` changes its state."""
+
+    def __init__(self, ctx: Context, pool: EndpointPool, replica: Replica) -> None:
+        self.ctx = ctx
+        self.pool = pool
+        self.replica = replica
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False  # a stop is under way: the pass does not start another
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    # --- the one task -----------------------------------------------------------------------
+
+    def run(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a step of the life as its one task, replacing any task it had."""
+        self.cancel()
+        self.task = asyncio.get_running_loop().create_task(work,
+                                                           name=f"replica:{self.replica.id}")
+        self.task.add_done_callback(self._done)
+
+    def cancel(self) -> None:
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replica.task_crashed", replica=self.replica.id, endpoint=self.pool.name,
+                      error=repr(task.exception()))
+
+    # --- the one place replica state changes ------------------------------------------------
+
+    async def transition(self, new: ReplicaState, reason: str | None = None,
+                         kind: str | None = None, wake: bool = True) -> None:
+        """Move the replica to `new` (IllegalTransition if the table forbids it): stored first
+        (retried while the disk is full), then changed in memory, then told.
+
+        Moves into ready, failed or stopped wake the pool's waiters; a caller with cleanup
+        still to do passes wake=False and wakes them itself once the world is consistent.
+        """
+        replica, pool = self.replica, self.pool
+        replica.check_move(new)
+        now, moved = self.ctx.clock(), dataclasses.replace(replica, state=new)
+        if new is S.STARTING:
+            moved.started_at = now
+        elif new is S.READY:
+            moved.ready_at = now
+        elif new in (S.STOPPED, S.FAILED):
+            moved.stopped_at = now
+        if reason is not None:
+            moved.reason = reason
+        await self.ctx.durably(self.ctx.store.save_replica, moved.record())
+        replica.state, replica.reason = new, moved.reason
+        replica.started_at, replica.ready_at = moved.started_at, moved.ready_at
+        replica.stopped_at = moved.stopped_at
+        await self.ctx.event(kind or new.value, reason or new.value, pool.name, replica.id)
+        if new is S.READY:
+            pool.dispatch()  # queued calls take the new slots at once
+        if wake and new in (S.READY, S.FAILED, S.STOPPED):
+            await pool.notify()
+
+    # --- starting ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Image, container, readiness, then liveness until the replica leaves ready."""
+        pool, replica, runtime = self.pool, self.replica, self.ctx.runtime
+        try:
+            await runtime.ensure_image(pool.spec.image)
+            info = await runtime.run(await self.container_spec())
+        except (ImageUnavailable, ContainerStartError, SecretMissing) as exc:
+            await self.ctx.set_error(pool, str(exc))
+            await self.fail(str(exc), kind="start_failed")
+            return
+        except DockerUnavailable as exc:  # not the endpoint's fault: no backoff for it
+            await self.fail(str(exc), kind="start_failed", counts=False)
+            return
+        except Exception as exc:  # a bug must not leave the replica pending with its GPUs
+            log.exception("replica.start_crashed", replica=replica.id)
+            await self.fail(f"start failed: {exc!r}", kind="start_failed")
+            return
+        replica.container_id = info.id
+        replica.address = f"{info.ip}:{pool.spec.port}"
+        await self.transition(S.STARTING,
+                              f"container {info.id[:12]} started at {replica.address}", "start")
+        await self.await_ready()
+
+    async def resume(self) -> None:
+        """Watch an adopted replica again from the state the store had."""
+        if self.replica.state is S.STARTING:
+            await self.await_ready()
+        elif self.replica.state is S.READY:
+            await self.watch_liveness()
+        else:
+            await self.stop("draining when berthd stopped")
+
+    async def container_spec(self) -> ContainerSpec:
+        pool, replica, ctx = self.pool, self.replica, self.ctx
+        spec = pool.spec
+        secret_env = await ctx.store.secret_values(spec.secrets)
+        missing = [n for n in spec.secrets if n not in secret_env]
+        if missing:
+            raise SecretMissing(f"secret {', '.join(missing)} is not stored")
+        index = {g.uuid: g.index for g in ctx.allocator.gpus}
+        env = {**spec.env, **secret_env,
+               "BERTH_ENDPOINT": pool.name, "BERTH_REPLICA": replica.id,
+               **gpu_env(replica.gpus, [index[u] for u in replica.gpus], ctx.gpu_mode)}
+        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_ENDPOINT: pool.name,
+                  LABEL_REPLICA: replica.id, LABEL_GENERATION: str(replica.generation)}
+        return ContainerSpec(
+            name=f"berth-{replica.id}", image=spec.image, labels=labels, env=env,
+            port=spec.port, command=spec.command, args=spec.args, volumes=spec.volumes,
+            shm_size=spec.shm_size, cpus=spec.cpus, memory=spec.memory,
+            gpu_uuids=list(replica.gpus), gpu_mode=ctx.gpu_mode,
+            network=ctx.runtime.endpoint_network(pool.name), pids_limit=spec.pids_limit,
+            cap_add=list(spec.cap_add), user=spec.user)
+
+    async def await_ready(self) -> None:
+        """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed)."""
+        pool, replica, clock = self.pool, self.replica, self.ctx.clock
+        probe = pool.spec.readiness
+        deadline = (replica.started_at or clock()) + pool.spec.startup_timeout_s
+        delay = FIRST_PROBE_S
+        assert replica.address is not None
+        while clock() < deadline:
+            if await self.ctx.prober.check(replica.address, probe.path, probe.timeout_s):
+                await self.ctx.set_error(pool, None)
+                await self.transition(S.READY, "readiness passed")
+                await self.watch_liveness()
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - clock())))
+            delay = min(delay * 2, probe.period_s)
+        await self.fail(f"not ready within startup_timeout_s={pool.spec.startup_timeout_s:g}")
+
+    async def watch_liveness(self) -> None:
+        spec, replica = self.pool.spec, self.replica
+        probe, failed = spec.liveness, 0
+        assert replica.address is not None
+        while replica.state is S.READY:
+            await asyncio.sleep(probe.period_s)
+            ok = await self.ctx.prober.check(replica.address, spec.liveness_path,
+                                             probe.timeout_s)
+            failed = 0 if ok else failed + 1
+            if failed >= probe.failure_threshold:
+                await self.fail(f"liveness failed {failed} times in a row")
+                return
+
+    # --- ending -----------------------------------------------------------------------------
+
+    async def fail(self, reason: str, kind: str = "crash", counts: bool = True) -> None:
+        """Mark failed, then clean up (container, GPUs). `counts`: the failure was the
+        replica's own and delays the next one (backoff); an engine outage was not."""
+        pool, replica, now = self.pool, self.replica, self.ctx.clock()
+        if replica.state in (S.FAILED, S.STOPPED):
+            return
+        if counts:
+            pool.failures = failures_after(pool.failures, replica.ready_at, now)
+            pool.next_start_at = now + backoff_delay(pool.failures)
+        replica.failures = pool.failures
+        delay = max(0.0, pool.next_start_at - now)
+        # Failed at once (no new calls), but waiters wake only once its GPUs are free.
+        await self.transition(S.FAILED, f"{reason}; next replica in {delay:g}s", kind,
+                              wake=False)
+        self.cancel()
+        await self.clean_up()
+
+    async def clean_up(self) -> None:
+        """Remove a failed replica's container (keeping its last log lines), then free its
+        GPUs and forget it. With the engine unreachable the replica stays, failed and holding
+        its GPUs, until a later pass finds the container gone and calls this again."""
+        pool, replica, ctx = self.pool, self.replica, self.ctx
+        container = replica.container_id or f"berth-{replica.id}"  # a start cut short
+        try:
+            if replica.container_id:
+                tail = await ctx.runtime.logs_tail(replica.container_id, 10)
+                if tail:
+                    await ctx.event("logs", f"last log lines: {tail}", pool.name, replica.id)
+            await ctx.runtime.remove(container, timeout_s=0)
+        except DockerUnavailable:
+            return  # GPUs stay held: the container may still be running
+        await ctx.durably(ctx.allocator.free, replica.id)  # only after the container is gone
+        pool.replicas.pop(replica.id, None)
+        ctx.forget(replica)
+        await pool.notify()
+        ctx.kick()
+
+    async def stop(self, reason: str) -> None:
+        """Drain (wait for calls in flight), remove the container, free GPUs, mark stopped."""
+        self.stopping = True
+        try:
+            await self._drain_and_remove(reason)
+        finally:
+            self.stopping = False
+
+    async def _drain_and_remove(self, reason: str) -> None:
+        pool, replica, ctx = self.pool, self.replica, self.ctx
+        if replica.state in (S.STARTING, S.READY):
+            await self.transition(S.DRAINING, reason, "drain")
+        if replica.state is S.DRAINING:
+            async with pool.changed:
+                await pool.changed.wait_for(lambda: replica.in_flight == 0)
+        if replica.state in (S.FAILED, S.STOPPED):
+            return
+        if replica.container_id:
+            try:
+                await ctx.runtime.remove(replica.container_id)
+            except DockerUnavailable:
+                return  # still draining, GPUs held; a later pass stops it again
+        await ctx.durably(ctx.allocator.free, replica.id)
+        await self.transition(S.STOPPED, reason, "scale_down")
+        pool.replicas.pop(replica.id, None)
+        ctx.forget(replica)
+        ctx.kick()
