@@ -1,6 +1,6 @@
 """Shared test helpers (no fixtures: those are in conftest.py, which builds on these).
 
-Test modules import from here, never from conftest or from one another.
+Test modules import these, and neither conftest nor one another.
 """
 
 from __future__ import annotations
