@@ -17,7 +17,6 @@ from typing import Any, Protocol
 import structlog
 
 from berth.gpu import GpuAllocator
-from berth.scheduler.policy import backoff_delay, failures_after
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.probes import Prober
 from berth.scheduler.replica import Replica, ReplicaState
@@ -224,8 +223,7 @@ class ReplicaLifecycle:
         if replica.state in (S.FAILED, S.STOPPED):
             return
         if counts:
-            pool.failures = failures_after(pool.failures, replica.ready_at, now)
-            pool.next_start_at = now + backoff_delay(pool.failures)
+            pool.count_failure(replica.ready_at, now)
         replica.failures = pool.failures
         delay = max(0.0, pool.next_start_at - now)
         # Failed at once (no new calls), but waiters wake only once its GPUs are free.
@@ -249,7 +247,7 @@ class ReplicaLifecycle:
         except DockerUnavailable:
             return  # GPUs stay held: the container may still be running
         await ctx.durably(ctx.allocator.free, replica.id)  # only after the container is gone
-        pool.replicas.pop(replica.id, None)
+        pool.forget(replica)
         ctx.forget(replica)
         await pool.notify()
         ctx.kick()
@@ -278,6 +276,6 @@ class ReplicaLifecycle:
                 return  # still draining, GPUs held; a later pass stops it again
         await ctx.durably(ctx.allocator.free, replica.id)
         await self.transition(S.STOPPED, reason, "scale_down")
-        pool.replicas.pop(replica.id, None)
+        pool.forget(replica)
         ctx.forget(replica)
         ctx.kick()

@@ -1,11 +1,11 @@
 """An endpoint's replica pool: its live replicas, their slots, the calls waiting for one and
 the demand they make.
 
-Owners: the reconciler sets the endpoint fields (spec, source, generation, error, failures,
-next_start_at, removed) and adds replicas; each replica's ReplicaLifecycle changes its state
-and removes it; slots, the wait queue and the async backlog change only through the methods
-here (take, release, enqueue, leave, set_backlog, dispatch, fail_waiters), called by the
-router (through a Lease) and the dispatcher."""
+Every field changes only through the methods here. Who calls which: the reconciler the
+endpoint's (apply, set_error, mark_removed, retry_now, add); a replica's ReplicaLifecycle
+its end (count_failure, forget); the router, through a Lease, the slots and the wait queue
+(take, release, enqueue, leave, dispatch); the dispatcher the async backlog (set_backlog);
+the reconciler also fail_waiters when the endpoint cannot serve."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from berth.daemon.config import EndpointSpec
 from berth.scheduler.errors import EndpointFailing
-from berth.scheduler.policy import pick_replica
+from berth.scheduler.policy import backoff_delay, failures_after, pick_replica
 from berth.scheduler.replica import Replica, ReplicaState
 
 
@@ -90,6 +90,36 @@ class EndpointPool:
         self.dispatch()
         if replica.in_flight == 0 and replica.state is ReplicaState.DRAINING:
             await self.notify()  # a drain is waiting for this
+
+    # --- endpoint state: changed by the reconciler and the replicas' lifecycles ---------------
+
+    def apply(self, spec: EndpointSpec, source: str, generation: int) -> None:
+        """A new (or the same) spec, already stored: errors and backoff start afresh."""
+        self.spec, self.source, self.generation = spec, source, generation
+        self.error, self.removed, self.failures, self.next_start_at = None, False, 0, 0.0
+
+    def set_error(self, error: str | None) -> None:
+        self.error = error
+
+    def mark_removed(self) -> None:
+        self.removed = True
+
+    def retry_now(self) -> None:
+        """Start the next replica without waiting out the backoff (e.g. a secret arrived)."""
+        self.next_start_at = 0.0
+
+    def count_failure(self, ready_at: float | None, now: float) -> None:
+        """A replica failed: one more in the row (unless it had run long) and back off."""
+        self.failures = failures_after(self.failures, ready_at, now)
+        self.next_start_at = now + backoff_delay(self.failures)
+
+    def add(self, replica: Replica) -> None:
+        self.replicas[replica.id] = replica
+
+    def forget(self, replica: Replica) -> None:
+        self.replicas.pop(replica.id, None)
+
+    # --- calls waiting ----------------------------------------------------------------------
 
     def enqueue(self, waiter: Waiter) -> None:
         """A call waits, last in line, for a slot."""

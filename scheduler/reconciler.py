@@ -196,7 +196,7 @@ class Reconciler:
         """A secret was stored: endpoints waiting for it try again now, not after backoff."""
         for pool in self._pools.values():
             if name in pool.spec.secrets and pool.error:
-                pool.next_start_at = 0.0
+                pool.retry_now()
         self.kick()
 
     async def remove_endpoint(self, name: str) -> None:
@@ -205,7 +205,7 @@ class Reconciler:
         endpoint and removes the replicas as orphans."""
         pool = self._pools[name]
         await self.store.delete_endpoint(name)  # persist first: the tokens go with it
-        pool.removed = True
+        pool.mark_removed()
         for listener in self.removal_listeners:
             listener(name)
         pool.fail_waiters(f"endpoint {name} was removed")
@@ -227,8 +227,7 @@ class Reconciler:
             generation=generation, error=None))
         if pool is None:
             pool = self._pools[name] = EndpointPool(spec=spec, source=source)
-        pool.spec, pool.source, pool.error, pool.generation = spec, source, None, generation
-        pool.removed, pool.failures, pool.next_start_at = False, 0, 0.0
+        pool.apply(spec, source, generation)
         getattr(summary, bucket).append(name)
         await self.event(kind, message, name)
 
@@ -259,7 +258,7 @@ class Reconciler:
         if error is not None:
             pool.fail_waiters(error)
         if pool.error != error:
-            pool.error = error
+            pool.set_error(error)
             await self._save_endpoint(pool)
 
     # --- adoption at start -----------------------------------------------------------------
@@ -274,7 +273,7 @@ class Reconciler:
             pool = self._pools.get(rec.endpoint)
             if (pool and container and container.running and container.id == rec.container_id
                     and replica.state in (S.STARTING, S.READY, S.DRAINING)):
-                pool.replicas[replica.id] = replica
+                pool.add(replica)
                 adopted.add(replica.id)
                 await self.event("adopt", f"adopted running container {container.id[:12]}",
                                  pool.name, replica.id)
@@ -397,7 +396,7 @@ class Reconciler:
                           generation=pool.generation, state=S.PENDING, created_at=self.clock(),
                           failures=pool.failures)
         await self.durably(self.store.save_replica, replica.record())
-        pool.replicas[replica.id] = replica
+        pool.add(replica)
         await self.event("scale_up", f"new replica for generation {pool.generation}",
                          pool.name, replica.id)
         return replica
