@@ -1,7 +1,10 @@
 """Async dispatch: stored tasks run on replicas, FIFO per endpoint, in the same slots as sync
 calls, with retries when a replica fails, and at-least-once delivery across crashes.
 
-State lives in SQLite (status, attempts, result); memory holds only the queues in order.
+Owns the async queues (one per endpoint, in memory, rebuilt from SQLite at start) and the
+tasks' rows while they run; only the Dispatcher changes them. State lives in SQLite (status,
+attempts, result); memory holds only the queues in order. Slots come from the router as
+Leases, released in one place (`_run`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Capacity for the data plane: a slot on a ready replica, now or after waiting for one.
 
-The data plane never starts or stops containers: it asks here, and a call that must wait
-raises the endpoint's demand and kicks the reconciler, which starts replicas at once.
+Owns nothing of its own: it takes and gives back slots of the endpoint's pool through the
+pool's methods, as Leases (the only way a slot is released). The data plane never starts or
+stops containers: a call that must wait raises the endpoint's demand and kicks the
+reconciler, which starts replicas at once.
 """
 
 from __future__ import annotations
