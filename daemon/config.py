@@ -24,6 +24,7 @@ SIZE_SCHEMA: dict[str, Any] = {"pattern": SIZE_PATTERN.pattern}
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 ORIGIN = re.compile(r"^https?://[^/\s]+$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 CAPABILITY = re.compile(r"^(CAP_)?[A-Z_]{2,32}$")
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 30 * 86400.0  # timers beyond 30 days overflow uvloop
@@ -104,6 +105,22 @@ class EndpointFields(Strict):
     public: bool = False
     priority: Int = Field(0, ge=-1000, le=1000)
     labels: dict[str, str] = Field(default_factory=dict)
+    # Model names served (OpenAI routing by `model`), unique across endpoints; None: [name].
+    models: list[str] | None = Field(None, min_length=1, max_length=64, json_schema_extra={
+        "items": {"type": "string", "pattern": MODEL_NAME.pattern}})
+    # The name the model server expects: berth rewrites `model` to it and back.
+    upstream_model: str | None = Field(None, pattern=r"^\S{1,256}$")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            if not MODEL_NAME.match(item):
+                raise ValueError(f"{item!r} is not a model name (letters, digits and . _ : / @ "
+                                 "-, up to 128)")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a model name is listed twice")
+        return value
     async_queue_limit: Int = Field(1000, ge=0, le=10_000_000)
     async_queue_bytes: str = Field("10g", json_schema_extra=SIZE_SCHEMA)
     pids_limit: Int = Field(4096, ge=16, le=4_194_304)
@@ -155,6 +172,11 @@ class EndpointSpec(EndpointFields):
     """One endpoint, as the file, the API and the store describe it."""
 
     name: str = Field(pattern=NAME_PATTERN)
+
+    @property
+    def model_names(self) -> list[str]:
+        """The models this endpoint serves: `models`, else its own name."""
+        return list(self.models) if self.models is not None else [self.name]
 
     def runtime_view(self) -> dict[str, Any]:
         """The part of the spec that decides what a replica runs."""
@@ -324,6 +346,25 @@ def check_endpoint(spec: EndpointSpec, path: str) -> list[ConfigIssue]:
     return []
 
 
+def model_clashes(specs: Sequence[EndpointSpec]) -> dict[str, tuple[str, str]]:
+    """Model names served by two endpoints: model -> (first endpoint, second endpoint)."""
+    owner: dict[str, str] = {}
+    clashes: dict[str, tuple[str, str]] = {}
+    for spec in sorted(specs, key=lambda s: s.name):
+        for model in spec.model_names:
+            if model in owner and owner[model] != spec.name:
+                clashes.setdefault(model, (owner[model], spec.name))
+            owner.setdefault(model, spec.name)
+    return clashes
+
+
+def model_issues(specs: Sequence[EndpointSpec]) -> list[ConfigIssue]:
+    """Config issues for models that two endpoints both serve, at the second one's path."""
+    return [ConfigIssue(f"endpoints.{second}.models",
+                        f"model {model!r} is also served by endpoint {first}")
+            for model, (first, second) in model_clashes(specs).items()]
+
+
 def volume_issues(spec: EndpointSpec, prefixes: Sequence[str] | tuple[str, ...],
                   path: str) -> list[ConfigIssue]:
     """Volumes whose host path lies outside daemon.allowed_volume_prefixes (none: any)."""
@@ -363,6 +404,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         for name, spec in endpoints.items():
             issues += volume_issues(spec, config.daemon.allowed_volume_prefixes,
                                     f"endpoints.{name}")
+    issues += model_issues(list(endpoints.values()))
     if config is not None and not issues:
         return config.model_copy(update={"endpoints": endpoints})
     raise ConfigError(issues, _partial(config, data, endpoints))

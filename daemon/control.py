@@ -22,6 +22,7 @@ from berth.daemon.config import (
     check_endpoint,
     gpu_shortage,
     issues_from_validation,
+    model_clashes,
     volume_issues,
 )
 from berth.daemon.errors import ApiError, json_body
@@ -57,10 +58,23 @@ def validate_spec(data: dict[str, Any], request: web.Request) -> EndpointSpec:
         if shortage is not None:
             issues.append(ConfigIssue("gpus", shortage))
         if not issues:
+            check_models(request, spec)
             return spec
     details = [{"path": i.path.lstrip("."), "message": i.message} for i in issues]
     raise ApiError(422, "invalid", "; ".join(f"{d['path']}: {d['message']}" for d in details),
                    details=details)
+
+
+def check_models(request: web.Request, spec: EndpointSpec) -> None:
+    """409 when another endpoint already serves one of the spec's models."""
+    others = [p.spec for p in request.app[RECONCILER].live_pools() if p.name != spec.name]
+    for model, pair in model_clashes([*others, spec]).items():
+        if spec.name in pair:
+            other = pair[0] if pair[1] == spec.name else pair[1]
+            raise ApiError(409, "model_conflict", f"model {model!r} is already served by "
+                           f"endpoint {other}; model names are unique across endpoints",
+                           details=[{"path": "models", "message": f"{model!r} is served by "
+                                                                  f"{other}"}])
 
 
 def writable_pool(request: web.Request, name: str) -> EndpointPool | None:

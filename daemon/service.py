@@ -19,7 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from berth.daemon.app import build_app
 from berth.daemon.auth import Auth
 from berth.daemon.browser import BrowserGuard
-from berth.daemon.config import Config, ConfigError, gpu_issues
+from berth.daemon.config import Config, ConfigError, ConfigIssue, gpu_issues, model_issues
 from berth.daemon.connections import ConnectionLimits, GuardedSite, header_deadline
 from berth.daemon.core import (
     EXIT_CONFIG,
@@ -169,6 +169,7 @@ class Berth:
                                EXIT_CONFIG)
         core = await start_core(config, stack, lambda: stop_replicas)
         issues = gpu_issues(config.endpoints, list(core.inventory.gpus))
+        issues += model_issues_with_api(config, core.reconciler)
         if issues:
             raise StartupError(str(ConfigError(issues)), EXIT_CONFIG)
         await core.reconciler.apply_specs(config.endpoints, "config")
@@ -208,6 +209,7 @@ class Berth:
     async def reload(self, config: Config) -> ChangeSummary:
         """Apply a new, already validated config; ConfigError if it cannot apply here."""
         issues = gpu_issues(config.endpoints, list(self.core.inventory.gpus))
+        issues += model_issues_with_api(config, self.reconciler)
         if issues:
             raise ConfigError(issues)
         for section in ("daemon", "docker", "gpu"):
@@ -224,6 +226,13 @@ class Berth:
     async def stop(self) -> None:
         """Stop every part, in the order of the class docstring."""
         await self.stack.aclose()
+
+
+def model_issues_with_api(config: Config, reconciler: Reconciler) -> list[ConfigIssue]:
+    """Model names the file's endpoints share with each other or with API-created ones."""
+    api = [p.spec for p in reconciler.live_pools()
+           if p.source == "api" and p.name not in config.endpoints]
+    return model_issues([*config.endpoints.values(), *api])
 
 
 async def _start_dispatch(config: Config, core: Core, stack: AsyncExitStack) -> Dispatcher:

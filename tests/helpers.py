@@ -296,6 +296,21 @@ class Berthd:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
+        """A JSON call with the default token; (status, JSON answer)."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
     def get(self, path: str, token: str | None = None) -> tuple[int, dict]:
         status, body = self.get_bytes(path, token)
         return status, json.loads(body)

@@ -1,0 +1,93 @@
+"""Model names on endpoints (the OpenAI front door's routing key): `models` defaults to the
+endpoint's name, names are unique across endpoints in the file, over the API and on reload,
+and `upstream_model` is kept as given."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from berth.daemon.config import ConfigError, EndpointSpec, model_clashes, parse_config
+from helpers import Berthd, body, endpoint
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def spec(name: str, **fields) -> EndpointSpec:
+    return EndpointSpec.model_validate({"name": name, "image": "x", **fields})
+
+
+@pytest.mark.parametrize(("specs", "clashes"), [
+    ([spec("a"), spec("b")], {}),
+    ([spec("a", models=["llama"]), spec("b", models=["qwen"])], {}),
+    ([spec("a", models=["llama"]), spec("b", models=["llama"])], {"llama": ("a", "b")}),
+    ([spec("a", models=["b"]), spec("b")], {"b": ("a", "b")}),  # the default [name] counts
+    ([spec("a", models=["x", "y"]), spec("b", models=["y"]), spec("c", models=["x"])],
+     {"x": ("a", "c"), "y": ("a", "b")}),
+])
+def test_model_clashes(specs, clashes):
+    assert model_clashes(specs) == clashes
+
+
+def test_model_fields_in_the_file():
+    config = parse_config({"endpoints": {
+        "llm": {"image": "x", "models": ["meta-llama/Llama-3.1-8B-Instruct", "llama"],
+                "upstream_model": "/models/llama-3.1-8b"},
+        "embed": {"image": "x"}}})
+    assert config.endpoints["llm"].model_names == ["meta-llama/Llama-3.1-8B-Instruct", "llama"]
+    assert config.endpoints["embed"].model_names == ["embed"]
+    assert config.endpoints["llm"].upstream_model == "/models/llama-3.1-8b"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"endpoints": {"a": {"image": "x", "models": ["m", "bad name"]},
+                                    "b": {"image": "x", "models": []},
+                                    "c": {"image": "x", "models": ["m2", "m2"]},
+                                    "d": {"image": "x", "models": ["shared"]},
+                                    "e": {"image": "x", "models": ["shared"]}}})
+    paths = [i.path for i in caught.value.issues]
+    assert paths == ["endpoints.a.models", "endpoints.b.models", "endpoints.c.models",
+                     "endpoints.e.models"]
+    assert "'shared' is also served by endpoint d" in str(caught.value.issues[-1])
+
+
+async def test_the_api_refuses_a_model_another_endpoint_serves(api):
+    _, client = await api({"filed": endpoint("filed", models=["llama"])})
+    resp = await client.post("/v1/endpoints", json=body("mine", models=["llama"]),
+                             headers=ADMIN)
+    error = (await resp.json())["error"]
+    assert resp.status == 409 and error["code"] == "model_conflict"
+    assert "served by endpoint filed" in error["message"]
+    resp = await client.post("/v1/endpoints", json=body("llama"), headers=ADMIN)
+    assert resp.status == 409  # its default model name is taken too
+    resp = await client.post("/v1/endpoints", json=body("mine", models=["qwen"]), headers=ADMIN)
+    assert resp.status == 201 and (await resp.json())["spec"]["models"] == ["qwen"]
+    resp = await client.patch("/v1/endpoints/mine", json={"models": ["qwen", "llama"]},
+                              headers=ADMIN)
+    assert resp.status == 409
+    resp = await client.patch("/v1/endpoints/mine", json={"upstream_model": "Qwen/Qwen2.5"},
+                              headers=ADMIN)
+    assert resp.status == 200 and (await resp.json())["spec"]["upstream_model"] == "Qwen/Qwen2.5"
+
+
+def test_a_reload_that_would_share_a_model_is_refused(tmp_path, network, model_image,
+                                                      docker_host):
+    config = tmp_path / "config.toml"
+    head = (f'[daemon]\nlisten = "127.0.0.1:0"\nstate_dir = "{tmp_path / "state"}"\n'
+            f'log_format = "json"\n[docker]\nnetwork = "{network}"\n[gpu]\nsource = "none"\n')
+    config.write_text(head + f'[endpoints.filed]\nimage = "{model_image}"\n')
+    d = Berthd(tmp_path, config)
+    try:
+        d.wait_message("READY=1")
+        status, _ = d.request("POST", "/v1/endpoints",
+                              {"name": "made", "image": model_image, "models": ["llama"]})
+        assert status == 201
+        config.write_text(head + f'[endpoints.filed]\nimage = "{model_image}"\n'
+                                 'models = ["llama"]\n')
+        d.signal(signal.SIGHUP)
+        d.wait_message("READY=1")
+        assert d.endpoint("filed")["spec"]["models"] is None  # the old config keeps serving
+        _, events = d.get("/v1/events")
+        refused = [e for e in events["events"] if e["kind"] == "reload_refused"]
+        assert refused and "'llama' is also served by endpoint" in refused[-1]["message"]
+    finally:
+        d.close()
