@@ -27,6 +27,7 @@ from berth.daemon.keys import (
     Limits,
 )
 from berth.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
+from berth.daemon.models_api import add_models_api
 from berth.daemon.openapi import add_openapi
 from berth.daemon.proxy import add_data_plane
 from berth.daemon.tasks_api import add_async_plane
@@ -148,6 +149,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app.router.add_get("/healthz", healthz)
     add_admin_route(app, "GET", "/metrics", metrics)
     add_control_api(app)
+    add_models_api(app)
     add_data_plane(app)
     if dispatcher is not None:
         add_async_plane(app, dispatcher)

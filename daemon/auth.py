@@ -69,6 +69,19 @@ class Auth:
     def _is_admin(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self.admin.encode())
 
+    def knows(self, token: str) -> bool:
+        """The admin token or a live endpoint token."""
+        return self._is_admin(token) or digest(token) in self.endpoint_tokens
+
+    def allows(self, token: str | None, endpoint: str, public: bool) -> bool:
+        """Whether `token` (None: none presented) may call `endpoint`."""
+        if self.open or public:
+            return True
+        if token is None:
+            return False
+        owner = self.endpoint_tokens.get(digest(token))
+        return self._is_admin(token) or (owner is not None and owner[0] == endpoint)
+
     def require_admin(self, request: web.Request) -> None:
         """401 for a missing, unknown or revoked token; 403 for an endpoint's token."""
         if self.open:

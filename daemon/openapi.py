@@ -34,6 +34,7 @@ class Op:
     # body field that fills it). They tell clients (and fuzzers) where a created id is used.
     links: tuple[tuple[str, str, str], ...] = ()
     media: str = "*/*"  # content type of an answer that has no model
+    error_model: type[BaseModel] = s.ErrorBody  # the OpenAI routes answer OpenAI's shape
 
 
 INT = {"type": "integer", "minimum": 1, "maximum": 10000}
@@ -50,6 +51,12 @@ OPS: tuple[Op, ...] = (
     Op("get", "/metrics", "Prometheus metrics: calls, replicas, GPUs, tasks", (200, None),
        media="text/plain"),
     Op("get", "/v1/endpoints", "Every endpoint with live status", (200, s.EndpointList)),
+    Op("get", "/v1/models", "OpenAI model list: the models this key may call, with their "
+       "state; never starts a replica", (200, s.ModelList), errors=(401,), auth="endpoint",
+       tag="openai", error_model=s.OpenAIError),
+    Op("get", "/v1/models/{model}", "One model, OpenAI shape (404 model_not_found)",
+       (200, s.ModelView), errors=(401, 404), auth="endpoint", tag="openai",
+       error_model=s.OpenAIError),
     Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
        (*BODY_ERRORS, 409), links=tuple((f"{m} /v1/endpoints/{{name}}", "name", "name")
                                         for m in ("get", "patch", "delete"))),
@@ -134,7 +141,7 @@ def _operation_id(method: str, path: str) -> str:
 
 
 def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
-    error = {"description": "error", "content": {JSON: {"schema": _schema(s.ErrorBody,
+    error = {"description": "error", "content": {JSON: {"schema": _schema(op.error_model,
                                                                          components)}}}
     status, model = op.ok
     if model is None:

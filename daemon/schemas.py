@@ -36,6 +36,38 @@ class ErrorBody(Model):
     error: ErrorInfo
 
 
+class OpenAIErrorInfo(Model):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIError(Model):
+    """Errors of the OpenAI-compatible routes, in the shape OpenAI SDKs parse."""
+
+    error: OpenAIErrorInfo
+
+
+class BerthModelState(Model):
+    endpoint: str
+    state: Literal["ready", "starting", "cold", "error"]
+    ready_replicas: int
+
+
+class ModelView(Model):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    berth: BerthModelState
+
+
+class ModelList(Model):
+    object: Literal["list"]
+    data: list[ModelView]
+
+
 class Health(Model):
     status: Literal["ok", "degraded"]
     endpoints: int

@@ -48,6 +48,7 @@ class EndpointPool:
     turn: int = 0  # round-robin position
     backlog: int = 0  # async tasks queued behind the one waiting for a slot (the dispatcher's)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    created_at: float = 0.0  # when the endpoint was first stored (unix time)
 
     @property
     def name(self) -> str:

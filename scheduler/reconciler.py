@@ -171,7 +171,8 @@ class Reconciler:
         for rec in await self.store.endpoints():
             spec = EndpointSpec.model_validate(rec.spec)
             self._pools[rec.name] = EndpointPool(spec=spec, source=rec.source,
-                                                generation=rec.generation, error=rec.error)
+                                                 generation=rec.generation, error=rec.error,
+                                                 created_at=rec.created_at)
 
     async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
         """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes."""
@@ -226,7 +227,8 @@ class Reconciler:
             name=name, spec=spec.model_dump(mode="json"), source=source,
             generation=generation, error=None))
         if pool is None:
-            pool = self._pools[name] = EndpointPool(spec=spec, source=source)
+            pool = self._pools[name] = EndpointPool(spec=spec, source=source,
+                                                    created_at=self.clock())
         pool.apply(spec, source, generation)
         getattr(summary, bucket).append(name)
         await self.event(kind, message, name)

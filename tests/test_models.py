@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from berth.daemon.config import ConfigError, EndpointSpec, model_clashes, parse_config
-from helpers import Berthd, body, endpoint
+from helpers import Berthd, body, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -91,3 +91,37 @@ def test_a_reload_that_would_share_a_model_is_refused(tmp_path, network, model_i
         assert refused and "'llama' is also served by endpoint" in refused[-1]["message"]
     finally:
         d.close()
+
+
+async def test_v1_models_lists_what_the_key_may_call_without_starting_anything(api):
+    h, client = await api({
+        "pub": endpoint("pub", public=True, models=["m-pub"]),
+        "priv": endpoint("priv", min_replicas=1, models=["m1", "org/m2"]),
+        "cold": endpoint("cold")})
+    pool = h.reconciler.pools["priv"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="priv ready")
+    resp = await client.get("/v1/models", headers=ADMIN)
+    listing = await resp.json()
+    assert resp.status == 200 and listing["object"] == "list"
+    by_id = {m["id"]: m for m in listing["data"]}
+    assert sorted(by_id) == ["cold", "m-pub", "m1", "org/m2"]
+    assert by_id["m1"]["berth"] == {"endpoint": "priv", "state": "ready", "ready_replicas": 1}
+    assert by_id["cold"]["berth"]["state"] == "cold"
+    assert by_id["m1"]["object"] == "model" and by_id["m1"]["owned_by"] == "berth"
+    assert isinstance(by_id["m1"]["created"], int) and by_id["m1"]["created"] > 0
+    assert not h.reconciler.pools["cold"].replicas  # listing started nothing
+    token = (await (await client.post("/v1/endpoints/priv/tokens", headers=ADMIN)).json())
+    as_priv = {"x-api-key": token["token"]}  # the header Anthropic-style clients send
+    ids = [m["id"] for m in (await (await client.get("/v1/models", headers=as_priv)).json())
+           ["data"]]
+    assert sorted(ids) == ["m-pub", "m1", "org/m2"]
+    ids = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    assert ids == ["m-pub"]  # no key: public models only
+    resp = await client.get("/v1/models/org/m2", headers=ADMIN)
+    assert resp.status == 200 and (await resp.json())["id"] == "org/m2"
+    resp = await client.get("/v1/models/cold", headers=as_priv)
+    assert resp.status == 404 and (await resp.json())["error"] == {
+        "message": "The model 'cold' does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    resp = await client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
