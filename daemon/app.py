@@ -28,6 +28,7 @@ from berth.daemon.keys import (
 )
 from berth.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from berth.daemon.models_api import add_models_api
+from berth.daemon.openai_api import add_openai_api
 from berth.daemon.openapi import add_openapi
 from berth.daemon.proxy import add_data_plane
 from berth.daemon.tasks_api import add_async_plane
@@ -79,9 +80,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 async def complete_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A write (control API, task submit or cancel) runs to its end even when its client
     leaves: aiohttp cancels the handler of a closed connection, and a write cut between
-    SQLite and memory would leave them disagreeing. Sync calls (/invoke) are left to be
-    cancelled: that frees their slot."""
-    if request.method in ("GET", "HEAD", "OPTIONS") or request.path.startswith("/invoke/"):
+    SQLite and memory would leave them disagreeing. Model calls (/invoke, the OpenAI routes)
+    are left to be cancelled: that frees their slot."""
+    is_write = request.match_info.route in request.app[ADMIN_ROUTES] or \
+        request.path.startswith(("/async/", "/tasks/"))
+    if request.method in ("GET", "HEAD", "OPTIONS") or not is_write:
         return await handler(request)
     task = asyncio.ensure_future(handler(request))
     writes = request.app[WRITES]
@@ -150,6 +153,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     add_admin_route(app, "GET", "/metrics", metrics)
     add_control_api(app)
     add_models_api(app)
+    add_openai_api(app)
     add_data_plane(app)
     if dispatcher is not None:
         add_async_plane(app, dispatcher)

@@ -14,6 +14,7 @@ from berth.daemon import schemas as s
 from berth.daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
 from berth.daemon.control import SECRET_NAME
 from berth.daemon.keys import OPENAPI
+from berth.daemon.openai_api import JSON_ROUTES
 
 JSON = "application/json"
 
@@ -57,6 +58,11 @@ OPS: tuple[Op, ...] = (
     Op("get", "/v1/models/{model}", "One model, OpenAI shape (404 model_not_found)",
        (200, s.ModelView), errors=(401, 404), auth="endpoint", tag="openai",
        error_model=s.OpenAIError),
+    *(Op("post", f"/v1/{path}", f"OpenAI {path}: routed by `model` to the endpoint that "
+         "serves it, then as /invoke (any status can be the model's own answer)", (200, None),
+         s.OpenAIRequest, errors=(400, 401, 403, 404, 413, 429, 502, 503, 504),
+         auth="endpoint", tag="data plane", error_model=s.OpenAIError)
+      for path in JSON_ROUTES),
     Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
        (*BODY_ERRORS, 409), links=tuple((f"{m} /v1/endpoints/{{name}}", "name", "name")
                                         for m in ("get", "patch", "delete"))),

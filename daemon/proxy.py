@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -58,6 +58,10 @@ class Call:
     request_id: str
     body_sent: bool = False
     body_too_large: bool = False
+    # Set by the OpenAI routes, which read the (bounded) JSON body to route it: sent as is.
+    body: bytes | None = None
+    # Applied to a whole (small) answer before it goes back, e.g. the model name rewritten.
+    rewrite: Callable[[bytes], bytes] | None = None
 
 
 def upstream_session() -> aiohttp.ClientSession:
@@ -127,10 +131,10 @@ async def _invoke(request: web.Request, router: Router,
                        f"limit of {limit} (daemon.max_body_bytes)")
     call = Call(request, pool, raw_tail(request),
                 request.headers.get("X-Request-Id") or os.urandom(12).hex())
-    return await _serve(router, call, request.headers.get("X-Berth-Replica"))
+    return await serve_call(router, call, request.headers.get("X-Berth-Replica"))
 
 
-async def _serve(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
+async def serve_call(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
     """Run the call on a replica; a refused connection is retried once on another one. The
     slot is held for the whole exchange, streamed answer included, and released on exit."""
     refused: list[str] = []
@@ -167,9 +171,13 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
     headers = forward_headers(request.headers, REQUEST_ONLY)
     headers.update(forwarded_headers(request))
     headers["X-Request-Id"] = call.request_id
-    if request.content_length is not None:
+    if call.body is not None:
+        headers["Content-Length"] = str(len(call.body))
+    elif request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
-    data = _body(call) if request.body_exists else None
+    data: AsyncIterator[bytes] | bytes | None = _body(call) if request.body_exists else None
+    if call.body is not None:  # held whole: a refused connection may still be retried
+        data = call.body
     response: web.StreamResponse | None = None
     session = request.app[UPSTREAM]
     try:
@@ -177,7 +185,8 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                 request.method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False) as upstream:
             if _small(upstream):  # one write for headers and body: the common JSON answer
-                return _whole_response(call, replica, upstream, await upstream.read())
+                return _whole_response(call, replica, upstream,
+                                       _rewritten(call, await upstream.read()))
             response = await _start_response(call, replica, upstream)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
@@ -211,6 +220,10 @@ def _response_headers(call: Call, replica: Replica,
     headers["X-Berth-Replica"] = replica.id
     headers["X-Request-Id"] = call.request_id
     return headers
+
+
+def _rewritten(call: Call, body: bytes) -> bytes:
+    return call.rewrite(body) if call.rewrite is not None else body
 
 
 def _whole_response(call: Call, replica: Replica, upstream: aiohttp.ClientResponse,

@@ -49,6 +49,13 @@ class OpenAIError(Model):
     error: OpenAIErrorInfo
 
 
+class OpenAIRequest(BaseModel):
+    """Any OpenAI request body: berth reads `model` to route it and passes the rest on."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+
+
 class BerthModelState(Model):
     endpoint: str
     state: Literal["ready", "starting", "cold", "error"]

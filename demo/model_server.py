@@ -119,6 +119,27 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(block[:count])
             count -= min(count, len(block))
 
+    def _openai(self, path, body):
+        """Just enough of the OpenAI API to show routing, model names and usage."""
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return self._send(400, {"error": {"message": "not JSON", "type": "invalid"}})
+        if path == "/v1/embeddings":
+            return self._send(200, {"object": "list", "model": req.get("model"), "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        said = " ".join(str(m.get("content", "")) for m in req.get("messages", []))
+        words = len(said.split())
+        return self._send(200, {
+            "id": "chatcmpl-demo", "object": "chat.completion", "created": int(time.time()),
+            "model": req.get("model"), "received_model": req.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                                                    "message": {"role": "assistant",
+                                                                "content": f"echo: {said}"}}],
+            "usage": {"prompt_tokens": words, "completion_tokens": words + 1,
+                      "total_tokens": 2 * words + 1}})
+
     def _route(self):
         received_at = time.time()
         url = urlparse(self.path)
@@ -135,6 +156,8 @@ class Handler(BaseHTTPRequestHandler):
                 "headers": dict(self.headers), "body": body.decode("utf-8", "replace"),
                 "replica": os.environ.get("BERTH_REPLICA"), "received_at": received_at,
                 "client_port": self.client_address[1]})
+        if path in ("/v1/chat/completions", "/v1/embeddings"):
+            return self._openai(path, body)
         if path == "/env":
             return self._send(200, dict(os.environ))
         if path == "/sleep":

@@ -125,3 +125,51 @@ async def test_v1_models_lists_what_the_key_may_call_without_starting_anything(a
         "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
     resp = await client.get("/v1/models", headers={"Authorization": "Bearer nope"})
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+
+
+async def test_chat_completions_route_by_model_through_the_invoke_path(api):
+    h, client = await api({
+        "llm": endpoint("llm", min_replicas=1, models=["llama", "llama-big"],
+                        upstream_model="/models/llama-3.1"),
+        "emb": endpoint("emb", public=True, models=["bge"]),
+        "other": endpoint("other", models=["qwen"])})
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    [replica] = pool.replicas.values()
+    chat = {"model": "llama-big", "messages": [{"role": "user", "content": "hello there"}]}
+    resp = await client.post("/v1/chat/completions", json=chat, headers=ADMIN)
+    answer = await resp.json()
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] == replica.id
+    # The replica saw its own name for the model; the client gets back the one it asked for.
+    assert answer["received_model"] == "/models/llama-3.1"
+    assert answer["model"] == "llama-big" and answer["usage"]["prompt_tokens"] == 2
+    assert answer["choices"][0]["message"]["content"] == "echo: hello there"
+    resp = await client.post("/v1/embeddings", json={"model": "bge", "input": "x"})
+    assert resp.status == 200 and (await resp.json())["model"] == "bge"  # public, scaled up
+    token = (await (await client.post("/v1/endpoints/other/tokens", headers=ADMIN)).json())
+    cases = [
+        ({"messages": []}, ADMIN, 400, "missing_model", "model"),
+        ({"model": 7}, ADMIN, 400, "missing_model", "model"),
+        ({"model": "gpt-5"}, ADMIN, 404, "model_not_found", "model"),
+        (chat, {}, 401, "unauthorized", None),
+        (chat, {"x-api-key": token["token"]}, 403, "forbidden", None),
+    ]
+    for body_, headers, status, code, param in cases:
+        resp = await client.post("/v1/chat/completions", json=body_, headers=headers)
+        error = (await resp.json())["error"]
+        assert (resp.status, error["code"], error["param"]) == (status, code, param), body_
+        assert set(error) == {"message", "type", "param", "code"}
+    resp = await client.post("/v1/chat/completions", data=b"{nope", headers=ADMIN)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_json"
+
+
+def test_no_openai_path_shadows_a_control_path(tmp_path):
+    from berth.daemon.control import ROUTES
+    from berth.daemon.openai_api import JSON_ROUTES
+
+    control = {(m, p) for m, p, _ in ROUTES}
+    openai = {("POST", f"/v1/{p}") for p in JSON_ROUTES} | {("GET", "/v1/models"),
+                                                            ("GET", "/v1/models/{model}")}
+    assert not control & openai
+    prefixes = {p.split("/")[2] for _, p in control}  # endpoints, secrets, events, gpus
+    assert not prefixes & {p.split("/")[2] for _, p in openai}

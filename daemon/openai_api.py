@@ -1,0 +1,138 @@
+"""The OpenAI-compatible front door for JSON calls: `POST /v1/chat/completions`, `/v1/completions`,
+`/v1/embeddings`, `/v1/rerank`, `/v1/responses`, `/v1/moderations`, `/v1/images/generations`
+and `/v1/audio/speech`, routed by the body's `model` to the endpoint that lists it.
+
+A call takes the same path as `/invoke` (slot lease, queue, 429, scale from zero, timeouts,
+X-Berth-Replica, metrics): only routing differs. The body is read whole (up to
+daemon.max_body_bytes) to find `model`; with `upstream_model` set, berth rewrites `model` to
+it on the way in and back to the client's name in a JSON answer. Errors use OpenAI's shape
+(`message`, `type`, `param`, `code`, berth's codes kept) so SDKs raise their typed exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER
+from berth.daemon.models_api import openai_error, presented_key
+from berth.daemon.proxy import Call, serve_call
+from berth.scheduler.errors import SchedulerError
+from berth.scheduler.pool import EndpointPool
+
+JSON_ROUTES = ("chat/completions", "completions", "embeddings", "rerank", "responses",
+               "moderations", "images/generations", "audio/speech")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_exceeded"}
+
+
+class OpenAIError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.param, self.headers = param, headers or {}
+
+    def response(self) -> web.Response:
+        answer = openai_error(self.status, self.message, self.code,
+                              ERROR_TYPES.get(self.status, "server_error"), self.param)
+        answer.headers.update(self.headers)
+        return answer
+
+
+async def read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object (and its bytes), read only up to daemon.max_body_bytes."""
+    limit = request.app[LIMITS].max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise OpenAIError(413, "payload_too_large", f"request body of "
+                          f"{request.content_length} bytes is over the limit of {limit}")
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        raw += chunk
+        if len(raw) > limit:
+            raise OpenAIError(413, "payload_too_large", f"request body is over the limit of "
+                              f"{limit} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise OpenAIError(400, "bad_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "bad_json", "the request body must be a JSON object")
+    return body, bytes(raw)
+
+
+def model_pool(request: web.Request, body: dict[str, Any]) -> tuple[str, EndpointPool]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise OpenAIError(400, "missing_model", "`model` (a string) is required", "model")
+    for pool in request.app[RECONCILER].live_pools():
+        if model in pool.spec.model_names:
+            return model, pool
+    raise OpenAIError(404, "model_not_found", f"The model {model!r} does not exist or you "
+                      "do not have access to it.", "model")
+
+
+def check_key(request: web.Request, pool: EndpointPool) -> None:
+    auth, key = request.app[AUTH], presented_key(request)
+    if auth.allows(key, pool.name, pool.spec.public):
+        return
+    if key is None or not auth.knows(key):
+        raise OpenAIError(401, "unauthorized", "missing, unknown or revoked API key")
+    raise OpenAIError(403, "forbidden", f"this key may not call endpoint {pool.name}")
+
+
+def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
+    """Put the client's model name back into a JSON answer that carries the upstream one."""
+    def rewrite(body: bytes) -> bytes:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(answer, dict) and answer.get("model") == upstream:
+            answer["model"] = asked
+            return json.dumps(answer).encode()
+        return body
+    return rewrite
+
+
+async def openai_call(request: web.Request) -> web.StreamResponse:
+    started, name, outcome = time.monotonic(), None, 499
+    try:
+        body, raw = await read_json(request)
+        model, pool = model_pool(request, body)
+        name = pool.name
+        check_key(request, pool)
+        call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
+                    request.headers.get("X-Request-Id") or os.urandom(12).hex(), body=raw)
+        upstream = pool.spec.upstream_model
+        if upstream:
+            call.body = json.dumps({**body, "model": upstream}).encode()
+            call.rewrite = renamer(model, upstream)
+        response = await serve_call(request.app[ROUTER], call, None)
+        outcome = response.status
+        return response
+    except OpenAIError as exc:
+        outcome = exc.status
+        return exc.response()
+    except (ApiError, SchedulerError) as exc:
+        error = as_api_error(exc)
+        outcome = error.status
+        return OpenAIError(error.status, error.code, error.message,
+                           headers=error.headers).response()
+    finally:
+        if name is not None:
+            request.app[METRICS].call_ended(name, outcome, time.monotonic() - started)
+
+
+def add_openai_api(app: web.Application) -> None:
+    for path in JSON_ROUTES:
+        app.router.add_post(f"/v1/{path}", openai_call)
