@@ -4,6 +4,7 @@ and `upstream_model` is kept as given."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -173,3 +174,41 @@ def test_no_openai_path_shadows_a_control_path(tmp_path):
     assert not control & openai
     prefixes = {p.split("/")[2] for _, p in control}  # endpoints, secrets, events, gpus
     assert not prefixes & {p.split("/")[2] for _, p in openai}
+
+
+async def test_the_openai_sdk_talks_to_berth_and_raises_its_own_errors(api):
+    import openai
+
+    h, client = await api({
+        "llm": endpoint("llm", min_replicas=1, max_replicas=1, queue_limit=0,
+                        models=["llama"]),
+        "emb": endpoint("emb", public=True, models=["bge"])})
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
+                             api_key="admin-secret", max_retries=0)
+    try:
+        assert sorted(m.id for m in (await sdk.models.list()).data) == ["bge", "llama"]
+        chat = await sdk.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "hi berth"}])
+        assert chat.model == "llama" and chat.choices[0].message.content == "echo: hi berth"
+        assert chat.usage is not None and chat.usage.prompt_tokens == 2
+        embedded = await sdk.embeddings.create(model="bge", input="x")
+        assert embedded.data[0].embedding == [0.1, 0.2, 0.3]
+        with pytest.raises(openai.NotFoundError) as missing:
+            await sdk.chat.completions.create(model="gpt-5", messages=[])
+        assert missing.value.code == "model_not_found"
+        busy = asyncio.ensure_future(client.get("/invoke/llm/sleep?s=1.5", headers=ADMIN))
+        await wait_for(pool, lambda: pool.demand() == 1, what="the one slot taken")
+        with pytest.raises(openai.RateLimitError) as limited:  # queue_limit 0: no waiting
+            await sdk.chat.completions.create(model="llama", messages=[])
+        assert limited.value.code == "queue_full"
+        assert limited.value.response.headers["Retry-After"] == "1"
+        assert (await busy).status == 200
+        wrong = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
+                                   api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.chat.completions.create(model="llama", messages=[])
+        await wrong.close()
+    finally:
+        await sdk.close()
