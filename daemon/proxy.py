@@ -64,6 +64,35 @@ class Call:
     rewrite: Callable[[bytes], bytes] | None = None
 
 
+class SseRewriter:
+    """Rewrites each complete `data:` line of an SSE stream with `rewrite` (JSON bytes in,
+    JSON bytes out); everything else passes as it comes. Only a line's unfinished end is held
+    until its newline arrives, and SSE events end in a blank line, so no event waits."""
+
+    def __init__(self, rewrite: Callable[[bytes], bytes]) -> None:
+        self.rewrite = rewrite
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.tail + chunk
+        cut = data.rfind(b"\n") + 1
+        self.tail = data[cut:]
+        return b"".join(self._line(line) for line in data[:cut].splitlines(keepends=True))
+
+    def flush(self) -> bytes:
+        tail, self.tail = self.tail, b""
+        return self._line(tail) if tail else b""
+
+    def _line(self, line: bytes) -> bytes:
+        if not line.startswith(b"data:"):
+            return line
+        payload = line[5:].strip()
+        if not payload.startswith(b"{"):
+            return line  # [DONE] and anything that is not a JSON object
+        ending = line[len(line.rstrip(b"\r\n")):]
+        return b"data: " + self.rewrite(payload) + ending
+
+
 def upstream_session() -> aiohttp.ClientSession:
     """One pooled, keep-alive client for every replica; bodies pass through undecoded."""
     return aiohttp.ClientSession(
@@ -188,8 +217,14 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                 return _whole_response(call, replica, upstream,
                                        _rewritten(call, await upstream.read()))
             response = await _start_response(call, replica, upstream)
+            sse = SseRewriter(call.rewrite) if call.rewrite is not None and \
+                upstream.content_type == "text/event-stream" else None
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                out = sse.feed(chunk) if sse is not None else chunk
+                if out:
+                    await response.write(out)
+            if sse is not None and (rest := sse.flush()):
+                await response.write(rest)
             await response.write_eof()
             return response
     except TimeoutError:

@@ -131,6 +131,8 @@ class Handler(BaseHTTPRequestHandler):
                 "usage": {"prompt_tokens": 3, "total_tokens": 3}})
         said = " ".join(str(m.get("content", "")) for m in req.get("messages", []))
         words = len(said.split())
+        if req.get("stream"):
+            return self._chat_stream(req, said)
         return self._send(200, {
             "id": "chatcmpl-demo", "object": "chat.completion", "created": int(time.time()),
             "model": req.get("model"), "received_model": req.get("model"),
@@ -198,6 +200,27 @@ class Handler(BaseHTTPRequestHandler):
             if i < count - 1:
                 time.sleep(interval)
         self.wfile.write(b"0\r\n\r\n")
+
+    def _chat_stream(self, req, said):
+        """A streamed chat answer: one chunk per word, usage last when asked, then [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        words = f"echo: {said}".split()
+        chunks = [{"choices": [{"index": 0, "delta": {"content": w + " "}}]} for w in words]
+        if (req.get("stream_options") or {}).get("include_usage"):
+            chunks.append({"choices": [], "usage": {
+                "prompt_tokens": len(said.split()), "completion_tokens": len(words),
+                "total_tokens": len(said.split()) + len(words)}})
+        for chunk in chunks:
+            body = {"id": "chatcmpl-demo", "object": "chat.completion.chunk",
+                    "model": req.get("model"), **chunk}
+            event = f"data: {json.dumps(body)}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        done = b"data: [DONE]\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _route
 

@@ -212,3 +212,39 @@ async def test_the_openai_sdk_talks_to_berth_and_raises_its_own_errors(api):
         await wrong.close()
     finally:
         await sdk.close()
+
+
+async def test_a_streamed_chat_carries_the_clients_model_name_in_every_chunk(api):
+    import openai
+
+    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"],
+                                           upstream_model="/models/llama-3.1")})
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
+                             api_key="admin-secret", max_retries=0)
+    try:
+        stream = await sdk.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "one two three"}],
+            stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    finally:
+        await sdk.close()
+    assert {c.model for c in chunks} == {"llama"}  # the upstream name never reaches the client
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo: one two three "
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 3
+
+
+def test_sse_rewriter_keeps_the_stream_as_it_comes():
+    from berth.daemon.openai_api import renamer
+    from berth.daemon.proxy import SseRewriter
+
+    sse = SseRewriter(renamer("llama", "/m"))
+    out = sse.feed(b'data: {"model": "/m", "i": 1}\n\nda')
+    assert out == b'data: {"model": "llama", "i": 1}\n\n'  # the unfinished line waits
+    assert sse.feed(b'ta: {"model": "/m"}\n') == b'data: {"model": "llama"}\n'
+    passing = b": keep-alive\n\ndata: [DONE]\n\n"
+    assert sse.feed(passing) == passing
+    assert sse.feed(b'data: {"model": "other"}') == b""
+    assert sse.flush() == b'data: {"model": "other"}'
