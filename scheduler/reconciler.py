@@ -315,11 +315,16 @@ class Reconciler:
             await self.run_pass(check_containers=False)  # the timer's passes do that
 
     async def run_pass(self, check_containers: bool = True) -> None:
-        """A reconcile pass whose errors are logged, never raised (for timers and kicks)."""
+        """A reconcile pass whose errors are logged, never raised (for timers and kicks).
+        After shutdown began it does nothing, and a pass cut short by it ends quietly."""
         try:
             await self.reconcile(check_containers)
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise
         except Exception:
-            log.exception("reconcile.pass_failed")
+            if not self._closed:
+                log.exception("reconcile.pass_failed")
 
     async def reconcile(self, check_containers: bool = True) -> None:
         """One pass over every endpoint. Passes never overlap.
@@ -328,6 +333,8 @@ class Reconciler:
         the periodic pass does it, kicks that only react to demand skip it).
         """
         async with self._pass_lock:
+            if self._closed:
+                return  # shutdown holds or has released the lock: no pass after it
             containers = None
             try:
                 if check_containers:
