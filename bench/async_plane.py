@@ -48,6 +48,8 @@ source = "none"
 [endpoints.sink]
 image = "berth-bench/not-here:1"
 queue_limit = 100000
+async_queue_limit = 1000000  # measures the enqueue rate, not the bound on stored tasks
+async_queue_bytes = "100g"
 [endpoints.fast]
 image = "{image}"
 min_replicas = 1
