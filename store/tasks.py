@@ -30,14 +30,14 @@ class TaskStore:
                          max_bytes: int) -> bool:
         """Add a queued task unless its endpoint already has `max_queued` tasks queued or its
         queued and running bodies would pass `max_bytes`. One statement: two submits racing
-        for the last place cannot both get it."""
+        for the last place cannot both get it. The counts come from task_backlog, which
+        triggers keep (schema 5): O(1), however many tasks are stored."""
         row = _row(task)
         marks = ", ".join("?" for _ in row)
         cursor = await self._db.execute(
             f"INSERT INTO tasks ({', '.join(row)}) SELECT {marks} WHERE"
-            " (SELECT count(*) FROM tasks WHERE endpoint = ? AND status = 'queued') < ? AND"
-            " (SELECT coalesce(sum(body_size), 0) FROM tasks WHERE endpoint = ?"
-            "  AND status IN ('queued', 'running')) + ? <= ?",
+            " coalesce((SELECT queued FROM task_backlog WHERE endpoint = ?), 0) < ? AND"
+            " coalesce((SELECT bytes FROM task_backlog WHERE endpoint = ?), 0) + ? <= ?",
             (*row.values(), task.endpoint, max_queued, task.endpoint, task.body_size,
              max_bytes))
         return cursor.rowcount == 1
@@ -45,9 +45,7 @@ class TaskStore:
     async def backlog(self, endpoint: str) -> tuple[int, int]:
         """(tasks queued, bytes of queued and running bodies) of one endpoint."""
         async with self._db.execute(
-                "SELECT count(*) FILTER (WHERE status = 'queued'), coalesce(sum(body_size), 0)"
-                " FROM tasks WHERE endpoint = ? AND status IN ('queued', 'running')",
-                (endpoint,)) as cur:
+                "SELECT queued, bytes FROM task_backlog WHERE endpoint = ?", (endpoint,)) as cur:
             row = await cur.fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 

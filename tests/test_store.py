@@ -90,3 +90,27 @@ async def test_replicas_events_and_secrets_round_trip(tmp_path):
     assert await store.secret_values(["HF_TOKEN", "MISSING"]) == {"HF_TOKEN": "v2"}
     assert await store.delete_secret("HF_TOKEN") and not await store.delete_secret("HF_TOKEN")
     await store.close()
+
+
+async def test_task_backlog_counts_follow_every_change(tmp_path):
+    """The trigger-kept backlog equals a recount after inserts, status moves and deletes."""
+    import time as _time
+
+    from berth.store import TaskRecord
+    store = await Store.open(tmp_path)
+    tasks = store.tasks
+    for i in range(5):
+        assert await tasks.add_within(TaskRecord(id=f"t{i}", endpoint="e", method="POST",
+                                                 path="x", created_at=_time.time(),
+                                                 body_size=10 * (i + 1)), 4, 10_000) == (i < 4)
+    assert await tasks.backlog("e") == (4, 100)
+    task = await tasks.get("t0")
+    assert task is not None
+    task.status = "running"
+    await tasks.update(task, "status")
+    assert await tasks.backlog("e") == (3, 100)  # running bodies still count as stored
+    task.status = "succeeded"
+    await tasks.update(task)
+    assert await tasks.backlog("e") == (3, 90)
+    assert await tasks.backlog("other") == (0, 0)
+    await store.close()
