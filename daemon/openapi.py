@@ -59,8 +59,9 @@ OPS: tuple[Op, ...] = (
        (200, s.ModelView), errors=(401, 404), auth="endpoint", tag="openai",
        error_model=s.OpenAIError),
     *(Op("post", f"/v1/{path}", f"OpenAI {path}: routed by `model` to the endpoint that "
-         "serves it, then as /invoke (any status can be the model's own answer)", (200, None),
-         s.OpenAIRequest, errors=(400, 401, 403, 404, 413, 429, 502, 503, 504),
+         "serves it, then as /invoke. Any status can be the model's own answer; berth's own "
+         "errors (400 missing_model/bad_json, 401, 403, 404 model_not_found, 413, 429, 502, "
+         "503, 504) carry OpenAI's error object.", (200, None), s.OpenAIRequest,
          auth="endpoint", tag="data plane", error_model=s.OpenAIError)
       for path in JSON_ROUTES),
     Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
