@@ -336,6 +336,10 @@ class Reconciler:
             if self._closed:
                 return  # shutdown holds or has released the lock: no pass after it
             containers = None
+            # Only replicas whose container ran before the listing began can be judged by it:
+            # one that started while the engine answered is absent or "created" in the list.
+            judged = {r.id for pool in self._pools.values() for r in pool.replicas.values()
+                      if r.state in (S.STARTING, S.READY)}
             try:
                 if check_containers:
                     containers = await self.runtime.list_managed()
@@ -344,7 +348,7 @@ class Reconciler:
             except Exception as exc:  # engine hiccup: skip the container check, keep going
                 log.warning("reconcile.list_failed", error=str(exc))
             if containers is not None:
-                await self._check_containers(containers)
+                await self._check_containers(containers, judged)
             if not self.runtime.engine_up:  # no replica can start: waiting calls hear it now
                 for pool in self._pools.values():
                     pool.fail_waiters(f"the Docker engine is unreachable "
@@ -352,15 +356,18 @@ class Reconciler:
             for pool in list(self._pools.values()):
                 await self._reconcile_pool(pool)
 
-    async def _check_containers(self, containers: list[ContainerInfo]) -> None:
-        """Fail replicas whose container stopped; remove containers no replica owns."""
+    async def _check_containers(self, containers: list[ContainerInfo],
+                                judged: set[str]) -> None:
+        """Fail replicas (of `judged`) whose container stopped; remove containers no replica
+        owns."""
         by_replica = {c.replica: c for c in containers}
         known: set[str] = set()
         for pool in self._pools.values():
             for replica in list(pool.replicas.values()):
                 known.add(replica.id)
                 life = self._life(pool, replica)
-                if replica.state not in (S.STARTING, S.READY) or life.stopping:
+                if (replica.id not in judged or replica.state not in (S.STARTING, S.READY)
+                        or life.stopping):
                     continue  # a stop under way removes the container itself
                 container = by_replica.get(replica.id)
                 if container is None or not container.running:

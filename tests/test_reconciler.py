@@ -278,3 +278,35 @@ async def test_missing_secret_is_an_endpoint_error_naming_it(harness):
     await h.store.put_secret("OTHER", "x")
     await wait_for(pool, lambda: pool.error is not None, what="secret error")
     assert pool.error == "secret HF_TOKEN is not stored"
+
+
+async def test_a_container_list_older_than_a_start_never_fails_that_replica(harness):
+    # CI saw it: a pass listed the containers while a replica's container was still being
+    # created, the replica then reached starting, and the stale list ("Created") failed it.
+    h = await harness()
+    real_run, real_list = h.runtime.run, h.runtime.list_managed
+    listed = asyncio.Event()
+    pool_box: list = []
+
+    async def run_after_listing(spec):
+        await listed.wait()  # the container comes to be only after the list was taken
+        return await real_run(spec)
+
+    async def stale_list():
+        rows = await real_list()
+        pool = pool_box[0] if pool_box else None
+        if pool and not listed.is_set() and any(
+                r.state is S.PENDING for r in pool.replicas.values()):
+            listed.set()
+            await wait_for(pool, lambda: any(r.state is not S.PENDING
+                                             for r in pool.replicas.values()), what="a start")
+        return rows
+
+    h.runtime.run, h.runtime.list_managed = run_after_listing, stale_list
+    await h.reconciler.apply_specs({"race": endpoint("race", min_replicas=1)}, "config")
+    pool = h.reconciler.pools["race"]
+    pool_box.append(pool)
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    assert listed.is_set()  # the stale list was really handed to a pass
+    assert pool.failures == 0
+    assert "crash" not in [e.kind for e in await h.store.events("race")]
