@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -20,9 +21,11 @@ from berth.daemon.keys import (
     GPU_SAMPLES,
     LIMITS,
     METRICS,
+    QUOTA,
     RECONCILER,
     ROUTER,
     STORE,
+    USAGE,
     WRITES,
     Limits,
 )
@@ -31,7 +34,9 @@ from berth.daemon.models_api import add_models_api
 from berth.daemon.openai_api import add_openai_api
 from berth.daemon.openapi import add_openapi
 from berth.daemon.proxy import add_data_plane
+from berth.daemon.quota import Quota
 from berth.daemon.tasks_api import add_async_plane
+from berth.daemon.usage import UsageLedger, flushing
 from berth.gpu import GpuAllocator, GpuSample
 from berth.scheduler.dispatch import Dispatcher
 from berth.scheduler.errors import SchedulerError
@@ -108,6 +113,13 @@ async def writes_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*list(writes), return_exceptions=True)
 
 
+async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: usage counts flushed to SQLite while the app runs, and once more at its
+    end (after the listener's last call)."""
+    async with flushing(app[USAGE], time.time()):
+        yield
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 when berthd can do its job; 503 while the Docker engine is unreachable."""
     reconciler = request.app[RECONCILER]
@@ -131,7 +143,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
               max_body_bytes: int = 100 * 1024 ** 2, dispatcher: Dispatcher | None = None,
               max_async_body_bytes: int = 1024 ** 3, auth: Auth | None = None,
               guard: BrowserGuard | None = None, min_free_disk: int = 0,
-              volume_prefixes: tuple[str, ...] = ()) -> web.Application:
+              volume_prefixes: tuple[str, ...] = (),
+              usage: UsageLedger | None = None) -> web.Application:
     """The whole HTTP surface, every shared object on its key (daemon/keys.py). Control
     bodies are small (1 MiB); call bodies stream. `guard` defaults to a loopback listener
     answering to 127.0.0.1 and localhost."""
@@ -139,11 +152,14 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app = web.Application(middlewares=[json_errors, browser_middleware(guard), admin_auth,
                                        complete_writes], client_max_size=1024 ** 2)
     app.cleanup_ctx.append(writes_ctx)
+    app.cleanup_ctx.append(usage_ctx)
     app[STORE] = reconciler.store
     app[RECONCILER] = reconciler
     app[ALLOCATOR] = allocator
     app[ROUTER] = dispatcher.router if dispatcher else Router(reconciler)
     app[AUTH] = auth if auth is not None else Auth(admin=admin_token)
+    app[USAGE] = usage if usage is not None else UsageLedger(reconciler.store.usage)
+    app[QUOTA] = Quota(app[USAGE])
     reconciler.removal_listeners.append(app[AUTH].forget_endpoint)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[METRICS] = Metrics()

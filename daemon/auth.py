@@ -17,6 +17,7 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError
 from berth.daemon.keys import ADMIN_ROUTES, AUTH
+from berth.daemon.quota import TokenLimits
 from berth.store import Store
 
 BEARER = "Bearer "
@@ -33,30 +34,46 @@ class Auth:
 
     admin: str = ""
     endpoint_tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash -> (ep, id)
+    limits: dict[str, TokenLimits] = field(default_factory=dict)  # token id -> its limits
 
     @property
     def open(self) -> bool:
         return not self.admin
 
     async def load(self, store: Store) -> None:
-        self.endpoint_tokens = {t["hash"]: (t["endpoint"], t["id"])
-                                for t in await store.tokens()}
+        tokens = await store.tokens()
+        self.endpoint_tokens = {t["hash"]: (t["endpoint"], t["id"]) for t in tokens}
+        self.limits = {t["id"]: TokenLimits(t["requests_per_minute"], t["tokens_per_day"])
+                       for t in tokens}
 
-    def remember(self, token: str, endpoint: str, token_id: str) -> None:
+    def remember(self, token: str, endpoint: str, token_id: str,
+                 limits: TokenLimits | None = None) -> None:
         """A token just stored: it authenticates from now on."""
         self.endpoint_tokens[digest(token)] = (endpoint, token_id)
+        self.limits[token_id] = limits or TokenLimits()
 
     def revoke(self, endpoint: str, token_id: str) -> None:
         """A token just deleted from the store: refused from now on."""
         for key, owner in list(self.endpoint_tokens.items()):
             if owner == (endpoint, token_id):
                 del self.endpoint_tokens[key]
+                self.limits.pop(token_id, None)
 
     def forget_endpoint(self, endpoint: str) -> None:
         """The endpoint is gone (its tokens left the store with it): drop them here too."""
         for key, owner in list(self.endpoint_tokens.items()):
             if owner[0] == endpoint:
                 del self.endpoint_tokens[key]
+                self.limits.pop(owner[1], None)
+
+    def principal(self, token: str | None) -> str:
+        """Whom usage is counted for: a token's id, "admin", or "public" (no known token)."""
+        if token is None:
+            return "public"
+        if self.admin and self._is_admin(token):
+            return "admin"
+        owner = self.endpoint_tokens.get(digest(token))
+        return owner[1] if owner is not None else "public"
 
     @staticmethod
     def _presented(request: web.Request) -> str:

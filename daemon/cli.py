@@ -137,8 +137,18 @@ def show_task(t: dict[str, Any]) -> str:
 
 
 def show_tokens(data: dict[str, Any]) -> str:
-    return table([[t["id"], t["endpoint"], when(t["created_at"])] for t in data["tokens"]],
-                 ["ID", "ENDPOINT", "CREATED"])
+    return table([[t["id"], t["endpoint"], when(t["created_at"]),
+                   str(t.get("requests_per_minute") or "-"), str(t.get("tokens_per_day") or "-")]
+                  for t in data["tokens"]], ["ID", "ENDPOINT", "CREATED", "RPM", "TPD"])
+
+
+def show_usage(data: dict[str, Any]) -> str:
+    key = {"token": ["token"], "model": ["endpoint", "model"]}.get(data["group_by"],
+                                                                   [data["group_by"]])
+    counts = ["calls", "errors", "prompt_tokens", "completion_tokens"]
+    rows = [[str(u[k]) for k in [*key, *counts]] for u in data["usage"]]
+    rows.append(["total", *[""] * (len(key) - 1), *(str(data["total"][k]) for k in counts)])
+    return table(rows, [k.upper() for k in key] + ["CALLS", "ERRORS", "PROMPT", "COMPLETION"])
 
 
 def show_secrets(data: dict[str, Any]) -> str:
@@ -268,7 +278,13 @@ def parser() -> argparse.ArgumentParser:
     action("cancel", help="cancel a task").add_argument("id")
 
     action = commands(command("tokens", help="endpoint tokens"), "action")
-    action("create", help="new token (shown once)").add_argument("name")
+    for verb, text in (("create", "new token (shown once)"), ("limit", "change its limits")):
+        tc = action(verb, help=text)
+        tc.add_argument("name")
+        if verb == "limit":
+            tc.add_argument("id")
+        tc.add_argument("--rpm", type=int, help="requests per minute (0: no limit)")
+        tc.add_argument("--tpd", type=int, help="model tokens per UTC day (0: no limit)")
     action("ls", help="tokens of an endpoint").add_argument("name")
     rv = action("revoke", help="revoke a token")
     rv.add_argument("name")
@@ -280,6 +296,13 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("value", nargs="?")
     action("ls", help="names and dates")
     action("rm", help="delete a secret").add_argument("name")
+
+    us = command("usage", help="calls and model tokens by hour, day, token or model")
+    us.add_argument("--since", help="unix time or ISO 8601 date/time (default: all)")
+    us.add_argument("--until", help="unix time or ISO 8601 date/time")
+    us.add_argument("--endpoint")
+    us.add_argument("--token-id", help="a token id, admin or public")
+    us.add_argument("--group-by", default="day", choices=["hour", "day", "token", "model"])
 
     ev = command("events", help="scale, start, ready, crash, eviction, reload...")
     ev.add_argument("--endpoint")
@@ -348,10 +371,23 @@ def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]
                                                     "status": args.status}), None, show_tasks)
         method = "GET" if a == "get" else "DELETE"
         return method, f"/tasks/{q(args.id)}", None, show_task
+    if c == "usage":
+        return ("GET", with_query("/v1/usage", {
+            "since": args.since, "until": args.until, "endpoint": args.endpoint,
+            "token": args.token_id, "group_by": args.group_by}), None, show_usage)
     if c == "tokens":
+        limits = {k: v or None for k, v in (("requests_per_minute", getattr(args, "rpm", None)),
+                                            ("tokens_per_day", getattr(args, "tpd", None)))
+                  if v is not None}
         if a == "create":
-            return ("POST", f"/v1/endpoints/{q(args.name)}/tokens", None,
+            return ("POST", f"/v1/endpoints/{q(args.name)}/tokens", limits or None,
                     show_message("{token}"))
+        if a == "limit":
+            if not limits:
+                raise CliError("error: limit needs --rpm and/or --tpd", EXIT_USAGE)
+            return ("PATCH", f"/v1/endpoints/{q(args.name)}/tokens/{q(args.id)}", limits,
+                    show_message("{id}: {requests_per_minute} requests/min, "
+                                 "{tokens_per_day} tokens/day"))
         if a == "ls":
             return "GET", f"/v1/endpoints/{q(args.name)}/tokens", None, show_tokens
         return ("DELETE", f"/v1/endpoints/{q(args.name)}/tokens/{q(args.id)}", None,

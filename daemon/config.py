@@ -215,6 +215,10 @@ class DaemonSettings(Strict):
     keepalive_timeout_s: float = Field(15.0, gt=0, le=3600)
     max_connections: Int = Field(4096, ge=1)
     max_connections_per_client: Int = Field(256, ge=1)
+    # Calls and model tokens per token, endpoint, model and hour (GET /v1/usage), written to
+    # SQLite every usage_flush_s; tokens_per_day limits need it.
+    usage_accounting: bool = True
+    usage_flush_s: float = Field(1.0, gt=0, le=60)
 
     @field_validator("callback_allow")
     @classmethod

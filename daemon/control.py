@@ -13,12 +13,14 @@ import secrets
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from berth.daemon.auth import add_admin_route, digest
 from berth.daemon.config import (
     ConfigIssue,
     EndpointSpec,
+    Int,
+    Strict,
     check_endpoint,
     gpu_shortage,
     issues_from_validation,
@@ -28,7 +30,9 @@ from berth.daemon.config import (
 from berth.daemon.errors import ApiError, json_body
 from berth.daemon.keys import ALLOCATOR, AUTH, GPU_SAMPLES, LIMITS, RECONCILER, STORE
 from berth.daemon.params import query_limit, query_time
+from berth.daemon.quota import TokenLimits
 from berth.daemon.replica_logs import stream_logs
+from berth.daemon.usage_api import usage_summary
 from berth.gpu import GpuSample
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import ReplicaState
@@ -192,21 +196,66 @@ async def list_gpus(request: web.Request) -> web.Response:
 
 # --- tokens and secrets -------------------------------------------------------------------
 
+class TokenLimitsBody(Strict):
+    """Limits of one endpoint token (POST and PATCH .../tokens[/{id}]); null: no limit."""
+
+    requests_per_minute: Int | None = Field(None, ge=1, le=1_000_000)
+    tokens_per_day: Int | None = Field(None, ge=1, le=10 ** 12)
+
+
+async def limits_body(request: web.Request) -> dict[str, int | None]:
+    """The limits a token call sets (only the fields given); 422 naming a wrong one."""
+    if not request.body_exists:
+        return {}
+    data = await json_body(request)
+    try:
+        given = TokenLimitsBody.model_validate(data)
+    except ValidationError as exc:
+        details = [{"path": i.path.lstrip("."), "message": i.message}
+                   for i in issues_from_validation(exc)]
+        raise ApiError(422, "invalid", "; ".join(f"{d['path']}: {d['message']}"
+                                                 for d in details), details=details) from None
+    return {k: getattr(given, k) for k in given.model_fields_set}
+
+
+def token_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "endpoint": row["endpoint"], "created_at": row["created_at"],
+            "requests_per_minute": row.get("requests_per_minute"),
+            "tokens_per_day": row.get("tokens_per_day")}
+
+
 async def create_token(request: web.Request) -> web.Response:
     name = live_pool(request).name
+    limits = await limits_body(request)
     token, token_id = secrets.token_urlsafe(32), "tok_" + secrets.token_hex(6)
-    created = await request.app[STORE].add_token(token_id, name, digest(token))
-    request.app[AUTH].remember(token, name, token_id)
+    created = await request.app[STORE].add_token(token_id, name, digest(token),
+                                                 limits.get("requests_per_minute"),
+                                                 limits.get("tokens_per_day"))
+    request.app[AUTH].remember(token, name, token_id, TokenLimits(**limits))
     await request.app[RECONCILER].event("token_created", f"token {token_id} created", name)
-    return web.json_response({"id": token_id, "token": token, "endpoint": name,
-                              "created_at": created}, status=201)
+    return web.json_response({**token_view({"id": token_id, "endpoint": name,
+                                            "created_at": created, **limits}),
+                              "token": token}, status=201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
     name = live_pool(request).name
-    tokens = [{"id": t["id"], "endpoint": t["endpoint"], "created_at": t["created_at"]}
-              for t in await request.app[STORE].tokens(name)]
+    tokens = [token_view(t) for t in await request.app[STORE].tokens(name)]
     return web.json_response({"tokens": tokens})
+
+
+async def patch_token(request: web.Request) -> web.Response:
+    name, token_id = live_pool(request).name, request.match_info["id"]
+    limits = await limits_body(request)
+    store, auth = request.app[STORE], request.app[AUTH]
+    if not await store.set_token_limits(name, token_id, limits):
+        raise ApiError(404, "token_not_found", f"endpoint {name} has no token {token_id!r}")
+    row = next(t for t in await store.tokens(name) if t["id"] == token_id)
+    auth.limits[token_id] = TokenLimits(row["requests_per_minute"], row["tokens_per_day"])
+    await request.app[RECONCILER].event("token_updated", f"token {token_id} limits: "
+                                        f"{row['requests_per_minute']} requests/min, "
+                                        f"{row['tokens_per_day']} tokens/day", name)
+    return web.json_response(token_view(row))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -256,12 +305,14 @@ ROUTES = (
     ("GET", "/v1/endpoints/{name}/logs", stream_logs),
     ("POST", "/v1/endpoints/{name}/tokens", create_token),
     ("GET", "/v1/endpoints/{name}/tokens", list_tokens),
+    ("PATCH", "/v1/endpoints/{name}/tokens/{id}", patch_token),
     ("DELETE", "/v1/endpoints/{name}/tokens/{id}", revoke_token),
     ("GET", "/v1/secrets", list_secrets),
     ("PUT", "/v1/secrets/{name}", put_secret),
     ("DELETE", "/v1/secrets/{name}", delete_secret),
     ("GET", "/v1/events", list_events),
     ("GET", "/v1/gpus", list_gpus),
+    ("GET", "/v1/usage", usage_summary),
 )
 
 

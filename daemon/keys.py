@@ -21,6 +21,8 @@ from berth.store import Store
 if TYPE_CHECKING:
     from berth.daemon.auth import Auth
     from berth.daemon.metrics import Metrics
+    from berth.daemon.quota import Quota
+    from berth.daemon.usage import UsageLedger
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,5 @@ ADMIN_ROUTES = web.AppKey("admin_routes", set[web.AbstractRoute])
 # Writes whose clients left, still running to their end (complete_writes middleware).
 WRITES = web.AppKey("writes", set[asyncio.Future[web.StreamResponse]])
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+USAGE: web.AppKey[UsageLedger] = web.AppKey("usage")
+QUOTA: web.AppKey[Quota] = web.AppKey("quota")

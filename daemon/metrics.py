@@ -55,12 +55,19 @@ class Metrics:
         self.call_seconds = Histogram(
             "berth_call_duration_seconds", "Time from a call's arrival to its last byte",
             ("endpoint",), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.model_tokens = Counter(
+            "berth_model_tokens", "Model tokens of answers, from their OpenAI usage object",
+            ("endpoint", "model", "kind"), registry=self.registry)
         self.live = LiveState()
         self.registry.register(LiveCollector(self.live))
 
     def call_ended(self, endpoint: str, status: int, seconds: float) -> None:
         self.calls.labels(endpoint, str(status)).inc()
         self.call_seconds.labels(endpoint).observe(seconds)
+
+    def tokens_counted(self, endpoint: str, model: str, prompt: int, completion: int) -> None:
+        self.model_tokens.labels(endpoint, model, "prompt").inc(prompt)
+        self.model_tokens.labels(endpoint, model, "completion").inc(completion)
 
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
                       samples: dict[str, GpuSample]) -> None:

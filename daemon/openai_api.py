@@ -20,9 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER
+from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER, USAGE
 from berth.daemon.models_api import openai_error, presented_key
-from berth.daemon.proxy import Call, serve_call
+from berth.daemon.proxy import Call, admit, serve_call
+from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 
@@ -105,19 +106,23 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
 
 
 async def openai_call(request: web.Request) -> web.StreamResponse:
-    started, name, outcome = time.monotonic(), None, 499
+    started, outcome, call, cell = time.monotonic(), 499, None, None
+    app = request.app
     try:
         body, raw = await read_json(request)
         model, pool = model_pool(request, body)
-        name = pool.name
+        principal = app[AUTH].principal(presented_key(request))
+        cell = (hour_of(time.time()), principal, pool.name, model)
         check_key(request, pool)
+        admit(request, principal)
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
-                    request.headers.get("X-Request-Id") or os.urandom(12).hex(), body=raw)
+                    request.headers.get("X-Request-Id") or os.urandom(12).hex(), body=raw,
+                    meter=UsageMeter() if app[USAGE].enabled else None)
         upstream = pool.spec.upstream_model
         if upstream:
             call.body = json.dumps({**body, "model": upstream}).encode()
             call.rewrite = renamer(model, upstream)
-        response = await serve_call(request.app[ROUTER], call, None)
+        response = await serve_call(app[ROUTER], call, None)
         outcome = response.status
         return response
     except OpenAIError as exc:
@@ -129,8 +134,9 @@ async def openai_call(request: web.Request) -> web.StreamResponse:
         return OpenAIError(error.status, error.code, error.message,
                            headers=error.headers).response()
     finally:
-        if name is not None:
-            request.app[METRICS].call_ended(name, outcome, time.monotonic() - started)
+        if cell is not None:
+            app[METRICS].call_ended(cell[2], outcome, time.monotonic() - started)
+            account(app, cell, outcome, call.meter if call is not None else None)
 
 
 def add_openai_api(app: web.Application) -> None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from berth.daemon import schemas as s
 from berth.daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
-from berth.daemon.control import SECRET_NAME
+from berth.daemon.control import SECRET_NAME, TokenLimitsBody
 from berth.daemon.keys import OPENAPI
 from berth.daemon.openai_api import JSON_ROUTES
 
@@ -35,6 +35,7 @@ class Op:
     # body field that fills it). They tell clients (and fuzzers) where a created id is used.
     links: tuple[tuple[str, str, str], ...] = ()
     media: str = "*/*"  # content type of an answer that has no model
+    body_optional: bool = False
     error_model: type[BaseModel] = s.ErrorBody  # the OpenAI routes answer OpenAI's shape
 
 
@@ -80,8 +81,11 @@ OPS: tuple[Op, ...] = (
        media="text/plain", errors=(404, 422),
        query=(("tail", {"type": "string", "pattern": "^([0-9]+|all)$"}),
               ("follow", {"type": "boolean"}), ("replica", {"type": "string"}))),
-    Op("post", "/v1/endpoints/{name}/tokens", "New access token (shown once)",
-       (201, s.TokenCreated), errors=EP_ERRORS),
+    Op("post", "/v1/endpoints/{name}/tokens", "New access token (shown once), with optional "
+       "limits", (201, s.TokenCreated), TokenLimitsBody, (*EP_ERRORS, *BODY_ERRORS),
+       body_optional=True),
+    Op("patch", "/v1/endpoints/{name}/tokens/{id}", "Change a token's limits (null: none)",
+       (200, s.TokenView), TokenLimitsBody, (*EP_ERRORS, *BODY_ERRORS), body_optional=True),
     Op("get", "/v1/endpoints/{name}/tokens", "Token ids and dates", (200, s.TokenList),
        errors=EP_ERRORS),
     Op("delete", "/v1/endpoints/{name}/tokens/{id}", "Revoke a token", (200, s.TokenRevoked),
@@ -92,6 +96,11 @@ OPS: tuple[Op, ...] = (
     Op("delete", "/v1/secrets/{name}", "Delete a secret", (200, s.SecretDeleted),
        errors=(404,)),
     Op("get", "/v1/gpus", "GPUs, holders and readings", (200, s.GpuList)),
+    Op("get", "/v1/usage", "Calls, errors and model tokens by hour, day, token or model",
+       (200, s.UsageSummary), errors=(422,),
+       query=(("since", {"type": "string"}), ("until", {"type": "string"}),
+              ("endpoint", {"type": "string"}), ("token", {"type": "string"}),
+              ("group_by", {"type": "string", "enum": ["hour", "day", "token", "model"]}))),
     Op("get", "/v1/events", "Scale, start, ready, crash, eviction, reload and API changes",
        (200, s.EventList), errors=(422,), query=(("endpoint", {"type": "string"}),
                                                  ("since", {"type": "number"}),
@@ -176,7 +185,7 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
                                  "parameters": _params(op), "responses": responses,
                                  "operationId": _operation_id(op.method, op.path)}
     if op.body is not None:
-        operation["requestBody"] = {"required": True, "content": {
+        operation["requestBody"] = {"required": not op.body_optional, "content": {
             JSON: {"schema": _schema(op.body, components)}}}
     if op.auth == "admin":
         operation["security"] = [{"bearer": []}]

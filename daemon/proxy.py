@@ -22,7 +22,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.keys import AUTH, LIMITS, METRICS, ROUTER, UPSTREAM
+from berth.daemon.keys import AUTH, LIMITS, METRICS, QUOTA, ROUTER, UPSTREAM, USAGE
+from berth.daemon.models_api import presented_key
+from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
@@ -62,6 +64,8 @@ class Call:
     body: bytes | None = None
     # Applied to a whole (small) answer before it goes back, e.g. the model name rewritten.
     rewrite: Callable[[bytes], bytes] | None = None
+    # Reads the answer's OpenAI usage object as it passes (None: accounting does not look).
+    meter: UsageMeter | None = None
 
 
 class SseRewriter:
@@ -135,9 +139,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     router = request.app[ROUTER]
     pool = router.pool(request.match_info["name"])
+    principal = request.app[AUTH].principal(presented_key(request))
+    call = Call(request, pool, raw_tail(request),
+                request.headers.get("X-Request-Id") or os.urandom(12).hex())
+    if call.path.startswith("v1/") and request.app[USAGE].enabled:  # an OpenAI-style route
+        call.meter = UsageMeter()
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
-        response = await _invoke(request, router, pool)
+        response = await _invoke(request, router, call, principal)
         outcome = response.status
         return response
     except (ApiError, SchedulerError) as exc:
@@ -148,19 +157,26 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         request.app[METRICS].call_ended(pool.name, outcome, time.monotonic() - started)
+        account(request.app, (hour_of(time.time()), principal, pool.name,
+                              pool.spec.model_names[0]), outcome, call.meter)
 
 
-async def _invoke(request: web.Request, router: Router,
-                  pool: EndpointPool) -> web.StreamResponse:
-    check_token(request, pool)
+async def _invoke(request: web.Request, router: Router, call: Call,
+                  principal: str) -> web.StreamResponse:
+    check_token(request, call.pool)
+    admit(request, principal)
     limit = request.app[LIMITS].max_body
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "payload_too_large",
                        f"request body of {request.content_length} bytes is over the "
                        f"limit of {limit} (daemon.max_body_bytes)")
-    call = Call(request, pool, raw_tail(request),
-                request.headers.get("X-Request-Id") or os.urandom(12).hex())
     return await serve_call(router, call, request.headers.get("X-Berth-Replica"))
+
+
+def admit(request: web.Request, principal: str) -> None:
+    """429 when the caller's token is over its requests_per_minute or tokens_per_day."""
+    app = request.app
+    app[QUOTA].admit(principal, app[AUTH].limits.get(principal), time.time())
 
 
 async def serve_call(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
@@ -214,18 +230,12 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                 request.method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False) as upstream:
             if _small(upstream):  # one write for headers and body: the common JSON answer
-                return _whole_response(call, replica, upstream,
-                                       _rewritten(call, await upstream.read()))
+                body = await upstream.read()
+                if call.meter is not None:
+                    call.meter.whole(body)
+                return _whole_response(call, replica, upstream, _rewritten(call, body))
             response = await _start_response(call, replica, upstream)
-            sse = SseRewriter(call.rewrite) if call.rewrite is not None and \
-                upstream.content_type == "text/event-stream" else None
-            async for chunk in upstream.content.iter_any():
-                out = sse.feed(chunk) if sse is not None else chunk
-                if out:
-                    await response.write(out)
-            if sse is not None and (rest := sse.flush()):
-                await response.write(rest)
-            await response.write_eof()
+            await _relay(call, upstream, response)
             return response
     except TimeoutError:
         message = f"call exceeded request_timeout_s={spec.request_timeout_s:g}"
@@ -241,6 +251,27 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                            f"{limit} bytes (daemon.max_body_bytes)") from None
         return await _cut(call, replica, response, 502, "replica_failed",
                           f"replica {replica.id} failed mid-call: {exc!r}")
+
+
+async def _relay(call: Call, upstream: aiohttp.ClientResponse,
+                 response: web.StreamResponse) -> None:
+    """Stream the answer's body as it comes; the meter reads each chunk after it is sent."""
+    is_sse = upstream.content_type == "text/event-stream"
+    sse = SseRewriter(call.rewrite) if call.rewrite is not None and is_sse else None
+    meter = call.meter
+    if meter is not None:
+        meter.sse = is_sse
+    async for chunk in upstream.content.iter_any():
+        out = sse.feed(chunk) if sse is not None else chunk
+        if out:
+            await response.write(out)
+        if meter is not None:
+            meter.feed(chunk)
+    if sse is not None and (rest := sse.flush()):
+        await response.write(rest)
+    if meter is not None:
+        meter.end()
+    await response.write_eof()
 
 
 def _small(upstream: aiohttp.ClientResponse) -> bool:

@@ -153,17 +153,41 @@ class GpuList(Model):
     gpus: list[GpuView]
 
 
-class TokenCreated(Model):
-    id: str
-    token: str
-    endpoint: str
-    created_at: float
-
-
 class TokenView(Model):
     id: str
     endpoint: str
     created_at: float
+    requests_per_minute: int | None
+    tokens_per_day: int | None
+
+
+class TokenCreated(TokenView):
+    token: str
+
+
+class UsageItem(Model):
+    """One group: `hour`/`day` (with `start`), `token`, or `endpoint` and `model`."""
+
+    model_config = ConfigDict(extra="allow")
+    calls: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageTotal(Model):
+    calls: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageSummary(Model):
+    group_by: Literal["hour", "day", "token", "model"]
+    since: int
+    until: int | None
+    usage: list[UsageItem]
+    total: UsageTotal
 
 
 class TokenList(Model):

@@ -29,6 +29,7 @@ from berth.daemon.core import (
     StartupError,
     start_core,
 )
+from berth.daemon.usage import UsageLedger
 from berth.gpu import GpuSample
 from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.dispatch import Dispatcher, DispatchSettings
@@ -261,6 +262,8 @@ async def _listen(config: Config, core: Core, dispatcher: Dispatcher,
                     max_async_body_bytes=daemon.max_async_body_bytes,
                     min_free_disk=daemon.min_free_disk,
                     volume_prefixes=tuple(daemon.allowed_volume_prefixes),
+                    usage=UsageLedger(core.store.usage, daemon.usage_flush_s,
+                                      daemon.usage_accounting),
                     guard=BrowserGuard.build(listen.host, daemon.allowed_hosts,
                                              daemon.allowed_origins))
     # First, and before setup freezes the app: it stops the connection's header clock

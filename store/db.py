@@ -20,9 +20,11 @@ import aiosqlite
 from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord
 from berth.store.schema import MIGRATIONS, SCHEMA_VERSION
 from berth.store.tasks import TaskStore
+from berth.store.usage import UsageStore
 
 DB_NAME = "berth.db"
 LIVE_STATES = ("pending", "starting", "ready", "draining")
+TOKEN_LIMITS = ("requests_per_minute", "tokens_per_day")
 
 
 class StoreError(Exception):
@@ -36,6 +38,7 @@ class Store:
         self._db = db
         self.path = path
         self.tasks = TaskStore(db)
+        self.usage = UsageStore(db)
 
     @classmethod
     async def open(cls, state_dir: str | Path) -> Store:
@@ -157,15 +160,30 @@ class Store:
 
     # --- access tokens ---------------------------------------------------------------------
 
-    async def add_token(self, token_id: str, endpoint: str, digest: str) -> float:
+    async def add_token(self, token_id: str, endpoint: str, digest: str,
+                        rpm: int | None = None, tpd: int | None = None) -> float:
         now = time.time()
         await self._db.execute(
-            "INSERT INTO tokens (id, endpoint, hash, created_at) VALUES (?, ?, ?, ?)",
-            (token_id, endpoint, digest, now))
+            "INSERT INTO tokens (id, endpoint, hash, created_at, requests_per_minute,"
+            " tokens_per_day) VALUES (?, ?, ?, ?, ?, ?)",
+            (token_id, endpoint, digest, now, rpm, tpd))
         return now
 
+    async def set_token_limits(self, endpoint: str, token_id: str, limits: dict[str, Any]
+                               ) -> bool:
+        """Set requests_per_minute and/or tokens_per_day (None clears one); False if no such
+        token."""
+        sets = ", ".join(f"{k} = ?" for k in limits if k in TOKEN_LIMITS)
+        if not sets:
+            return any(t["id"] == token_id for t in await self.tokens(endpoint))
+        cur = await self._db.execute(
+            f"UPDATE tokens SET {sets} WHERE endpoint = ? AND id = ?",
+            (*(v for k, v in limits.items() if k in TOKEN_LIMITS), endpoint, token_id))
+        return cur.rowcount > 0
+
     async def tokens(self, endpoint: str | None = None) -> list[dict[str, Any]]:
-        """Tokens (id, endpoint, hash, created_at), oldest first."""
+        """Tokens (id, endpoint, hash, created_at, requests_per_minute, tokens_per_day),
+        oldest first."""
         sql = "SELECT * FROM tokens"
         args: tuple[str, ...] = ()
         if endpoint is not None:

@@ -141,6 +141,25 @@ MIGRATIONS: list[str] = [
         WHERE endpoint = OLD.endpoint;
     END;
     """,
+    # 6: per-token limits, and usage (calls, errors, model tokens) per principal (a token id,
+    # "admin" or "public"), endpoint, model and UTC hour. Usage outlives tokens and endpoints:
+    # it is history, not configuration.
+    """
+    ALTER TABLE tokens ADD COLUMN requests_per_minute INTEGER;
+    ALTER TABLE tokens ADD COLUMN tokens_per_day INTEGER;
+    CREATE TABLE usage (
+        hour               INTEGER NOT NULL,   -- unix time of the UTC hour's start
+        principal          TEXT NOT NULL,
+        endpoint           TEXT NOT NULL,
+        model              TEXT NOT NULL,
+        calls              INTEGER NOT NULL DEFAULT 0,
+        errors             INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens      INTEGER NOT NULL DEFAULT 0,
+        completion_tokens  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, principal, endpoint, model)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_principal ON usage (principal, hour);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

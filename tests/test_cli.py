@@ -45,6 +45,14 @@ ROUTES = [
     (["tasks", "get", "t1"], ("GET", "/tasks/t1", None)),
     (["tasks", "cancel", "t1"], ("DELETE", "/tasks/t1", None)),
     (["tokens", "create", "m"], ("POST", "/v1/endpoints/m/tokens", None)),
+    (["tokens", "create", "m", "--rpm", "60", "--tpd", "100000"],
+     ("POST", "/v1/endpoints/m/tokens", {"requests_per_minute": 60, "tokens_per_day": 100000})),
+    (["tokens", "limit", "m", "k1", "--rpm", "0"],
+     ("PATCH", "/v1/endpoints/m/tokens/k1", {"requests_per_minute": None})),
+    (["usage"], ("GET", "/v1/usage?group_by=day", None)),
+    (["usage", "--since", "2026-12-01", "--endpoint", "m", "--token-id", "admin", "--group-by",
+      "model"], ("GET", "/v1/usage?since=2026-12-01&endpoint=m&token=admin&group_by=model",
+                 None)),
     (["tokens", "ls", "m"], ("GET", "/v1/endpoints/m/tokens", None)),
     (["tokens", "revoke", "m", "k1"], ("DELETE", "/v1/endpoints/m/tokens/k1", None)),
     (["secrets", "ls"], ("GET", "/v1/secrets", None)),
@@ -63,9 +71,10 @@ def test_route_table(argv: list[str], expected: tuple[str, str, Any],
     assert callable(render)
 
 
-def test_scale_without_bounds_is_a_usage_error() -> None:
+@pytest.mark.parametrize("argv", [["endpoints", "scale", "m"], ["tokens", "limit", "m", "k1"]])
+def test_a_change_without_values_is_a_usage_error(argv: list[str]) -> None:
     with pytest.raises(cli.CliError) as err:
-        cli.route(cli.parser().parse_args(["endpoints", "scale", "m"]))
+        cli.route(cli.parser().parse_args(argv))
     assert err.value.code == cli.EXIT_USAGE
 
 
@@ -130,7 +139,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 17
+    assert len(commands) == 19
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands
@@ -326,3 +335,16 @@ labels = {{ "{TEST_LABEL}" = "{SESSION}" }}
         d2.close()
     log = (tmp_path / "berthd.log").read_text()
     assert token not in log and ADMIN not in log and "hf_cli_value" not in log
+
+
+def test_usage_table_has_a_row_per_group_and_a_total() -> None:
+    data = {"group_by": "model", "total": {"calls": 5, "errors": 1, "prompt_tokens": 30,
+                                           "completion_tokens": 40},
+            "usage": [{"endpoint": "llm", "model": "llama", "calls": 4, "errors": 1,
+                       "prompt_tokens": 20, "completion_tokens": 40},
+                      {"endpoint": "emb", "model": "bge", "calls": 1, "errors": 0,
+                       "prompt_tokens": 10, "completion_tokens": 0}]}
+    lines = cli.show_usage(data).splitlines()
+    assert lines[0].split() == ["ENDPOINT", "MODEL", "CALLS", "ERRORS", "PROMPT", "COMPLETION"]
+    assert lines[1].split() == ["llm", "llama", "4", "1", "20", "40"]
+    assert lines[-1].split() == ["total", "5", "1", "30", "40"]

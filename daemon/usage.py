@@ -1,0 +1,224 @@
+"""Usage accounting: who called which model how often, and how many model tokens it cost.
+
+`UsageMeter` reads the OpenAI `usage` object of an answer as it passes through the proxy (a
+whole JSON answer, the last SSE chunk that carries one, or the tail of a large JSON answer);
+it never holds a byte back. `UsageLedger` owns the counts: it adds each ended call in memory
+and writes them to SQLite in batches every `flush_s` and at shutdown (one statement per batch,
+so a batch counts whole or not at all; a crash loses at most the last `flush_s` of counts).
+It also keeps each principal's model tokens of the current UTC day, loaded from SQLite at
+start, for the tokens_per_day limit (daemon.quota). Principals are token ids, "admin" or
+"public" (no token, or open mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from berth.daemon.keys import METRICS, USAGE
+from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
+
+log = structlog.get_logger("berth.usage")
+
+HOUR, DAY = 3600, 86400
+MAX_TOKENS = 10 ** 12  # a model's claim beyond this is not a count
+TAIL = 4096  # bytes of a large JSON answer kept to find its usage object
+MAX_LINE = 1024 ** 2  # an SSE line longer than this is not read for usage
+USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+
+
+def hour_of(now: float) -> int:
+    return int(now) - int(now) % HOUR
+
+
+def day_of(now: float) -> int:
+    return int(now) - int(now) % DAY
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        return None
+    return int(value)
+
+
+def tokens_of(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) from an OpenAI usage object (chat/completions/embeddings names or
+    the Responses API's input/output names); None when it is not one."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
+    completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0)))
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion
+
+
+def usage_in_object(answer: Any) -> tuple[int, int] | None:
+    """The usage of an answer object: top level, or in a Responses API event's `response`."""
+    if not isinstance(answer, dict):
+        return None
+    found = tokens_of(answer.get("usage"))
+    if found is None and isinstance(answer.get("response"), dict):
+        found = tokens_of(answer["response"].get("usage"))
+    return found
+
+
+def usage_in_tail(data: bytes) -> tuple[int, int] | None:
+    """The last `"usage": {...}` object in the tail of a JSON text too large to parse whole."""
+    matches = list(USAGE_KEY.finditer(data))
+    if not matches:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(data[matches[-1].end():].decode(errors="replace"))
+    except ValueError:
+        return None
+    return tokens_of(value)
+
+
+class UsageMeter:
+    """The model tokens of one answer, read as it streams by."""
+
+    def __init__(self) -> None:
+        self.tokens: tuple[int, int] | None = None
+        self.sse = False
+        self._tail = b""
+
+    def whole(self, body: bytes) -> None:
+        """A complete (small) answer."""
+        with contextlib.suppress(ValueError, RecursionError):
+            self._take(usage_in_object(json.loads(body)))
+
+    def feed(self, chunk: bytes) -> None:
+        """One chunk of a streamed answer (SSE when `sse` is set)."""
+        if not self.sse:
+            self._tail = (self._tail + chunk)[-TAIL:]
+            return
+        data = self._tail + chunk
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:] if len(data) - cut <= MAX_LINE else b""
+        if b'"usage"' in data[:cut]:
+            for line in data[:cut].splitlines():
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    self._line(line[5:])
+
+    def end(self) -> None:
+        """The streamed answer is over."""
+        tail, self._tail = self._tail, b""
+        if self.sse and tail.startswith(b"data:"):
+            self._line(tail[5:])
+        elif not self.sse and tail:
+            self._take(usage_in_tail(tail))
+
+    def _line(self, payload: bytes) -> None:
+        with contextlib.suppress(ValueError, RecursionError):
+            self._take(usage_in_object(json.loads(payload)))
+
+    def _take(self, found: tuple[int, int] | None) -> None:
+        if found is not None:
+            self.tokens = found  # the last usage seen is the call's
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.calls += other.calls
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+
+Cell = tuple[int, str, str, str]  # (hour, principal, endpoint, model)
+
+
+class UsageLedger:
+    """Usage counts of every call, in memory until flushed to SQLite; see the module
+    docstring. `enabled` False (daemon.usage_accounting = false) records nothing."""
+
+    def __init__(self, store: UsageStore, flush_s: float = 1.0, enabled: bool = True) -> None:
+        self.store, self.flush_s, self.enabled = store, flush_s, enabled
+        self.pending: dict[Cell, Tally] = {}
+        self.day = 0
+        self.day_tokens: dict[str, int] = {}
+
+    async def load(self, now: float) -> None:
+        """Today's model tokens per principal, so daily budgets hold across restarts."""
+        self.day = day_of(now)
+        self.day_tokens = await self.store.tokens_since(self.day)
+
+    def record(self, cell: Cell, error: bool, tokens: tuple[int, int] | None) -> None:
+        if not self.enabled:
+            return
+        prompt, completion = tokens or (0, 0)
+        self.pending.setdefault(cell, Tally()).add(Tally(1, int(error), prompt, completion))
+        self._roll(cell[0])
+        principal = cell[1]
+        self.day_tokens[principal] = self.day_tokens.get(principal, 0) + prompt + completion
+
+    def tokens_today(self, principal: str, now: float) -> int:
+        self._roll(hour_of(now))
+        return self.day_tokens.get(principal, 0)
+
+    def _roll(self, hour: int) -> None:
+        if day_of(hour) > self.day:  # a new UTC day: every budget starts again
+            self.day, self.day_tokens = day_of(hour), {}
+
+    async def flush(self) -> None:
+        """Write what is pending, a batch per statement; a batch that fails stays pending."""
+        while self.pending:
+            cells = list(self.pending)[:ROWS_PER_STATEMENT]
+            batch = {cell: self.pending.pop(cell) for cell in cells}
+            try:
+                await self.store.add([UsageRow(*cell, t.calls, t.errors, t.prompt_tokens,
+                                               t.completion_tokens)
+                                      for cell, t in batch.items()])
+            except BaseException:
+                for cell, tally in batch.items():  # counted next time, never lost here
+                    self.pending.setdefault(cell, Tally()).add(tally)
+                raise
+
+    async def run(self) -> None:
+        """Flush every flush_s until cancelled."""
+        while True:
+            await asyncio.sleep(self.flush_s)
+            try:
+                await self.flush()
+            except Exception as exc:  # a full disk: keep counting in memory, try again
+                log.warning("usage.flush_failed", error=str(exc))
+
+
+def account(app: web.Application, cell: Cell, status: int, meter: UsageMeter | None) -> None:
+    """Count one ended call (status 499: the client left) in the ledger and /metrics."""
+    tokens = meter.tokens if meter is not None else None
+    app[USAGE].record(cell, status >= 400, tokens)
+    if tokens is not None:
+        app[METRICS].tokens_counted(cell[2], cell[3], *tokens)
+
+
+@contextlib.asynccontextmanager
+async def flushing(ledger: UsageLedger, now: float) -> AsyncIterator[None]:
+    """The ledger loaded and flushed every flush_s while inside; flushed once more on exit."""
+    await ledger.load(now)
+    task = asyncio.get_running_loop().create_task(ledger.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            await ledger.flush()
+        except Exception as exc:
+            log.warning("usage.flush_failed", error=str(exc), at="shutdown")

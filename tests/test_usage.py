@@ -1,0 +1,231 @@
+"""Usage accounting and per-token limits: what is read from answers, what is counted for whom,
+what survives a restart, and what a limited token is told."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import pytest
+
+from berth.daemon.quota import day_wait, minute_wait
+from berth.daemon.usage import UsageLedger, UsageMeter, tokens_of
+from berth.store import Store
+from helpers import endpoint, ready_count, wait_for
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+T0 = 1_764_547_200.0  # 2025-12-01 00:00:00 UTC, a day's start
+
+
+@pytest.mark.parametrize(("usage", "tokens"), [
+    ({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}, (3, 5)),
+    ({"prompt_tokens": 7, "total_tokens": 7}, (7, 0)),  # embeddings
+    ({"input_tokens": 4, "output_tokens": 9}, (4, 9)),  # the Responses API
+    ({"prompt_tokens": -1, "completion_tokens": 2}, None),
+    ({"prompt_tokens": True, "completion_tokens": 2}, None),
+    ({"prompt_tokens": "3"}, None),
+    ({"prompt_tokens": 10 ** 13}, None),  # not a count
+    (None, None),
+    ([1, 2], None),
+])
+def test_tokens_of_a_usage_object(usage, tokens):
+    assert tokens_of(usage) == tokens
+
+
+def sse(*objects: object) -> bytes:
+    return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objects) + \
+        b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(("chunks", "is_sse", "tokens"), [
+    # The usage chunk cut in three pieces across reads.
+    ([sse({"choices": [{"delta": {"content": "a"}}], "usage": None},
+          {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}})[:40],
+      sse({"choices": [{"delta": {"content": "a"}}], "usage": None},
+          {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}})[40:90],
+      sse({"choices": [{"delta": {"content": "a"}}], "usage": None},
+          {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}})[90:]],
+     True, (2, 3)),
+    # The Responses API puts it in the completed event's response.
+    ([sse({"type": "response.completed", "response": {"usage": {
+        "input_tokens": 5, "output_tokens": 6}}})], True, (5, 6)),
+    # A word "usage" in generated text is not a usage object.
+    ([sse({"choices": [{"delta": {"content": 'the "usage": {"prompt_tokens": 9}'}}]})],
+     True, None),
+    # A large JSON answer streamed: its usage is at the end.
+    ([b'{"data": [' + b"0.1, " * 30000, b'0.2], "usage": {"prompt_tokens": 11, '
+      b'"total_tokens": 11}}'], False, (11, 0)),
+    ([b"not json at all"], False, None),
+])
+def test_the_meter_reads_usage_from_streams(chunks, is_sse, tokens):
+    meter = UsageMeter()
+    meter.sse = is_sse
+    for chunk in chunks:
+        meter.feed(chunk)
+    meter.end()
+    assert meter.tokens == tokens
+
+
+@pytest.mark.parametrize(("admitted", "rpm", "now", "wait"), [
+    ([], 1, 100.0, 0.0),
+    ([50.0], 1, 100.0, 10.0),           # frees when the call of t=50 is a minute old
+    ([50.0], 2, 100.0, 0.0),
+    ([30.0, 50.0, 70.0], 2, 100.0, 10.0),  # t=30 has left the window; t=50 must too
+    ([40.0, 50.0], 2, 100.0, 0.0),      # t=40 is exactly a minute old: gone
+    ([45.0, 50.0, 70.0], 1, 100.0, 30.0),  # a lowered limit waits for the newest
+])
+def test_minute_window(admitted, rpm, now, wait):
+    assert minute_wait(deque(admitted), rpm, now) == pytest.approx(wait)
+
+
+@pytest.mark.parametrize(("used", "tpd", "now", "wait"), [
+    (0, 100, T0 + 10, 0.0),
+    (99, 100, T0 + 10, 0.0),
+    (100, 100, T0 + 10, 86390.0),
+    (500, 100, T0 + 86399, 1.0),
+])
+def test_day_budget(used, tpd, now, wait):
+    assert day_wait(used, tpd, now) == pytest.approx(wait)
+
+
+async def test_ledger_counts_survive_a_restart_and_a_new_day_starts_afresh(tmp_path):
+    store = await Store.open(tmp_path)
+    ledger = UsageLedger(store.usage)
+    await ledger.load(T0 + 5)
+    hour = int(T0)
+    ledger.record((hour, "tok_a", "llm", "llama"), False, (10, 20))
+    ledger.record((hour, "tok_a", "llm", "llama"), True, None)
+    ledger.record((hour, "public", "emb", "bge"), False, (3, 0))
+    assert ledger.tokens_today("tok_a", T0 + 6) == 30
+    await ledger.flush()
+    assert not ledger.pending
+    await store.close()
+
+    store = await Store.open(tmp_path)  # berthd restarted the same day
+    again = UsageLedger(store.usage)
+    await again.load(T0 + 3600)
+    assert again.tokens_today("tok_a", T0 + 3600) == 30
+    assert again.tokens_today("tok_a", T0 + 86400 + 1) == 0  # a new UTC day
+    rows = await store.usage.summary("token", 0, None, None, None)
+    assert {r["group"]: (r["calls"], r["errors"], r["prompt_tokens"], r["completion_tokens"])
+            for r in rows} == {"tok_a": (2, 1, 10, 20), "public": (1, 0, 3, 0)}
+    await store.close()
+
+
+async def test_a_failed_flush_keeps_its_counts(tmp_path):
+    store = await Store.open(tmp_path)
+    ledger = UsageLedger(store.usage)
+    await ledger.load(T0)
+    ledger.record((int(T0), "admin", "llm", "llama"), False, (1, 2))
+    await store.close()  # the next write fails
+    with pytest.raises(ValueError):
+        await ledger.flush()
+    assert sum(t.calls for t in ledger.pending.values()) == 1
+    store = await Store.open(tmp_path)
+    ledger.store = store.usage
+    await ledger.flush()
+    assert (await store.usage.summary("day", 0, None, None, None))[0]["calls"] == 1
+    await store.close()
+
+
+async def test_usage_is_counted_per_token_and_model_and_summed_by_the_api(api):
+    import openai
+
+    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama", "l2"]),
+                           "emb": endpoint("emb", public=True, models=["bge"])})
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN)).json()
+    base = f"http://127.0.0.1:{client.port}/v1"
+    user = openai.AsyncOpenAI(base_url=base, api_key=token["token"], max_retries=0)
+    try:
+        await user.chat.completions.create(   # 3 words in, 4 tokens out
+            model="llama", messages=[{"role": "user", "content": "one two three"}])
+        stream = await user.chat.completions.create(
+            model="l2", messages=[{"role": "user", "content": "a b"}], stream=True,
+            stream_options={"include_usage": True})
+        assert [c async for c in stream][-1].usage.prompt_tokens == 2
+        with pytest.raises(openai.NotFoundError):  # the model's own 404: an error, no tokens
+            await user.completions.create(model="llama", prompt="x")
+    finally:
+        await user.close()
+    assert (await client.post("/v1/embeddings", json={"model": "bge", "input": "x"})).status \
+        == 200
+    resp = await client.post("/invoke/llm/v1/chat/completions", headers={
+        **ADMIN, "Content-Type": "application/json"}, data=json.dumps(
+        {"model": "llama", "messages": [{"role": "user", "content": "x"}]}))
+    assert resp.status == 200
+
+    by_model = await (await client.get("/v1/usage?group_by=model", headers=ADMIN)).json()
+    rows = {(u["endpoint"], u["model"]): (u["calls"], u["errors"], u["prompt_tokens"],
+                                          u["completion_tokens"]) for u in by_model["usage"]}
+    assert rows == {("emb", "bge"): (1, 0, 3, 0), ("llm", "l2"): (1, 0, 2, 3),
+                    ("llm", "llama"): (3, 1, 4, 6)}
+    by_token = await (await client.get("/v1/usage?group_by=token&endpoint=llm",
+                                       headers=ADMIN)).json()
+    assert {u["token"]: u["calls"] for u in by_token["usage"]} == {token["id"]: 3, "admin": 1}
+    one = await (await client.get(f"/v1/usage?token={token['id']}&group_by=hour",
+                                  headers=ADMIN)).json()
+    assert one["total"] == {"calls": 3, "errors": 1, "prompt_tokens": 5,
+                            "completion_tokens": 7}
+    assert one["usage"][0]["hour"].endswith(":00Z")
+    later = await (await client.get("/v1/usage?since=2999-01-01", headers=ADMIN)).json()
+    assert later["usage"] == [] and later["total"]["calls"] == 0
+    metrics = (await (await client.get("/metrics", headers=ADMIN)).text()).splitlines()
+    assert 'berth_model_tokens_total{endpoint="llm",kind="completion",model="llama"} 6.0' \
+        in metrics
+    for bad in ("group_by=week", "since=yesterday", "until=nan"):
+        resp = await client.get(f"/v1/usage?{bad}", headers=ADMIN)
+        assert resp.status == 422, bad
+    resp = await client.get("/v1/usage", headers={"Authorization": f"Bearer {token['token']}"})
+    assert resp.status == 403  # usage is the admin's
+
+
+async def test_a_token_over_its_limits_is_told_when_to_come_back(api):
+    import openai
+
+    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    resp = await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
+                             json={"requests_per_minute": 2})
+    token = await resp.json()
+    assert resp.status == 201 and token["requests_per_minute"] == 2
+    assert token["tokens_per_day"] is None
+    user = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
+                              api_key=token["token"], max_retries=0)
+    chat = {"model": "llama", "messages": [{"role": "user", "content": "one two three"}]}
+    try:
+        await user.chat.completions.create(**chat)
+        await user.chat.completions.create(**chat)
+        with pytest.raises(openai.RateLimitError) as limited:
+            await user.chat.completions.create(**chat)
+        assert limited.value.code == "rate_limit_exceeded"
+        assert 55 <= int(limited.value.response.headers["Retry-After"]) <= 60
+        # /invoke is the same token's door: the same window.
+        resp = await client.get("/invoke/llm/echo",
+                                headers={"Authorization": f"Bearer {token['token']}"})
+        assert resp.status == 429 and (await resp.json())["error"]["code"] == \
+            "rate_limit_exceeded"
+        # Lifted, then a daily budget of 25 model tokens: 14 are spent (two calls of 3 + 4),
+        # two more calls fit (21, then 28), the next waits for UTC midnight.
+        resp = await client.patch(f"/v1/endpoints/llm/tokens/{token['id']}", headers=ADMIN,
+                                  json={"requests_per_minute": None, "tokens_per_day": 25})
+        assert resp.status == 200 and (await resp.json())["tokens_per_day"] == 25
+        await user.chat.completions.create(**chat)
+        await user.chat.completions.create(**chat)
+        with pytest.raises(openai.RateLimitError) as spent:
+            await user.chat.completions.create(**chat)
+        assert "used 28 of its 25 model tokens" in spent.value.message
+        assert 1 <= int(spent.value.response.headers["Retry-After"]) <= 86400
+    finally:
+        await user.close()
+    listed = await (await client.get("/v1/endpoints/llm/tokens", headers=ADMIN)).json()
+    assert [(t["requests_per_minute"], t["tokens_per_day"]) for t in listed["tokens"]] == \
+        [(None, 25)]
+    for bad in ({"requests_per_minute": 0}, {"tokens_per_day": "many"}, {"rpm": 5}):
+        resp = await client.post("/v1/endpoints/llm/tokens", headers=ADMIN, json=bad)
+        assert resp.status == 422, bad
+    resp = await client.patch("/v1/endpoints/llm/tokens/tok_nope", headers=ADMIN,
+                              json={"tokens_per_day": 5})
+    assert resp.status == 404
