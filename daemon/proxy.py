@@ -43,6 +43,7 @@ FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
 REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"}) | FORWARDING
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
+MAX_HELD = 1024 ** 2  # the most of one SSE line the rewriter holds back
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -71,23 +72,33 @@ class Call:
 class SseRewriter:
     """Rewrites each complete `data:` line of an SSE stream with `rewrite` (JSON bytes in,
     JSON bytes out); everything else passes as it comes. Only a line's unfinished end is held
-    until its newline arrives, and SSE events end in a blank line, so no event waits."""
+    until its newline arrives, and SSE events end in a blank line, so no event waits. A line
+    longer than MAX_HELD is passed on unrewritten rather than held (memory is bounded)."""
 
     def __init__(self, rewrite: Callable[[bytes], bytes]) -> None:
         self.rewrite = rewrite
         self.tail = b""
+        self.passing = False  # inside an over-long line: pass it until its end
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.tail + chunk
         cut = data.rfind(b"\n") + 1
-        self.tail = data[cut:]
-        return b"".join(self._line(line) for line in data[:cut].splitlines(keepends=True))
+        head, self.tail = data[:cut], data[cut:]
+        out = b"".join(self._line(line) for line in head.splitlines(keepends=True))
+        if len(self.tail) > MAX_HELD or (self.passing and not head):
+            out, self.tail, self.passing = out + self.tail, b"", True
+        elif head:
+            self.passing = False
+        return out
 
     def flush(self) -> bytes:
         tail, self.tail = self.tail, b""
         return self._line(tail) if tail else b""
 
     def _line(self, line: bytes) -> bytes:
+        if self.passing:  # the end of an over-long line
+            self.passing = False
+            return line
         if not line.startswith(b"data:"):
             return line
         payload = line[5:].strip()

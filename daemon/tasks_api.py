@@ -16,9 +16,11 @@ from berth.daemon.auth import add_admin_route
 from berth.daemon.config import EndpointSpec
 from berth.daemon.errors import ApiError, storage_error
 from berth.daemon.keys import AUTH, CALLBACK_POLICY, DISPATCHER, LIMITS, RECONCILER, ROUTER
+from berth.daemon.models_api import presented_key
 from berth.daemon.params import query_limit
 from berth.daemon.proxy import (
     REQUEST_ONLY,
+    admit,
     check_token,
     forward_headers,
     forwarded_headers,
@@ -111,6 +113,7 @@ async def submit(request: web.Request) -> web.Response:
     router, dispatcher = request.app[ROUTER], request.app[DISPATCHER]
     pool = router.pool(request.match_info["name"])
     check_token(request, pool)
+    admit(request, request.app[AUTH].principal(presented_key(request)))
     url = await callback_url(request)
     spec, tasks = pool.spec, dispatcher.store.tasks
     expected = request.content_length or 0

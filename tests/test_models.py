@@ -248,3 +248,15 @@ def test_sse_rewriter_keeps_the_stream_as_it_comes():
     assert sse.feed(passing) == passing
     assert sse.feed(b'data: {"model": "other"}') == b""
     assert sse.flush() == b'data: {"model": "other"}'
+
+
+def test_sse_rewriter_holds_at_most_a_bounded_line():
+    from berth.daemon.openai_api import renamer
+    from berth.daemon.proxy import MAX_HELD, SseRewriter
+
+    sse = SseRewriter(renamer("llama", "/m"))
+    long = b'data: {"model": "/m", "x": "' + b"a" * MAX_HELD
+    assert sse.feed(long) == long  # passed on as it came, not held
+    assert len(sse.tail) == 0
+    assert sse.feed(b"aaa") == b"aaa"
+    assert sse.feed(b'"}\n\ndata: {"model": "/m"}\n') == b'"}\n\ndata: {"model": "llama"}\n'

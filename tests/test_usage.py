@@ -207,6 +207,9 @@ async def test_a_token_over_its_limits_is_told_when_to_come_back(api):
                                 headers={"Authorization": f"Bearer {token['token']}"})
         assert resp.status == 429 and (await resp.json())["error"]["code"] == \
             "rate_limit_exceeded"
+        resp = await client.post("/async/llm/echo",
+                                 headers={"Authorization": f"Bearer {token['token']}"})
+        assert resp.status == 429 and "Retry-After" in resp.headers
         # Lifted, then a daily budget of 25 model tokens: 14 are spent (two calls of 3 + 4),
         # two more calls fit (21, then 28), the next waits for UTC midnight.
         resp = await client.patch(f"/v1/endpoints/llm/tokens/{token['id']}", headers=ADMIN,
