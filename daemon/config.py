@@ -110,6 +110,9 @@ class EndpointFields(Strict):
         "items": {"type": "string", "pattern": MODEL_NAME.pattern}})
     # The name the model server expects: berth rewrites `model` to it and back.
     upstream_model: str | None = Field(None, pattern=r"^\S{1,256}$")
+    # A streamed OpenAI call waiting this long for a slot gets 200 and SSE comments this
+    # often, so idle proxies do not cut it (0: off).
+    stream_keepalive_s: float = Field(10.0, ge=0, le=3600)
 
     @field_validator("models")
     @classmethod

@@ -19,6 +19,18 @@ from berth.scheduler.replica import ReplicaState
 S = ReplicaState
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_exceeded"}
+
+
+def error_object(status: int, code: str, message: str,
+                 param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object for an answer of `status` (berth's `code` kept)."""
+    return {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+            "param": param, "code": code}
+
+
 def openai_error(status: int, message: str, code: str, kind: str,
                  param: str | None = None) -> web.Response:
     """An error as OpenAI clients expect it (`kind` is OpenAI's `type`)."""

@@ -21,17 +21,15 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER, USAGE
-from berth.daemon.models_api import openai_error, presented_key
+from berth.daemon.models_api import ERROR_TYPES, openai_error, presented_key
 from berth.daemon.proxy import Call, admit, serve_call
+from berth.daemon.stream_wait import serve_streaming
 from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 
 JSON_ROUTES = ("chat/completions", "completions", "embeddings", "rerank", "responses",
                "moderations", "images/generations", "audio/speech")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               403: "permission_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_exceeded"}
 
 
 class OpenAIError(Exception):
@@ -117,13 +115,17 @@ async def openai_call(request: web.Request) -> web.StreamResponse:
         admit(request, principal)
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                     request.headers.get("X-Request-Id") or os.urandom(12).hex(), body=raw,
-                    meter=UsageMeter() if app[USAGE].enabled else None)
+                    meter=UsageMeter() if app[USAGE].enabled else None, openai=True)
         upstream = pool.spec.upstream_model
         if upstream:
             call.body = json.dumps({**body, "model": upstream}).encode()
             call.rewrite = renamer(model, upstream)
-        response = await serve_call(app[ROUTER], call, None)
-        outcome = response.status
+        every = pool.spec.stream_keepalive_s
+        if body.get("stream") is True and every > 0:
+            response = await serve_streaming(app[ROUTER], call, every)
+        else:
+            response = await serve_call(app[ROUTER], call, None)
+        outcome = call.failed_status or response.status
         return response
     except OpenAIError as exc:
         outcome = exc.status

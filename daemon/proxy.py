@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,7 +23,7 @@ from yarl import URL
 
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, LIMITS, METRICS, QUOTA, ROUTER, UPSTREAM, USAGE
-from berth.daemon.models_api import presented_key
+from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
@@ -67,6 +67,14 @@ class Call:
     rewrite: Callable[[bytes], bytes] | None = None
     # Reads the answer's OpenAI usage object as it passes (None: accounting does not look).
     meter: UsageMeter | None = None
+    # An OpenAI call: a broken stream ends with `data: {"error": ...}` and `data: [DONE]`.
+    openai: bool = False
+    # Awaited when the call gets its slot, before anything goes to the replica.
+    on_lease: Callable[[], Awaitable[None]] | None = None
+    # A 200 event stream already sent to the client (keep-alive while it waited): the
+    # replica's answer goes into it. failed_status then says how the call really ended.
+    committed: web.StreamResponse | None = None
+    failed_status: int | None = None
 
 
 class SseRewriter:
@@ -196,6 +204,8 @@ async def serve_call(router: Router, call: Call, pinned: str | None) -> web.Stre
     refused: list[str] = []
     for _ in range(1 if pinned else 2):
         async with router.acquire(call.pool, pinned, frozenset(refused)) as lease:
+            if call.on_lease is not None:
+                await call.on_lease()
             try:
                 return await _exchange(call, lease.replica)
             except ReplicaRefused:
@@ -240,6 +250,10 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
         async with asyncio.timeout(spec.request_timeout_s), session.request(
                 request.method, URL(url, encoded=True), headers=headers, data=data,
                 allow_redirects=False) as upstream:
+            if call.committed is not None:
+                response = call.committed
+                await _into_committed(call, upstream, response)
+                return response
             if _small(upstream):  # one write for headers and body: the common JSON answer
                 body = await upstream.read()
                 if call.meter is not None:
@@ -285,6 +299,31 @@ async def _relay(call: Call, upstream: aiohttp.ClientResponse,
     await response.write_eof()
 
 
+async def _into_committed(call: Call, upstream: aiohttp.ClientResponse,
+                          response: web.StreamResponse) -> None:
+    """The replica's answer into a stream already sent as 200: its events as they come, or
+    what else it answered as one OpenAI error event."""
+    if upstream.status == 200 and upstream.content_type == "text/event-stream":
+        await _relay(call, upstream, response)
+        return
+    body = await upstream.content.read(SMALL_BODY)
+    call.failed_status = upstream.status if upstream.status >= 400 else 502
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        error = error_object(502, "upstream_error", f"the model answered {upstream.status}: "
+                             f"{body[:500].decode(errors='replace')}")
+    await end_stream(response, error)
+
+
+async def end_stream(response: web.StreamResponse, error: object) -> None:
+    """End an OpenAI event stream with an error chunk and [DONE]; the client may be gone."""
+    event = json.dumps({"error": error}).encode()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write(b"data: " + event + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+
+
 def _small(upstream: aiohttp.ClientResponse) -> bool:
     length = upstream.content_length
     return length is not None and length <= SMALL_BODY and \
@@ -326,6 +365,11 @@ async def _cut(call: Call, replica: Replica, response: web.StreamResponse | None
                 request_id=call.request_id, code=code, reason=message)
     if response is None:
         raise ApiError(status, code, message)
+    if call.committed is not None:
+        call.failed_status = status
+    if call.openai and response.content_type == "text/event-stream":
+        await end_stream(response, error_object(status, code, message))
+        return response
     if response.content_type == "text/event-stream":
         event = json.dumps({"error": {"code": code, "message": message}})
         with contextlib.suppress(ConnectionError, RuntimeError):
