@@ -1,12 +1,14 @@
-"""The OpenAI-compatible front door for JSON calls: `POST /v1/chat/completions`, `/v1/completions`,
+"""The OpenAI-compatible front door: `POST /v1/chat/completions`, `/v1/completions`,
 `/v1/embeddings`, `/v1/rerank`, `/v1/responses`, `/v1/moderations`, `/v1/images/generations`
-and `/v1/audio/speech`, routed by the body's `model` to the endpoint that lists it.
+and `/v1/audio/speech` (JSON), `/v1/audio/transcriptions` and `/v1/audio/translations`
+(multipart), routed by the `model` field to the endpoint that lists it.
 
 A call takes the same path as `/invoke` (slot lease, queue, 429, scale from zero, timeouts,
-X-Berth-Replica, metrics): only routing differs. The body is read whole (up to
-daemon.max_body_bytes) to find `model`; with `upstream_model` set, berth rewrites `model` to
-it on the way in and back to the client's name in a JSON answer. Errors use OpenAI's shape
-(`message`, `type`, `param`, `code`, berth's codes kept) so SDKs raise their typed exceptions.
+X-Berth-Replica, metrics, usage): only routing differs. A JSON body is read whole (up to
+daemon.max_body_bytes) to find `model`; a form only up to its `model` field, the rest
+streams. With `upstream_model` set, berth rewrites `model` to it on the way in and back to
+the client's name in the answer. Errors use OpenAI's shape (`message`, `type`, `param`,
+`code`, berth's codes kept) so SDKs raise their typed exceptions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +25,7 @@ from aiohttp import web
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER, USAGE
 from berth.daemon.models_api import ERROR_TYPES, openai_error, presented_key
+from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import Call, admit, serve_call
 from berth.daemon.stream_wait import serve_streaming
 from berth.daemon.usage import UsageMeter, account, hour_of
@@ -30,6 +34,7 @@ from berth.scheduler.pool import EndpointPool
 
 JSON_ROUTES = ("chat/completions", "completions", "embeddings", "rerank", "responses",
                "moderations", "images/generations", "audio/speech")
+FORM_ROUTES = ("audio/transcriptions", "audio/translations")
 
 
 class OpenAIError(Exception):
@@ -69,8 +74,48 @@ async def read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
     return body, bytes(raw)
 
 
-def model_pool(request: web.Request, body: dict[str, Any]) -> tuple[str, EndpointPool]:
-    model = body.get("model")
+@dataclass
+class Asked:
+    """What an OpenAI call asks for, from as much of its body as routing needs: `head` is
+    the whole body (JSON) or its first bytes (a form, `span` where its model value is)."""
+
+    model: Any
+    stream: bool
+    head: bytes
+    json_body: dict[str, Any] | None = None
+    span: Found | None = None
+
+    def into(self, call: Call, upstream: str | None) -> None:
+        """Give the call its body, with the model renamed to `upstream` when set."""
+        if self.json_body is not None:
+            call.body = self.head if not upstream else \
+                json.dumps({**self.json_body, "model": upstream}).encode()
+            return
+        call.prefix, call.replaces = self.head, len(self.head)
+        if upstream and self.span is not None:
+            call.prefix = self.head[:self.span.start] + upstream.encode() + \
+                self.head[self.span.end:]
+
+
+async def asked_json(request: web.Request) -> Asked:
+    body, raw = await read_json(request)
+    return Asked(body.get("model"), body.get("stream") is True, raw, json_body=body)
+
+
+async def asked_form(request: web.Request) -> Asked:
+    limit = request.app[LIMITS].max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise OpenAIError(413, "payload_too_large", f"request body of "
+                          f"{request.content_length} bytes is over the limit of {limit}")
+    try:
+        model, head, span = await read_model_field(request)
+    except FormError as exc:
+        raise OpenAIError(400, "missing_model" if "`model`" in str(exc) else "bad_form",
+                          str(exc), "model") from None
+    return Asked(model, False, head, span=span)
+
+
+def model_pool(request: web.Request, model: Any) -> tuple[str, EndpointPool]:
     if not isinstance(model, str) or not model:
         raise OpenAIError(400, "missing_model", "`model` (a string) is required", "model")
     for pool in request.app[RECONCILER].live_pools():
@@ -104,24 +149,33 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
 
 
 async def openai_call(request: web.Request) -> web.StreamResponse:
+    return await serve_openai(request, asked_json)
+
+
+async def openai_form_call(request: web.Request) -> web.StreamResponse:
+    return await serve_openai(request, asked_form)
+
+
+async def serve_openai(request: web.Request,
+                       read: Callable[[web.Request], Awaitable[Asked]]) -> web.StreamResponse:
     started, outcome, call, cell = time.monotonic(), 499, None, None
     app = request.app
     try:
-        body, raw = await read_json(request)
-        model, pool = model_pool(request, body)
+        asked = await read(request)
+        model, pool = model_pool(request, asked.model)
         principal = app[AUTH].principal(presented_key(request))
         cell = (hour_of(time.time()), principal, pool.name, model)
         check_key(request, pool)
         admit(request, principal)
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
-                    request.headers.get("X-Request-Id") or os.urandom(12).hex(), body=raw,
+                    request.headers.get("X-Request-Id") or os.urandom(12).hex(),
                     meter=UsageMeter() if app[USAGE].enabled else None, openai=True)
         upstream = pool.spec.upstream_model
+        asked.into(call, upstream)
         if upstream:
-            call.body = json.dumps({**body, "model": upstream}).encode()
             call.rewrite = renamer(model, upstream)
         every = pool.spec.stream_keepalive_s
-        if body.get("stream") is True and every > 0:
+        if asked.stream and every > 0:
             response = await serve_streaming(app[ROUTER], call, every)
         else:
             response = await serve_call(app[ROUTER], call, None)
@@ -144,3 +198,5 @@ async def openai_call(request: web.Request) -> web.StreamResponse:
 def add_openai_api(app: web.Application) -> None:
     for path in JSON_ROUTES:
         app.router.add_post(f"/v1/{path}", openai_call)
+    for path in FORM_ROUTES:
+        app.router.add_post(f"/v1/{path}", openai_form_call)

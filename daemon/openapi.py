@@ -14,7 +14,7 @@ from berth.daemon import schemas as s
 from berth.daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
 from berth.daemon.control import SECRET_NAME, TokenLimitsBody
 from berth.daemon.keys import OPENAPI
-from berth.daemon.openai_api import JSON_ROUTES
+from berth.daemon.openai_api import FORM_ROUTES, JSON_ROUTES
 
 JSON = "application/json"
 
@@ -36,6 +36,7 @@ class Op:
     links: tuple[tuple[str, str, str], ...] = ()
     media: str = "*/*"  # content type of an answer that has no model
     body_optional: bool = False
+    body_media: str = JSON
     error_model: type[BaseModel] = s.ErrorBody  # the OpenAI routes answer OpenAI's shape
 
 
@@ -65,6 +66,11 @@ OPS: tuple[Op, ...] = (
          "503, 504) carry OpenAI's error object.", (200, None), s.OpenAIRequest,
          auth="endpoint", tag="data plane", error_model=s.OpenAIError)
       for path in JSON_ROUTES),
+    *(Op("post", f"/v1/{path}", f"OpenAI {path} (multipart): routed by the `model` form "
+         "field, which must come before the file; the audio streams to the replica. Errors as "
+         "on the JSON routes, plus 400 bad_form.", (200, None), s.OpenAIForm,
+         auth="endpoint", tag="data plane", error_model=s.OpenAIError,
+         body_media="multipart/form-data") for path in FORM_ROUTES),
     Op("post", "/v1/endpoints", "Create an endpoint", (201, s.EndpointView), EndpointSpec,
        (*BODY_ERRORS, 409), links=tuple((f"{m} /v1/endpoints/{{name}}", "name", "name")
                                         for m in ("get", "patch", "delete"))),
@@ -186,7 +192,7 @@ def _operation(op: Op, components: dict[str, Any]) -> dict[str, Any]:
                                  "operationId": _operation_id(op.method, op.path)}
     if op.body is not None:
         operation["requestBody"] = {"required": not op.body_optional, "content": {
-            JSON: {"schema": _schema(op.body, components)}}}
+            op.body_media: {"schema": _schema(op.body, components)}}}
     if op.auth == "admin":
         operation["security"] = [{"bearer": []}]
     elif op.auth == "endpoint":

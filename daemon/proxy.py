@@ -63,6 +63,10 @@ class Call:
     body_too_large: bool = False
     # Set by the OpenAI routes, which read the (bounded) JSON body to route it: sent as is.
     body: bytes | None = None
+    # The multipart OpenAI routes read only the body's first bytes (`replaces` of them, maybe
+    # rewritten into `prefix`): those go first, the rest streams from the client.
+    prefix: bytes | None = None
+    replaces: int = 0
     # Applied to a whole (small) answer before it goes back, e.g. the model name rewritten.
     rewrite: Callable[[bytes], bytes] | None = None
     # Reads the answer's OpenAI usage object as it passes (None: accounting does not look).
@@ -218,7 +222,9 @@ async def serve_call(router: Router, call: Call, pinned: str | None) -> web.Stre
 async def _body(call: Call) -> AsyncIterator[bytes]:
     """The request body as it arrives, cut off past the size limit."""
     call.body_sent = True
-    limit, total = call.request.app[LIMITS].max_body, 0
+    limit, total = call.request.app[LIMITS].max_body, call.replaces
+    if call.prefix:
+        yield call.prefix
     async for chunk in call.request.content.iter_chunked(CHUNK):
         total += len(chunk)
         if total > limit:
@@ -240,7 +246,8 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
     if call.body is not None:
         headers["Content-Length"] = str(len(call.body))
     elif request.content_length is not None:
-        headers["Content-Length"] = str(request.content_length)
+        length = request.content_length - call.replaces + len(call.prefix or b"")
+        headers["Content-Length"] = str(length)
     data: AsyncIterator[bytes] | bytes | None = _body(call) if request.body_exists else None
     if call.body is not None:  # held whole: a refused connection may still be retried
         data = call.body

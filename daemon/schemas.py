@@ -56,6 +56,15 @@ class OpenAIRequest(BaseModel):
     model: str
 
 
+class OpenAIForm(BaseModel):
+    """A multipart OpenAI request (audio transcriptions, translations): `model` routes it,
+    and must come before the file; every part is passed on."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    file: bytes
+
+
 class BerthModelState(Model):
     endpoint: str
     state: Literal["ready", "starting", "cold", "error"]

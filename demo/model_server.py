@@ -142,6 +142,20 @@ class Handler(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": words, "completion_tokens": words + 1,
                       "total_tokens": 2 * words + 1}})
 
+    def _transcribe(self, body):
+        """A form's fields as the model saw them: what berth sent must be the client's form."""
+        boundary = self.headers.get("Content-Type", "").partition("boundary=")[2].strip('"')
+        fields = {}
+        for part in body.split(b"--" + boundary.encode())[1:-1]:
+            head, _, value = part.partition(b"\r\n\r\n")
+            name = head.partition(b'name="')[2].partition(b'"')[0].decode()
+            fields[name] = value[:-2]  # the CRLF before the next delimiter
+        audio = fields.get("file", b"")
+        return self._send(200, {
+            "text": f"{len(audio)} bytes of audio", "received_model":
+            fields.get("model", b"").decode(), "audio_sha256": hashlib.sha256(audio).hexdigest(),
+            "content_length": self.headers.get("Content-Length")})
+
     def _route(self):
         received_at = time.time()
         url = urlparse(self.path)
@@ -160,6 +174,8 @@ class Handler(BaseHTTPRequestHandler):
                 "client_port": self.client_address[1]})
         if path in ("/v1/chat/completions", "/v1/embeddings"):
             return self._openai(path, body)
+        if path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            return self._transcribe(body)
         if path == "/env":
             return self._send(200, dict(os.environ))
         if path == "/sleep":

@@ -166,13 +166,14 @@ async def test_chat_completions_route_by_model_through_the_invoke_path(api):
 
 def test_no_openai_path_shadows_a_control_path(tmp_path):
     from berth.daemon.control import ROUTES
-    from berth.daemon.openai_api import JSON_ROUTES
+    from berth.daemon.openai_api import FORM_ROUTES, JSON_ROUTES
 
     control = {(m, p) for m, p, _ in ROUTES}
-    openai = {("POST", f"/v1/{p}") for p in JSON_ROUTES} | {("GET", "/v1/models"),
-                                                            ("GET", "/v1/models/{model}")}
-    assert not control & openai
-    prefixes = {p.split("/")[2] for _, p in control}  # endpoints, secrets, events, gpus
+    openai = {("POST", f"/v1/{p}") for p in (*JSON_ROUTES, *FORM_ROUTES)} | {
+        ("GET", "/v1/models"), ("GET", "/v1/models/{model}")}
+    assert len(openai) == 12 and not control & openai
+    # endpoints, secrets, events, gpus, usage
+    prefixes = {p.split("/")[2] for _, p in control}
     assert not prefixes & {p.split("/")[2] for _, p in openai}
 
 
