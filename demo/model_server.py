@@ -129,6 +129,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {"object": "list", "model": req.get("model"), "data": [
                 {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                 "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        time.sleep(min(float(req.get("sleep_s", 0)), 60))  # a slow model, for timeouts
         said = " ".join(str(m.get("content", "")) for m in req.get("messages", []))
         words = len(said.split())
         if req.get("stream"):

@@ -261,3 +261,56 @@ def test_sse_rewriter_holds_at_most_a_bounded_line():
     assert len(sse.tail) == 0
     assert sse.feed(b"aaa") == b"aaa"
     assert sse.feed(b'"}\n\ndata: {"model": "/m"}\n') == b'"}\n\ndata: {"model": "llama"}\n'
+
+
+async def test_the_sdk_raises_its_typed_errors_for_berths_answers(api):
+    import openai
+
+    h, client = await api({
+        "llm": endpoint("llm", min_replicas=1, models=["llama"], request_timeout_s=0.3),
+        "sick": endpoint("sick", models=["sick"], startup_timeout_s=0.5,
+                         env={"MODEL_FAIL_HEALTH": "1"}),
+        "other": endpoint("other", models=["qwen"])}, max_body_bytes=2048)
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    token = (await (await client.post("/v1/endpoints/other/tokens", headers=ADMIN)).json())
+    base = f"http://127.0.0.1:{client.port}/v1"
+    sdk = openai.AsyncOpenAI(base_url=base, api_key="admin-secret", max_retries=0)
+    other = openai.AsyncOpenAI(base_url=base, api_key=token["token"], max_retries=0)
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [
+        (sdk.chat.completions.create(model=None, messages=hi),  # type: ignore[arg-type]
+         openai.BadRequestError, 400, "missing_model"),
+        (other.chat.completions.create(model="llama", messages=hi),
+         openai.PermissionDeniedError, 403, "forbidden"),
+        (sdk.chat.completions.create(model="llama", messages=[
+            {"role": "user", "content": "x" * 4096}]), openai.APIStatusError, 413,
+         "payload_too_large"),
+        (sdk.chat.completions.create(model="sick", messages=hi),
+         openai.InternalServerError, 503, "no_capacity"),
+        (sdk.chat.completions.create(model="llama", messages=hi, extra_body={"sleep_s": 2}),
+         openai.InternalServerError, 504, "timeout"),
+    ]
+    try:
+        for coro, kind, status, code in cases:
+            with pytest.raises(kind) as caught:
+                await coro
+            assert (caught.value.status_code, caught.value.code) == (status, code)
+    finally:
+        await sdk.close()
+        await other.close()
+
+
+async def test_open_mode_takes_any_key(harness, aiohttp_client):
+    from berth.daemon.app import build_app
+
+    h = await harness()
+    await h.reconciler.apply_specs({"llm": endpoint("llm", min_replicas=1, models=["llama"])},
+                                   "config")
+    pool = h.reconciler.pools["llm"]
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    client = await aiohttp_client(build_app(h.reconciler, h.reconciler.allocator))
+    for headers in ({}, {"Authorization": "Bearer anything"}, {"x-api-key": "sk-whatever"}):
+        resp = await client.post("/v1/chat/completions", headers=headers, json={
+            "model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status == 200, headers
