@@ -79,9 +79,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wrk(url: str, clients: int) -> dict[str, float]:
+def wrk(url: str, clients: int, script: str | None = None) -> dict[str, float]:
+    extra = ["-s", script] if script else []
     out = subprocess.run(["wrk", "-t", "1" if clients == 1 else "2", "-c", str(clients),
-                          "-d", f"{WRK_SECONDS}s", "--latency", url],
+                          "-d", f"{WRK_SECONDS}s", "--latency", *extra, url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = {p: _ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)}

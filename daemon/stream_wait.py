@@ -34,16 +34,21 @@ class KeepAlive:
         self.response: web.StreamResponse | None = None
         self._stopping = asyncio.Event()
         self._started = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        # A timer, not a task, until the first comment is due: most calls get a slot at once
+        # and should pay next to nothing for keep-alive.
+        self._timer = asyncio.get_running_loop().call_later(every, self._begin)
+
+    def _begin(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.every)
-                return
             if self.response is None:
                 self.response = await self._commit()
             await self.response.write(self._comment())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.every)
 
     async def _commit(self) -> web.StreamResponse:
         response = web.StreamResponse(headers={
@@ -60,11 +65,16 @@ class KeepAlive:
         return f": berth: {doing} {pool.name}, {waited:.0f} s\n\n".encode()
 
     async def stop(self) -> None:
+        self._timer.cancel()
         self._stopping.set()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._task  # a client gone mid-comment: the call's own write will say so
+        if self._task is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._task  # a client gone mid-comment: the call's own write says so
 
     def abort(self) -> None:
+        self._timer.cancel()
+        if self._task is None:
+            return
         self._task.cancel()
         if self._task.done() and not self._task.cancelled():
             self._task.exception()  # seen here: a client that left mid-comment

@@ -225,14 +225,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         words = f"echo: {said}".split()
+        interval = min(float(req.get("interval_s", 0)), 10)  # paced like a real model
         chunks = [{"choices": [{"index": 0, "delta": {"content": w + " "}}]} for w in words]
         if (req.get("stream_options") or {}).get("include_usage"):
             chunks.append({"choices": [], "usage": {
                 "prompt_tokens": len(said.split()), "completion_tokens": len(words),
                 "total_tokens": len(said.split()) + len(words)}})
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if i and interval:
+                time.sleep(interval)
             body = {"id": "chatcmpl-demo", "object": "chat.completion.chunk",
-                    "model": req.get("model"), **chunk}
+                    "model": req.get("model"), "sent_at": time.time(), **chunk}
             event = f"data: {json.dumps(body)}\n\n".encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
             self.wfile.flush()
@@ -250,7 +253,7 @@ def main():
     if crash_after > 0:
         threading.Timer(crash_after, lambda: os._exit(4)).start()
     port = int(os.environ.get("PORT", "8080"))
-    ThreadingHTTPServer.request_queue_size = 256  # a burst of connects must not hit SYN retries
+    ThreadingHTTPServer.request_queue_size = 1024  # a burst of connects must not hit SYN retries
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     server.daemon_threads = True
     SERVER.append(server)
