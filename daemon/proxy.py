@@ -269,6 +269,11 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
             response = await _start_response(call, replica, upstream)
             await _relay(call, upstream, response)
             return response
+    except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too, but not the call's
+        if not call.body_sent:
+            raise ReplicaRefused(f"connecting timed out: {exc}") from exc
+        return await _cut(call, replica, response, 502, "replica_failed",
+                          f"connecting to replica {replica.id} timed out")
     except TimeoutError:
         message = f"call exceeded request_timeout_s={spec.request_timeout_s:g}"
         return await _cut(call, replica, response, 504, "timeout", message)
