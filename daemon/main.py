@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from berth.gpu import GpuSourceError, load_inventory
 
 log = structlog.get_logger("berth.daemon")
 DEFAULT_CONFIG = "/etc/berth/config.toml"
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython: 700)
 
 
 def check_config(path: str) -> int:
@@ -70,6 +72,7 @@ async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
                       (signal.SIGINT, "stop")):
         loop.add_signal_handler(sig, signals.put_nowait, word)
     watchdog = loop.create_task(_watchdog(notifier))
+    tune_gc()
     notifier.send("READY=1", f"STATUS=serving on port {berth.port}")
     log.info("berthd.ready", endpoints=len(config.endpoints), port=berth.port)
     while await signals.get() == "reload":
@@ -83,6 +86,15 @@ async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
     notifier.close()
     log.info("berthd.stopped")
     return 0
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper cycle collections: under load, collections of the objects every call
+    allocates took about 15% of berthd's CPU (py-spy, 500 streamed calls). What exists after
+    start-up lives as long as berthd, so it is frozen out of every later collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
 async def _reload(berth: Berth, config_path: str) -> None:
