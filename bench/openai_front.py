@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -108,6 +109,25 @@ async def streams(url: str) -> tuple[list[float], list[float]]:
     return [lat for one in results for lat in one], [lat for one in results for lat in one[1:]]
 
 
+@dataclass
+class Side:
+    rps: float
+    p50: float
+    runs: str  # every round's requests/s of both sides, "a/b, a/b, ..."
+
+
+def alternated(a: str, b: str, clients: int, lua: str) -> tuple[Side, Side]:
+    """wrk on `a` and `b` in turn, ROUNDS times each (the box's noise falls on both alike):
+    the median requests/s and p50 of each."""
+    runs = [(wrk(a, clients, lua), wrk(b, clients, lua)) for _ in range(ROUNDS)]
+    text = ", ".join(f"{x['rps']:.0f}/{y['rps']:.0f}" for x, y in runs)
+    first, second = ([r[i] for r in runs] for i in (0, 1))
+    return (Side(statistics.median(r["rps"] for r in first),
+                 statistics.median(r["p50"] for r in first), text),
+            Side(statistics.median(r["rps"] for r in second),
+                 statistics.median(r["p50"] for r in second), text))
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
@@ -121,23 +141,20 @@ async def measure(on: str, off: str, lua: str) -> list[str]:
     await wait_ready(off, "llm")
     rows = []
     for clients in (1, 64):
-        front = wrk(f"{on}/v1/chat/completions", clients, lua)
-        invoke = wrk(f"{on}/invoke/llm/v1/chat/completions", clients, lua)
-        rows.append(row(f"requests/s, {clients} client(s)", front["rps"], invoke["rps"], "/s",
-                        f"/v1 / invoke = {front['rps'] / invoke['rps']:.2f}x"
-                        + (" (target >= 0.9x)" if clients == 64 else "")))
-        rows.append(row(f"p50 latency, {clients} client(s)", front["p50"], invoke["p50"], "ms",
-                        f"added {front['p50'] - invoke['p50']:.2f} ms"
+        front, invoke = alternated(f"{on}/v1/chat/completions",
+                                   f"{on}/invoke/llm/v1/chat/completions", clients, lua)
+        rows.append(row(f"requests/s, {clients} client(s)", front.rps, invoke.rps, "/s",
+                        f"/v1 / invoke = {front.rps / invoke.rps:.2f}x"
+                        + (" (target >= 0.9x)" if clients == 64 else "")
+                        + f"; runs: {front.runs}"))
+        rows.append(row(f"p50 latency, {clients} client(s)", front.p50, invoke.p50, "ms",
+                        f"added {front.p50 - invoke.p50:.2f} ms"
                         + (" (target <= 0.3 ms)" if clients == 1 else "")))
-    counted, uncounted = [], []  # alternated: the box's noise falls on both alike
-    for _ in range(ROUNDS):
-        counted.append(wrk(f"{on}/v1/chat/completions", 64, lua)["rps"])
-        uncounted.append(wrk(f"{off}/v1/chat/completions", 64, lua)["rps"])
-    on_rps, off_rps = statistics.median(counted), statistics.median(uncounted)
-    runs = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(counted, uncounted, strict=True))
-    rows.append(row(f"requests/s, 64 clients, usage accounting on vs off (median of {ROUNDS})",
-                    on_rps, off_rps, "/s", f"on / off = {on_rps / off_rps:.2f}x (target >= "
-                    f"0.95x; runs on/off: {runs})"))
+    counted, uncounted = alternated(f"{on}/v1/chat/completions", f"{off}/v1/chat/completions",
+                                    64, lua)
+    rows.append(row("requests/s, 64 clients, usage accounting on vs off", counted.rps,
+                    uncounted.rps, "/s", f"on / off = {counted.rps / uncounted.rps:.2f}x"
+                    f" (target >= 0.95x; runs on/off: {counted.runs})"))
     via, via_later = await streams(f"{on}/v1/chat/completions")
     direct, direct_later = await streams(f"http://{replica}/v1/chat/completions")
     rows.append(row(f"{STREAMS} concurrent streams: per-chunk latency p50", statistics.median(via),
