@@ -134,7 +134,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
     await registry.refresh(request.app[RECONCILER], request.app[ALLOCATOR],
-                           request.app[GPU_SAMPLES])
+                           request.app[GPU_SAMPLES], request.app[USAGE].model_tokens)
     return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -55,9 +55,6 @@ class Metrics:
         self.call_seconds = Histogram(
             "berth_call_duration_seconds", "Time from a call's arrival to its last byte",
             ("endpoint",), buckets=DURATION_BUCKETS, registry=self.registry)
-        self.model_tokens = Counter(
-            "berth_model_tokens", "Model tokens of answers, from their OpenAI usage object",
-            ("endpoint", "model", "kind"), registry=self.registry)
         self.live = LiveState()
         self.registry.register(LiveCollector(self.live))
 
@@ -65,18 +62,26 @@ class Metrics:
         self.calls.labels(endpoint, str(status)).inc()
         self.call_seconds.labels(endpoint).observe(seconds)
 
-    def tokens_counted(self, endpoint: str, model: str, prompt: int, completion: int) -> None:
-        self.model_tokens.labels(endpoint, model, "prompt").inc(prompt)
-        self.model_tokens.labels(endpoint, model, "completion").inc(completion)
 
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
-                      samples: dict[str, GpuSample]) -> None:
+                      samples: dict[str, GpuSample],
+                      model_tokens: dict[tuple[str, str], list[int]]) -> None:
         tasks = await reconciler.store.tasks.counts()
         self.live.families = [*endpoint_families(reconciler), *gpu_families(allocator, samples),
-                              task_family(tasks)]
+                              task_family(tasks), token_family(model_tokens)]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def token_family(model_tokens: dict[tuple[str, str], list[int]]) -> Metric:
+    """The usage ledger's totals since start (counted there as calls end, read here)."""
+    family = CounterMetricFamily("berth_model_tokens", "Model tokens of answers, from their "
+                                 "OpenAI usage object", labels=("endpoint", "model", "kind"))
+    for (endpoint, model), (prompt, completion) in sorted(model_tokens.items()):
+        family.add_metric((endpoint, model, "prompt"), prompt)
+        family.add_metric((endpoint, model, "completion"), completion)
+    return family
 
 
 def endpoint_families(reconciler: Reconciler) -> list[Metric]:

@@ -17,13 +17,12 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from berth.daemon.keys import METRICS, USAGE
+from berth.daemon.keys import USAGE
 from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
 
 log = structlog.get_logger("berth.usage")
@@ -126,21 +125,21 @@ class UsageMeter:
             self.tokens = found  # the last usage seen is the call's
 
 
-@dataclass
-class Tally:
-    calls: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, other: Tally) -> None:
-        self.calls += other.calls
-        self.errors += other.errors
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-
-
 Cell = tuple[int, str, str, str]  # (hour, principal, endpoint, model)
+# A cell's counts: [calls, errors, prompt tokens, completion tokens]. A list, not an object:
+# every call adds to one, and the accounting must cost next to nothing per call.
+Tally = list[int]
+
+
+def add_to(tallies: dict[Cell, Tally], cell: Cell, counts: Tally) -> None:
+    tally = tallies.get(cell)
+    if tally is None:
+        tallies[cell] = counts
+    else:
+        tally[0] += counts[0]
+        tally[1] += counts[1]
+        tally[2] += counts[2]
+        tally[3] += counts[3]
 
 
 class UsageLedger:
@@ -152,6 +151,8 @@ class UsageLedger:
         self.pending: dict[Cell, Tally] = {}
         self.day = 0
         self.day_tokens: dict[str, int] = {}
+        # (endpoint, model) -> [prompt, completion] since start: /metrics counters.
+        self.model_tokens: dict[tuple[str, str], list[int]] = {}
 
     async def load(self, now: float) -> None:
         """Today's model tokens per principal, so daily budgets hold across restarts."""
@@ -162,10 +163,15 @@ class UsageLedger:
         if not self.enabled:
             return
         prompt, completion = tokens or (0, 0)
-        self.pending.setdefault(cell, Tally()).add(Tally(1, int(error), prompt, completion))
+        add_to(self.pending, cell, [1, int(error), prompt, completion])
+        if tokens is None:
+            return
         self._roll(cell[0])
         principal = cell[1]
         self.day_tokens[principal] = self.day_tokens.get(principal, 0) + prompt + completion
+        totals = self.model_tokens.setdefault((cell[2], cell[3]), [0, 0])
+        totals[0] += prompt
+        totals[1] += completion
 
     def tokens_today(self, principal: str, now: float) -> int:
         self._roll(hour_of(now))
@@ -181,12 +187,10 @@ class UsageLedger:
             cells = list(self.pending)[:ROWS_PER_STATEMENT]
             batch = {cell: self.pending.pop(cell) for cell in cells}
             try:
-                await self.store.add([UsageRow(*cell, t.calls, t.errors, t.prompt_tokens,
-                                               t.completion_tokens)
-                                      for cell, t in batch.items()])
+                await self.store.add([UsageRow(*cell, *tally) for cell, tally in batch.items()])
             except BaseException:
                 for cell, tally in batch.items():  # counted next time, never lost here
-                    self.pending.setdefault(cell, Tally()).add(tally)
+                    add_to(self.pending, cell, tally)
                 raise
 
     async def run(self) -> None:
@@ -200,11 +204,8 @@ class UsageLedger:
 
 
 def account(app: web.Application, cell: Cell, status: int, meter: UsageMeter | None) -> None:
-    """Count one ended call (status 499: the client left) in the ledger and /metrics."""
-    tokens = meter.tokens if meter is not None else None
-    app[USAGE].record(cell, status >= 400, tokens)
-    if tokens is not None:
-        app[METRICS].tokens_counted(cell[2], cell[3], *tokens)
+    """Count one ended call (status 499: the client left) in the ledger (and so /metrics)."""
+    app[USAGE].record(cell, status >= 400, meter.tokens if meter is not None else None)
 
 
 @contextlib.asynccontextmanager

@@ -120,7 +120,7 @@ async def test_a_failed_flush_keeps_its_counts(tmp_path):
     await store.close()  # the next write fails
     with pytest.raises(ValueError):
         await ledger.flush()
-    assert sum(t.calls for t in ledger.pending.values()) == 1
+    assert sum(t[0] for t in ledger.pending.values()) == 1
     store = await Store.open(tmp_path)
     ledger.store = store.usage
     await ledger.flush()
