@@ -314,3 +314,24 @@ async def test_open_mode_takes_any_key(harness, aiohttp_client):
         resp = await client.post("/v1/chat/completions", headers=headers, json={
             "model": "llama", "messages": [{"role": "user", "content": "hi"}]})
         assert resp.status == 200, headers
+
+
+async def test_a_huge_json_body_is_refused_before_it_is_read(api):
+    _, client = await api({"llm": endpoint("llm", models=["llama"])}, max_body_bytes=4096)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Authorization: Bearer admin-secret\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1073741824\r\n\r\n" + b'{"model": "llama", "x": "')
+    await writer.drain()
+    # Answered while 1 GiB is still to come: berth read none of it.
+    status = await asyncio.wait_for(reader.readline(), 5)
+    assert status.startswith(b"HTTP/1.1 413")
+    writer.close()
+
+    async def endless():  # chunked, no length: cut off once past the limit
+        yield b'{"model": "llama", "x": "'
+        for _ in range(10_000):
+            yield b"x" * 1024
+    resp = await client.post("/v1/chat/completions", data=endless(), headers={
+        **ADMIN, "Content-Type": "application/json"})
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
