@@ -103,7 +103,8 @@ async def test_auth_cases(api):
         await wait_for(pool, lambda pool=pool: ready_count(pool) == 1, what=f"{name} ready")
     mine = await (await client.post("/v1/endpoints/priv/tokens", headers=ADMIN)).json()
     theirs = await (await client.post("/v1/endpoints/other/tokens", headers=ADMIN)).json()
-    assert set(mine) == {"id", "token", "endpoint", "created_at"} and len(mine["token"]) >= 40
+    assert set(mine) == {"id", "token", "endpoint", "created_at", "requests_per_minute",
+                         "tokens_per_day"} and len(mine["token"]) >= 40
 
     async def call(headers: dict) -> int:
         return (await client.get("/invoke/priv/echo", headers=headers)).status
