@@ -130,7 +130,8 @@ async def test_auth_cases(api):
     assert (await client.delete(f"/tasks/{task}", headers=theirs_h)).status == 403
     listed = await (await client.get("/v1/endpoints/priv/tokens", headers=ADMIN)).json()
     assert listed["tokens"] == [{"id": mine["id"], "endpoint": "priv",
-                                 "created_at": mine["created_at"]}]
+                                 "created_at": mine["created_at"],
+                                 "requests_per_minute": None, "tokens_per_day": None}]
     resp = await client.delete(f"/v1/endpoints/priv/tokens/{mine['id']}", headers=ADMIN)
     assert resp.status == 200
     assert await call({"Authorization": f"Bearer {mine['token']}"}) == 401  # revoked at once
