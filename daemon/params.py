@@ -1,4 +1,5 @@
-"""Query parameters, parsed strictly: a wrong one is a 422 naming it, never a 500."""
+"""Query parameters, parsed strictly: a wrong one is a 400 `bad_query` naming it, never a
+500."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from berth.daemon.errors import ApiError
 DIGITS = re.compile(r"[0-9]{1,9}")
 
 
+def bad_query(name: str, message: str) -> ApiError:
+    return ApiError(400, "bad_query", message, details=[{"path": name, "message": message}])
+
+
 def is_count(text: str) -> bool:
     """ASCII digits only: str.isdigit() also takes '²', which int() then refuses."""
     return DIGITS.fullmatch(text) is not None
@@ -20,16 +25,14 @@ def is_count(text: str) -> bool:
 def query_limit(request: web.Request, default: int = 1000, most: int = 10000) -> int:
     text = request.query.get("limit", str(default))
     if not is_count(text) or not 1 <= int(text) <= most:
-        raise ApiError(422, "invalid", f"limit must be a whole number from 1 to {most}",
-                       details=[{"path": "limit", "message": "out of range"}])
+        raise bad_query("limit", f"limit must be a whole number from 1 to {most}")
     return int(text)
 
 
 def query_flag(request: web.Request, name: str) -> bool:
     text = request.query.get(name, "false").lower()
     if text not in ("true", "false", "1", "0"):
-        raise ApiError(422, "invalid", f"{name} must be true or false",
-                       details=[{"path": name, "message": "not a boolean"}])
+        raise bad_query(name, f"{name} must be true or false")
     return text in ("true", "1")
 
 
@@ -40,6 +43,5 @@ def query_time(request: web.Request, name: str) -> float:
         if not math.isfinite(value):
             raise ValueError("not finite")
     except ValueError:
-        raise ApiError(422, "invalid", f"{name} must be a number (unix time)",
-                       details=[{"path": name, "message": "not a number"}]) from None
+        raise bad_query(name, f"{name} must be a number (unix time)") from None
     return value

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError
 from berth.daemon.keys import RECONCILER
-from berth.daemon.params import is_count, query_flag
+from berth.daemon.params import bad_query, is_count, query_flag
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.runtime import DockerRuntime
 
@@ -24,8 +24,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
     tail_text = request.query.get("tail", "100")
     if not is_count(tail_text) and tail_text != "all":
-        raise ApiError(422, "invalid", "tail must be a number of lines or 'all'",
-                       details=[{"path": "tail", "message": "not a number"}])
+        raise bad_query("tail", "tail must be a number of lines or 'all'")
     follow = query_flag(request, "follow")
     wanted = request.query.get("replica")
     replicas = [r for r in pool.replicas.values() if r.container_id

@@ -17,7 +17,7 @@ from berth.daemon.config import EndpointSpec
 from berth.daemon.errors import ApiError, storage_error
 from berth.daemon.keys import AUTH, CALLBACK_POLICY, DISPATCHER, LIMITS, RECONCILER, ROUTER
 from berth.daemon.models_api import presented_key
-from berth.daemon.params import query_limit
+from berth.daemon.params import bad_query, query_limit
 from berth.daemon.proxy import (
     REQUEST_ONLY,
     admit,
@@ -197,7 +197,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 async def list_tasks(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
-        raise ApiError(422, "invalid", f"status must be one of {', '.join(STATUSES)}")
+        raise bad_query("status", f"status must be one of {', '.join(STATUSES)}")
     tasks = await request.app[DISPATCHER].store.tasks.find(
         request.query.get("endpoint"), status, query_limit(request))
     return web.json_response({"tasks": [describe_task(t) for t in tasks]})

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError
 from berth.daemon.keys import STORE, USAGE
+from berth.daemon.params import bad_query
 from berth.daemon.usage import HOUR
 from berth.store.usage import GROUPS
 
@@ -40,8 +41,7 @@ def when(request: web.Request, name: str) -> int | None:
 
 
 def _invalid(name: str, wanted: str) -> ApiError:
-    return ApiError(422, "invalid", f"{name} must be {wanted}",
-                    details=[{"path": name, "message": f"not {wanted}"}])
+    return bad_query(name, f"{name} must be {wanted}")
 
 
 def group_item(group_by: str, value: Any) -> dict[str, Any]:
