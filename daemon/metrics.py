@@ -66,7 +66,7 @@ class Metrics:
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
                       samples: dict[str, GpuSample],
                       model_tokens: dict[tuple[str, str], list[int]]) -> None:
-        tasks = await reconciler.store.tasks.counts()
+        tasks = await reconciler.store.tasks.counts()  # reconciler: the scrape's one source
         self.live.families = [*endpoint_families(reconciler), *gpu_families(allocator, samples),
                               task_family(tasks), token_family(model_tokens)]
 

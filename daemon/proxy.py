@@ -213,7 +213,7 @@ async def serve_call(router: Router, call: Call, pinned: str | None) -> web.Stre
             try:
                 return await _exchange(call, lease.replica)
             except ReplicaRefused:
-                router.reconciler.kick()  # let the reconciler look at that replica now
+                router.refused(lease.replica)
                 refused.append(lease.replica.id)
     raise ApiError(502, "replica_unreachable", f"{' and '.join(refused)} refused the "
                    "connection")

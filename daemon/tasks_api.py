@@ -15,7 +15,15 @@ from yarl import URL
 from berth.daemon.auth import add_admin_route
 from berth.daemon.config import EndpointSpec
 from berth.daemon.errors import ApiError, storage_error
-from berth.daemon.keys import AUTH, CALLBACK_POLICY, DISPATCHER, LIMITS, RECONCILER, ROUTER
+from berth.daemon.keys import (
+    AUTH,
+    CALLBACK_POLICY,
+    DISPATCHER,
+    LIMITS,
+    RECONCILER,
+    ROUTER,
+    STORE,
+)
 from berth.daemon.models_api import presented_key
 from berth.daemon.params import bad_query, query_limit
 from berth.daemon.proxy import (
@@ -115,7 +123,7 @@ async def submit(request: web.Request) -> web.Response:
     check_token(request, pool)
     admit(request, request.app[AUTH].principal(presented_key(request)))
     url = await callback_url(request)
-    spec, tasks = pool.spec, dispatcher.store.tasks
+    spec, tasks = pool.spec, request.app[STORE].tasks
     expected = request.content_length or 0
     check_free_space(dispatcher.files, expected, request.app[LIMITS].min_free_disk)
     refusal = queue_full(pool.name, *await tasks.backlog(pool.name), expected, spec)
@@ -147,7 +155,7 @@ async def submit(request: web.Request) -> web.Response:
 
 async def _task(request: web.Request) -> TaskRecord:
     task_id = request.match_info["id"]
-    task = await request.app[DISPATCHER].store.tasks.get(task_id)
+    task = await request.app[STORE].tasks.get(task_id)
     if task is None:
         raise ApiError(404, "task_not_found", f"no task {task_id!r}")
     pool = request.app[RECONCILER].pool(task.endpoint)
@@ -198,14 +206,14 @@ async def list_tasks(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise bad_query("status", f"status must be one of {', '.join(STATUSES)}")
-    tasks = await request.app[DISPATCHER].store.tasks.find(
+    tasks = await request.app[STORE].tasks.find(
         request.query.get("endpoint"), status, query_limit(request))
     return web.json_response({"tasks": [describe_task(t) for t in tasks]})
 
 
 def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
     app[DISPATCHER] = dispatcher
-    app[CALLBACK_POLICY] = dispatcher.callbacks.policy
+    app[CALLBACK_POLICY] = dispatcher.callbacks.policy  # wiring, once: handlers read the key
     app.router.add_post("/async/{name}", submit)
     app.router.add_post("/async/{name}/{path:.*}", submit)
     app.router.add_get("/tasks/{id}", get_task)

@@ -67,6 +67,10 @@ class Router:
             raise EndpointNotFound(f"no endpoint named {name!r}")
         return pool
 
+    def refused(self, replica: Replica) -> None:
+        """A replica refused a connection: the reconciler should look at it now."""
+        self.reconciler.kick()
+
     @contextlib.asynccontextmanager
     async def acquire(self, pool: EndpointPool, pinned: str | None = None,
                       exclude: frozenset[str] = frozenset()) -> AsyncIterator[Lease]:
