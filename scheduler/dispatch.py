@@ -176,13 +176,12 @@ class Dispatcher:
             except SchedulerError:  # tasks wait out errors and slow starts: try again shortly
                 await asyncio.sleep(NO_CAPACITY_RETRY_S)
                 continue
-            if not queue or queue[0] != task_id:  # cancelled while it waited for the slot
-                await lease.release()
-                continue
-            queue.popleft()
-            self._update_backlog(endpoint)
+            queued = bool(queue) and queue[0] == task_id  # else cancelled while it waited
+            if queued:
+                queue.popleft()
+                self._update_backlog(endpoint)
             self._running[task_id] = asyncio.get_running_loop().create_task(
-                self._run(lease, task_id), name=f"task:{task_id}")
+                self._run(lease, task_id, queued), name=f"task:{task_id}")
 
     def _avoid(self, pool: EndpointPool, task_id: str) -> frozenset[str]:
         """Replicas a retried task failed on, as long as another ready one can take it (an
@@ -200,24 +199,38 @@ class Dispatcher:
 
     # --- one attempt ---------------------------------------------------------------------
 
-    async def _run(self, lease: Lease, task_id: str) -> None:
-        """One attempt of a task on the leased slot; the slot goes back when this ends (the
-        only place the dispatcher releases one), or earlier where the task waits to retry."""
+    async def _run(self, lease: Lease, task_id: str, queued: bool) -> None:
+        """One attempt of a task on the leased slot (none if it is no longer `queued`). The
+        slot goes back when the `async with` below ends, the only place the dispatcher releases
+        one: before a retry's backoff, the callback and the final store write."""
         try:
             async with lease:
-                task = await self.store.tasks.get(task_id)
-                if task is None or task.status != "queued":
+                task = await self._begin(lease, task_id) if queued else None
+                if task is None:
                     return
-                task.status, task.replica = "running", lease.replica.id
-                task.started_at = self.clock()
-                task.attempts += 1
-                await self.store.tasks.update(task, "status", "replica", "started_at",
-                                              "attempts")
-                await self._attempt(lease, task)
+                retry_for = await self._attempt(lease, task)
+            if retry_for is not None:
+                await self._retry(task, lease.replica, retry_for)
+            else:
+                await self._finish(task)
         finally:
             self._running.pop(task_id, None)
 
-    async def _attempt(self, lease: Lease, task: TaskRecord) -> None:
+    async def _begin(self, lease: Lease, task_id: str) -> TaskRecord | None:
+        """The task, marked running on the lease's replica; None if it is no longer queued
+        (cancelled while it waited for the slot)."""
+        task = await self.store.tasks.get(task_id)
+        if task is None or task.status != "queued":
+            return None
+        task.status, task.replica = "running", lease.replica.id
+        task.started_at = self.clock()
+        task.attempts += 1
+        await self.store.tasks.update(task, "status", "replica", "started_at", "attempts")
+        return task
+
+    async def _attempt(self, lease: Lease, task: TaskRecord) -> str | None:
+        """Run the call; its outcome goes into `task`, or the error of a failure that earns
+        another attempt is returned."""
         timeout, replica = lease.pool.spec.async_timeout_s, lease.replica
         try:
             async with asyncio.timeout(timeout):
@@ -227,24 +240,21 @@ class Dispatcher:
             task.status, task.error = "failed", f"task exceeded async_timeout_s={timeout:g}"
         except ReplicaFailed as exc:
             if task.attempts < self.settings.max_attempts:
-                await lease.release()  # no slot is held through the backoff
-                await self._retry(task, replica, str(exc))
-                return
+                return str(exc)
             task.status = "failed"
             task.error = f"replica failed on all {task.attempts} attempts; last: {exc}"
         except asyncio.CancelledError:
             if task.id not in self._cancelling:
                 raise  # berthd stopping: the store still says running; requeued at start
             task.status, task.error = "cancelled", "cancelled by request"
-        await lease.release()  # free before the callback and the store write
-        await self._finish(task)
+        return None
 
     async def _retry(self, task: TaskRecord, replica: Replica, error: str) -> None:
         """Back to the front of the queue after a backoff, avoiding the replica that failed."""
         task.status, task.error, task.replica = "queued", error, None
         await self.store.tasks.update(task, "status", "error", "replica")
         self._excluded[task.id] = self._excluded.get(task.id, frozenset()) | {replica.id}
-        self.router.reconciler.kick()  # let the reconciler look at that replica now
+        self.router.refused(replica)  # let the reconciler look at that replica now
         delay = self.settings.retry_backoff_s * 2 ** (task.attempts - 1)
         log.warning("task.retrying", task=task.id, endpoint=task.endpoint,
                     replica=replica.id, attempt=task.attempts, error=error, retry_in_s=delay)

@@ -83,3 +83,17 @@ async def test_waiters_hear_why_the_endpoint_cannot_serve():
     with pytest.raises(EndpointFailing, match="image missing"):
         waiter.slot.result()
     assert pool.waiting == 0
+
+
+def test_the_dispatcher_and_the_proxy_give_slots_back_in_one_place_each():
+    # Issue 9: a slot is a lease, released where its `async with` ends and nowhere else.
+    import inspect
+
+    from berth.daemon import proxy
+    from berth.scheduler import dispatch
+
+    for module, holder in ((dispatch, "async with lease:"),
+                           (proxy, "async with router.acquire(")):
+        source = inspect.getsource(module)
+        assert ".release(" not in source, module.__name__
+        assert source.count(holder) == 1, module.__name__
