@@ -319,3 +319,44 @@ def test_result_ttl_purge_runs_as_a_job(daemon, write_config):
         assert status in (200, 409) and time.monotonic() < deadline, body
         time.sleep(0.05)
     assert body["error"]["code"] == "result_purged"
+
+
+async def test_a_failed_start_unwinds_what_started(tmp_path, network, model_image, docker_host):
+    # Everything up to the listener starts (GPUs, store, engine, reconciler with a replica,
+    # dispatch); the port is taken, so the start fails and must unwind all of it, in reverse.
+    import asyncio
+    import socket
+
+    from berth.daemon.config import parse_config
+    from berth.daemon.core import EXIT_CONFIG, StartupError
+    from berth.daemon.service import Berth
+    from berth.store import Store
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    config = parse_config({
+        "daemon": {"listen": f"127.0.0.1:{blocker.getsockname()[1]}",
+                   "state_dir": str(tmp_path / "state")},
+        "docker": {"network": network, "stop_timeout_s": 0.5},
+        "gpu": {"source": "none"},
+        "endpoints": {"a": {"image": model_image, "min_replicas": 1,
+                            "labels": {"berth.test": "unwind"}}}})
+    threads = set(threading.enumerate())
+    try:
+        with pytest.raises(StartupError) as failed:
+            await Berth.start(config)
+    finally:
+        blocker.close()
+    assert failed.value.exit_code == EXIT_CONFIG and "cannot listen" in str(failed.value)
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not [t for t in others if "berth" in repr(t.get_coro())], others
+    for _ in range(50):  # worker threads end on their own once told to
+        left = [t for t in set(threading.enumerate()) - threads if t.is_alive()]
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    assert not left, left
+    store = await Store.open(tmp_path / "state")  # released: another berthd may use it now
+    assert [e.name for e in await store.endpoints()] == ["a"]
+    await store.close()
