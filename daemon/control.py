@@ -118,7 +118,7 @@ async def create_endpoint(request: web.Request) -> web.Response:
         raise ApiError(409, "endpoint_exists", f"endpoint {name} already exists")
     spec = validate_spec(data, request)
     await reconciler.put_endpoint(spec, "api")
-    return web.json_response(describe(request, reconciler.pools[spec.name]), status=201)
+    return web.json_response(describe(request, put_pool(request, spec.name)), status=201)
 
 
 async def replace_endpoint(request: web.Request) -> web.Response:
@@ -131,7 +131,7 @@ async def replace_endpoint(request: web.Request) -> web.Response:
     existed = writable_pool(request, name) is not None
     reconciler = request.app[RECONCILER]
     await reconciler.put_endpoint(validate_spec(data, request), "api")
-    return web.json_response(describe(request, reconciler.pools[name]),
+    return web.json_response(describe(request, put_pool(request, name)),
                              status=200 if existed else 201)
 
 
@@ -153,7 +153,15 @@ async def patch_endpoint(request: web.Request) -> web.Response:
             merged[key] = value
     reconciler = request.app[RECONCILER]
     await reconciler.put_endpoint(validate_spec(merged, request), "api")
-    return web.json_response(describe(request, reconciler.pools[name]))
+    return web.json_response(describe(request, put_pool(request, name)))
+
+
+def put_pool(request: web.Request, name: str) -> EndpointPool:
+    """The pool an endpoint write just made or changed; 404 if a DELETE came in between."""
+    pool = request.app[RECONCILER].pool(name)
+    if pool is None:
+        raise ApiError(404, "endpoint_not_found", f"endpoint {name} was removed meanwhile")
+    return pool
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:

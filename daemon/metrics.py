@@ -93,7 +93,7 @@ def endpoint_families(reconciler: Reconciler) -> list[Metric]:
                                 labels=("endpoint",))
     error = GaugeMetricFamily("berth_endpoint_error", "1 while the endpoint is in an error "
                               "state (missing image or secret)", labels=("endpoint",))
-    for pool in reconciler.pools.values():
+    for pool in reconciler.all_pools():
         if pool.removed:
             continue
         for state in (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY,

@@ -19,7 +19,6 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -128,10 +127,13 @@ class Reconciler:
         """Every endpoint that exists (not those draining after removal)."""
         return [p for p in self._pools.values() if not p.removed]
 
-    @property
-    def pools(self) -> Mapping[str, EndpointPool]:
-        """A read-only view of every pool, removed ones included (for inspection and tests)."""
-        return MappingProxyType(self._pools)
+    def holds(self, name: str) -> bool:
+        """Whether the endpoint is still here, removed ones draining included."""
+        return name in self._pools
+
+    def all_pools(self) -> list[EndpointPool]:
+        """Every pool, removed ones draining included (metrics count their replicas)."""
+        return list(self._pools.values())
 
     async def durably(self, write: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run a store write until it succeeds: a full or failing disk stalls a state change

@@ -96,7 +96,7 @@ async def test_model_errors_are_results_not_retries(aplane):
 
 async def test_backlog_of_50_scales_up_from_zero_and_all_finish(aplane):
     h, client, _ = await aplane({"work": endpoint("work", max_replicas=3, concurrency=2)})
-    pool = h.reconciler.pools["work"]
+    pool = h.reconciler.pool("work")
     assert not pool.replicas
     ids = [(await (await client.post("/async/work/sleep?s=0.1")).json())["id"]
            for _ in range(50)]
@@ -114,7 +114,7 @@ async def test_backlog_of_50_scales_up_from_zero_and_all_finish(aplane):
 
 async def test_sync_and_async_share_the_replica_slots(aplane):
     h, client, _ = await aplane({"share": endpoint("share", min_replicas=1)})
-    pool = h.reconciler.pools["share"]
+    pool = h.reconciler.pool("share")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [replica] = pool.replicas.values()
     ids = [(await (await client.post("/async/share/sleep?s=0.15")).json())["id"]
@@ -133,7 +133,7 @@ async def test_task_past_async_timeout_fails_and_the_model_stops(aplane):
     done = await finished(client, task["id"])
     assert done["status"] == "failed"
     assert done["error"] == "task exceeded async_timeout_s=0.3"
-    [replica] = h.reconciler.pools["t"].replicas.values()
+    [replica] = h.reconciler.pool("t").replicas.values()
     for _ in range(50):
         if (await stats(replica.address))["abandoned"] == 1:
             break
@@ -143,7 +143,7 @@ async def test_task_past_async_timeout_fails_and_the_model_stops(aplane):
 
 async def test_task_is_retried_elsewhere_when_its_replica_dies(aplane, docker_client):
     h, client, _ = await aplane({"r": endpoint("r", min_replicas=2, max_replicas=2)})
-    pool = h.reconciler.pools["r"]
+    pool = h.reconciler.pool("r")
     await wait_for(pool, lambda: ready_count(pool) == 2, what="two ready")
     task = await (await client.post("/async/r/sleep?s=1")).json()
     while (await (await client.get(f"/tasks/{task['id']}")).json())["status"] != "running":
@@ -158,7 +158,7 @@ async def test_task_is_retried_elsewhere_when_its_replica_dies(aplane, docker_cl
 
 async def test_cancel_queued_and_running(aplane):
     h, client, _ = await aplane({"c": endpoint("c", min_replicas=1)})
-    pool = h.reconciler.pools["c"]
+    pool = h.reconciler.pool("c")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [replica] = pool.replicas.values()
     running = await (await client.post("/async/c/sleep?s=5")).json()

@@ -306,7 +306,7 @@ async def test_submit_refuses_callbacks_inside(plane, aiohttp_server) -> None:
 async def test_replicas_on_berths_network_stay_refused(plane, docker_client) -> None:
     h, client = await plane({"cbdocker": endpoint("cbdocker", min_replicas=1)},
                            allow=PRIVATE_ALLOWED)
-    pool = h.reconciler.pools["cbdocker"]
+    pool = h.reconciler.pool("cbdocker")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [replica] = pool.replicas.values()
     attached = docker_client.containers.get(replica.container_id).attrs["NetworkSettings"]

@@ -18,7 +18,7 @@ async def test_endpoint_lifecycle_through_the_api(api, docker_client):
                              headers=ADMIN)
     assert resp.status == 201 and (await resp.json())["source"] == "api"
     assert (await client.post("/v1/endpoints", json=body("m"), headers=ADMIN)).status == 409
-    pool = h.reconciler.pools["m"]
+    pool = h.reconciler.pool("m")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [first] = pool.replicas.values()
     resp = await client.patch("/v1/endpoints/m", json={"max_replicas": 3,
@@ -44,10 +44,10 @@ async def test_endpoint_lifecycle_through_the_api(api, docker_client):
     resp = await client.delete("/v1/endpoints/m", headers=ADMIN)
     assert resp.status == 200 and (await resp.json())["deleted"] is True
     for _ in range(100):
-        if "m" not in h.reconciler.pools:
+        if not h.reconciler.holds("m"):
             break
         await asyncio.sleep(0.1)
-    assert "m" not in h.reconciler.pools and h.reconciler.allocator.owners() == {}
+    assert not h.reconciler.holds("m") and h.reconciler.allocator.owners() == {}
     assert (await client.get("/v1/endpoints/m", headers=ADMIN)).status == 404
     for _ in range(50):
         states = {t.id: t.status for t in await h.store.tasks.find()}
@@ -99,7 +99,7 @@ async def test_auth_cases(api):
                                  json=body(name, min_replicas=1, public=public))
         assert resp.status == 201
     for name in ("priv", "other", "pub"):
-        pool = h.reconciler.pools[name]
+        pool = h.reconciler.pool(name)
         await wait_for(pool, lambda pool=pool: ready_count(pool) == 1, what=f"{name} ready")
     mine = await (await client.post("/v1/endpoints/priv/tokens", headers=ADMIN)).json()
     theirs = await (await client.post("/v1/endpoints/other/tokens", headers=ADMIN)).json()
@@ -147,7 +147,7 @@ async def test_secrets_are_injected_and_never_shown(api):
     resp = await client.post("/v1/endpoints", headers=ADMIN,
                              json=body("s", min_replicas=1, secrets=["HF_TOKEN"]))
     assert resp.status == 201
-    pool = h.reconciler.pools["s"]
+    pool = h.reconciler.pool("s")
     await wait_for(pool, lambda: pool.error is not None, what="missing secret")
     shown = await (await client.get("/v1/endpoints/s", headers=ADMIN)).json()
     assert shown["status"] == "error" and "secret HF_TOKEN is not stored" in shown["error"]
@@ -172,7 +172,7 @@ async def test_secrets_are_injected_and_never_shown(api):
 async def test_logs_follow_and_events(api):
     h, client = await api()
     await client.post("/v1/endpoints", headers=ADMIN, json=body("l", min_replicas=1))
-    pool = h.reconciler.pools["l"]
+    pool = h.reconciler.pool("l")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [replica] = pool.replicas.values()
     resp = await client.get("/v1/endpoints/l/logs?follow=true&tail=all", headers=ADMIN)
@@ -199,7 +199,7 @@ async def test_logs_follow_and_events(api):
 async def test_rolling_change_without_a_failed_call(api):
     h, client = await api()
     await client.post("/v1/endpoints", headers=ADMIN, json=body("roll", min_replicas=1))
-    pool = h.reconciler.pools["roll"]
+    pool = h.reconciler.pool("roll")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [old] = pool.replicas.values()
     statuses: list[int] = []
@@ -228,7 +228,7 @@ async def test_followed_logs_take_in_replicas_started_later(api):
     h, client = await api()
     await client.post("/v1/endpoints", headers=ADMIN,
                       json=body("grow", min_replicas=1, max_replicas=2))
-    pool = h.reconciler.pools["grow"]
+    pool = h.reconciler.pool("grow")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [first] = pool.replicas.values()
     resp = await client.get("/v1/endpoints/grow/logs?follow=true&tail=0", headers=ADMIN)

@@ -31,7 +31,7 @@ async def plane(harness, aiohttp_client):
 
 
 async def ready(h, name: str, count: int) -> list:
-    pool = h.reconciler.pools[name]
+    pool = h.reconciler.pool(name)
     await wait_for(pool, lambda: ready_count(pool) == count, what=f"{count} ready")
     return [r for r in pool.replicas.values() if r.state is S.READY]
 
@@ -80,7 +80,7 @@ async def test_concurrency_per_replica_is_respected_under_20_parallel_calls(plan
     h, client = await plane({"cc": endpoint("cc", min_replicas=2, max_replicas=2,
                                             concurrency=2)})
     replicas = await ready(h, "cc", 2)
-    pool = h.reconciler.pools["cc"]
+    pool = h.reconciler.pool("cc")
     peak = 0
 
     async def watch():
@@ -114,7 +114,7 @@ async def test_full_queue_answers_429_with_retry_after(plane):
 
 async def test_scale_from_zero_on_first_call_and_back_to_zero_when_idle(plane):
     h, client = await plane({"zero": endpoint("zero", min_replicas=0, idle_timeout_s=0.5)})
-    pool = h.reconciler.pools["zero"]
+    pool = h.reconciler.pool("zero")
     await asyncio.sleep(0.3)
     assert not pool.replicas  # scaled to zero: nothing runs
     resp = await client.get("/invoke/zero/echo")
@@ -212,7 +212,7 @@ async def test_errors_are_specific(plane):
     await ready(h, "ok", 1)
     resp = await client.get("/invoke/nope/x")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "endpoint_not_found"
-    pool = h.reconciler.pools["broken"]
+    pool = h.reconciler.pool("broken")
     await wait_for(pool, lambda: pool.error is not None, what="image error")
     resp = await client.get("/invoke/broken/x")
     body = await resp.json()
@@ -301,7 +301,7 @@ async def test_a_replica_is_never_stopped_with_a_call_in_flight(plane):
     resp = await client.get("/invoke/busy/sleep?s=1.0")  # longer than idle_timeout_s
     ended = time.time()
     assert resp.status == 200 and resp.headers["X-Berth-Replica"] == first
-    pool = h.reconciler.pools["busy"]
+    pool = h.reconciler.pool("busy")
     await wait_for(pool, lambda: not pool.replicas, what="idle stop after the call")
     [drain] = [e for e in await h.store.events("busy") if e.kind == "drain"]
     assert drain.ts >= ended + 0.15  # idle counted from the end of the call, not its start
@@ -340,10 +340,10 @@ async def test_metrics_count_calls_by_answer_and_show_live_replicas_and_gpus(pla
     assert pinned.status == 404
     assert (await client.get("/invoke/nope/echo")).status == 404  # no series for unknown names
     call = asyncio.create_task(client.get("/invoke/m/sleep?s=10"))
-    await wait_for(h.reconciler.pools["m"], lambda: replica.in_flight == 1, what="in flight")
+    await wait_for(h.reconciler.pool("m"), lambda: replica.in_flight == 1, what="in flight")
     during = await scrape(client)
     call.cancel()  # the client leaves: counted as 499
-    await wait_for(h.reconciler.pools["m"], lambda: replica.in_flight == 0, what="slot freed")
+    await wait_for(h.reconciler.pool("m"), lambda: replica.in_flight == 0, what="slot freed")
     after = await scrape(client)
 
     def calls(code: str) -> float:

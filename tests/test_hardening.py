@@ -113,7 +113,7 @@ async def test_tokens_on_the_control_api_401_and_403(api):
 
 async def test_paths_keep_their_encoding_and_forwarding_is_berths(api):
     h, client = await api({"p": endpoint("p", public=True, min_replicas=1)})
-    pool = h.reconciler.pools["p"]
+    pool = h.reconciler.pool("p")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     url = URL(f"http://127.0.0.1:{client.port}/invoke/p/echo/a%3Fb%2Fc?x=%3F1", encoded=True)
     claimed = {"X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6",
@@ -248,7 +248,7 @@ async def test_endpoints_cannot_reach_each_other_and_run_unprivileged(harness, p
                       user="65534:65534")}, "config")
     replicas = {}
     for name in ("a", "b"):
-        pool = h.reconciler.pools[name]
+        pool = h.reconciler.pool(name)
         await wait_for(pool, lambda pool=pool: ready_count(pool) == 1, what=f"{name} ready")
         [replicas[name]] = pool.replicas.values()
     a = docker_client.containers.get(replicas["a"].container_id)

@@ -99,7 +99,7 @@ async def test_v1_models_lists_what_the_key_may_call_without_starting_anything(a
         "pub": endpoint("pub", public=True, models=["m-pub"]),
         "priv": endpoint("priv", min_replicas=1, models=["m1", "org/m2"]),
         "cold": endpoint("cold")})
-    pool = h.reconciler.pools["priv"]
+    pool = h.reconciler.pool("priv")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="priv ready")
     resp = await client.get("/v1/models", headers=ADMIN)
     listing = await resp.json()
@@ -110,7 +110,7 @@ async def test_v1_models_lists_what_the_key_may_call_without_starting_anything(a
     assert by_id["cold"]["berth"]["state"] == "cold"
     assert by_id["m1"]["object"] == "model" and by_id["m1"]["owned_by"] == "berth"
     assert isinstance(by_id["m1"]["created"], int) and by_id["m1"]["created"] > 0
-    assert not h.reconciler.pools["cold"].replicas  # listing started nothing
+    assert not h.reconciler.pool("cold").replicas  # listing started nothing
     token = (await (await client.post("/v1/endpoints/priv/tokens", headers=ADMIN)).json())
     as_priv = {"x-api-key": token["token"]}  # the header Anthropic-style clients send
     ids = [m["id"] for m in (await (await client.get("/v1/models", headers=as_priv)).json())
@@ -134,7 +134,7 @@ async def test_chat_completions_route_by_model_through_the_invoke_path(api):
                         upstream_model="/models/llama-3.1"),
         "emb": endpoint("emb", public=True, models=["bge"]),
         "other": endpoint("other", models=["qwen"])})
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     [replica] = pool.replicas.values()
     chat = {"model": "llama-big", "messages": [{"role": "user", "content": "hello there"}]}
@@ -184,7 +184,7 @@ async def test_the_openai_sdk_talks_to_berth_and_raises_its_own_errors(api):
         "llm": endpoint("llm", min_replicas=1, max_replicas=1, queue_limit=0,
                         models=["llama"]),
         "emb": endpoint("emb", public=True, models=["bge"])})
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
                              api_key="admin-secret", max_retries=0)
@@ -220,7 +220,7 @@ async def test_a_streamed_chat_carries_the_clients_model_name_in_every_chunk(api
 
     h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"],
                                            upstream_model="/models/llama-3.1")})
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
                              api_key="admin-secret", max_retries=0)
@@ -271,7 +271,7 @@ async def test_the_sdk_raises_its_typed_errors_for_berths_answers(api):
         "sick": endpoint("sick", models=["sick"], startup_timeout_s=0.5,
                          env={"MODEL_FAIL_HEALTH": "1"}),
         "other": endpoint("other", models=["qwen"])}, max_body_bytes=2048)
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     token = (await (await client.post("/v1/endpoints/other/tokens", headers=ADMIN)).json())
     base = f"http://127.0.0.1:{client.port}/v1"
@@ -307,7 +307,7 @@ async def test_open_mode_takes_any_key(harness, aiohttp_client):
     h = await harness()
     await h.reconciler.apply_specs({"llm": endpoint("llm", min_replicas=1, models=["llama"])},
                                    "config")
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     client = await aiohttp_client(build_app(h.reconciler, h.reconciler.allocator))
     for headers in ({}, {"Authorization": "Bearer anything"}, {"x-api-key": "sk-whatever"}):

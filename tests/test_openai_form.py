@@ -66,7 +66,7 @@ async def test_transcriptions_route_by_the_form_and_stream_the_audio(api):
 
     h, client = await api({"asr": endpoint("asr", min_replicas=1, models=["whisper"],
                                            upstream_model="/models/whisper-large-v3")})
-    pool = h.reconciler.pools["asr"]
+    pool = h.reconciler.pool("asr")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     audio = os.urandom(3 * 1024 * 1024)
     sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{client.port}/v1",
@@ -88,7 +88,7 @@ async def test_transcriptions_route_by_the_form_and_stream_the_audio(api):
 async def test_the_audio_reaches_the_replica_before_the_upload_ends(api):
     h, client = await api({"asr": endpoint("asr", min_replicas=1, models=["whisper"],
                                            upstream_model="big")})
-    pool = h.reconciler.pools["asr"]
+    pool = h.reconciler.pool("asr")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [replica] = pool.replicas.values()
     more = asyncio.Event()

@@ -22,7 +22,7 @@ async def test_min_replicas_run_with_labels_env_and_gpus(harness, docker_client)
     h = await harness(gpus=2)
     rec = h.reconciler
     await rec.apply_specs({"echo": endpoint("echo", gpus=1, min_replicas=1)}, "config")
-    pool = rec.pools["echo"]
+    pool = rec.pool("echo")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="one ready replica")
     replica = next(iter(pool.replicas.values()))
     container = docker_client.containers.get(replica.container_id)
@@ -58,7 +58,7 @@ async def test_spec_fields_reach_the_container(harness, docker_client, tmp_path)
         secrets=["HF_TOKEN"], volumes=[f"{data}:/models:ro"], shm_size="64m", cpus=0.5,
         memory="256m")
     await h.reconciler.apply_specs({"fields": spec}, "config")
-    pool = h.reconciler.pools["fields"]
+    pool = h.reconciler.pool("fields")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready on port 9000")
     replica = next(iter(pool.replicas.values()))
     assert replica.address.endswith(":9000")
@@ -80,7 +80,7 @@ async def test_crashing_replica_is_replaced_with_backoff_and_frees_gpus(harness,
     rec = h.reconciler
     spec = endpoint("crashy", gpus=1, min_replicas=1, env={"MODEL_CRASH_AFTER_S": "0.3"})
     await rec.apply_specs({"crashy": spec}, "config")
-    pool = rec.pools["crashy"]
+    pool = rec.pool("crashy")
     await wait_for(pool, lambda: pool.failures >= 2, timeout=20, what="two failures")
     failed = [r for r in await h.store.replicas() if r.state == "failed"]
     assert len(failed) >= 2
@@ -101,7 +101,7 @@ async def test_startup_timeout_fails_the_replica(harness, docker_client):
     spec = endpoint("slow", min_replicas=1, startup_timeout_s=0.6,
                     env={"MODEL_FAIL_HEALTH": "1"})
     await h.reconciler.apply_specs({"slow": spec}, "config")
-    pool = h.reconciler.pools["slow"]
+    pool = h.reconciler.pool("slow")
     await wait_for(pool, lambda: pool.failures >= 1, what="startup timeout")
     failed = next(r for r in await h.store.replicas() if r.state == "failed")
     assert "not ready within startup_timeout_s=0.6" in failed.reason
@@ -112,7 +112,7 @@ async def test_startup_timeout_fails_the_replica(harness, docker_client):
 async def test_failed_liveness_replaces_the_replica(harness):
     h = await harness()
     await h.reconciler.apply_specs({"live": endpoint("live", min_replicas=1)}, "config")
-    pool = h.reconciler.pools["live"]
+    pool = h.reconciler.pool("live")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     first = next(iter(pool.replicas.values()))
     async with aiohttp.ClientSession() as s:
@@ -128,7 +128,7 @@ async def test_missing_image_is_an_endpoint_error_and_others_keep_running(harnes
     specs = {"good": endpoint("good", min_replicas=1),
              "bad": endpoint("bad", min_replicas=1, image="berth-test/missing:never")}
     await h.reconciler.apply_specs(specs, "config")
-    good, bad = h.reconciler.pools["good"], h.reconciler.pools["bad"]
+    good, bad = h.reconciler.pool("good"), h.reconciler.pool("bad")
     await wait_for(bad, lambda: bad.error is not None, what="image error")
     assert "berth-test/missing:never" in bad.error
     assert bad.status() == "error"
@@ -141,7 +141,7 @@ async def test_restart_adopts_running_containers_and_rebuilds_gpu_owners(harness
     first = await harness(gpus=2)
     await first.reconciler.apply_specs({"keep": endpoint("keep", gpus=1, min_replicas=1)},
                                        "config")
-    pool = first.reconciler.pools["keep"]
+    pool = first.reconciler.pool("keep")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     replica = next(iter(pool.replicas.values()))
     await first.stop(stop_replicas=False)
@@ -149,7 +149,7 @@ async def test_restart_adopts_running_containers_and_rebuilds_gpu_owners(harness
     second = await harness(gpus=2)
     await second.reconciler.apply_specs({"keep": endpoint("keep", gpus=1, min_replicas=1)},
                                         "config")
-    pool2 = second.reconciler.pools["keep"]
+    pool2 = second.reconciler.pool("keep")
     adopted = pool2.replicas[replica.id]
     assert adopted.container_id == replica.container_id
     assert adopted.state is S.READY
@@ -164,7 +164,7 @@ async def test_restart_removes_unknown_containers_and_forgets_gone_ones(
     first = await harness(gpus=1)
     await first.reconciler.apply_specs({"gone": endpoint("gone", gpus=1, min_replicas=1)},
                                        "config")
-    pool = first.reconciler.pools["gone"]
+    pool = first.reconciler.pool("gone")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     replica = next(iter(pool.replicas.values()))
     await first.stop(stop_replicas=False)
@@ -186,7 +186,7 @@ async def test_changed_image_rolls_new_ready_before_old_stops(harness):
     h = await harness()
     rec = h.reconciler
     await rec.apply_specs({"roll": endpoint("roll", min_replicas=1)}, "config")
-    pool = rec.pools["roll"]
+    pool = rec.pool("roll")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="first ready")
     old = next(iter(pool.replicas.values()))
     summary = await rec.apply_specs(
@@ -206,7 +206,7 @@ async def test_changed_limits_apply_without_replacing_replicas(harness):
     h = await harness()
     rec = h.reconciler
     await rec.apply_specs({"inplace": endpoint("inplace", min_replicas=1)}, "config")
-    pool = rec.pools["inplace"]
+    pool = rec.pool("inplace")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     first = next(iter(pool.replicas.values()))
     summary = await rec.apply_specs(
@@ -222,17 +222,17 @@ async def test_removed_endpoint_stops_its_replicas_and_frees_gpus(harness, docke
     h = await harness(gpus=1)
     rec = h.reconciler
     await rec.apply_specs({"bye": endpoint("bye", gpus=1, min_replicas=1)}, "config")
-    pool = rec.pools["bye"]
+    pool = rec.pool("bye")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     replica = next(iter(pool.replicas.values()))
     summary = await rec.apply_specs({}, "config")
     assert summary.removed == ["bye"]
     await wait_for(pool, lambda: replica.state is S.STOPPED, what="stopped")
     for _ in range(20):
-        if "bye" not in rec.pools:
+        if not rec.holds("bye"):
             break
         await asyncio.sleep(0.1)
-    assert "bye" not in rec.pools
+    assert not rec.holds("bye")
     assert rec.allocator.owners() == {}
     assert not docker_client.containers.list(all=True, filters={"id": replica.container_id})
     assert "bye" not in [e.name for e in await h.store.endpoints()]
@@ -242,11 +242,11 @@ async def test_replica_waits_pending_while_gpus_are_taken(harness):
     h = await harness(gpus=1)
     rec = h.reconciler
     await rec.apply_specs({"a": endpoint("a", gpus=1, min_replicas=1, priority=5)}, "config")
-    await wait_for(rec.pools["a"], lambda: ready_count(rec.pools["a"]) == 1, what="a ready")
+    await wait_for(rec.pool("a"), lambda: ready_count(rec.pool("a")) == 1, what="a ready")
     await rec.apply_specs({"a": endpoint("a", gpus=1, min_replicas=1, priority=5),
                            "b": endpoint("b", gpus=1, min_replicas=1)}, "config")
     await asyncio.sleep(0.5)
-    b = rec.pools["b"]
+    b = rec.pool("b")
     assert [r.state for r in b.replicas.values()] == [S.PENDING]
     assert b.status() == "pending"
     # When a's replica goes away, b gets the GPU.
@@ -261,7 +261,7 @@ async def test_failed_container_start_never_leaks_its_gpus(harness, docker_clien
         pytest.skip("this engine has the NVIDIA runtime: the refusal cannot happen here")
     rec = h.reconciler
     await rec.apply_specs({"nogpu": endpoint("nogpu", gpus=1, min_replicas=1)}, "config")
-    pool = rec.pools["nogpu"]
+    pool = rec.pool("nogpu")
     await wait_for(pool, lambda: pool.failures >= 1 and not pool.count(S.FAILED),
                    what="refused start, cleaned up")
     assert "could not select device driver" in pool.error
@@ -274,7 +274,7 @@ async def test_missing_secret_is_an_endpoint_error_naming_it(harness):
     h = await harness()
     await h.reconciler.apply_specs(
         {"sec": endpoint("sec", min_replicas=1, secrets=["HF_TOKEN", "OTHER"])}, "config")
-    pool = h.reconciler.pools["sec"]
+    pool = h.reconciler.pool("sec")
     await h.store.put_secret("OTHER", "x")
     await wait_for(pool, lambda: pool.error is not None, what="secret error")
     assert pool.error == "secret HF_TOKEN is not stored"
@@ -304,7 +304,7 @@ async def test_a_container_list_older_than_a_start_never_fails_that_replica(harn
 
     h.runtime.run, h.runtime.list_managed = run_after_listing, stale_list
     await h.reconciler.apply_specs({"race": endpoint("race", min_replicas=1)}, "config")
-    pool = h.reconciler.pools["race"]
+    pool = h.reconciler.pool("race")
     pool_box.append(pool)
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     assert listed.is_set()  # the stale list was really handed to a pass

@@ -63,7 +63,7 @@ async def test_no_comments_when_the_slot_comes_in_time_or_the_call_is_not_stream
                              headers=ADMIN)
     assert resp.status == 200 and resp.content_type == "application/json"
     assert (await resp.json())["choices"][0]["message"]["content"] == "echo: a b"
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     resp = await client.post("/v1/chat/completions", json=CHAT, headers=ADMIN)
     assert not [line for line in await read_events(resp) if line.startswith(":")]
@@ -73,7 +73,7 @@ async def test_no_comments_when_the_slot_comes_in_time_or_the_call_is_not_stream
 async def test_a_client_that_leaves_during_the_cold_start_releases_its_place(api):
     h, client = await api({"llm": endpoint(
         "llm", models=["llama"], stream_keepalive_s=0.1, env={"MODEL_READY_DELAY_S": "1.0"})})
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     resp = await client.post("/v1/chat/completions", json=CHAT, headers=ADMIN)
     assert (await resp.content.readline()).startswith(b": berth: starting llm")
     assert pool.waiting == 1

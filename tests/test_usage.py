@@ -133,7 +133,7 @@ async def test_usage_is_counted_per_token_and_model_and_summed_by_the_api(api):
 
     h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama", "l2"]),
                            "emb": endpoint("emb", public=True, models=["bge"])})
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN)).json()
     base = f"http://127.0.0.1:{client.port}/v1"
@@ -185,7 +185,7 @@ async def test_a_token_over_its_limits_is_told_when_to_come_back(api):
     import openai
 
     h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
-    pool = h.reconciler.pools["llm"]
+    pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     resp = await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
                              json={"requests_per_minute": 2})
