@@ -25,6 +25,7 @@ from berth.scheduler.runtime import (
     LABEL_GENERATION,
     LABEL_MANAGED,
     LABEL_REPLICA,
+    ContainerNotRemoved,
     ContainerSpec,
     ContainerStartError,
     DockerRuntime,
@@ -244,7 +245,8 @@ class ReplicaLifecycle:
                 if tail:
                     await ctx.event("logs", f"last log lines: {tail}", pool.name, replica.id)
             await ctx.runtime.remove(container, timeout_s=0)
-        except DockerUnavailable:
+        except (DockerUnavailable, ContainerNotRemoved) as exc:
+            log.warning("replica.cleanup_deferred", replica=replica.id, error=str(exc))
             return  # GPUs stay held: the container may still be running
         await ctx.durably(ctx.allocator.free, replica.id)  # only after the container is gone
         pool.forget(replica)
@@ -272,7 +274,8 @@ class ReplicaLifecycle:
         if replica.container_id:
             try:
                 await ctx.runtime.remove(replica.container_id)
-            except DockerUnavailable:
+            except (DockerUnavailable, ContainerNotRemoved) as exc:
+                log.warning("replica.stop_deferred", replica=replica.id, error=str(exc))
                 return  # still draining, GPUs held; a later pass stops it again
         await ctx.durably(ctx.allocator.free, replica.id)
         await self.transition(S.STOPPED, reason, "scale_down")

@@ -38,6 +38,7 @@ from berth.scheduler.replica import Replica, ReplicaState
 from berth.scheduler.runtime import (
     LABEL_ENDPOINT,
     ContainerInfo,
+    ContainerNotRemoved,
     DockerRuntime,
     DockerUnavailable,
 )
@@ -288,7 +289,8 @@ class Reconciler:
                 await self.store.save_replica(replica.record())
         for rid, container in containers.items():
             if rid not in adopted:
-                await self.runtime.remove(container.id, timeout_s=0)
+                if not await self._remove_orphan(container):
+                    continue
                 await self.event("orphan_removed",
                                  f"removed container {container.name} unknown to the store",
                                  container.labels.get(LABEL_ENDPOINT), rid)
@@ -377,7 +379,17 @@ class Reconciler:
                     await life.fail(f"container exited ({status})")
         for container in containers:
             if container.replica not in known:
-                await self.runtime.remove(container.id, timeout_s=0)
+                await self._remove_orphan(container)
+
+    async def _remove_orphan(self, container: ContainerInfo) -> bool:
+        """Remove a container no replica owns; a refusal waits for the next pass to find it
+        again (it holds no GPU of berth's: its replica is unknown)."""
+        try:
+            await self.runtime.remove(container.id, timeout_s=0)
+        except ContainerNotRemoved as exc:
+            log.warning("container.orphan_kept", container=container.name, error=str(exc))
+            return False
+        return True
 
     async def _reconcile_pool(self, pool: EndpointPool) -> None:
         spec, now = pool.spec, self.clock()

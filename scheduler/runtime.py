@@ -44,6 +44,11 @@ class DockerUnavailable(Exception):
     """No Docker engine answers at the configured address."""
 
 
+class ContainerNotRemoved(Exception):
+    """The engine answered but did not remove the container: it may still run (and hold its
+    GPUs), so whoever asked keeps the replica's GPUs and tries again later."""
+
+
 class ImageUnavailable(Exception):
     """The image is not on the engine and cannot be pulled."""
 
@@ -448,18 +453,25 @@ class DockerRuntime:
             stream.close()
 
     async def remove(self, container_id: str, timeout_s: float | None = None) -> None:
-        """Stop (SIGTERM, then SIGKILL after the timeout) and remove; gone already is fine."""
+        """Stop (SIGTERM, then SIGKILL after the timeout) and remove; gone already is fine.
+        ContainerNotRemoved if the engine would not remove it, DockerUnavailable if no engine
+        answers: either way the container may still be there."""
         timeout = self.stop_timeout_s if timeout_s is None else timeout_s
-        await self._call(self._remove, container_id, timeout)
+        try:
+            await self._call(self._remove, container_id, timeout)
+        except docker.errors.APIError as exc:
+            raise ContainerNotRemoved(f"container {container_id[:12]} was not removed: "
+                                      f"{exc.explanation or exc}") from exc
 
     def _remove(self, container_id: str, timeout: float) -> None:
         try:
             self.client.api.stop(container_id, timeout=max(0, round(timeout)))
         except docker.errors.NotFound:
             return
-        except docker.errors.APIError as exc:
+        except docker.errors.APIError as exc:  # removal with force may still work
             log.warning("container.stop_failed", container=container_id[:12], error=str(exc))
-        self._remove_quietly(container_id)
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.remove_container(container_id, force=True)
 
     def _remove_quietly(self, container_id: str) -> None:
         try:

@@ -310,3 +310,57 @@ async def test_a_container_list_older_than_a_start_never_fails_that_replica(harn
     assert listed.is_set()  # the stale list was really handed to a pass
     assert pool.failures == 0
     assert "crash" not in [e.kind for e in await h.store.events("race")]
+
+
+async def test_engine_errors_and_timeouts_leave_state_consistent(harness, docker_client):
+    # The engine answering errors or too slowly, injected at the SDK's lowest layer (the real
+    # runtime, reconciler and engine around it): nothing is failed for it, and a GPU is freed
+    # only once its container is known gone.
+    import docker
+    import requests
+
+    h = await harness(gpus=1)
+    rec = h.reconciler
+    await rec.apply_specs({"e": endpoint("e", gpus=1, min_replicas=1)}, "config")
+    pool = rec.pool("e")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [replica] = pool.replicas.values()
+    api = h.runtime.client.api
+    real_list, real_remove = api.containers, api.remove_container
+    faults = {"list": [requests.exceptions.ReadTimeout("injected: read timed out"),
+                       docker.errors.APIError("500 Server Error: injected"),
+                       requests.exceptions.ReadTimeout("injected: read timed out")],
+              "remove": [docker.errors.APIError("500 Server Error: injected")] * 3}
+
+    def faulty(kind, real):
+        def call(*args, **kwargs):
+            if faults[kind]:
+                raise faults[kind].pop(0)
+            return real(*args, **kwargs)
+        return call
+
+    api.containers = faulty("list", real_list)
+    for _ in range(100):  # passes run every 0.1 s
+        if not faults["list"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # a pass or two after the last fault
+    assert not faults["list"] and replica.state is S.READY and list(pool.replicas) == [replica.id]
+    assert h.runtime.engine_up
+
+    api.remove_container = faulty("remove", real_remove)
+    await rec.apply_specs({}, "config")  # the endpoint goes: its replica must be removed
+    for _ in range(100):
+        if len(faults["remove"]) < 3:
+            break
+        await asyncio.sleep(0.05)
+    # The engine refused the removal: the container is still there, so is the GPU's owner.
+    assert docker_client.containers.get(replica.container_id)
+    assert set(rec.allocator.owners().values()) == {replica.id}
+    for _ in range(100):  # later passes try again until the engine complies
+        if not rec.holds("e"):
+            break
+        await asyncio.sleep(0.1)
+    assert not rec.holds("e") and not faults["remove"]
+    assert rec.allocator.owners() == {}
+    assert not docker_client.containers.list(all=True, filters={"id": replica.container_id})
