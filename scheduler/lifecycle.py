@@ -224,7 +224,7 @@ class ReplicaLifecycle:
         if replica.state in (S.FAILED, S.STOPPED):
             return
         if counts:
-            pool.count_failure(replica.ready_at, now)
+            pool.endpoint.count_failure(replica.ready_at, now)
         replica.failures = pool.failures
         delay = max(0.0, pool.next_start_at - now)
         # Failed at once (no new calls), but waiters wake only once its GPUs are free.

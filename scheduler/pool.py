@@ -1,11 +1,12 @@
 """An endpoint's replica pool: its live replicas, their slots, the calls waiting for one and
-the demand they make.
+the demand they make. What the endpoint is (spec, generation, error, backoff) is the
+reconciler's `Endpoint` (scheduler.endpoint); the pool only reads it.
 
-Every field changes only through the methods here. Who calls which: the reconciler the
-endpoint's (apply, set_error, mark_removed, retry_now, add); a replica's ReplicaLifecycle
-its end (count_failure, forget); the router, through a Lease, the slots and the wait queue
-(take, release, enqueue, leave, dispatch); the dispatcher the async backlog (set_backlog);
-the reconciler also fail_waiters when the endpoint cannot serve."""
+Every field here changes only through the methods here. Who calls which: the reconciler adds
+replicas (add) and tells waiters when the endpoint cannot serve (fail_waiters); a replica's
+ReplicaLifecycle forgets it at its end (forget); the router, through a Lease, the slots and
+the wait queue (take, release, enqueue, leave, dispatch); the dispatcher the async backlog
+(set_backlog)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth.daemon.config import EndpointSpec
+from berth.scheduler.endpoint import Endpoint
 from berth.scheduler.errors import EndpointFailing
-from berth.scheduler.policy import backoff_delay, failures_after, pick_replica
+from berth.scheduler.policy import pick_replica
 from berth.scheduler.replica import Replica, ReplicaState
 
 
@@ -30,29 +32,57 @@ class Waiter:
 
 @dataclass
 class EndpointPool:
-    """Live state of one endpoint. Replicas in it change state only through their lifecycle.
+    """One endpoint's replicas, slots and waiting calls. Replicas in it change state only
+    through their lifecycle; the endpoint's own state is read from `endpoint`.
 
     `changed` is notified on every move into ready, failed or stopped, so callers waiting for
     capacity (the data plane, tests, shutdown) wake without polling.
     """
 
-    spec: EndpointSpec
-    source: str
-    generation: int = 1
+    endpoint: Endpoint
     replicas: dict[str, Replica] = field(default_factory=dict)
-    error: str | None = None  # why the endpoint cannot run (image missing, secret missing...)
-    failures: int = 0  # replica failures in a row; reset when one becomes ready
-    next_start_at: float = 0.0  # backoff: no replica is started before this time
-    removed: bool = False  # endpoint deleted: its replicas drain and stop
     queue: deque[Waiter] = field(default_factory=deque)  # calls waiting for a slot, FIFO
     turn: int = 0  # round-robin position
     backlog: int = 0  # async tasks queued behind the one waiting for a slot (the dispatcher's)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    created_at: float = 0.0  # when the endpoint was first stored (unix time)
+
+    # --- the endpoint, read-only here ---------------------------------------------------------
+
+    @property
+    def spec(self) -> EndpointSpec:
+        return self.endpoint.spec
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        return self.endpoint.spec.name
+
+    @property
+    def source(self) -> str:
+        return self.endpoint.source
+
+    @property
+    def generation(self) -> int:
+        return self.endpoint.generation
+
+    @property
+    def error(self) -> str | None:
+        return self.endpoint.error
+
+    @property
+    def failures(self) -> int:
+        return self.endpoint.failures
+
+    @property
+    def next_start_at(self) -> float:
+        return self.endpoint.next_start_at
+
+    @property
+    def removed(self) -> bool:
+        return self.endpoint.removed
+
+    @property
+    def created_at(self) -> float:
+        return self.endpoint.created_at
 
     @property
     def waiting(self) -> int:
@@ -92,27 +122,7 @@ class EndpointPool:
         if replica.in_flight == 0 and replica.state is ReplicaState.DRAINING:
             await self.notify()  # a drain is waiting for this
 
-    # --- endpoint state: changed by the reconciler and the replicas' lifecycles ---------------
-
-    def apply(self, spec: EndpointSpec, source: str, generation: int) -> None:
-        """A new (or the same) spec, already stored: errors and backoff start afresh."""
-        self.spec, self.source, self.generation = spec, source, generation
-        self.error, self.removed, self.failures, self.next_start_at = None, False, 0, 0.0
-
-    def set_error(self, error: str | None) -> None:
-        self.error = error
-
-    def mark_removed(self) -> None:
-        self.removed = True
-
-    def retry_now(self) -> None:
-        """Start the next replica without waiting out the backoff (e.g. a secret arrived)."""
-        self.next_start_at = 0.0
-
-    def count_failure(self, ready_at: float | None, now: float) -> None:
-        """A replica failed: one more in the row (unless it had run long) and back off."""
-        self.failures = failures_after(self.failures, ready_at, now)
-        self.next_start_at = now + backoff_delay(self.failures)
+    # --- replicas: added by the reconciler, forgotten by their lifecycle ---------------------
 
     def add(self, replica: Replica) -> None:
         self.replicas[replica.id] = replica

@@ -1,13 +1,14 @@
 """The reconciler: keeps each endpoint at its desired replicas.
 
-It owns the endpoints (their pools: spec, generation, error, backoff, removal) and decides
-*when* replicas start and stop: passes (every reconcile_interval_s and at once on `kick`),
-apply (config and API), adoption at start, eviction between endpoints. Each replica's life
-(start, readiness, liveness, failure, drain, and every state change) is carried out by its
-own ReplicaLifecycle (scheduler.lifecycle), to which this module hands the decisions.
-Decisions themselves are pure functions in scheduler.policy. Other modules read pools through
-`pool()`, `live_pools()` and the read-only `pools` view; they change them only through the
-methods here (apply_specs, put_endpoint, remove_endpoint, secret_changed).
+It owns the endpoints (each an `Endpoint`: spec, generation, error, backoff, removal, and
+the `EndpointPool` of its replicas) and decides *when* replicas start and stop: passes (every
+reconcile_interval_s and at once on `kick`), apply (config and API), adoption at start,
+eviction between endpoints. Each replica's life (start, readiness, liveness, failure, drain,
+and every state change) is carried out by its own ReplicaLifecycle (scheduler.lifecycle), to
+which this module hands the decisions. Decisions themselves are pure functions in
+scheduler.policy. Other modules find pools through `pool()`, `live_pools()`, `all_pools()`
+and `holds()`; they change endpoints only through the methods here (apply_specs,
+put_endpoint, remove_endpoint, secret_changed).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import structlog
 
 from berth.daemon.config import EndpointSpec
 from berth.gpu import GpuAllocator
+from berth.scheduler.endpoint import Endpoint
 from berth.scheduler.lifecycle import ReplicaLifecycle
 from berth.scheduler.policy import (
     EvictionCandidate,
@@ -173,9 +175,8 @@ class Reconciler:
         """Rebuild pools from the store (endpoints created over the API live only there)."""
         for rec in await self.store.endpoints():
             spec = EndpointSpec.model_validate(rec.spec)
-            self._pools[rec.name] = EndpointPool(spec=spec, source=rec.source,
-                                                 generation=rec.generation, error=rec.error,
-                                                 created_at=rec.created_at)
+            self._pools[rec.name] = EndpointPool(Endpoint(
+                spec, rec.source, rec.generation, rec.error, created_at=rec.created_at))
 
     async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
         """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes."""
@@ -200,7 +201,7 @@ class Reconciler:
         """A secret was stored: endpoints waiting for it try again now, not after backoff."""
         for pool in self._pools.values():
             if name in pool.spec.secrets and pool.error:
-                pool.retry_now()
+                pool.endpoint.retry_now()
         self.kick()
 
     async def remove_endpoint(self, name: str) -> None:
@@ -209,7 +210,7 @@ class Reconciler:
         endpoint and removes the replicas as orphans."""
         pool = self._pools[name]
         await self.store.delete_endpoint(name)  # persist first: the tokens go with it
-        pool.mark_removed()
+        pool.endpoint.mark_removed()
         for listener in self.removal_listeners:
             listener(name)
         pool.fail_waiters(f"endpoint {name} was removed")
@@ -230,9 +231,9 @@ class Reconciler:
             name=name, spec=spec.model_dump(mode="json"), source=source,
             generation=generation, error=None))
         if pool is None:
-            pool = self._pools[name] = EndpointPool(spec=spec, source=source,
-                                                    created_at=self.clock())
-        pool.apply(spec, source, generation)
+            pool = self._pools[name] = EndpointPool(Endpoint(spec, source,
+                                                             created_at=self.clock()))
+        pool.endpoint.apply(spec, source, generation)
         getattr(summary, bucket).append(name)
         await self.event(kind, message, name)
 
@@ -263,7 +264,7 @@ class Reconciler:
         if error is not None:
             pool.fail_waiters(error)
         if pool.error != error:
-            pool.set_error(error)
+            pool.endpoint.set_error(error)
             await self._save_endpoint(pool)
 
     # --- adoption at start -----------------------------------------------------------------

@@ -245,10 +245,11 @@ async def test_oversized_body_is_refused_and_leaves_nothing(aplane, tmp_path):
 
 
 def test_a_retry_avoids_the_failed_replica_only_when_another_can_take_it(tmp_path):
+    from berth.scheduler.endpoint import Endpoint
     from berth.scheduler.pool import EndpointPool
     from berth.scheduler.replica import Replica, ReplicaState
 
-    pool = EndpointPool(spec=endpoint("x"), source="api")
+    pool = EndpointPool(Endpoint(endpoint("x"), "api"))
     for rid in ("a", "b"):
         pool.replicas[rid] = Replica(id=rid, endpoint="x", generation=1,
                                      state=ReplicaState.READY, created_at=0.0)

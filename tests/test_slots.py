@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from berth.daemon.config import EndpointSpec
+from berth.scheduler.endpoint import Endpoint
 from berth.scheduler.errors import EndpointFailing
 from berth.scheduler.pool import EndpointPool, Waiter
 from berth.scheduler.replica import Replica, ReplicaState
@@ -19,7 +20,7 @@ S = ReplicaState
 def pool_of(states: list[ReplicaState], concurrency: int = 1) -> EndpointPool:
     spec = EndpointSpec.model_validate({"name": "p", "image": "x",
                                         "concurrency": concurrency})
-    pool = EndpointPool(spec=spec, source="api")
+    pool = EndpointPool(Endpoint(spec, "api"))
     for i, state in enumerate(states):
         pool.replicas[f"r{i}"] = Replica(id=f"r{i}", endpoint="p", generation=1, state=state,
                                          created_at=0.0)
@@ -97,3 +98,15 @@ def test_the_dispatcher_and_the_proxy_give_slots_back_in_one_place_each():
         source = inspect.getsource(module)
         assert ".release(" not in source, module.__name__
         assert source.count(holder) == 1, module.__name__
+
+
+def test_the_pool_reads_its_endpoint_and_cannot_change_it():
+    # Issue 9: the pool owns slots, queue and demand; the endpoint is the reconciler's.
+    pool = pool_of([])
+    spec = pool.spec
+    for name, value in (("spec", spec), ("error", "no"), ("generation", 2), ("removed", True),
+                        ("failures", 3), ("next_start_at", 1.0), ("source", "config")):
+        with pytest.raises(AttributeError):
+            setattr(pool, name, value)
+    pool.endpoint.count_failure(None, 100.0)
+    assert (pool.failures, pool.next_start_at) == (1, 101.0)
