@@ -237,20 +237,28 @@ def global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> N
                         help="print the API's JSON")
 
 
+Adder = Callable[..., argparse.ArgumentParser]  # add_parser of one level of subcommands
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="berth", description="client of the berthd API")
     global_options(p)
     common = argparse.ArgumentParser(add_help=False)
     global_options(common, suppress=True)
 
-    def commands(parent: argparse.ArgumentParser, dest: str
-                 ) -> Callable[..., argparse.ArgumentParser]:
+    def commands(parent: argparse.ArgumentParser, dest: str) -> Adder:
         """add_parser of `parent`'s subcommands, each taking the global options too."""
         sub = parent.add_subparsers(dest=dest, required=True)
         return lambda name, **kw: sub.add_parser(name, parents=[common], **kw)
 
     command = commands(p, "command")
+    for add in (_endpoint_commands, _task_commands, _token_commands, _secret_commands):
+        add(command, commands)
+    _other_commands(command)
+    return p
 
+
+def _endpoint_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     action = commands(command("endpoints", help="endpoints"), "action")
     action("ls", help="list endpoints")
     action("get", help="one endpoint with its replicas").add_argument("name")
@@ -262,14 +270,8 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--min", type=int, dest="min_replicas")
     sc.add_argument("--max", type=int, dest="max_replicas")
 
-    lg = command("logs", help="replica logs")
-    lg.add_argument("name")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("--tail", default="100")
-    lg.add_argument("--replica")
 
-    command("gpus", help="GPUs and who holds them")
-
+def _task_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     action = commands(command("tasks", help="async tasks"), "action")
     tls = action("ls", help="list tasks")
     tls.add_argument("--endpoint")
@@ -277,6 +279,8 @@ def parser() -> argparse.ArgumentParser:
     action("get", help="one task").add_argument("id")
     action("cancel", help="cancel a task").add_argument("id")
 
+
+def _token_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     action = commands(command("tokens", help="endpoint tokens"), "action")
     for verb, text in (("create", "new token (shown once)"), ("limit", "change its limits")):
         tc = action(verb, help=text)
@@ -290,6 +294,8 @@ def parser() -> argparse.ArgumentParser:
     rv.add_argument("name")
     rv.add_argument("id")
 
+
+def _secret_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     action = commands(command("secrets", help="secrets"), "action")
     st = action("set", help="store a secret (value from the argument or stdin)")
     st.add_argument("name")
@@ -297,17 +303,23 @@ def parser() -> argparse.ArgumentParser:
     action("ls", help="names and dates")
     action("rm", help="delete a secret").add_argument("name")
 
+
+def _other_commands(command: Adder) -> None:
+    lg = command("logs", help="replica logs")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("--tail", default="100")
+    lg.add_argument("--replica")
+    command("gpus", help="GPUs and who holds them")
     us = command("usage", help="calls and model tokens by hour, day, token or model")
     us.add_argument("--since", help="unix time or ISO 8601 date/time (default: all)")
     us.add_argument("--until", help="unix time or ISO 8601 date/time")
     us.add_argument("--endpoint")
     us.add_argument("--token-id", help="a token id, admin or public")
     us.add_argument("--group-by", default="day", choices=["hour", "day", "token", "model"])
-
     ev = command("events", help="scale, start, ready, crash, eviction, reload...")
     ev.add_argument("--endpoint")
     ev.add_argument("--since", type=float, default=0.0)
-    return p
 
 
 def local_config(path: str) -> tuple[str | None, str | None]:
@@ -344,54 +356,66 @@ def with_query(path: str, params: dict[str, Any]) -> str:
     return f"{path}?{query}" if query else path
 
 
-def route(args: argparse.Namespace) -> tuple[str, str, Any, Callable[[Any], str]]:
+Route = tuple[str, str, Any, Callable[[Any], str]]  # method, path, body, renderer
+
+
+def route(args: argparse.Namespace) -> Route:
     """(method, path, body, renderer) for every command but apply and logs."""
-    c, a = args.command, getattr(args, "action", None)
+    c = args.command
     if c == "gpus":
         return "GET", "/v1/gpus", None, show_gpus
     if c == "events":
         return ("GET", with_query("/v1/events", {"endpoint": args.endpoint, "since": args.since}),
                 None, show_events)
-    if c == "endpoints":
-        if a == "ls":
-            return "GET", "/v1/endpoints", None, show_endpoints
-        if a == "get":
-            return "GET", f"/v1/endpoints/{q(args.name)}", None, show_endpoint
-        if a == "delete":
-            return ("DELETE", f"/v1/endpoints/{q(args.name)}", None,
-                    show_message("deleted {name}; {replicas_stopping} replica(s) stopping"))
-        body = {k: v for k, v in (("min_replicas", args.min_replicas),
-                                  ("max_replicas", args.max_replicas)) if v is not None}
-        if not body:
-            raise CliError("error: scale needs --min and/or --max", EXIT_USAGE)
-        return "PATCH", f"/v1/endpoints/{q(args.name)}", body, show_endpoint
-    if c == "tasks":
-        if a == "ls":
-            return ("GET", with_query("/v1/tasks", {"endpoint": args.endpoint,
-                                                    "status": args.status}), None, show_tasks)
-        method = "GET" if a == "get" else "DELETE"
-        return method, f"/tasks/{q(args.id)}", None, show_task
     if c == "usage":
         return ("GET", with_query("/v1/usage", {
             "since": args.since, "until": args.until, "endpoint": args.endpoint,
             "token": args.token_id, "group_by": args.group_by}), None, show_usage)
-    if c == "tokens":
-        limits = {k: v or None for k, v in (("requests_per_minute", getattr(args, "rpm", None)),
-                                            ("tokens_per_day", getattr(args, "tpd", None)))
-                  if v is not None}
-        if a == "create":
-            return ("POST", f"/v1/endpoints/{q(args.name)}/tokens", limits or None,
-                    show_message("{token}"))
-        if a == "limit":
-            if not limits:
-                raise CliError("error: limit needs --rpm and/or --tpd", EXIT_USAGE)
-            return ("PATCH", f"/v1/endpoints/{q(args.name)}/tokens/{q(args.id)}", limits,
-                    show_message("{id}: {requests_per_minute} requests/min, "
-                                 "{tokens_per_day} tokens/day"))
-        if a == "ls":
-            return "GET", f"/v1/endpoints/{q(args.name)}/tokens", None, show_tokens
-        return ("DELETE", f"/v1/endpoints/{q(args.name)}/tokens/{q(args.id)}", None,
-                show_message("revoked {id}"))
+    routes = {"endpoints": _endpoint_route, "tasks": _task_route, "tokens": _token_route,
+              "secrets": _secret_route}
+    return routes[c](args, args.action)
+
+
+def _endpoint_route(args: argparse.Namespace, a: str) -> Route:
+    if a == "ls":
+        return "GET", "/v1/endpoints", None, show_endpoints
+    if a == "get":
+        return "GET", f"/v1/endpoints/{q(args.name)}", None, show_endpoint
+    if a == "delete":
+        return ("DELETE", f"/v1/endpoints/{q(args.name)}", None,
+                show_message("deleted {name}; {replicas_stopping} replica(s) stopping"))
+    body = {k: v for k, v in (("min_replicas", args.min_replicas),
+                              ("max_replicas", args.max_replicas)) if v is not None}
+    if not body:
+        raise CliError("error: scale needs --min and/or --max", EXIT_USAGE)
+    return "PATCH", f"/v1/endpoints/{q(args.name)}", body, show_endpoint
+
+
+def _task_route(args: argparse.Namespace, a: str) -> Route:
+    if a == "ls":
+        return ("GET", with_query("/v1/tasks", {"endpoint": args.endpoint,
+                                                "status": args.status}), None, show_tasks)
+    return "GET" if a == "get" else "DELETE", f"/tasks/{q(args.id)}", None, show_task
+
+
+def _token_route(args: argparse.Namespace, a: str) -> Route:
+    base = f"/v1/endpoints/{q(args.name)}/tokens"
+    limits = {k: v or None for k, v in (("requests_per_minute", getattr(args, "rpm", None)),
+                                        ("tokens_per_day", getattr(args, "tpd", None)))
+              if v is not None}
+    if a == "create":
+        return "POST", base, limits or None, show_message("{token}")
+    if a == "limit":
+        if not limits:
+            raise CliError("error: limit needs --rpm and/or --tpd", EXIT_USAGE)
+        return ("PATCH", f"{base}/{q(args.id)}", limits, show_message(
+            "{id}: {requests_per_minute} requests/min, {tokens_per_day} tokens/day"))
+    if a == "ls":
+        return "GET", base, None, show_tokens
+    return "DELETE", f"{base}/{q(args.id)}", None, show_message("revoked {id}")
+
+
+def _secret_route(args: argparse.Namespace, a: str) -> Route:
     if a == "ls":
         return "GET", "/v1/secrets", None, show_secrets
     if a == "rm":

@@ -79,6 +79,8 @@ class Call:
     # replica's answer goes into it. failed_status then says how the call really ended.
     committed: web.StreamResponse | None = None
     failed_status: int | None = None
+    # The answer once its head went out (a failure after that can only end the stream).
+    response: web.StreamResponse | None = None
 
 
 class SseRewriter:
@@ -234,60 +236,71 @@ async def _body(call: Call) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
-    """Send the call to one replica and stream its answer back, under request_timeout_s."""
-    request, spec = call.request, call.pool.spec
+def _upstream_request(call: Call, replica: Replica
+                      ) -> tuple[URL, CIMultiDict[str], AsyncIterator[bytes] | bytes | None]:
+    """URL, headers and body of the call as it goes to `replica`."""
+    request = call.request
     url = f"http://{replica.address}/{call.path}"
     if request.rel_url.raw_query_string:
         url += f"?{request.rel_url.raw_query_string}"
     headers = forward_headers(request.headers, REQUEST_ONLY)
     headers.update(forwarded_headers(request))
     headers["X-Request-Id"] = call.request_id
-    if call.body is not None:
+    if call.body is not None:  # held whole: a refused connection may still be retried
         headers["Content-Length"] = str(len(call.body))
-    elif request.content_length is not None:
+        return URL(url, encoded=True), headers, call.body
+    if request.content_length is not None:
         length = request.content_length - call.replaces + len(call.prefix or b"")
         headers["Content-Length"] = str(length)
-    data: AsyncIterator[bytes] | bytes | None = _body(call) if request.body_exists else None
-    if call.body is not None:  # held whole: a refused connection may still be retried
-        data = call.body
-    response: web.StreamResponse | None = None
-    session = request.app[UPSTREAM]
+    return URL(url, encoded=True), headers, _body(call) if request.body_exists else None
+
+
+async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
+    """Send the call to one replica and stream its answer back, under request_timeout_s."""
+    request, spec = call.request, call.pool.spec
+    url, headers, data = _upstream_request(call, replica)
     try:
-        async with asyncio.timeout(spec.request_timeout_s), session.request(
-                request.method, URL(url, encoded=True), headers=headers, data=data,
+        async with asyncio.timeout(spec.request_timeout_s), request.app[UPSTREAM].request(
+                request.method, url, headers=headers, data=data,
                 allow_redirects=False) as upstream:
-            if call.committed is not None:
-                response = call.committed
-                await _into_committed(call, upstream, response)
-                return response
-            if _small(upstream):  # one write for headers and body: the common JSON answer
-                body = await upstream.read()
-                if call.meter is not None:
-                    call.meter.whole(body)
-                return _whole_response(call, replica, upstream, _rewritten(call, body))
-            response = await _start_response(call, replica, upstream)
-            await _relay(call, upstream, response)
-            return response
+            return await _answer(call, replica, upstream)
     except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too, but not the call's
         if not call.body_sent:
             raise ReplicaRefused(f"connecting timed out: {exc}") from exc
-        return await _cut(call, replica, response, 502, "replica_failed",
+        return await _cut(call, replica, call.response, 502, "replica_failed",
                           f"connecting to replica {replica.id} timed out")
     except TimeoutError:
         message = f"call exceeded request_timeout_s={spec.request_timeout_s:g}"
-        return await _cut(call, replica, response, 504, "timeout", message)
+        return await _cut(call, replica, call.response, 504, "timeout", message)
     except aiohttp.ClientConnectorError as exc:
         if not call.body_sent:
             raise ReplicaRefused(str(exc)) from exc
-        return await _cut(call, replica, response, 502, "replica_failed", str(exc))
+        return await _cut(call, replica, call.response, 502, "replica_failed", str(exc))
     except (aiohttp.ClientError, ConnectionResetError) as exc:
         if call.body_too_large:
             limit = request.app[LIMITS].max_body
             raise ApiError(413, "payload_too_large", "request body is over the limit of "
                            f"{limit} bytes (daemon.max_body_bytes)") from None
-        return await _cut(call, replica, response, 502, "replica_failed",
+        return await _cut(call, replica, call.response, 502, "replica_failed",
                           f"replica {replica.id} failed mid-call: {exc!r}")
+
+
+async def _answer(call: Call, replica: Replica,
+                  upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """The replica's answer to the client: into a stream already begun, whole when small
+    (one write, the common JSON answer), else streamed as it comes."""
+    if call.committed is not None:
+        call.response = call.committed
+        await _into_committed(call, upstream, call.committed)
+        return call.committed
+    if _small(upstream):
+        body = await upstream.read()
+        if call.meter is not None:
+            call.meter.whole(body)
+        return _whole_response(call, replica, upstream, _rewritten(call, body))
+    response = call.response = await _start_response(call, replica, upstream)
+    await _relay(call, upstream, response)
+    return response
 
 
 async def _relay(call: Call, upstream: aiohttp.ClientResponse,
