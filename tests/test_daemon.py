@@ -248,7 +248,9 @@ def test_sigterm_lets_a_call_in_flight_finish(daemon, write_config):
 
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.3)
+    # On the replica before the signal (a fixed sleep raced a busy machine: the call came
+    # after the listener had closed, and was refused as it should be).
+    d.wait_endpoint("busy", lambda e: e["in_flight"] == 1, timeout=5)
     d.signal(signal.SIGTERM)
     d.wait_message("STOPPING=1")
     caller.join(timeout=10)
