@@ -232,11 +232,17 @@ def main() -> int:
             berthd.wait(timeout=60)
             if proc_engine is not None:
                 proc_engine.terminate()
-    print(f"berth data plane, {os.cpu_count()} CPUs, wrk {WRK_SECONDS}s per run\n")
-    print("| measure | through berth | direct to replica | comparison |")
+    print_table(f"berth data plane, {os.cpu_count()} CPUs, wrk {WRK_SECONDS}s per run",
+                ("through berth", "direct to replica"), rows)
+    return 0
+
+
+def print_table(title: str, sides: tuple[str, str], rows: list[str]) -> None:
+    """The run's Markdown table, as bench/RESULTS.md keeps it."""
+    print(f"{title}\n")
+    print(f"| measure | {sides[0]} | {sides[1]} | comparison |")
     print("| --- | --- | --- | --- |")
     print("\n".join(rows))
-    return 0
 
 
 if __name__ == "__main__":

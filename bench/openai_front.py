@@ -35,7 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
 sys.path.insert(0, str(ROOT / "bench"))
 import build_image  # noqa: E402
-from data_plane import engine_with_image, free_port, wait_ready, wrk  # noqa: E402
+from data_plane import (  # noqa: E402
+    engine_with_image,
+    free_port,
+    print_table,
+    wait_ready,
+    wrk,
+)
 
 STREAMS = 500
 ROUNDS = 3
@@ -184,10 +190,8 @@ def main() -> int:
                 proc.wait(timeout=60)
             if proc_engine is not None:
                 proc_engine.terminate()
-    print("berth OpenAI front door (first column) against the comparison (second column)\n")
-    print("| measure | /v1 (usage on) | /invoke, usage off, or direct | comparison |")
-    print("| --- | --- | --- | --- |")
-    print("\n".join(rows))
+    print_table("berth OpenAI front door (first column) against the comparison (second column)",
+                ("/v1 (usage on)", "/invoke, usage off, or direct"), rows)
     return 0
 
 
