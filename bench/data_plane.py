@@ -237,11 +237,11 @@ def main() -> int:
     return 0
 
 
-def print_table(title: str, sides: tuple[str, str], rows: list[str]) -> None:
+def print_table(title: str, sides: tuple[str, ...], rows: list[str]) -> None:
     """The run's Markdown table, as bench/RESULTS.md keeps it."""
     print(f"{title}\n")
-    print(f"| measure | {sides[0]} | {sides[1]} | comparison |")
-    print("| --- | --- | --- | --- |")
+    print(f"| measure | {' | '.join(sides)} | comparison |")
+    print("|" + " --- |" * (len(sides) + 2))
     print("\n".join(rows))
 
 
