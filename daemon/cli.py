@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tomllib
 import urllib.error
@@ -20,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 EXIT_API = 1
@@ -59,6 +61,24 @@ class Client:
         except (urllib.error.URLError, OSError) as err:
             raise CliError(f"error: cannot reach berthd at {self.url}: {err}",
                            EXIT_UNREACHABLE) from err
+
+    def download(self, path: str, dest: Path) -> int:
+        """Save a streamed answer to `dest` whole or not at all (written beside, then renamed);
+        its size."""
+        part = dest.with_name(dest.name + ".part")
+        try:
+            with urllib.request.urlopen(self._request("GET", path), timeout=600) as resp, \
+                    open(part, "wb") as out:
+                shutil.copyfileobj(resp, out, 1024 * 1024)
+            os.replace(part, dest)
+            return dest.stat().st_size
+        except urllib.error.HTTPError as err:
+            raise CliError(f"error: {_api_error(err)}", EXIT_API) from err
+        except (urllib.error.URLError, OSError) as err:
+            raise CliError(f"error: cannot save {dest} from {self.url}: {err}",
+                           EXIT_UNREACHABLE) from err
+        finally:
+            part.unlink(missing_ok=True)
 
     def lines(self, path: str) -> Iterator[str]:
         """A streamed text answer, line by line (logs)."""
@@ -311,6 +331,7 @@ def _other_commands(command: Adder) -> None:
     lg.add_argument("--tail", default="100")
     lg.add_argument("--replica")
     command("gpus", help="GPUs and who holds them")
+    command("backup", help="save a consistent copy of berthd's database").add_argument("file")
     us = command("usage", help="calls and model tokens by hour, day, token or model")
     us.add_argument("--since", help="unix time or ISO 8601 date/time (default: all)")
     us.add_argument("--until", help="unix time or ISO 8601 date/time")
@@ -428,6 +449,10 @@ def run(args: argparse.Namespace) -> int:
     client = make_client(args)
     if args.command == "endpoints" and args.action == "apply":
         return apply(client, args.file, args.json)
+    if args.command == "backup":
+        size = client.download("/v1/backup", Path(args.file))
+        print(f"saved {size} bytes to {args.file}; restore with: berthd restore {args.file}")
+        return 0
     if args.command == "logs":
         query = urllib.parse.urlencode({"follow": str(args.follow).lower(), "tail": args.tail,
                                         **({"replica": args.replica} if args.replica else {})})

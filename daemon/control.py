@@ -16,6 +16,7 @@ from aiohttp import web
 from pydantic import Field, ValidationError
 
 from berth.daemon.auth import add_admin_route, digest
+from berth.daemon.backup_api import get_backup
 from berth.daemon.config import (
     ConfigIssue,
     EndpointSpec,
@@ -321,6 +322,7 @@ ROUTES = (
     ("GET", "/v1/events", list_events),
     ("GET", "/v1/gpus", list_gpus),
     ("GET", "/v1/usage", usage_summary),
+    ("GET", "/v1/backup", get_backup),
 )
 
 

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 import uvloop
@@ -19,8 +20,9 @@ import uvloop
 from berth.daemon.config import Config, ConfigError, ConfigIssue, gpu_issues, load_config
 from berth.daemon.logs import setup_logging
 from berth.daemon.sdnotify import Notifier, watchdog_interval_s
-from berth.daemon.service import EXIT_CONFIG, Berth, StartupError, summary_text
+from berth.daemon.service import EXIT_CONFIG, EXIT_STATE, Berth, StartupError, summary_text
 from berth.gpu import GpuSourceError, load_inventory
+from berth.store.backup import BackupError, backup_version, restore
 
 log = structlog.get_logger("berth.daemon")
 DEFAULT_CONFIG = "/etc/berth/config.toml"
@@ -42,6 +44,30 @@ def check_config(path: str) -> int:
         print(f"{path}: {len(issues)} error(s)", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{path}: ok ({len(config.endpoints)} endpoint(s))")
+    return 0
+
+
+def restore_backup(args: Sequence[str]) -> int:
+    """`berthd restore FILE [--config PATH]`: replace the state database with a backup while
+    no berthd runs on it; the replaced one is kept aside."""
+    parser = argparse.ArgumentParser(prog="berthd restore", description="restore a backup "
+                                     "(berth backup FILE) into the state dir; berthd stopped")
+    parser.add_argument("file")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")
+    opts = parser.parse_args(args)
+    try:
+        state = Path(load_config(opts.config).daemon.state_dir)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        version = backup_version(Path(opts.file))
+        aside = restore(Path(opts.file), state)
+    except BackupError as exc:
+        print(f"restore refused: {exc}", file=sys.stderr)
+        return EXIT_STATE
+    print(f"restored {opts.file} (schema {version}) into {state / 'berth.db'}"
+          + (f"; the replaced database is kept as {aside}" if aside else ""))
     return 0
 
 
@@ -126,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("usage: berthd check-config PATH", file=sys.stderr)
             return EXIT_CONFIG
         return check_config(args[1])
+    if args[:1] == ["restore"]:
+        return restore_backup(args[1:])
     parser = argparse.ArgumentParser(prog="berthd", description="berth model-serving daemon "
-                                     "(also: berthd check-config PATH)")
+                                     "(also: berthd check-config PATH, berthd restore FILE)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")
     parser.add_argument("--stop-replicas-on-exit", action="store_true",
                         help="stop every replica on SIGTERM instead of leaving them to be "

@@ -102,6 +102,9 @@ OPS: tuple[Op, ...] = (
     Op("delete", "/v1/secrets/{name}", "Delete a secret", (200, s.SecretDeleted),
        errors=(404,)),
     Op("get", "/v1/gpus", "GPUs, holders and readings", (200, s.GpuList)),
+    Op("get", "/v1/backup", "A consistent online copy of the state database (SQLite), "
+       "streamed; restore it with `berthd restore FILE` while berthd is stopped", (200, None),
+       errors=(503, 507), media="application/vnd.sqlite3"),
     Op("get", "/v1/usage", "Calls, errors and model tokens by hour, day, token or model",
        (200, s.UsageSummary), errors=(400,),
        query=(("since", {"type": "string"}), ("until", {"type": "string"}),

@@ -36,6 +36,7 @@ from berth.scheduler.dispatch import Dispatcher, DispatchSettings
 from berth.scheduler.egress import CallbackPolicy
 from berth.scheduler.reconciler import ChangeSummary, Reconciler
 from berth.scheduler.router import Router
+from berth.store.backup import BackupError, lock_state_dir
 
 log = structlog.get_logger("berth.daemon")
 
@@ -168,6 +169,7 @@ class Berth:
             raise StartupError(f"daemon.listen is {config.daemon.listen}, not loopback: set "
                                "an admin token (daemon.admin_token_file or BERTH_ADMIN_TOKEN)",
                                EXIT_CONFIG)
+        _lock_state(config, stack)
         core = await start_core(config, stack, lambda: stop_replicas)
         issues = gpu_issues(config.endpoints, list(core.inventory.gpus))
         issues += model_issues_with_api(config, core.reconciler)
@@ -227,6 +229,19 @@ class Berth:
     async def stop(self) -> None:
         """Stop every part, in the order of the class docstring."""
         await self.stack.aclose()
+
+
+def _lock_state(config: Config, stack: AsyncExitStack) -> None:
+    """One berthd per state dir (a second one, or a restore, is refused while it runs)."""
+    state = Path(config.daemon.state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = lock_state_dir(state)
+    except BackupError as exc:
+        raise StartupError(str(exc), EXIT_STATE) from exc
+    except OSError:
+        return  # an unusable state dir: opening the store says why, in its words
+    stack.callback(os.close, fd)
 
 
 def model_issues_with_api(config: Config, reconciler: Reconciler) -> list[ConfigIssue]:

@@ -6,6 +6,7 @@ was told is stored survives a crash.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -16,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import structlog
 
+from berth.store.backup import keep_premigration_copy
 from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord
 from berth.store.schema import MIGRATIONS, SCHEMA_VERSION
 from berth.store.tasks import TaskStore
 from berth.store.usage import UsageStore
 
 DB_NAME = "berth.db"
+log = structlog.get_logger("berth.store")
 LIVE_STATES = ("pending", "starting", "ready", "draining")
 TOKEN_LIMITS = ("requests_per_minute", "tokens_per_day")
 
@@ -74,6 +78,14 @@ class Store:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this berthd supports "
                 f"({SCHEMA_VERSION}); run a newer berthd or point daemon.state_dir elsewhere")
+        if 0 < version < SCHEMA_VERSION:  # an upgrade: the old database stays restorable
+            try:
+                kept = await asyncio.to_thread(keep_premigration_copy, self.path, version)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreError(f"cannot keep a copy of {self.path} before migrating it from "
+                                 f"schema {version}: {exc}; free space in its directory") from exc
+            log.info("store.copy_kept", path=str(kept), schema=version,
+                     message=f"copy of schema {version} kept before migrating")
         for number in range(version, SCHEMA_VERSION):
             await db.executescript(
                 f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")

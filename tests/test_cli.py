@@ -92,6 +92,10 @@ class FakeClient:
         self.calls.append(("GET", path, None))
         return ["[r1] hello"]
 
+    def download(self, path: str, dest: Any) -> int:
+        self.calls.append(("GET", path, None))
+        return 0
+
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
@@ -108,7 +112,8 @@ image = "img:2"
 gpus = 1
 """
 
-STREAMED = [  # the two commands route() leaves to run(): logs streams, apply PUTs each spec
+STREAMED = [  # the commands route() leaves to run(): logs streams, apply PUTs each spec, backup
+    (["backup", "b.db"], [("GET", "/v1/backup", None)]),  # saves (the real one: test_backup)
     (["logs", "m"], [("GET", "/v1/endpoints/m/logs?follow=false&tail=100", None)]),
     (["logs", "m", "-f", "--tail", "all", "--replica", "r1"],
      [("GET", "/v1/endpoints/m/logs?follow=true&tail=all&replica=r1", None)]),
@@ -139,7 +144,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 19
+    assert len(commands) == 20
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands
