@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from berth.daemon.audit import action_of, audited
 from berth.daemon.auth import Auth, add_admin_route, admin_auth
 from berth.daemon.browser import BrowserGuard, browser_middleware
 from berth.daemon.control import add_control_api
@@ -91,7 +92,9 @@ async def complete_writes(request: web.Request, handler: Handler) -> web.StreamR
         request.path.startswith(("/async/", "/tasks/"))
     if request.method in ("GET", "HEAD", "OPTIONS") or not is_write:
         return await handler(request)
-    task = asyncio.ensure_future(handler(request))
+    action = action_of(request)  # control writes leave a row in the audit log
+    task = asyncio.ensure_future(handler(request) if action is None
+                                 else audited(request, handler, action))
     writes = request.app[WRITES]
     writes.add(task)
     task.add_done_callback(writes.discard)
@@ -149,8 +152,9 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     bodies are small (1 MiB); call bodies stream. `guard` defaults to a loopback listener
     answering to 127.0.0.1 and localhost."""
     guard = guard or BrowserGuard.build("127.0.0.1", ["localhost"], [])
-    app = web.Application(middlewares=[json_errors, browser_middleware(guard), admin_auth,
-                                       complete_writes], client_max_size=1024 ** 2)
+    # complete_writes before the guards: refused writes are audited too, in the same task.
+    app = web.Application(middlewares=[json_errors, complete_writes, browser_middleware(guard),
+                                       admin_auth], client_max_size=1024 ** 2)
     app.cleanup_ctx.append(writes_ctx)
     app.cleanup_ctx.append(usage_ctx)
     app[STORE] = reconciler.store

@@ -162,6 +162,12 @@ def show_tokens(data: dict[str, Any]) -> str:
                   for t in data["tokens"]], ["ID", "ENDPOINT", "CREATED", "RPM", "TPD"])
 
 
+def show_audit(data: dict[str, Any]) -> str:
+    return table([[when(a["ts"]), a["actor"], a["remote"], a["action"], a["target"],
+                   str(a["status"] or "-"), a["outcome"]] for a in data["audit"]],
+                 ["TIME", "ACTOR", "FROM", "ACTION", "TARGET", "STATUS", "OUTCOME"])
+
+
 def show_usage(data: dict[str, Any]) -> str:
     key = {"token": ["token"], "model": ["endpoint", "model"]}.get(data["group_by"],
                                                                    [data["group_by"]])
@@ -338,6 +344,10 @@ def _other_commands(command: Adder) -> None:
     us.add_argument("--endpoint")
     us.add_argument("--token-id", help="a token id, admin or public")
     us.add_argument("--group-by", default="day", choices=["hour", "day", "token", "model"])
+    au = command("audit", help="who changed what: every control write, refused ones too")
+    au.add_argument("--since", type=float, default=0.0)
+    au.add_argument("--actor", help="admin, a token id, none, unknown-token or sighup")
+    au.add_argument("--target", help="an endpoint, endpoint/token id, secret or task id")
     ev = command("events", help="scale, start, ready, crash, eviction, reload...")
     ev.add_argument("--endpoint")
     ev.add_argument("--since", type=float, default=0.0)
@@ -388,6 +398,9 @@ def route(args: argparse.Namespace) -> Route:
     if c == "events":
         return ("GET", with_query("/v1/events", {"endpoint": args.endpoint, "since": args.since}),
                 None, show_events)
+    if c == "audit":
+        return ("GET", with_query("/v1/audit", {"since": args.since, "actor": args.actor,
+                                                "target": args.target}), None, show_audit)
     if c == "usage":
         return ("GET", with_query("/v1/usage", {
             "since": args.since, "until": args.until, "endpoint": args.endpoint,

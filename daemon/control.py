@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, ValidationError
 
+from berth.daemon.audit import list_audit
 from berth.daemon.auth import add_admin_route, digest
 from berth.daemon.backup_api import get_backup
 from berth.daemon.config import (
@@ -323,6 +324,7 @@ ROUTES = (
     ("GET", "/v1/gpus", list_gpus),
     ("GET", "/v1/usage", usage_summary),
     ("GET", "/v1/backup", get_backup),
+    ("GET", "/v1/audit", list_audit),
 )
 
 

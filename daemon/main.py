@@ -132,8 +132,10 @@ async def _reload(berth: Berth, config_path: str) -> None:
                   message="reload refused: config does not validate; nothing changed",
                   errors=[str(i) for i in exc.issues])
         await berth.reconciler.event("reload_refused", f"config does not validate: {exc}")
+        await berth.audit_reload(config_path, f"refused: {len(exc.issues)} error(s)")
         return
     log.info("config.reloaded", summary=summary_text(summary))
+    await berth.audit_reload(config_path, "ok")
 
 
 async def _watchdog(notifier: Notifier) -> None:

@@ -102,6 +102,10 @@ OPS: tuple[Op, ...] = (
     Op("delete", "/v1/secrets/{name}", "Delete a secret", (200, s.SecretDeleted),
        errors=(404,)),
     Op("get", "/v1/gpus", "GPUs, holders and readings", (200, s.GpuList)),
+    Op("get", "/v1/audit", "Every control write, refused ones too: time, actor, remote, "
+       "action, target, status, outcome (oldest first)", (200, s.AuditList), errors=(400,),
+       query=(("since", {"type": "number"}), ("actor", {"type": "string"}),
+              ("target", {"type": "string"}), ("limit", INT))),
     Op("get", "/v1/backup", "A consistent online copy of the state database (SQLite), "
        "streamed; restore it with `berthd restore FILE` while berthd is stopped", (200, None),
        errors=(503, 507), media="application/vnd.sqlite3"),

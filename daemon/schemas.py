@@ -174,6 +174,20 @@ class TokenCreated(TokenView):
     token: str
 
 
+class AuditRow(Model):
+    ts: float
+    actor: str
+    remote: str
+    action: str
+    target: str
+    status: int
+    outcome: str
+
+
+class AuditList(Model):
+    audit: list[AuditRow]
+
+
 class UsageItem(Model):
     """One group: `hour`/`day` (with `start`), `token`, or `endpoint` and `model`."""
 

@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import sqlite3
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from berth.scheduler.dispatch import Dispatcher, DispatchSettings
 from berth.scheduler.egress import CallbackPolicy
 from berth.scheduler.reconciler import ChangeSummary, Reconciler
 from berth.scheduler.router import Router
+from berth.store.audit import AuditRecord
 from berth.store.backup import BackupError, lock_state_dir
 
 log = structlog.get_logger("berth.daemon")
@@ -225,6 +227,15 @@ class Berth:
         summary = await self.reconciler.apply_specs(config.endpoints, "config")
         await self.reconciler.event("reload", f"config reloaded: {summary_text(summary)}")
         return summary
+
+    async def audit_reload(self, config_path: str, outcome: str) -> None:
+        """A reload by signal, in the audit log beside the API's writes."""
+        record = AuditRecord(time.time(), "sighup", "-", "config.reload", config_path, 0,
+                             outcome)
+        try:
+            await self.core.store.audit.add(record)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("audit.not_stored", error=str(exc), action="config.reload")
 
     async def stop(self) -> None:
         """Stop every part, in the order of the class docstring."""

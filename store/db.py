@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from berth.store.audit import AuditStore
 from berth.store.backup import keep_premigration_copy
 from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord
 from berth.store.schema import MIGRATIONS, SCHEMA_VERSION
@@ -43,6 +44,7 @@ class Store:
         self.path = path
         self.tasks = TaskStore(db)
         self.usage = UsageStore(db)
+        self.audit = AuditStore(db)
 
     @classmethod
     async def open(cls, state_dir: str | Path) -> Store:

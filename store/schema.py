@@ -160,6 +160,20 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX usage_principal ON usage (principal, hour);
     """,
+    # 7: the audit log: every control write, refused ones too (never a secret or a token).
+    """
+    CREATE TABLE audit (
+        id       INTEGER PRIMARY KEY,
+        ts       REAL NOT NULL,
+        actor    TEXT NOT NULL,     -- admin, a token id, none, unknown-token, or sighup
+        remote   TEXT NOT NULL,
+        action   TEXT NOT NULL,     -- endpoint.create, token.revoke, config.reload, ...
+        target   TEXT NOT NULL,
+        status   INTEGER NOT NULL,  -- the HTTP status answered (0 for a signal)
+        outcome  TEXT NOT NULL      -- ok, or the error code / why it was refused
+    );
+    CREATE INDEX audit_ts ON audit (ts);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -50,6 +50,9 @@ ROUTES = [
     (["tokens", "limit", "m", "k1", "--rpm", "0"],
      ("PATCH", "/v1/endpoints/m/tokens/k1", {"requests_per_minute": None})),
     (["usage"], ("GET", "/v1/usage?group_by=day", None)),
+    (["audit"], ("GET", "/v1/audit", None)),
+    (["audit", "--since", "5", "--actor", "admin", "--target", "llm"],
+     ("GET", "/v1/audit?since=5.0&actor=admin&target=llm", None)),
     (["usage", "--since", "2026-12-01", "--endpoint", "m", "--token-id", "admin", "--group-by",
       "model"], ("GET", "/v1/usage?since=2026-12-01&endpoint=m&token=admin&group_by=model",
                  None)),
@@ -144,7 +147,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 20
+    assert len(commands) == 21
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands
