@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -124,14 +125,28 @@ async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 when berthd can do its job; 503 while the Docker engine is unreachable."""
+    """200 when berthd can do its job; 503 while the Docker engine is unreachable. A state
+    disk under daemon.min_free_disk is said (async intake is refused, sync calls go on)."""
     reconciler = request.app[RECONCILER]
     runtime = reconciler.runtime
     if runtime.engine_up:
-        return web.json_response({"status": "ok", "endpoints": len(reconciler.live_pools())})
+        answer: dict[str, object] = {"status": "ok", "endpoints": len(reconciler.live_pools())}
+        low = low_disk(request)
+        if low:
+            answer["state_disk"] = low
+        return web.json_response(answer)
     return web.json_response({"status": "degraded", "endpoints": len(reconciler.live_pools()),
                               "docker": f"unreachable since {runtime.down_since:.0f}: "
                                         f"{runtime.down_reason}"}, status=503)
+
+
+def low_disk(request: web.Request) -> str | None:
+    minimum = request.app[LIMITS].min_free_disk
+    free = shutil.disk_usage(request.app[STORE].path.parent).free
+    if free >= minimum:
+        return None
+    return (f"low: {free} bytes free, under daemon.min_free_disk ({minimum}); new async "
+            "tasks are refused (507), sync calls go on")
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -222,6 +222,11 @@ class DaemonSettings(Strict):
     # SQLite every usage_flush_s; tokens_per_day limits need it.
     usage_accounting: bool = True
     usage_flush_s: float = Field(1.0, gt=0, le=60)
+    # Bounded state: rows older than these go (finished tasks once their results are purged).
+    events_ttl_s: float = Field(30 * 86400.0, gt=0)
+    audit_ttl_s: float = Field(365 * 86400.0, gt=0)
+    finished_tasks_ttl_s: float = Field(30 * 86400.0, gt=0)
+    prune_interval_s: float = Field(3600.0, gt=0)
 
     @field_validator("callback_allow")
     @classmethod

@@ -7,6 +7,7 @@ freed GPU disappears from the next scrape instead of lingering as a stale series
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -66,12 +67,24 @@ class Metrics:
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
                       samples: dict[str, GpuSample],
                       model_tokens: dict[tuple[str, str], list[int]]) -> None:
-        tasks = await reconciler.store.tasks.counts()  # reconciler: the scrape's one source
+        store = reconciler.store  # reconciler: the scrape's one source
+        tasks = await store.tasks.counts()
         self.live.families = [*endpoint_families(reconciler), *gpu_families(allocator, samples),
-                              task_family(tasks), token_family(model_tokens)]
+                              task_family(tasks), token_family(model_tokens),
+                              *state_families(store.retention.size(),
+                                              shutil.disk_usage(store.path.parent).free)]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def state_families(db_bytes: int, free_bytes: int) -> list[Metric]:
+    db = GaugeMetricFamily("berth_state_db_bytes", "Size of the state database and its WAL")
+    db.add_metric((), db_bytes)
+    free = GaugeMetricFamily("berth_state_disk_free_bytes",
+                             "Free space on the state directory's disk")
+    free.add_metric((), free_bytes)
+    return [db, free]
 
 
 def token_family(model_tokens: dict[tuple[str, str], list[int]]) -> Metric:

@@ -193,7 +193,8 @@ class Berth:
         if self.core.inventory.source == "nvml":
             jobs.add_job(self._sample_gpus, "interval", seconds=self.config.gpu.sample_interval_s,
                          max_instances=1, coalesce=True, id="gpu-sample", next_run_time=_now())
-        jobs.add_job(self._prune, "interval", hours=1, id="prune")
+        jobs.add_job(self._prune, "interval", seconds=daemon.prune_interval_s, id="prune",
+                     max_instances=1, coalesce=True)
         jobs.add_job(self._purge_results, "interval", id="purge-results",
                      seconds=daemon.purge_interval_s, max_instances=1, coalesce=True)
         jobs.start()
@@ -209,7 +210,15 @@ class Berth:
         await self.dispatcher.purge(self.config.daemon.result_ttl_s)
 
     async def _prune(self) -> None:
-        await self.core.store.prune_replicas(time.time() - REPLICA_HISTORY_S)
+        """Old replicas, events, audit rows and finished tasks go; their pages go back."""
+        now, daemon, store = time.time(), self.config.daemon, self.core.store
+        await store.prune_replicas(now - REPLICA_HISTORY_S)
+        pruned = await store.retention.prune(now - daemon.events_ttl_s,
+                                             now - daemon.audit_ttl_s,
+                                             now - daemon.finished_tasks_ttl_s)
+        if pruned.events or pruned.audit or pruned.tasks or pruned.pages_freed:
+            log.info("store.pruned", events=pruned.events, audit=pruned.audit,
+                     tasks=pruned.tasks, pages_freed=pruned.pages_freed)
 
     async def reload(self, config: Config) -> ChangeSummary:
         """Apply a new, already validated config; ConfigError if it cannot apply here."""

@@ -22,6 +22,7 @@ import structlog
 from berth.store.audit import AuditStore
 from berth.store.backup import keep_premigration_copy
 from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord
+from berth.store.retention import Retention
 from berth.store.schema import MIGRATIONS, SCHEMA_VERSION
 from berth.store.tasks import TaskStore
 from berth.store.usage import UsageStore
@@ -45,6 +46,7 @@ class Store:
         self.tasks = TaskStore(db)
         self.usage = UsageStore(db)
         self.audit = AuditStore(db)
+        self.retention = Retention(db, path)
 
     @classmethod
     async def open(cls, state_dir: str | Path) -> Store:
@@ -91,6 +93,14 @@ class Store:
         for number in range(version, SCHEMA_VERSION):
             await db.executescript(
                 f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")
+        async with db.execute("PRAGMA auto_vacuum") as cur:
+            row = await cur.fetchone()
+        if row is not None and int(row[0]) != 2:  # once: freed pages go back in batches later
+            try:
+                await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                await db.execute("VACUUM")
+            except sqlite3.Error as exc:  # e.g. no room for the rewrite: try at the next start
+                log.warning("store.vacuum_deferred", error=str(exc))
 
     async def close(self) -> None:
         await self._db.close()
