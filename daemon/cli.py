@@ -129,11 +129,20 @@ def show_endpoint(e: dict[str, Any]) -> str:
             f"image {e['spec']['image']}  in flight {e['in_flight']}  queued {e['queued']}")
     if e["error"]:
         head += f"\nerror: {e['error']}"
+    if e.get("starts"):
+        last, median = e["starts"]["last"], e["starts"]["median"]
+        head += (f"\nlast start {phases(last)}; median of last {e['starts']['count']} "
+                 f"{phases(median)}")
     rows = [[r["id"], r["state"], r["address"] or "",
              ",".join(str(g.get("index", "?")) for g in r["gpus"]) or "-", str(r["in_flight"]),
              when(r["last_call_at"]), r["reason"] or ""] for r in e["replicas"]]
     return head + "\n" + table(rows, ["REPLICA", "STATE", "ADDRESS", "GPUS", "IN-FLIGHT",
                                       "LAST CALL", "REASON"])
+
+
+def phases(start: dict[str, float]) -> str:
+    return (f"{start['total_s']:.1f} s (pull {start['pull_s']:.1f}, create "
+            f"{start['create_s']:.1f}, start {start['start_s']:.1f}, load {start['load_s']:.1f})")
 
 
 def show_gpus(data: dict[str, Any]) -> str:

@@ -17,12 +17,15 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from berth.gpu import GpuAllocator, GpuSample
+from berth.scheduler.endpoint import StartPhases
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.replica import ReplicaState
 
 # Call durations span sub-millisecond echoes to hour-long generations.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     600, 1800, 3600)
+# Starts span the demo's tenth of a second to a large model's ten minutes.
+START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 MIB = 1024 ** 2
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -56,8 +59,16 @@ class Metrics:
         self.call_seconds = Histogram(
             "berth_call_duration_seconds", "Time from a call's arrival to its last byte",
             ("endpoint",), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.start_seconds = Histogram(
+            "berth_replica_start_seconds", "Where replica starts go: pull, create, start "
+            "(until the container runs), load (until readiness passes), total",
+            ("endpoint", "phase"), buckets=START_BUCKETS, registry=self.registry)
         self.live = LiveState()
         self.registry.register(LiveCollector(self.live))
+
+    def start_observed(self, endpoint: str, phases: StartPhases) -> None:
+        for phase in ("pull", "create", "start", "load", "total"):
+            self.start_seconds.labels(endpoint, phase).observe(getattr(phases, f"{phase}_s"))
 
     def call_ended(self, endpoint: str, status: int, seconds: float) -> None:
         self.calls.labels(endpoint, str(status)).inc()

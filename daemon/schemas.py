@@ -112,6 +112,23 @@ class ReplicaView(Model):
     reason: str | None
 
 
+class StartPhasesView(Model):
+    pull_s: float
+    create_s: float
+    start_s: float
+    load_s: float
+    total_s: float
+
+
+class StartsView(Model):
+    """Where starts went since berthd started: the last one, each phase's median over the
+    last `count` (at most 10)."""
+
+    last: StartPhasesView
+    median: StartPhasesView
+    count: int
+
+
 class EndpointView(Model):
     name: str
     source: Literal["config", "api"]
@@ -122,6 +139,7 @@ class EndpointView(Model):
     replicas: list[ReplicaView]
     in_flight: int
     queued: int
+    starts: StartsView | None
 
 
 class EndpointList(Model):

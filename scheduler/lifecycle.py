@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import structlog
 
 from berth.gpu import GpuAllocator
+from berth.scheduler.endpoint import StartPhases
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.probes import Prober
 from berth.scheduler.replica import Replica, ReplicaState
@@ -60,6 +62,8 @@ class Context(Protocol):
                     replica: str | None = None) -> None: ...
 
     async def set_error(self, pool: EndpointPool, error: str | None) -> None: ...
+
+    def start_observed(self, pool: EndpointPool, phases: StartPhases) -> None: ...
 
     def kick(self) -> None: ...
 
@@ -136,7 +140,9 @@ class ReplicaLifecycle:
         """Image, container, readiness, then liveness until the replica leaves ready."""
         pool, replica, runtime = self.pool, self.replica, self.ctx.runtime
         try:
+            began = time.monotonic()
             await runtime.ensure_image(pool.spec.image)
+            pulled = time.monotonic() - began
             info = await runtime.run(await self.container_spec())
         except (ImageUnavailable, ContainerStartError, SecretMissing) as exc:
             await self.ctx.set_error(pool, str(exc))
@@ -151,9 +157,11 @@ class ReplicaLifecycle:
             return
         replica.container_id = info.id
         replica.address = f"{info.ip}:{pool.spec.port}"
+        running = time.monotonic()
         await self.transition(S.STARTING,
                               f"container {info.id[:12]} started at {replica.address}", "start")
-        await self.await_ready()
+        await self.await_ready(lambda: StartPhases(pulled, info.create_s, info.start_s,
+                                                   time.monotonic() - running))
 
     async def resume(self) -> None:
         """Watch an adopted replica again from the state the store had."""
@@ -185,8 +193,9 @@ class ReplicaLifecycle:
             network=ctx.runtime.endpoint_network(pool.name), pids_limit=spec.pids_limit,
             cap_add=list(spec.cap_add), user=spec.user)
 
-    async def await_ready(self) -> None:
-        """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed)."""
+    async def await_ready(self, phases: Callable[[], StartPhases] | None = None) -> None:
+        """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed).
+        `phases` (for a start of this lifecycle, not an adopted one) says where it went."""
         pool, replica, clock = self.pool, self.replica, self.ctx.clock
         probe = pool.spec.readiness
         deadline = (replica.started_at or clock()) + pool.spec.startup_timeout_s
@@ -195,7 +204,13 @@ class ReplicaLifecycle:
         while clock() < deadline:
             if await self.ctx.prober.check(replica.address, probe.path, probe.timeout_s):
                 await self.ctx.set_error(pool, None)
-                await self.transition(S.READY, "readiness passed")
+                went = phases() if phases is not None else None
+                reason = "readiness passed"
+                if went is not None:
+                    pool.endpoint.record_start(went)
+                    self.ctx.start_observed(pool, went)
+                    reason += f" ({went.text()})"
+                await self.transition(S.READY, reason)
                 await self.watch_liveness()
                 return
             await asyncio.sleep(min(delay, max(0.0, deadline - clock())))

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from berth.daemon.config import EndpointSpec
-from berth.scheduler.endpoint import Endpoint
+from berth.scheduler.endpoint import Endpoint, StartPhases, median_phases
 from berth.scheduler.errors import EndpointFailing
 from berth.scheduler.policy import pick_replica
 from berth.scheduler.replica import Replica, ReplicaState
@@ -193,7 +193,19 @@ class EndpointPool:
             "replicas": [describe_replica(r, gpu_names) for r in self.replicas.values()],
             "in_flight": sum(r.in_flight for r in self.replicas.values()),
             "queued": self.waiting,
+            "starts": describe_starts(list(self.endpoint.starts)),
         }
+
+
+def describe_starts(starts: list[StartPhases]) -> dict[str, Any] | None:
+    """The last start's phases and each phase's median over the last few (None: no start
+    since berthd started)."""
+    if not starts:
+        return None
+    return {"last": {**asdict(starts[-1]), "total_s": starts[-1].total_s},
+            "median": {**asdict(median_phases(starts)),
+                       "total_s": median_phases(starts).total_s},
+            "count": len(starts)}
 
 
 def describe_replica(replica: Replica, gpu_names: dict[str, Any]) -> dict[str, Any]:

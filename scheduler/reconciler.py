@@ -26,7 +26,7 @@ import structlog
 
 from berth.daemon.config import EndpointSpec
 from berth.gpu import GpuAllocator
-from berth.scheduler.endpoint import Endpoint
+from berth.scheduler.endpoint import Endpoint, StartPhases
 from berth.scheduler.lifecycle import ReplicaLifecycle
 from berth.scheduler.policy import (
     EvictionCandidate,
@@ -99,6 +99,8 @@ class Reconciler:
         # Told the name of each endpoint removed (after the store forgot it): Auth drops its
         # tokens from memory.
         self.removal_listeners: list[Callable[[str], None]] = []
+        # Told where each start went (the app's metrics histogram listens).
+        self.start_listeners: list[Callable[[str, StartPhases], None]] = []
         self._lives: dict[str, ReplicaLifecycle] = {}  # replica id -> its owner
 
     # --- replicas' owners ----------------------------------------------------------------------
@@ -259,6 +261,10 @@ class Reconciler:
         await self.durably(self.store.save_endpoint, EndpointRecord(
             name=pool.name, spec=pool.spec.model_dump(mode="json"), source=pool.source,
             generation=pool.generation, error=pool.error))
+
+    def start_observed(self, pool: EndpointPool, phases: StartPhases) -> None:
+        for listener in self.start_listeners:
+            listener(pool.name, phases)
 
     async def set_error(self, pool: EndpointPool, error: str | None) -> None:
         if error is not None:

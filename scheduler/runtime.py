@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +88,8 @@ class ContainerInfo:
     running: bool
     status: str  # the engine's words, e.g. "Exited (3) 2 seconds ago"
     ip: str | None
+    create_s: float = 0.0  # how long creating and starting took, when this call did them
+    start_s: float = 0.0
 
     @property
     def replica(self) -> str | None:
@@ -370,7 +372,7 @@ class DockerRuntime:
         return await self._call(self._run, spec)
 
     def _run(self, spec: ContainerSpec) -> ContainerInfo:
-        container = None
+        container, began = None, time.monotonic()
         try:
             self._ensure_network(spec.network, internal=not self.egress)
             try:
@@ -381,13 +383,15 @@ class DockerRuntime:
                 self._networks.discard(spec.network or self.network)  # removed behind us
                 self._ensure_network(spec.network, internal=not self.egress)
                 container = self.client.containers.create(**create_kwargs(spec, self.network))
+            created = time.monotonic()
             container.start()
             container.reload()
         except docker.errors.APIError as exc:
             if container is not None:  # never leave a created-but-dead container behind
                 self._remove_quietly(container.id)
             raise ContainerStartError(f"{exc.explanation or exc}") from exc
-        return self._info(container.attrs)
+        return replace(self._info(container.attrs), create_s=created - began,
+                                   start_s=time.monotonic() - created)
 
     def _info(self, attrs: dict[str, Any]) -> ContainerInfo:
         networks = attrs.get("NetworkSettings", {}).get("Networks", {}) or {}
