@@ -129,6 +129,10 @@ def show_endpoint(e: dict[str, Any]) -> str:
             f"image {e['spec']['image']}  in flight {e['in_flight']}  queued {e['queued']}")
     if e["error"]:
         head += f"\nerror: {e['error']}"
+    if e.get("cache"):
+        size = e["cache"]["size_bytes"]
+        head += (f"\ncache {e['cache']['volume']} at {e['cache']['path']}: "
+                 + (f"{size / 1024 ** 2:.1f} MiB" if size is not None else "size unknown"))
     if e.get("starts"):
         last, median = e["starts"]["last"], e["starts"]["median"]
         head += (f"\nlast start {phases(last)}; median of last {e['starts']['count']} "
@@ -299,7 +303,9 @@ def _endpoint_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     action("get", help="one endpoint with its replicas").add_argument("name")
     ap = action("apply", help="create or replace endpoints from a TOML or JSON file")
     ap.add_argument("-f", "--file", required=True)
-    action("delete", help="drain, stop and forget an endpoint").add_argument("name")
+    rm = action("delete", help="drain, stop and forget an endpoint")
+    rm.add_argument("name")
+    rm.add_argument("--purge-cache", action="store_true", help="remove its cache volume too")
     sc = action("scale", help="change min/max replicas")
     sc.add_argument("name")
     sc.add_argument("--min", type=int, dest="min_replicas")
@@ -425,7 +431,8 @@ def _endpoint_route(args: argparse.Namespace, a: str) -> Route:
     if a == "get":
         return "GET", f"/v1/endpoints/{q(args.name)}", None, show_endpoint
     if a == "delete":
-        return ("DELETE", f"/v1/endpoints/{q(args.name)}", None,
+        return ("DELETE", with_query(f"/v1/endpoints/{q(args.name)}",
+                                     {"purge_cache": "true" if args.purge_cache else None}), None,
                 show_message("deleted {name}; {replicas_stopping} replica(s) stopping"))
     body = {k: v for k, v in (("min_replicas", args.min_replicas),
                               ("max_replicas", args.max_replicas)) if v is not None}

@@ -52,7 +52,8 @@ Size = Annotated[int, BeforeValidator(lambda v: parse_size(v)
 # Fields whose change alters what a replica runs: a change to any of them rolls the replicas.
 RUNTIME_FIELDS = frozenset(
     {"image", "command", "args", "port", "env", "secrets", "volumes", "shm_size", "cpus",
-     "memory", "gpus", "gpu_type", "readiness", "liveness", "pids_limit", "cap_add", "user"}
+     "memory", "gpus", "gpu_type", "readiness", "liveness", "pids_limit", "cap_add", "user",
+     "cache_dir"}
 )
 
 
@@ -113,6 +114,9 @@ class EndpointFields(Strict):
     # A streamed OpenAI call waiting this long for a slot gets 200 and SSE comments this
     # often, so idle proxies do not cut it (0: off).
     stream_keepalive_s: float = Field(10.0, ge=0, le=3600)
+    # A path inside the container (e.g. /root/.cache) where a named volume of the endpoint's
+    # own is mounted: compile and download caches survive replica replacement and restarts.
+    cache_dir: str | None = Field(None, pattern=r"^/[^:\s]*$")
 
     @field_validator("models")
     @classmethod

@@ -31,7 +31,7 @@ from berth.daemon.config import (
 )
 from berth.daemon.errors import ApiError, json_body
 from berth.daemon.keys import ALLOCATOR, AUTH, GPU_SAMPLES, LIMITS, RECONCILER, STORE
-from berth.daemon.params import query_limit, query_time
+from berth.daemon.params import query_flag, query_limit, query_time
 from berth.daemon.quota import TokenLimits
 from berth.daemon.replica_logs import stream_logs
 from berth.daemon.usage_api import usage_summary
@@ -109,7 +109,17 @@ async def list_endpoints(request: web.Request) -> web.Response:
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
-    return web.json_response(describe(request, live_pool(request)))
+    pool = live_pool(request)
+    view = describe(request, pool)
+    if pool.spec.cache_dir:  # sized by the engine: only here, not in every list
+        runtime = request.app[RECONCILER].runtime
+        volume = runtime.cache_volume(pool.name)
+        try:
+            size = await runtime.volume_size(volume)
+        except Exception:  # the engine is away or slow: the view goes on without the size
+            size = None
+        view["cache"] = {"volume": volume, "path": pool.spec.cache_dir, "size_bytes": size}
+    return web.json_response(view)
 
 
 async def create_endpoint(request: web.Request) -> web.Response:
@@ -171,7 +181,7 @@ async def delete_endpoint(request: web.Request) -> web.Response:
     pool = writable_pool(request, name)
     if pool is None:
         raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
-    await request.app[RECONCILER].remove_endpoint(name)
+    await request.app[RECONCILER].remove_endpoint(name, query_flag(request, "purge_cache"))
     stopping = sum(1 for r in pool.replicas.values()
                    if r.state not in (ReplicaState.STOPPED, ReplicaState.FAILED))
     return web.json_response({"name": name, "deleted": True, "replicas_stopping": stopping})

@@ -81,8 +81,9 @@ OPS: tuple[Op, ...] = (
        also=((201, s.EndpointView),)),
     Op("patch", "/v1/endpoints/{name}", "Change some fields of an endpoint",
        (200, s.EndpointView), s.EndpointPatch, (*BODY_ERRORS, 404, 409)),
-    Op("delete", "/v1/endpoints/{name}", "Drain, stop and forget an endpoint",
-       (200, s.EndpointDeleted), errors=(404, 409)),
+    Op("delete", "/v1/endpoints/{name}", "Drain, stop and forget an endpoint (and its cache "
+       "volume with purge_cache=true)", (200, s.EndpointDeleted), errors=(400, 404, 409),
+       query=(("purge_cache", {"type": "boolean"}),)),
     Op("get", "/v1/endpoints/{name}/logs", "Replica logs, streamed as text", (200, None),
        media="text/plain", errors=(400, 404),
        query=(("tail", {"type": "string", "pattern": "^([0-9]+|all)$"}),

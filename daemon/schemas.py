@@ -129,6 +129,12 @@ class StartsView(Model):
     count: int
 
 
+class CacheView(Model):
+    volume: str
+    path: str
+    size_bytes: int | None
+
+
 class EndpointView(Model):
     name: str
     source: Literal["config", "api"]
@@ -140,6 +146,7 @@ class EndpointView(Model):
     in_flight: int
     queued: int
     starts: StartsView | None
+    cache: CacheView | None = None  # GET of one endpoint with a cache_dir
 
 
 class EndpointList(Model):

@@ -51,6 +51,7 @@ class Endpoint:
     failures: int = 0  # replica failures in a row; reset when one becomes ready
     next_start_at: float = 0.0  # backoff: no replica is started before this time
     removed: bool = False  # deleted: its replicas drain and stop
+    purge_cache: bool = False  # deleted with its cache volume
     created_at: float = 0.0  # when the endpoint was first stored (unix time)
     starts: deque[StartPhases] = field(default_factory=lambda: deque(maxlen=STARTS_KEPT))
 
@@ -62,12 +63,13 @@ class Endpoint:
         """A new (or the same) spec, already stored: errors and backoff start afresh."""
         self.spec, self.source, self.generation = spec, source, generation
         self.error, self.removed, self.failures, self.next_start_at = None, False, 0, 0.0
+        self.purge_cache = False
 
     def set_error(self, error: str | None) -> None:
         self.error = error
 
-    def mark_removed(self) -> None:
-        self.removed = True
+    def mark_removed(self, purge_cache: bool = False) -> None:
+        self.removed, self.purge_cache = True, purge_cache
 
     def retry_now(self) -> None:
         """Start the next replica without waiting out the backoff (e.g. a secret arrived)."""

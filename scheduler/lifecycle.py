@@ -191,7 +191,9 @@ class ReplicaLifecycle:
             shm_size=spec.shm_size, cpus=spec.cpus, memory=spec.memory,
             gpu_uuids=list(replica.gpus), gpu_mode=ctx.gpu_mode,
             network=ctx.runtime.endpoint_network(pool.name), pids_limit=spec.pids_limit,
-            cap_add=list(spec.cap_add), user=spec.user)
+            cap_add=list(spec.cap_add), user=spec.user,
+            cache=(ctx.runtime.cache_volume(pool.name), spec.cache_dir) if spec.cache_dir
+            else None)
 
     async def await_ready(self, phases: Callable[[], StartPhases] | None = None) -> None:
         """Poll readiness until it passes (ready) or startup_timeout_s runs out (failed).

@@ -206,13 +206,14 @@ class Reconciler:
                 pool.endpoint.retry_now()
         self.kick()
 
-    async def remove_endpoint(self, name: str) -> None:
+    async def remove_endpoint(self, name: str, purge_cache: bool = False) -> None:
         """Delete the endpoint (and its tokens) from the store, then drain and stop its
-        replicas; the pool is forgotten once they are gone. A restart in between finds no
-        endpoint and removes the replicas as orphans."""
+        replicas; the pool is forgotten once they are gone, with its cache volume when
+        `purge_cache`. A restart in between finds no endpoint and removes the replicas as
+        orphans (the volume then stays)."""
         pool = self._pools[name]
         await self.store.delete_endpoint(name)  # persist first: the tokens go with it
-        pool.endpoint.mark_removed()
+        pool.endpoint.mark_removed(purge_cache)
         for listener in self.removal_listeners:
             listener(name)
         pool.fail_waiters(f"endpoint {name} was removed")
@@ -418,6 +419,10 @@ class Reconciler:
             del self._pools[pool.name]
             await self.store.delete_endpoint(pool.name)
             await self.runtime.remove_network(self.runtime.endpoint_network(pool.name))
+            if pool.endpoint.purge_cache:
+                await self.runtime.remove_volume(self.runtime.cache_volume(pool.name))
+                await self.event("cache_purged", f"cache volume of {pool.name} removed",
+                                 pool.name)
 
     def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
         if pool.removed:

@@ -78,6 +78,7 @@ class ContainerSpec:
     pids_limit: int = 4096
     cap_add: list[str] = field(default_factory=list)
     user: str | None = None  # None: the image's user
+    cache: tuple[str, str] | None = None  # (volume, path inside): the endpoint's cache
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def create_kwargs(spec: ContainerSpec, network: str) -> dict[str, Any]:
         "environment": spec.env,
         "network": spec.network or network,
         "detach": True,
-        "volumes": list(spec.volumes),
+        "volumes": [*spec.volumes, *([f"{spec.cache[0]}:{spec.cache[1]}"] if spec.cache else [])],
         # Least privilege: a model server needs no capability, setuid or fork bomb.
         "security_opt": ["no-new-privileges:true"],
         "cap_drop": ["ALL"],
@@ -322,6 +323,40 @@ class DockerRuntime:
         """The network an endpoint's replicas share, and no other endpoint's."""
         return f"{self.network}-{endpoint}"
 
+    def cache_volume(self, endpoint: str) -> str:
+        """The endpoint's cache volume: berth-cache-<endpoint> (another instance's network
+        name in place of "berth", so two berths on one engine never share one)."""
+        return f"{self.network}-cache-{endpoint}"
+
+    async def volume_size(self, name: str) -> int | None:
+        """Bytes in a volume (the engine counts them; None if it has no such volume)."""
+        def size() -> int | None:
+            for volume in self.client.df().get("Volumes") or []:
+                if volume.get("Name") == name:
+                    usage = (volume.get("UsageData") or {}).get("Size")
+                    return int(usage) if usage is not None and usage >= 0 else None
+            return None
+        return await self._call(size)
+
+    async def remove_volume(self, name: str) -> None:
+        """Delete a volume (gone already is fine; one still in use stays, said in the log)."""
+        def remove() -> None:
+            try:
+                self.client.api.remove_volume(name)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                log.warning("volume.not_removed", volume=name, error=str(exc))
+        await self._call(remove)
+
+    def _ensure_volume(self, name: str, endpoint: str) -> None:
+        try:
+            self.client.volumes.get(name)
+        except docker.errors.NotFound:
+            self.client.volumes.create(name, labels={LABEL_MANAGED: "true",
+                                                     LABEL_INSTANCE: self.network,
+                                                     LABEL_ENDPOINT: endpoint})
+
     async def remove_network(self, name: str) -> None:
         """Remove an endpoint's network once its replicas are gone (gone already is fine)."""
         def remove() -> None:
@@ -375,6 +410,8 @@ class DockerRuntime:
         container, began = None, time.monotonic()
         try:
             self._ensure_network(spec.network, internal=not self.egress)
+            if spec.cache is not None:
+                self._ensure_volume(spec.cache[0], spec.labels.get(LABEL_ENDPOINT, ""))
             try:
                 container = self.client.containers.create(**create_kwargs(spec, self.network))
             except docker.errors.NotFound as exc:

@@ -33,6 +33,8 @@ ROUTES = [
     (["endpoints", "get", "m"], ("GET", "/v1/endpoints/m", None)),
     (["endpoints", "get", "a b/../c?"], ("GET", "/v1/endpoints/a%20b%2F..%2Fc%3F", None)),
     (["endpoints", "delete", "m"], ("DELETE", "/v1/endpoints/m", None)),
+    (["endpoints", "delete", "m", "--purge-cache"],
+     ("DELETE", "/v1/endpoints/m?purge_cache=true", None)),
     (["endpoints", "scale", "m", "--min", "0"],
      ("PATCH", "/v1/endpoints/m", {"min_replicas": 0})),
     (["endpoints", "scale", "m", "--max", "3"],
