@@ -126,7 +126,8 @@ def show_endpoints(data: dict[str, Any]) -> str:
 
 def show_endpoint(e: dict[str, Any]) -> str:
     head = (f"{e['name']}  {e['status']}  generation {e['generation']}  source {e['source']}  "
-            f"image {e['spec']['image']}  in flight {e['in_flight']}  queued {e['queued']}")
+            f"image {e['spec']['image']} ({e.get('image', 'unknown')})  in flight "
+            f"{e['in_flight']}  queued {e['queued']}")
     if e["error"]:
         head += f"\nerror: {e['error']}"
     if e.get("cache"):

@@ -100,7 +100,9 @@ def gpu_names(request: web.Request) -> dict[str, Any]:
 
 
 def describe(request: web.Request, pool: EndpointPool) -> dict[str, Any]:
-    return pool.describe(gpu_names(request))
+    view = pool.describe(gpu_names(request))
+    view["image"] = request.app[RECONCILER].images.state(pool.spec.image)
+    return view
 
 
 async def list_endpoints(request: web.Request) -> web.Response:

@@ -146,6 +146,7 @@ class EndpointView(Model):
     in_flight: int
     queued: int
     starts: StartsView | None
+    image: str  # present | pulling (n of m layers) | missing: <reason> | unknown
     cache: CacheView | None = None  # GET of one endpoint with a cache_dir
 
 

@@ -19,6 +19,7 @@ import structlog
 
 from berth.gpu import GpuAllocator
 from berth.scheduler.endpoint import StartPhases
+from berth.scheduler.images import ImagePuller
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.probes import Prober
 from berth.scheduler.replica import Replica, ReplicaState
@@ -53,6 +54,7 @@ class Context(Protocol):
     runtime: DockerRuntime
     allocator: GpuAllocator
     prober: Prober
+    images: ImagePuller
     gpu_mode: str
     clock: Callable[[], float]
 
@@ -141,6 +143,7 @@ class ReplicaLifecycle:
         pool, replica, runtime = self.pool, self.replica, self.ctx.runtime
         try:
             began = time.monotonic()
+            await self.ctx.images.settled(pool.spec.image)  # a pre-pull under way: wait for it
             await runtime.ensure_image(pool.spec.image)
             pulled = time.monotonic() - began
             info = await runtime.run(await self.container_spec())

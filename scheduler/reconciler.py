@@ -27,6 +27,7 @@ import structlog
 from berth.daemon.config import EndpointSpec
 from berth.gpu import GpuAllocator
 from berth.scheduler.endpoint import Endpoint, StartPhases
+from berth.scheduler.images import ImagePuller
 from berth.scheduler.lifecycle import ReplicaLifecycle
 from berth.scheduler.policy import (
     EvictionCandidate,
@@ -102,6 +103,7 @@ class Reconciler:
         # Told where each start went (the app's metrics histogram listens).
         self.start_listeners: list[Callable[[str, StartPhases], None]] = []
         self._lives: dict[str, ReplicaLifecycle] = {}  # replica id -> its owner
+        self.images = ImagePuller(runtime)  # pre-pulls every endpoint's image
 
     # --- replicas' owners ----------------------------------------------------------------------
 
@@ -189,6 +191,7 @@ class Reconciler:
             if pool.source == source and name not in specs and not pool.removed:
                 await self.remove_endpoint(name)
                 summary.removed.append(name)
+        self.images.want(p.spec.image for p in self.live_pools())
         self.kick()
         return summary
 
@@ -196,6 +199,7 @@ class Reconciler:
         """Create or change one endpoint (the API's way in)."""
         summary = ChangeSummary()
         await self._apply_one(spec, source, summary)
+        self.images.want([spec.image])
         self.kick()
         return summary
 
@@ -528,6 +532,7 @@ class Reconciler:
     async def shutdown(self, stop_replicas: bool) -> None:
         """Stop watching replicas; with stop_replicas also stop them, else leave them running."""
         self._closed = True
+        await self.images.close()
         if self._kick_task is not None:
             self._kick_task.cancel()
         async with self._pass_lock:

@@ -372,11 +372,14 @@ class DockerRuntime:
             await self._call(client.close)
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def ensure_image(self, image: str) -> None:
-        """Make sure the image is on the engine, pulling it (progress in the log) if allowed."""
-        await self._call(self._ensure_image, image)
+    async def ensure_image(self, image: str,
+                           layers: Callable[[str, str], None] | None = None) -> None:
+        """Make sure the image is on the engine, pulling it (progress in the log) if allowed.
+        `layers(layer, status)` hears each layer's progress (from the pull's thread)."""
+        await self._call(self._ensure_image, image, layers)
 
-    def _ensure_image(self, image: str) -> None:
+    def _ensure_image(self, image: str,
+                      layers: Callable[[str, str], None] | None = None) -> None:
         try:
             self.client.images.get(image)
             return
@@ -394,6 +397,8 @@ class DockerRuntime:
                 if "error" in line:
                     raise ImageUnavailable(f"image {image} cannot be pulled: {line['error']}")
                 status = f"{line.get('id', '')} {line.get('status', '')}".strip()
+                if layers is not None and line.get("id") and line.get("status"):
+                    layers(str(line["id"]), str(line["status"]))
                 if status != last:  # layer progress ticks would flood the log
                     log.info("image.pull_progress", image=image, status=status)
                     last = status

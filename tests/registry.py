@@ -70,3 +70,14 @@ def registry_app(image: ServedImage) -> web.Application:
     app.router.add_get(r"/v2/{name:.+}/manifests/{ref}", manifest)
     app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", blob)
     return app
+
+
+def tiny_rootfs(marker: str) -> bytes:
+    """A one-file root filesystem (about 200 kB) to import, save and serve as an image."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = f"made by {marker}\n".encode() * 20000
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

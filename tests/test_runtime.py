@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import ipaddress
-import tarfile
 import threading
 
 import aiohttp
@@ -118,11 +116,11 @@ async def test_unreachable_engine_is_a_clear_error():
 
 async def test_missing_image_is_pulled_with_progress_in_the_log(
         runtime, docker_client, aiohttp_server):
-    from registry import from_docker_save, registry_app
+    from registry import from_docker_save, registry_app, tiny_rootfs
 
     # An image the engine does not have: made here, exported, then removed from the engine.
     local = f"berth-test/pullme:{SESSION}"
-    docker_client.api.import_image_from_data(tiny_rootfs(), repository=local.split(":")[0],
+    docker_client.api.import_image_from_data(tiny_rootfs(SESSION), repository=local.split(":")[0],
                                              tag=SESSION)
     saved = b"".join(docker_client.images.get(local).save(named=True))
     docker_client.images.remove(local)
@@ -139,16 +137,6 @@ async def test_missing_image_is_pulled_with_progress_in_the_log(
         assert len(progress) < 20  # one line per layer state, not one per progress tick
     finally:
         docker_client.images.remove(image)
-
-
-def tiny_rootfs() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = f"made by {SESSION}\n".encode() * 20000
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_endpoint_networks_avoid_every_subnet_in_use(tmp_path):
