@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 
 import aiohttp
 import pytest
@@ -138,3 +139,19 @@ async def test_bad_forms_get_openai_errors(api):
         resp = await s.post(f"http://127.0.0.1:{client.port}/v1/audio/translations",
                             data=form((b"model", b"whisper", False))[:30], headers=multipart)
         assert resp.status == 400
+
+
+def test_hostile_part_headers_cost_little():
+    # A header line repeated 20,000 times took 12 s with an unanchored pattern (review): now
+    # the pattern is linear, and a header block past 8 KiB is not a form's at all.
+    from berth.daemon.openai_form import NAME
+
+    evil = b"content-disposition:" * 20000
+    started = time.perf_counter()
+    assert NAME.search(evil) is None
+    with pytest.raises(FormError, match="too long"):
+        find_field(b"--" + B + b"\r\n" + evil + b"\r\n\r\nx\r\n--" + B, B, b"model",
+                   complete=False)
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(FormError, match="too long"):
+        find_field(b"--" + B + b"\r\n" + b"x" * 10_000, B, b"model", complete=False)
