@@ -25,7 +25,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogateescape: header bytes that are not UTF-8 arrive as surrogates; they are a wrong
+    # token (401), not a crash (500).
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass
@@ -84,7 +86,8 @@ class Auth:
         return given[len(BEARER):]
 
     def _is_admin(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.admin.encode())
+        return hmac.compare_digest(token.encode("utf-8", "surrogateescape"),
+                                   self.admin.encode())
 
     def knows(self, token: str) -> bool:
         """The admin token or a live endpoint token."""

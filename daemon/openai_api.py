@@ -125,6 +125,16 @@ def model_pool(request: web.Request, model: Any) -> tuple[str, EndpointPool]:
                       "do not have access to it.", "model")
 
 
+def check_any_key(request: web.Request) -> None:
+    """401 before the body is read, when no model could be called without a known key: an
+    anonymous caller must not make berth read and parse a large body."""
+    auth, key = request.app[AUTH], presented_key(request)
+    if auth.open or (key is not None and auth.knows(key)):
+        return
+    if not any(p.spec.public for p in request.app[RECONCILER].live_pools()):
+        raise OpenAIError(401, "unauthorized", "missing, unknown or revoked API key")
+
+
 def check_key(request: web.Request, pool: EndpointPool) -> None:
     auth, key = request.app[AUTH], presented_key(request)
     if auth.allows(key, pool.name, pool.spec.public):
@@ -161,6 +171,7 @@ async def serve_openai(request: web.Request,
     started, outcome, call, cell = time.monotonic(), 499, None, None
     app = request.app
     try:
+        check_any_key(request)
         asked = await read(request)
         model, pool = model_pool(request, asked.model)
         principal = app[AUTH].principal(presented_key(request))

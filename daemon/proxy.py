@@ -41,6 +41,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
                         "x-forwarded-host", "x-real-ip"})
 REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"}) | FORWARDING
+OPENAI_ONLY = REQUEST_ONLY | {"x-api-key"}  # berth's key on the OpenAI routes, as SDKs send it
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
 MAX_HELD = 1024 ** 2  # the most of one SSE line the rewriter holds back
@@ -243,7 +244,7 @@ def _upstream_request(call: Call, replica: Replica
     url = f"http://{replica.address}/{call.path}"
     if request.rel_url.raw_query_string:
         url += f"?{request.rel_url.raw_query_string}"
-    headers = forward_headers(request.headers, REQUEST_ONLY)
+    headers = forward_headers(request.headers, OPENAI_ONLY if call.openai else REQUEST_ONLY)
     headers.update(forwarded_headers(request))
     headers["X-Request-Id"] = call.request_id
     if call.body is not None:  # held whole: a refused connection may still be retried

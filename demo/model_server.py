@@ -137,6 +137,7 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, {
             "id": "chatcmpl-demo", "object": "chat.completion", "created": int(time.time()),
             "model": req.get("model"), "received_model": req.get("model"),
+            "received_keys": [h for h in ("Authorization", "x-api-key") if h in self.headers],
             "choices": [{"index": 0, "finish_reason": "stop",
                                                     "message": {"role": "assistant",
                                                                 "content": f"echo: {said}"}}],

@@ -335,3 +335,25 @@ async def test_a_huge_json_body_is_refused_before_it_is_read(api):
     resp = await client.post("/v1/chat/completions", data=endless(), headers={
         **ADMIN, "Content-Type": "application/json"})
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_berths_key_never_reaches_the_model_and_anonymous_bodies_are_not_read(api):
+    _, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
+    chat = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+    for headers in (ADMIN, {"x-api-key": "admin-secret"}):
+        resp = await client.post("/v1/chat/completions", json=chat, headers=headers)
+        assert resp.status == 200 and (await resp.json())["received_keys"] == [], headers
+    # No key and no public endpoint: refused before the (declared 1 GiB) body is read.
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n{")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 401")
+    writer.close()
+    # A key that is not UTF-8 is a wrong key, not a crash.
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Authorization: Bearer \xff\xfe\r\n\r\n")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 401")
+    writer.close()
