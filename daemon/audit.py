@@ -27,6 +27,7 @@ from berth.store.audit import AuditRecord
 
 log = structlog.get_logger("berth.audit")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TARGET_MAX = 256
 
 # (method, route) -> action; the target is the route's {name} and {id}.
 ACTIONS = {
@@ -71,7 +72,7 @@ def target_of(request: web.Request, response: web.StreamResponse | None) -> str:
         if isinstance(answer, dict):
             parts += [str(answer[k]) for k in ("name", "id")
                       if isinstance(answer.get(k), str) and answer[k] not in parts]
-    return "/".join(parts) or "-"
+    return "/".join(parts)[:TARGET_MAX] or "-"  # a URL's junk cannot grow a row
 
 
 async def audited(request: web.Request, handler: Handler, action: str) -> web.StreamResponse:

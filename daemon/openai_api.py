@@ -84,12 +84,24 @@ class Asked:
     head: bytes
     json_body: dict[str, Any] | None = None
     span: Found | None = None
+    changed: bool = False  # json_body differs from head
+
+    def ask_usage(self) -> None:
+        """Have a streamed answer end with its usage (a token with a daily budget must be
+        counted even when its client did not ask for the usage chunk)."""
+        if self.json_body is None:
+            return
+        options = self.json_body.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        if options.get("include_usage") is not True:
+            self.json_body["stream_options"] = {**options, "include_usage": True}
+            self.changed = True
 
     def into(self, call: Call, upstream: str | None) -> None:
         """Give the call its body, with the model renamed to `upstream` when set."""
         if self.json_body is not None:
-            call.body = self.head if not upstream else \
-                json.dumps({**self.json_body, "model": upstream}).encode()
+            call.body = self.head if not (upstream or self.changed) else json.dumps(
+                {**self.json_body, "model": upstream or self.json_body.get("model")}).encode()
             return
         call.prefix, call.replaces = self.head, len(self.head)
         if upstream and self.span is not None:
@@ -112,6 +124,9 @@ async def asked_form(request: web.Request) -> Asked:
     except FormError as exc:
         raise OpenAIError(400, "missing_model" if "`model`" in str(exc) else "bad_form",
                           str(exc), "model") from None
+    if len(head) > limit:  # the rest is counted as it streams; this part is read already
+        raise OpenAIError(413, "payload_too_large", f"request body is over the limit of "
+                          f"{limit} bytes")
     return Asked(model, False, head, span=span)
 
 
@@ -178,6 +193,9 @@ async def serve_openai(request: web.Request,
         cell = (hour_of(time.time()), principal, pool.name, model)
         check_key(request, pool)
         admit(request, principal)
+        limits = app[AUTH].limits.get(principal)
+        if asked.stream and limits is not None and limits.tokens_per_day is not None:
+            asked.ask_usage()
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                     request.headers.get("X-Request-Id") or os.urandom(12).hex(),
                     meter=UsageMeter() if app[USAGE].enabled else None, openai=True)

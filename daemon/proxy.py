@@ -92,22 +92,25 @@ class SseRewriter:
 
     def __init__(self, rewrite: Callable[[bytes], bytes]) -> None:
         self.rewrite = rewrite
-        self.tail = b""
+        self.tail = bytearray()
         self.passing = False  # inside an over-long line: pass it until its end
 
     def feed(self, chunk: bytes) -> bytes:
+        if b"\n" not in chunk and not self.passing and len(self.tail) + len(chunk) <= MAX_HELD:
+            self.tail += chunk  # more of an unfinished line: nothing to look at yet
+            return b""
         data = self.tail + chunk
         cut = data.rfind(b"\n") + 1
-        head, self.tail = data[:cut], data[cut:]
+        head, self.tail = bytes(data[:cut]), bytearray(data[cut:])
         out = b"".join(self._line(line) for line in head.splitlines(keepends=True))
         if len(self.tail) > MAX_HELD or (self.passing and not head):
-            out, self.tail, self.passing = out + self.tail, b"", True
+            out, self.tail, self.passing = out + bytes(self.tail), bytearray(), True
         elif head:
             self.passing = False
         return out
 
     def flush(self) -> bytes:
-        tail, self.tail = self.tail, b""
+        tail, self.tail = bytes(self.tail), bytearray()
         return self._line(tail) if tail else b""
 
     def _line(self, line: bytes) -> bytes:
@@ -168,7 +171,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     principal = request.app[AUTH].principal(presented_key(request))
     call = Call(request, pool, raw_tail(request),
                 request.headers.get("X-Request-Id") or os.urandom(12).hex())
-    if call.path.startswith("v1/") and request.app[USAGE].enabled:  # an OpenAI-style route
+    # An OpenAI-style route, as the model server will read the path (decoded: %76%31 is v1).
+    if request.match_info.get("path", "").startswith("v1/") and request.app[USAGE].enabled:
         call.meter = UsageMeter()
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
@@ -202,7 +206,8 @@ async def _invoke(request: web.Request, router: Router, call: Call,
 def admit(request: web.Request, principal: str) -> None:
     """429 when the caller's token is over its requests_per_minute or tokens_per_day."""
     app = request.app
-    app[QUOTA].admit(principal, app[AUTH].limits.get(principal), time.time())
+    app[QUOTA].admit(principal, app[AUTH].limits.get(principal), time.time(),
+                     time.monotonic())
 
 
 async def serve_call(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
@@ -332,7 +337,9 @@ async def _into_committed(call: Call, upstream: aiohttp.ClientResponse,
     if upstream.status == 200 and upstream.content_type == "text/event-stream":
         await _relay(call, upstream, response)
         return
-    body = await upstream.content.read(SMALL_BODY)
+    body = b""
+    while len(body) < SMALL_BODY and (more := await upstream.content.read(SMALL_BODY - len(body))):
+        body += more
     call.failed_status = upstream.status if upstream.status >= 400 else 502
     try:
         error = json.loads(body)["error"]
@@ -378,8 +385,9 @@ async def _start_response(call: Call, replica: Replica,
                           upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=_response_headers(call, replica, upstream))
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
+    if upstream.content_length is not None and not (
+            call.rewrite is not None and upstream.content_type == "text/event-stream"):
+        response.content_length = upstream.content_length  # a rewritten stream changes it
     await response.prepare(call.request)
     return response
 

@@ -47,7 +47,10 @@ class Quota:
         self.ledger = ledger
         self.windows: dict[str, deque[float]] = {}
 
-    def admit(self, principal: str, limits: TokenLimits | None, now: float) -> None:
+    def admit(self, principal: str, limits: TokenLimits | None, now: float,
+              tick: float) -> None:
+        """`now` is wall time (UTC days), `tick` a monotonic clock (the minute window: a
+        clock stepped back must not lock a token out)."""
         if limits is None:
             return
         if limits.tokens_per_day is not None:
@@ -58,11 +61,11 @@ class Quota:
                                f"{limits.tokens_per_day} model tokens of today (UTC)", wait)
         if limits.requests_per_minute is not None:
             window = self.windows.setdefault(principal, deque())
-            wait = minute_wait(window, limits.requests_per_minute, now)
+            wait = minute_wait(window, limits.requests_per_minute, tick)
             if wait:
                 raise _limited(f"token {principal} made {len(window)} calls in the last "
                                f"minute; its limit is {limits.requests_per_minute}", wait)
-            window.append(now)
+            window.append(tick)
 
     def forget(self, principal: str) -> None:
         self.windows.pop(principal, None)

@@ -88,7 +88,8 @@ class UsageMeter:
     def __init__(self) -> None:
         self.tokens: tuple[int, int] | None = None
         self.sse = False
-        self._tail = b""
+        self._tail = b""  # the last TAIL bytes of a JSON answer
+        self._held = bytearray()  # an SSE line not finished yet
 
     def whole(self, body: bytes) -> None:
         """A complete (small) answer."""
@@ -100,9 +101,15 @@ class UsageMeter:
         if not self.sse:
             self._tail = (self._tail + chunk)[-TAIL:]
             return
-        data = self._tail + chunk
+        if b"\n" not in chunk:  # more of an unfinished line: kept, not rescanned
+            self._held += chunk
+            if len(self._held) > MAX_LINE:
+                self._held.clear()
+            return
+        data = bytes(self._held) + chunk
+        self._held.clear()
         cut = data.rfind(b"\n") + 1
-        self._tail = data[cut:] if len(data) - cut <= MAX_LINE else b""
+        self._held += data[cut:] if len(data) - cut <= MAX_LINE else b""
         if b'"usage"' in data[:cut]:
             for line in data[:cut].splitlines():
                 if line.startswith(b"data:") and b'"usage"' in line:
@@ -111,8 +118,9 @@ class UsageMeter:
     def end(self) -> None:
         """The streamed answer is over."""
         tail, self._tail = self._tail, b""
-        if self.sse and tail.startswith(b"data:"):
-            self._line(tail[5:])
+        held, self._held = bytes(self._held), bytearray()
+        if self.sse and held.startswith(b"data:"):
+            self._line(held[5:])
         elif not self.sse and tail:
             self._take(usage_in_tail(tail))
 
@@ -186,8 +194,11 @@ class UsageLedger:
         while self.pending:
             cells = list(self.pending)[:ROWS_PER_STATEMENT]
             batch = {cell: self.pending.pop(cell) for cell in cells}
-            try:
-                await self.store.add([UsageRow(*cell, *tally) for cell, tally in batch.items()])
+            rows = [UsageRow(*cell, *tally) for cell, tally in batch.items()]
+            try:  # shielded: a statement already queued runs anyway, so it counts once
+                await asyncio.shield(self.store.add(rows))
+            except asyncio.CancelledError:
+                raise
             except BaseException:
                 for cell, tally in batch.items():  # counted next time, never lost here
                     add_to(self.pending, cell, tally)

@@ -49,6 +49,9 @@ class ImagePuller:
         self._missing: dict[str, str] = {}
         self._pulls: dict[str, Pull] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # One background pull at a time: each holds a thread of the runtime's small pool,
+        # which container starts and stops need too.
+        self._one_at_a_time = asyncio.Semaphore(1)
 
     def state(self, image: str) -> str:
         """present | pulling (n of m layers) | missing: <reason> | unknown (not looked at)."""
@@ -77,7 +80,8 @@ class ImagePuller:
     async def _fetch(self, image: str) -> None:
         pull = self._pulls[image] = Pull()
         try:
-            await self.runtime.ensure_image(image, pull.heard)
+            async with self._one_at_a_time:
+                await self.runtime.ensure_image(image, pull.heard)
         except ImageUnavailable as exc:
             self._missing[image] = str(exc)
         except DockerUnavailable as exc:  # looked at again at the next want

@@ -105,20 +105,32 @@ def restore(file: Path, state_dir: Path) -> Path | None:
     backup_version(file)
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = lock_state_dir(state_dir)
+    incoming = state_dir / f"{DB_NAME}.restoring"
     try:
-        db = state_dir / DB_NAME
-        aside = None
-        if db.exists():
-            aside = state_dir / f"{DB_NAME}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
-            for suffix in ("", "-wal", "-shm"):
-                if Path(f"{db}{suffix}").exists():
-                    os.replace(f"{db}{suffix}", f"{aside}{suffix}")
-        incoming = state_dir / f"{DB_NAME}.restoring"
+        # The copy is whole and on disk before anything of the old state moves: a full disk
+        # fails the restore and leaves the state as it was.
         shutil.copyfile(file, incoming)
         os.chmod(incoming, 0o600)
         with open(incoming, "rb") as f:
             os.fsync(f.fileno())
+        db = state_dir / DB_NAME
+        old = [s for s in ("", "-wal", "-shm") if Path(f"{db}{s}").exists()]
+        aside = state_dir / f"{DB_NAME}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        for suffix in old:  # a stale -wal would otherwise be replayed onto the backup
+            os.replace(f"{db}{suffix}", f"{aside}{suffix}")
         os.replace(incoming, db)
-        return aside
+        _sync_dir(state_dir)
+        return aside if old else None
+    except OSError as exc:
+        raise BackupError(f"cannot restore into {state_dir}: {exc.strerror or exc}") from exc
+    finally:
+        incoming.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)

@@ -188,3 +188,22 @@ def test_a_backup_without_room_is_refused_and_harms_nothing(tmp_path, network, m
         assert d.request("POST", "/v1/endpoints", {"name": "x", "image": "img:1"})[0] == 201
     finally:
         d.close()
+
+
+def test_a_restore_that_fails_leaves_the_old_state(tmp_path, small_disk):
+    from berth.store.backup import restore
+
+    state = small_disk("1m")
+    schema_db(state / "berth.db", SCHEMA_VERSION)
+    before = (state / "berth.db").read_bytes()
+    big = tmp_path / "big.db"
+    schema_db(big, SCHEMA_VERSION)
+    conn = sqlite3.connect(big)
+    conn.execute("CREATE TABLE filler (x BLOB)")
+    conn.execute("INSERT INTO filler VALUES (zeroblob(2000000))")  # more than the disk holds
+    conn.commit()
+    conn.close()
+    with pytest.raises(BackupError, match="cannot restore"):
+        restore(big, state)
+    assert (state / "berth.db").read_bytes() == before  # nothing moved aside, nothing lost
+    assert not list(state.glob("berth.db.re*"))

@@ -232,3 +232,45 @@ async def test_a_token_over_its_limits_is_told_when_to_come_back(api):
     resp = await client.patch("/v1/endpoints/llm/tokens/tok_nope", headers=ADMIN,
                               json={"tokens_per_day": 5})
     assert resp.status == 404
+
+
+async def test_a_budgeted_tokens_streams_are_counted_even_without_include_usage(api):
+    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
+    pool = h.reconciler.pool("llm")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
+                                     json={"tokens_per_day": 1000})).json()
+    resp = await client.post("/v1/chat/completions", headers={
+        "Authorization": f"Bearer {token['token']}"}, json={
+        "model": "llama", "stream": True, "messages": [{"role": "user", "content": "a b c"}]})
+    assert resp.status == 200
+    assert b'"usage"' in await resp.read()  # berth asked the model for it
+    usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
+    assert usage["total"]["prompt_tokens"] == 3 and usage["total"]["completion_tokens"] == 4
+    # /invoke with the path encoded is still an OpenAI route to the model: metered.
+    resp = await client.post("/invoke/llm/%76%31/chat/completions", headers={
+        "Authorization": f"Bearer {token['token']}", "Content-Type": "application/json"},
+        data=json.dumps({"model": "llama", "messages": [{"role": "user", "content": "x"}]}))
+    assert resp.status == 200
+    usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
+    assert usage["total"]["prompt_tokens"] == 4
+
+
+def test_the_sse_meter_and_rewriter_take_a_long_line_in_tiny_pieces_in_linear_time():
+    import time
+
+    from berth.daemon.openai_api import renamer
+    from berth.daemon.proxy import SseRewriter
+
+    line = b'data: {"model": "/m", "usage": {"prompt_tokens": 1}, "x": "' + b"a" * 500_000
+    meter, sse = UsageMeter(), SseRewriter(renamer("llama", "/m"))
+    meter.sse = True
+    started = time.perf_counter()
+    out = b""
+    for i in range(0, len(line), 16):  # 31,000 tiny pieces
+        meter.feed(line[i:i + 16])
+        out += sse.feed(line[i:i + 16])
+    meter.feed(b'"}\n\n')
+    out += sse.feed(b'"}\n\n')
+    assert time.perf_counter() - started < 2.0
+    assert meter.tokens == (1, 0) and out.startswith(b'data: {"model": "llama"')
