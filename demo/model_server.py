@@ -15,7 +15,11 @@ Behaviour is driven by the request, so one image serves every test:
   POST /fail-health       health answers 503 from now on
   POST /crash?code=3      the process exits at once with that code
   GET  /status/{code}     answers with that status code
-Env MODEL_CRASH_AFTER_S makes the process exit by itself after that many seconds.
+  POST /sleep?level=1     sleep mode, as vLLM's: model calls answer 503 until woken
+  POST /wake_up           leaves sleep mode after WAKE_S seconds (default 0.5)
+  GET  /is_sleeping       {"is_sleeping": bool}
+Env MODEL_CRASH_AFTER_S makes the process exit by itself after that many seconds; LOAD_S (or
+MODEL_READY_DELAY_S) is how long the model "loads" before /health passes.
 """
 
 import hashlib
@@ -30,7 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 STARTED = time.monotonic()
-STATE = {"healthy": os.environ.get("MODEL_FAIL_HEALTH") != "1"}
+STATE = {"healthy": os.environ.get("MODEL_FAIL_HEALTH") != "1", "asleep": False}
+LOAD_S = float(os.environ.get("LOAD_S") or os.environ.get("MODEL_READY_DELAY_S") or "0")
 STATS = {"active": 0, "max_active": 0, "abandoned": 0, "calls": 0}
 LOCK = threading.Lock()
 SERVER = []
@@ -158,6 +163,15 @@ class Handler(BaseHTTPRequestHandler):
             fields.get("model", b"").decode(), "audio_sha256": hashlib.sha256(audio).hexdigest(),
             "content_length": self.headers.get("Content-Length")})
 
+    def _sleep_mode(self, path):
+        """vLLM's sleep API: weights off the GPU while asleep, back in WAKE_S seconds."""
+        if path == "/sleep" and self.command == "POST":
+            STATE["asleep"] = True
+        elif path == "/wake_up" and self.command == "POST":
+            time.sleep(float(os.environ.get("WAKE_S", "0.5")))
+            STATE["asleep"] = False
+        return self._send(200, {"is_sleeping": STATE["asleep"]})
+
     def _route(self):
         received_at = time.time()
         url = urlparse(self.path)
@@ -165,9 +179,12 @@ class Handler(BaseHTTPRequestHandler):
         path = url.path
         body = self._body()
         if path == "/health":
-            delay = float(os.environ.get("MODEL_READY_DELAY_S", "0"))
-            ok = STATE["healthy"] and time.monotonic() - STARTED >= delay
+            ok = STATE["healthy"] and time.monotonic() - STARTED >= LOAD_S
             return self._send(200 if ok else 503, {"healthy": ok})
+        if path in ("/sleep", "/wake_up", "/is_sleeping") and "s" not in query:
+            return self._sleep_mode(path)
+        if STATE["asleep"] and (path.startswith("/v1/") or path.startswith("/echo")):
+            return self._send(503, {"error": {"message": "the model is asleep", "type": "asleep"}})
         if path == "/echo" or path.startswith("/echo/"):
             return self._send(200, {
                 "method": self.command, "path": path, "raw_path": self.path, "query": query,

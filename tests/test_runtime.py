@@ -151,3 +151,47 @@ def test_endpoint_networks_avoid_every_subnet_in_use(tmp_path):
                      "br-x\t0000D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n")  # 10.210.0.0/24
     assert host_routes(str(table)) == [ipaddress.IPv4Network("10.210.0.0/24")]
     assert host_routes(str(tmp_path / "absent")) == []
+
+
+def test_the_demo_model_sleeps_and_wakes_like_vllm(docker_client, model_image):
+    # The sleep tier's test model: LOAD_S before /health passes, WAKE_S to wake (issue 11).
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    net = docker_client.networks.create(f"berth-test-sleep-{SESSION}",
+                                        labels={TEST_LABEL: SESSION})
+    container = docker_client.containers.run(model_image, detach=True, network=net.name,
+                                             labels={TEST_LABEL: SESSION},
+                                             environment={"LOAD_S": "0.6", "WAKE_S": "0.4"})
+    try:
+        container.reload()
+        ip = next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+        def call(method: str, path: str) -> tuple[int, dict]:
+            request = urllib.request.Request(f"http://{ip}:8080{path}", method=method,
+                                             data=b"{}" if method == "POST" else None)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+            except (urllib.error.URLError, ConnectionError):
+                return 0, {}
+
+        started = time.monotonic()
+        while call("GET", "/health")[0] != 200:
+            time.sleep(0.02)
+        assert time.monotonic() - started >= 0.5  # it loaded for LOAD_S
+        assert call("POST", "/sleep?level=1") == (200, {"is_sleeping": True})
+        assert call("POST", "/v1/chat/completions")[0] == 503
+        assert call("GET", "/health")[0] == 200  # asleep is not unhealthy
+        woke = time.monotonic()
+        assert call("POST", "/wake_up") == (200, {"is_sleeping": False})
+        assert 0.4 <= time.monotonic() - woke < 2
+        assert call("POST", "/v1/chat/completions")[0] == 200
+        assert call("GET", "/sleep?s=0.05")[0] == 200  # the old timing call is unchanged
+    finally:
+        container.remove(force=True)
+        net.remove()
