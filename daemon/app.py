@@ -183,6 +183,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[METRICS] = Metrics()
     reconciler.start_listeners.append(app[METRICS].start_observed)
+    reconciler.wake_listeners.append(app[METRICS].wake_observed)
     app[LIMITS] = Limits(max_body_bytes, max_async_body_bytes, min_free_disk, volume_prefixes)
     app[ADMIN_ROUTES] = set()
     app.router.add_get("/healthz", healthz)

@@ -76,6 +76,18 @@ class Liveness(Strict):
     failure_threshold: Int = Field(3, ge=1, le=100)
 
 
+CALL = r"^(GET|POST|PUT|PATCH|DELETE) /\S*$"
+
+
+class SleepTier(Strict):
+    """A model server's sleep and wake calls (vLLM's: POST /sleep?level=1, POST /wake_up)."""
+
+    after_s: float = Field(gt=0, le=MAX_TIMEOUT_S)  # idle this long: put to sleep
+    enter: str = Field("POST /sleep?level=1", pattern=CALL)
+    wake: str = Field("POST /wake_up", pattern=CALL)
+    wake_timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
+
+
 class EndpointFields(Strict):
     """Every endpoint field but the name, with its default (the `[defaults]` table too)."""
 
@@ -117,6 +129,8 @@ class EndpointFields(Strict):
     # A path inside the container (e.g. /root/.cache) where a named volume of the endpoint's
     # own is mounted: compile and download caches survive replica replacement and restarts.
     cache_dir: str | None = Field(None, pattern=r"^/[^:\s]*$")
+    # Idle replicas sleep (weights off the GPU, the container kept) and wake in seconds.
+    sleep: SleepTier | None = None
 
     @field_validator("models")
     @classmethod
@@ -359,6 +373,10 @@ def check_endpoint(spec: EndpointSpec, path: str) -> list[ConfigIssue]:
         return [ConfigIssue(f"{path}.min_replicas",
                             f"min_replicas ({spec.min_replicas}) is greater than "
                             f"max_replicas ({spec.max_replicas})")]
+    if spec.sleep is not None and spec.sleep.after_s >= spec.idle_timeout_s:
+        return [ConfigIssue(f"{path}.sleep.after_s",
+                            f"sleep.after_s ({spec.sleep.after_s:g}) must be below "
+                            f"idle_timeout_s ({spec.idle_timeout_s:g})")]
     return []
 
 

@@ -61,10 +61,14 @@ class Metrics:
             ("endpoint",), buckets=DURATION_BUCKETS, registry=self.registry)
         self.start_seconds = Histogram(
             "berth_replica_start_seconds", "Where replica starts go: pull, create, start "
-            "(until the container runs), load (until readiness passes), total",
+            "(until the container runs), load (until readiness passes), total; and wakes from "
+            "sleep (wake)",
             ("endpoint", "phase"), buckets=START_BUCKETS, registry=self.registry)
         self.live = LiveState()
         self.registry.register(LiveCollector(self.live))
+
+    def wake_observed(self, endpoint: str, seconds: float) -> None:
+        self.start_seconds.labels(endpoint, "wake").observe(seconds)
 
     def start_observed(self, endpoint: str, phases: StartPhases) -> None:
         for phase in ("pull", "create", "start", "load", "total"):
@@ -121,7 +125,7 @@ def endpoint_families(reconciler: Reconciler) -> list[Metric]:
         if pool.removed:
             continue
         for state in (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY,
-                      ReplicaState.DRAINING):
+                      ReplicaState.SLEEPING, ReplicaState.DRAINING):
             replicas.add_metric((pool.name, state.value), pool.count(state))
         in_flight.add_metric((pool.name,), sum(r.in_flight for r in pool.replicas.values()))
         waiting.add_metric((pool.name,), pool.waiting)

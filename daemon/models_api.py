@@ -51,6 +51,8 @@ def model_state(pool: EndpointPool) -> str:
         return "error"
     if pool.count(S.READY):
         return "ready"
+    if pool.count(S.SLEEPING):
+        return "sleeping"
     return "starting" if pool.count(S.PENDING, S.STARTING) else "cold"
 
 

@@ -67,7 +67,7 @@ class OpenAIForm(BaseModel):
 
 class BerthModelState(Model):
     endpoint: str
-    state: Literal["ready", "starting", "cold", "error"]
+    state: Literal["ready", "sleeping", "starting", "cold", "error"]
     ready_replicas: int
 
 
@@ -98,7 +98,8 @@ class GpuRef(Model):
 
 class ReplicaView(Model):
     id: str
-    state: Literal["pending", "starting", "ready", "draining", "stopped", "failed"]
+    state: Literal["pending", "starting", "ready", "sleeping", "draining", "stopped",
+                   "failed"]
     generation: int
     container_id: str | None
     address: str | None
@@ -139,7 +140,7 @@ class EndpointView(Model):
     name: str
     source: Literal["config", "api"]
     generation: int
-    status: Literal["error", "ready", "starting", "pending", "stopping", "idle"]
+    status: Literal["error", "ready", "sleeping", "starting", "pending", "stopping", "idle"]
     error: str | None
     spec: EndpointSpec
     replicas: list[ReplicaView]

@@ -67,6 +67,8 @@ class Context(Protocol):
 
     def start_observed(self, pool: EndpointPool, phases: StartPhases) -> None: ...
 
+    def wake_observed(self, pool: EndpointPool, seconds: float) -> None: ...
+
     def kick(self) -> None: ...
 
     def forget(self, replica: Replica) -> None: ...
@@ -172,6 +174,8 @@ class ReplicaLifecycle:
             await self.await_ready()
         elif self.replica.state is S.READY:
             await self.watch_liveness()
+        elif self.replica.state is S.SLEEPING:
+            return  # asleep it stays, unprobed, until a call wakes it
         else:
             await self.stop("draining when berthd stopped")
 
@@ -235,6 +239,55 @@ class ReplicaLifecycle:
                 await self.fail(f"liveness failed {failed} times in a row")
                 return
 
+    # --- sleeping and waking (the endpoint's sleep tier) ---------------------------------------
+
+    async def sleep(self) -> None:
+        """Idle long enough: no new calls from here on (sleeping), then the model's sleep call
+        once a call that slipped in before has ended. A failed call fails the replica."""
+        pool, replica = self.pool, self.replica
+        tier = pool.spec.sleep
+        assert tier is not None
+        await self.transition(S.SLEEPING, f"idle for {tier.after_s:g} s: put to sleep", "sleep")
+        async with pool.changed:
+            await pool.changed.wait_for(lambda: replica.in_flight == 0)
+        error = await self._model_call(tier.enter, tier.wake_timeout_s)
+        if error is not None and replica.state is S.SLEEPING:
+            await self.fail(f"sleep call {tier.enter} failed: {error}")
+
+    async def wake(self) -> None:
+        """A call wants this replica: the model's wake call, then readiness, then ready (the
+        waiting calls get it). A failed or slow wake fails the replica; its calls wait on for
+        the replacement."""
+        pool, replica, clock = self.pool, self.replica, self.ctx.clock
+        tier = pool.spec.sleep
+        assert tier is not None and replica.address is not None
+        began, deadline = time.monotonic(), clock() + tier.wake_timeout_s
+        error = await self._model_call(tier.wake, tier.wake_timeout_s)
+        while error is None and not await self.ctx.prober.check(
+                replica.address, pool.spec.readiness.path, pool.spec.readiness.timeout_s):
+            if clock() >= deadline:
+                error = f"not ready within wake_timeout_s={tier.wake_timeout_s:g}"
+            await asyncio.sleep(FIRST_PROBE_S)
+        if replica.state is not S.SLEEPING:
+            return  # stopped or failed meanwhile
+        if error is not None:
+            await self.fail(f"wake call {tier.wake} failed: {error}")
+            return
+        woke = time.monotonic() - began
+        self.ctx.wake_observed(pool, woke)
+        await self.transition(S.READY, f"woken in {woke:.2f} s", "wake")
+        await self.watch_liveness()
+
+    async def _model_call(self, call: str, timeout_s: float) -> str | None:
+        """`METHOD /path` on the replica; None if it answered 2xx, else what went wrong."""
+        method, path = call.split(" ", 1)
+        assert self.replica.address is not None
+        try:
+            status = await self.ctx.prober.call(method, self.replica.address, path, timeout_s)
+        except (OSError, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if 200 <= status < 300 else f"answered {status}"
+
     # --- ending -----------------------------------------------------------------------------
 
     async def fail(self, reason: str, kind: str = "crash", counts: bool = True) -> None:
@@ -284,7 +337,7 @@ class ReplicaLifecycle:
 
     async def _drain_and_remove(self, reason: str) -> None:
         pool, replica, ctx = self.pool, self.replica, self.ctx
-        if replica.state in (S.STARTING, S.READY):
+        if replica.state in (S.STARTING, S.READY, S.SLEEPING):
             await self.transition(S.DRAINING, reason, "drain")
         if replica.state is S.DRAINING:
             async with pool.changed:

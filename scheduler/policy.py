@@ -64,7 +64,7 @@ def plan_replicas(replicas: Sequence[Replica], generation: int, desired: int,
       calls finish.
     """
     S = ReplicaState
-    active = [r for r in replicas if r.state in (S.PENDING, S.STARTING, S.READY)]
+    active = [r for r in replicas if r.state in (S.PENDING, S.STARTING, S.READY, S.SLEEPING)]
     if remove_all:
         return Plan(stop=tuple(r.id for r in active))
     current = [r for r in active if r.generation == generation]
@@ -75,10 +75,31 @@ def plan_replicas(replicas: Sequence[Replica], generation: int, desired: int,
     excess = len(current) - desired
     if excess > 0:
         pending = [r for r in current if r.state is S.PENDING]
-        idle = sorted((r for r in current if r.state is S.READY and r.in_flight == 0
-                       and now - r.idle_since >= idle_timeout_s), key=lambda r: r.idle_since)
+        idle = sorted((r for r in current if r.state in (S.READY, S.SLEEPING)
+                       and r.in_flight == 0 and now - r.idle_since >= idle_timeout_s),
+                      key=lambda r: r.idle_since)
         stop += [r.id for r in (pending + idle)[:excess]]
     return Plan(start=start, stop=tuple(stop))
+
+
+def plan_sleeps(replicas: Sequence[Replica], generation: int, after_s: float,
+                now: float) -> list[str]:
+    """Ready replicas of the current generation with no call for `after_s`: to sleep."""
+    return [r.id for r in replicas
+            if r.state is ReplicaState.READY and r.generation == generation
+            and r.in_flight == 0 and now - r.idle_since >= after_s]
+
+
+def plan_wakes(replicas: Sequence[Replica], waking: frozenset[str], waiting: int,
+               concurrency: int) -> list[str]:
+    """Sleeping replicas to wake for `waiting` calls: as many as the calls need beyond the
+    slots already coming (replicas starting or waking), most recently used first."""
+    S = ReplicaState
+    coming = sum(1 for r in replicas if r.state is S.STARTING or r.id in waking)
+    needed = -(-waiting // concurrency) - coming
+    asleep = sorted((r for r in replicas if r.state is S.SLEEPING and r.id not in waking),
+                    key=lambda r: -r.idle_since)
+    return [r.id for r in asleep[:max(0, needed)]]
 
 
 def pick_replica(replicas: Sequence[Replica], concurrency: int, turn: int,

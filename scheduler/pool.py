@@ -171,7 +171,8 @@ class EndpointPool:
         S = ReplicaState
         if self.error:
             return "error"
-        for word, state in (("ready", S.READY), ("starting", S.STARTING),
+        for word, state in (("ready", S.READY), ("sleeping", S.SLEEPING),
+                            ("starting", S.STARTING),
                             ("pending", S.PENDING), ("stopping", S.DRAINING)):
             if self.count(state):
                 return word

@@ -1,4 +1,4 @@
-"""HTTP probes of replicas: readiness (2xx = ready) and liveness."""
+"""HTTP probes of replicas: readiness (2xx = ready) and liveness, and the sleep tier's calls."""
 
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ class Prober:
                 return 200 <= resp.status < 300
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
+
+    async def call(self, method: str, address: str, path: str, timeout_s: float) -> int:
+        """The status of METHOD http://address/path (an empty body); OSError or TimeoutError
+        when the replica does not answer in time."""
+        try:
+            async with self._client().request(
+                    method, f"http://{address}{path}", data=b"",
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                await resp.read()
+                return resp.status
+        except aiohttp.ClientError as exc:
+            raise OSError(str(exc)) from exc
 
     async def close(self) -> None:
         if self._session is not None:

@@ -34,6 +34,8 @@ from berth.scheduler.policy import (
     desired_replicas,
     pick_evictions,
     plan_replicas,
+    plan_sleeps,
+    plan_wakes,
 )
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.probes import Prober
@@ -102,6 +104,7 @@ class Reconciler:
         self.removal_listeners: list[Callable[[str], None]] = []
         # Told where each start went (the app's metrics histogram listens).
         self.start_listeners: list[Callable[[str, StartPhases], None]] = []
+        self.wake_listeners: list[Callable[[str, float], None]] = []
         self._lives: dict[str, ReplicaLifecycle] = {}  # replica id -> its owner
         self.images = ImagePuller(runtime)  # pre-pulls every endpoint's image
 
@@ -271,6 +274,10 @@ class Reconciler:
         for listener in self.start_listeners:
             listener(pool.name, phases)
 
+    def wake_observed(self, pool: EndpointPool, seconds: float) -> None:
+        for listener in self.wake_listeners:
+            listener(pool.name, seconds)
+
     async def set_error(self, pool: EndpointPool, error: str | None) -> None:
         if error is not None:
             pool.fail_waiters(error)
@@ -355,7 +362,7 @@ class Reconciler:
             # Only replicas whose container ran before the listing began can be judged by it:
             # one that started while the engine answered is absent or "created" in the list.
             judged = {r.id for pool in self._pools.values() for r in pool.replicas.values()
-                      if r.state in (S.STARTING, S.READY)}
+                      if r.state in (S.STARTING, S.READY, S.SLEEPING)}
             try:
                 if check_containers:
                     containers = await self.runtime.list_managed()
@@ -382,7 +389,8 @@ class Reconciler:
             for replica in list(pool.replicas.values()):
                 known.add(replica.id)
                 life = self._life(pool, replica)
-                if (replica.id not in judged or replica.state not in (S.STARTING, S.READY)
+                if (replica.id not in judged
+                        or replica.state not in (S.STARTING, S.READY, S.SLEEPING)
                         or life.stopping):
                     continue  # a stop under way removes the container itself
                 container = by_replica.get(replica.id)
@@ -414,6 +422,8 @@ class Reconciler:
             replica = pool.replicas[rid]
             if not self._life(pool, replica).stopping:
                 self._stop_soon(pool, replica, self._stop_reason(pool, replica))
+        if spec.sleep is not None and not pool.removed:
+            self._sleep_and_wake(pool, spec.sleep.after_s, now)
         for _ in range(plan.start):
             await self._add_replica(pool)
         self._retry_cleanups(pool)
@@ -427,6 +437,24 @@ class Reconciler:
                 await self.runtime.remove_volume(self.runtime.cache_volume(pool.name))
                 await self.event("cache_purged", f"cache volume of {pool.name} removed",
                                  pool.name)
+
+    def _sleep_and_wake(self, pool: EndpointPool, after_s: float, now: float) -> None:
+        """Wake sleepers for waiting calls first; put idle ready replicas to sleep when no
+        call waits. A sleeper whose lifecycle is busy is entering sleep or waking already."""
+        replicas = list(pool.replicas.values())
+        busy = frozenset(r.id for r in replicas
+                         if r.state is S.SLEEPING and self._life(pool, r).busy)
+        waiting = pool.waiting + pool.backlog
+        for rid in plan_wakes(replicas, busy, waiting, pool.spec.concurrency):
+            life = self._life(pool, pool.replicas[rid])
+            if not life.stopping:
+                life.run(life.wake())
+        if waiting:
+            return
+        for rid in plan_sleeps(replicas, pool.generation, after_s, now):
+            life = self._life(pool, pool.replicas[rid])
+            if not life.stopping:
+                life.run(life.sleep())
 
     def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
         if pool.removed:
@@ -506,9 +534,10 @@ class Reconciler:
             if other is pool:
                 continue
             live = [r for r in other.replicas.values()
-                    if r.state in (S.STARTING, S.READY) and not self._life(other, r).stopping]
-            idle = sorted((r for r in live if r.state is S.READY and r.in_flight == 0
-                           and r.gpus), key=lambda r: r.idle_since)
+                    if r.state in (S.STARTING, S.READY, S.SLEEPING)
+                    and not self._life(other, r).stopping]
+            idle = sorted((r for r in live if r.state in (S.READY, S.SLEEPING)
+                           and r.in_flight == 0 and r.gpus), key=lambda r: r.idle_since)
             spare = max(0, len(live) - other.spec.min_replicas)
             found += [EvictionCandidate(r.id, other.name, other.spec.priority, r.idle_since,
                                         tuple(names.get(u, "") for u in r.gpus))

@@ -12,6 +12,7 @@ class ReplicaState(StrEnum):
     PENDING = "pending"    # waiting for GPUs
     STARTING = "starting"  # container running, readiness not yet passed
     READY = "ready"        # takes calls
+    SLEEPING = "sleeping"  # idle, put to sleep by its sleep tier; woken (back to ready) by demand
     DRAINING = "draining"  # no new calls; in-flight ones finish
     STOPPED = "stopped"    # container removed, GPUs freed
     FAILED = "failed"      # exited, failed probes or startup timeout; container removed
@@ -21,12 +22,13 @@ S = ReplicaState
 TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
     S.PENDING: frozenset({S.STARTING, S.FAILED, S.STOPPED}),
     S.STARTING: frozenset({S.READY, S.DRAINING, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.DRAINING, S.FAILED, S.STOPPED}),
+    S.READY: frozenset({S.SLEEPING, S.DRAINING, S.FAILED, S.STOPPED}),
+    S.SLEEPING: frozenset({S.READY, S.DRAINING, S.FAILED, S.STOPPED}),
     S.DRAINING: frozenset({S.STOPPED, S.FAILED}),
     S.STOPPED: frozenset(),
     S.FAILED: frozenset(),
 }
-LIVE = frozenset({S.PENDING, S.STARTING, S.READY, S.DRAINING})
+LIVE = frozenset({S.PENDING, S.STARTING, S.READY, S.SLEEPING, S.DRAINING})
 SETTLED = frozenset({S.READY, S.FAILED, S.STOPPED})  # moves that wake waiters
 
 

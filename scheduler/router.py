@@ -131,6 +131,8 @@ class Router:
     @staticmethod
     def _needs_more(pool: EndpointPool) -> bool:
         spec = pool.spec
+        if pool.count(ReplicaState.SLEEPING):
+            return True  # a sleeper to wake: the reconciler decides which, now
         wanted = desired_replicas(pool.demand(), spec.concurrency, spec.min_replicas,
                                   spec.max_replicas)
         return wanted > pool.count(ReplicaState.PENDING, ReplicaState.STARTING,

@@ -29,7 +29,7 @@ from berth.store.usage import UsageStore
 
 DB_NAME = "berth.db"
 log = structlog.get_logger("berth.store")
-LIVE_STATES = ("pending", "starting", "ready", "draining")
+LIVE_STATES = ("pending", "starting", "ready", "sleeping", "draining")
 TOKEN_LIMITS = ("requests_per_minute", "tokens_per_day")
 
 

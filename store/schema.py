@@ -174,6 +174,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_ts ON audit (ts);
     """,
+    # 8: replicas may sleep (the sleep tier). SQLite cannot change a CHECK: the table is made
+    # anew and its rows copied.
+    """
+    CREATE TABLE replicas_8 (
+        id            TEXT PRIMARY KEY,
+        endpoint      TEXT NOT NULL,
+        generation    INTEGER NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('pending', 'starting', 'ready',
+                        'sleeping', 'draining', 'stopped', 'failed')),
+        container_id  TEXT,
+        address       TEXT,
+        gpus          TEXT NOT NULL DEFAULT '[]',
+        created_at    REAL NOT NULL,
+        started_at    REAL,
+        ready_at      REAL,
+        last_call_at  REAL,
+        stopped_at    REAL,
+        failures      INTEGER NOT NULL DEFAULT 0,
+        reason        TEXT
+    );
+    INSERT INTO replicas_8 SELECT id, endpoint, generation, state, container_id, address, gpus,
+        created_at, started_at, ready_at, last_call_at, stopped_at, failures, reason
+        FROM replicas;
+    DROP TABLE replicas;
+    ALTER TABLE replicas_8 RENAME TO replicas;
+    CREATE INDEX replicas_endpoint_state ON replicas (endpoint, state);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
