@@ -430,13 +430,13 @@ class Reconciler:
         if self.runtime.engine_up:
             await self._place_pending(pool)
         if pool.removed and not pool.replicas:
-            del self._pools[pool.name]
             await self.store.delete_endpoint(pool.name)
             await self.runtime.remove_network(self.runtime.endpoint_network(pool.name))
             if pool.endpoint.purge_cache:
                 await self.runtime.remove_volume(self.runtime.cache_volume(pool.name))
                 await self.event("cache_purged", f"cache volume of {pool.name} removed",
                                  pool.name)
+            del self._pools[pool.name]  # last: whoever asks `holds` sees all of it done
 
     def _sleep_and_wake(self, pool: EndpointPool, after_s: float, now: float) -> None:
         """Wake sleepers for waiting calls first; put idle ready replicas to sleep when no
