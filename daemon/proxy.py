@@ -24,6 +24,7 @@ from yarl import URL
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, LIMITS, METRICS, QUOTA, ROUTER, UPSTREAM, USAGE
 from berth.daemon.models_api import error_object, presented_key
+from berth.daemon.sse import LineBuffer
 from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
@@ -92,31 +93,31 @@ class SseRewriter:
 
     def __init__(self, rewrite: Callable[[bytes], bytes]) -> None:
         self.rewrite = rewrite
-        self.tail = bytearray()
+        self.lines = LineBuffer(MAX_HELD)
         self.passing = False  # inside an over-long line: pass it until its end
 
+    @property
+    def tail(self) -> bytes:
+        return bytes(self.lines.held)
+
     def feed(self, chunk: bytes) -> bytes:
-        if b"\n" not in chunk and not self.passing and len(self.tail) + len(chunk) <= MAX_HELD:
-            self.tail += chunk  # more of an unfinished line: nothing to look at yet
-            return b""
-        data = self.tail + chunk
-        cut = data.rfind(b"\n") + 1
-        head, self.tail = bytes(data[:cut]), bytearray(data[cut:])
-        out = b"".join(self._line(line) for line in head.splitlines(keepends=True))
-        if len(self.tail) > MAX_HELD or (self.passing and not head):
-            out, self.tail, self.passing = out + bytes(self.tail), bytearray(), True
-        elif head:
+        if self.passing:  # the rest of an over-long line goes as it comes
+            end = chunk.find(b"\n") + 1
+            if not end:
+                return chunk
             self.passing = False
+            return chunk[:end] + self.feed(chunk[end:])
+        done = self.lines.feed(chunk)
+        out = b"".join(self._line(line) for line in done.splitlines(keepends=True))
+        if self.lines.overflowing:
+            out, self.passing = out + self.lines.take(), True
         return out
 
     def flush(self) -> bytes:
-        tail, self.tail = bytes(self.tail), bytearray()
-        return self._line(tail) if tail else b""
+        tail = self.lines.take()
+        return tail if self.passing else self._line(tail) if tail else b""
 
     def _line(self, line: bytes) -> bytes:
-        if self.passing:  # the end of an over-long line
-            self.passing = False
-            return line
         if not line.startswith(b"data:"):
             return line
         payload = line[5:].strip()

@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from berth.daemon.keys import USAGE
+from berth.daemon.sse import LineBuffer
 from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
 
 log = structlog.get_logger("berth.usage")
@@ -89,7 +90,7 @@ class UsageMeter:
         self.tokens: tuple[int, int] | None = None
         self.sse = False
         self._tail = b""  # the last TAIL bytes of a JSON answer
-        self._held = bytearray()  # an SSE line not finished yet
+        self._lines = LineBuffer(MAX_LINE)  # an SSE stream's lines
 
     def whole(self, body: bytes) -> None:
         """A complete (small) answer."""
@@ -101,24 +102,18 @@ class UsageMeter:
         if not self.sse:
             self._tail = (self._tail + chunk)[-TAIL:]
             return
-        if b"\n" not in chunk:  # more of an unfinished line: kept, not rescanned
-            self._held += chunk
-            if len(self._held) > MAX_LINE:
-                self._held.clear()
-            return
-        data = bytes(self._held) + chunk
-        self._held.clear()
-        cut = data.rfind(b"\n") + 1
-        self._held += data[cut:] if len(data) - cut <= MAX_LINE else b""
-        if b'"usage"' in data[:cut]:
-            for line in data[:cut].splitlines():
+        done = self._lines.feed(chunk)
+        if self._lines.overflowing:  # not a line worth reading for usage
+            self._lines.take()
+        if b'"usage"' in done:
+            for line in done.splitlines():
                 if line.startswith(b"data:") and b'"usage"' in line:
                     self._line(line[5:])
 
     def end(self) -> None:
         """The streamed answer is over."""
         tail, self._tail = self._tail, b""
-        held, self._held = bytes(self._held), bytearray()
+        held = self._lines.take()
         if self.sse and held.startswith(b"data:"):
             self._line(held[5:])
         elif not self.sse and tail:
