@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from berth.daemon.auth import digest
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, STORE
 from berth.daemon.models_api import presented_key
@@ -56,11 +55,8 @@ def actor_of(request: web.Request) -> str:
     key = presented_key(request)
     if key is None:
         return "none"
-    auth = request.app[AUTH]
-    if auth.admin and auth.principal(key) == "admin":
-        return "admin"
-    owner = auth.endpoint_tokens.get(digest(key))
-    return owner[1] if owner is not None else "unknown-token"
+    principal = request.app[AUTH].principal(key)  # "public" here: a key berth does not know
+    return "unknown-token" if principal == "public" else principal
 
 
 def target_of(request: web.Request, response: web.StreamResponse | None) -> str:

@@ -26,14 +26,11 @@ CHUNK = 256 * 1024
 MARGIN = 16 * 1024 ** 2  # room left on the disk after the copy
 
 
-def database_size(db: Path) -> int:
-    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
-
-
 async def get_backup(request: web.Request) -> web.StreamResponse:
-    db = request.app[STORE].path
+    store = request.app[STORE]
+    db = store.path
     folder = db.parent / BACKUPS
-    need, free = database_size(db), shutil.disk_usage(db.parent).free
+    need, free = store.retention.size(), shutil.disk_usage(db.parent).free
     if free < need + MARGIN:
         raise ApiError(507, "insufficient_storage", f"a backup needs about {need + MARGIN} "
                        f"bytes free in {db.parent}; {free} are")

@@ -66,9 +66,14 @@ def validate_spec(data: dict[str, Any], request: web.Request) -> EndpointSpec:
         if not issues:
             check_models(request, spec)
             return spec
+    raise invalid(issues)
+
+
+def invalid(issues: list[ConfigIssue]) -> ApiError:
+    """422 naming every wrong field by its path, as the config check names them."""
     details = [{"path": i.path.lstrip("."), "message": i.message} for i in issues]
-    raise ApiError(422, "invalid", "; ".join(f"{d['path']}: {d['message']}" for d in details),
-                   details=details)
+    return ApiError(422, "invalid", "; ".join(f"{d['path']}: {d['message']}" for d in details),
+                    details=details)
 
 
 def check_models(request: web.Request, spec: EndpointSpec) -> None:
@@ -233,10 +238,7 @@ async def limits_body(request: web.Request) -> dict[str, int | None]:
     try:
         given = TokenLimitsBody.model_validate(data)
     except ValidationError as exc:
-        details = [{"path": i.path.lstrip("."), "message": i.message}
-                   for i in issues_from_validation(exc)]
-        raise ApiError(422, "invalid", "; ".join(f"{d['path']}: {d['message']}"
-                                                 for d in details), details=details) from None
+        raise invalid(issues_from_validation(exc)) from None
     return {k: getattr(given, k) for k in given.model_fields_set}
 
 

@@ -203,10 +203,9 @@ def describe_starts(starts: list[StartPhases]) -> dict[str, Any] | None:
     since berthd started)."""
     if not starts:
         return None
-    return {"last": {**asdict(starts[-1]), "total_s": starts[-1].total_s},
-            "median": {**asdict(median_phases(starts)),
-                       "total_s": median_phases(starts).total_s},
-            "count": len(starts)}
+    last, median = starts[-1], median_phases(starts)
+    return {"last": {**asdict(last), "total_s": last.total_s},
+            "median": {**asdict(median), "total_s": median.total_s}, "count": len(starts)}
 
 
 def describe_replica(replica: Replica, gpu_names: dict[str, Any]) -> dict[str, Any]:
