@@ -21,11 +21,13 @@ from berth.daemon.keys import (
     ALLOCATOR,
     AUTH,
     GPU_SAMPLES,
+    IMAGES,
     LIMITS,
     METRICS,
     QUOTA,
     RECONCILER,
     ROUTER,
+    RUNTIME,
     STORE,
     USAGE,
     WRITES,
@@ -128,7 +130,7 @@ async def healthz(request: web.Request) -> web.Response:
     """200 when berthd can do its job; 503 while the Docker engine is unreachable. A state
     disk under daemon.min_free_disk is said (async intake is refused, sync calls go on)."""
     reconciler = request.app[RECONCILER]
-    runtime = reconciler.runtime
+    runtime = request.app[RUNTIME]
     if runtime.engine_up:
         answer: dict[str, object] = {"status": "ok", "endpoints": len(reconciler.live_pools())}
         low = low_disk(request)
@@ -173,6 +175,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app.cleanup_ctx.append(writes_ctx)
     app.cleanup_ctx.append(usage_ctx)
     app[STORE] = reconciler.store
+    app[RUNTIME] = reconciler.runtime
+    app[IMAGES] = reconciler.images
     app[RECONCILER] = reconciler
     app[ALLOCATOR] = allocator
     app[ROUTER] = dispatcher.router if dispatcher else Router(reconciler)

@@ -30,7 +30,16 @@ from berth.daemon.config import (
     volume_issues,
 )
 from berth.daemon.errors import ApiError, json_body
-from berth.daemon.keys import ALLOCATOR, AUTH, GPU_SAMPLES, LIMITS, RECONCILER, STORE
+from berth.daemon.keys import (
+    ALLOCATOR,
+    AUTH,
+    GPU_SAMPLES,
+    IMAGES,
+    LIMITS,
+    RECONCILER,
+    RUNTIME,
+    STORE,
+)
 from berth.daemon.params import query_flag, query_limit, query_time
 from berth.daemon.quota import TokenLimits
 from berth.daemon.replica_logs import stream_logs
@@ -106,7 +115,7 @@ def gpu_names(request: web.Request) -> dict[str, Any]:
 
 def describe(request: web.Request, pool: EndpointPool) -> dict[str, Any]:
     view = pool.describe(gpu_names(request))
-    view["image"] = request.app[RECONCILER].images.state(pool.spec.image)
+    view["image"] = request.app[IMAGES].state(pool.spec.image)
     return view
 
 
@@ -119,7 +128,7 @@ async def get_endpoint(request: web.Request) -> web.Response:
     pool = live_pool(request)
     view = describe(request, pool)
     if pool.spec.cache_dir:  # sized by the engine: only here, not in every list
-        runtime = request.app[RECONCILER].runtime
+        runtime = request.app[RUNTIME]
         volume = runtime.cache_volume(pool.name)
         try:
             size = await runtime.volume_size(volume)

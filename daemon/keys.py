@@ -14,8 +14,10 @@ from aiohttp import web
 from berth.gpu import GpuAllocator, GpuSample
 from berth.scheduler.dispatch import Dispatcher
 from berth.scheduler.egress import CallbackPolicy
+from berth.scheduler.images import ImagePuller
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.router import Router
+from berth.scheduler.runtime import DockerRuntime
 from berth.store import Store
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ class Limits:
 
 STORE = web.AppKey("store", Store)
 RECONCILER = web.AppKey("reconciler", Reconciler)
+RUNTIME = web.AppKey("runtime", DockerRuntime)
+IMAGES = web.AppKey("images", ImagePuller)
 ALLOCATOR = web.AppKey("allocator", GpuAllocator)
 ROUTER = web.AppKey("router", Router)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from berth.daemon.errors import ApiError
-from berth.daemon.keys import RECONCILER
+from berth.daemon.keys import RECONCILER, RUNTIME
 from berth.daemon.params import bad_query, is_count, query_flag
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.runtime import DockerRuntime
@@ -33,7 +33,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "replica_not_found", f"endpoint {name} has no replica {wanted!r}")
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
-    logs = ReplicaLogs(request.app[RECONCILER].runtime, follow)
+    logs = ReplicaLogs(request.app[RUNTIME], follow)
     tail = int(tail_text) if is_count(tail_text) else "all"
     for replica in replicas:
         logs.add(replica.id, str(replica.container_id), tail)
