@@ -240,6 +240,7 @@ class Reconciler:
         await self.store.save_endpoint(EndpointRecord(
             name=name, spec=spec.model_dump(mode="json"), source=source,
             generation=generation, error=None))
+        pool = self._pools.get(name)  # a removed one may have been forgotten meanwhile
         if pool is None:
             pool = self._pools[name] = EndpointPool(Endpoint(spec, source,
                                                              created_at=self.clock()))
@@ -430,12 +431,17 @@ class Reconciler:
         if self.runtime.engine_up:
             await self._place_pending(pool)
         if pool.removed and not pool.replicas:
-            await self.store.delete_endpoint(pool.name)
-            await self.runtime.remove_network(self.runtime.endpoint_network(pool.name))
-            if pool.endpoint.purge_cache:
-                await self.runtime.remove_volume(self.runtime.cache_volume(pool.name))
-                await self.event("cache_purged", f"cache volume of {pool.name} removed",
-                                 pool.name)
+            await self._forget_removed(pool)
+
+    async def _forget_removed(self, pool: EndpointPool) -> None:
+        """A removed endpoint's replicas are gone: its network and (when asked) its cache go,
+        then the pool. The store forgot it already (remove_endpoint). An endpoint created
+        again meanwhile revives this pool (apply): then nothing more is removed."""
+        await self.runtime.remove_network(self.runtime.endpoint_network(pool.name))
+        if pool.removed and pool.endpoint.purge_cache:
+            await self.runtime.remove_volume(self.runtime.cache_volume(pool.name))
+            await self.event("cache_purged", f"cache volume of {pool.name} removed", pool.name)
+        if pool.removed and self._pools.get(pool.name) is pool:
             del self._pools[pool.name]  # last: whoever asks `holds` sees all of it done
 
     def _sleep_and_wake(self, pool: EndpointPool, after_s: float, now: float) -> None:
