@@ -34,6 +34,7 @@ ACTIONS = {
     ("PUT", "/v1/endpoints/{name}"): "endpoint.replace",
     ("PATCH", "/v1/endpoints/{name}"): "endpoint.update",
     ("DELETE", "/v1/endpoints/{name}"): "endpoint.delete",
+    ("POST", "/v1/endpoints/{name}/restart"): "endpoint.restart",
     ("POST", "/v1/endpoints/{name}/tokens"): "token.create",
     ("PATCH", "/v1/endpoints/{name}/tokens/{id}"): "token.update",
     ("DELETE", "/v1/endpoints/{name}/tokens/{id}"): "token.revoke",

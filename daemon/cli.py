@@ -307,6 +307,8 @@ def _endpoint_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     rm = action("delete", help="drain, stop and forget an endpoint")
     rm.add_argument("name")
     rm.add_argument("--purge-cache", action="store_true", help="remove its cache volume too")
+    action("restart", help="replace every replica by a fresh one, new first").add_argument(
+        "name")
     sc = action("scale", help="change min/max replicas")
     sc.add_argument("name")
     sc.add_argument("--min", type=int, dest="min_replicas")
@@ -435,6 +437,8 @@ def _endpoint_route(args: argparse.Namespace, a: str) -> Route:
         return ("DELETE", with_query(f"/v1/endpoints/{q(args.name)}",
                                      {"purge_cache": "true" if args.purge_cache else None}), None,
                 show_message("deleted {name}; {replicas_stopping} replica(s) stopping"))
+    if a == "restart":
+        return "POST", f"/v1/endpoints/{q(args.name)}/restart", None, show_endpoint
     body = {k: v for k, v in (("min_replicas", args.min_replicas),
                               ("max_replicas", args.max_replicas)) if v is not None}
     if not body:

@@ -184,6 +184,14 @@ async def patch_endpoint(request: web.Request) -> web.Response:
     return web.json_response(describe(request, put_pool(request, name)))
 
 
+async def restart_endpoint(request: web.Request) -> web.Response:
+    """Roll every replica to a fresh one (config-owned endpoints too: nothing in the file
+    changes). The answer shows the new generation; its replicas follow."""
+    pool = live_pool(request)
+    await request.app[RECONCILER].restart_endpoint(pool.name)
+    return web.json_response(describe(request, put_pool(request, pool.name)))
+
+
 def put_pool(request: web.Request, name: str) -> EndpointPool:
     """The pool an endpoint write just made or changed; 404 if a DELETE came in between."""
     pool = request.app[RECONCILER].pool(name)
@@ -337,6 +345,7 @@ ROUTES = (
     ("PUT", "/v1/endpoints/{name}", replace_endpoint),
     ("PATCH", "/v1/endpoints/{name}", patch_endpoint),
     ("DELETE", "/v1/endpoints/{name}", delete_endpoint),
+    ("POST", "/v1/endpoints/{name}/restart", restart_endpoint),
     ("GET", "/v1/endpoints/{name}/logs", stream_logs),
     ("POST", "/v1/endpoints/{name}/tokens", create_token),
     ("GET", "/v1/endpoints/{name}/tokens", list_tokens),

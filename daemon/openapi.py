@@ -84,6 +84,9 @@ OPS: tuple[Op, ...] = (
     Op("delete", "/v1/endpoints/{name}", "Drain, stop and forget an endpoint (and its cache "
        "volume with purge_cache=true)", (200, s.EndpointDeleted), errors=(400, 404, 409),
        query=(("purge_cache", {"type": "boolean"}),)),
+    Op("post", "/v1/endpoints/{name}/restart", "Replace every replica by a fresh one (a new "
+       "generation starts first; the old ones drain once it is ready)", (200, s.EndpointView),
+       errors=(404,)),
     Op("get", "/v1/endpoints/{name}/logs", "Replica logs, streamed as text", (200, None),
        media="text/plain", errors=(400, 404),
        query=(("tail", {"type": "string", "pattern": "^([0-9]+|all)$"}),

@@ -227,6 +227,19 @@ class Reconciler:
         await self.event("endpoint_removed", f"endpoint {name} removed", name)
         self.kick()
 
+    async def restart_endpoint(self, name: str) -> int:
+        """Replace every replica of the endpoint by a fresh one, as a spec change would:
+        a new generation starts first and the old replicas drain once it is ready (or go
+        first when no GPU is spare). Returns the new generation (stored before it is used)."""
+        pool = self._pools[name]
+        generation = pool.generation + 1
+        await self._store_endpoint(pool.spec, pool.source, generation)
+        pool.endpoint.apply(pool.spec, pool.source, generation)
+        await self.event("endpoint_restarted", f"endpoint {name} restarted: rolling to "
+                         f"generation {generation}", name)
+        self.kick()
+        return generation
+
     async def _apply_one(self, spec: EndpointSpec, source: str, summary: ChangeSummary) -> None:
         """Store the endpoint's new spec, then change the live pool to match (persist first:
         a write cut short never leaves memory ahead of SQLite)."""
@@ -237,9 +250,7 @@ class Reconciler:
             summary.unchanged.append(name)
             return
         generation, kind, message, bucket = self._change_of(pool, spec)
-        await self.store.save_endpoint(EndpointRecord(
-            name=name, spec=spec.model_dump(mode="json"), source=source,
-            generation=generation, error=None))
+        await self._store_endpoint(spec, source, generation)
         pool = self._pools.get(name)  # a removed one may have been forgotten meanwhile
         if pool is None:
             pool = self._pools[name] = EndpointPool(Endpoint(spec, source,
@@ -247,6 +258,11 @@ class Reconciler:
         pool.endpoint.apply(spec, source, generation)
         getattr(summary, bucket).append(name)
         await self.event(kind, message, name)
+
+    async def _store_endpoint(self, spec: EndpointSpec, source: str, generation: int) -> None:
+        await self.store.save_endpoint(EndpointRecord(
+            name=spec.name, spec=spec.model_dump(mode="json"), source=source,
+            generation=generation, error=None))
 
     def _change_of(self, pool: EndpointPool | None,
                    spec: EndpointSpec) -> tuple[int, str, str, str]:

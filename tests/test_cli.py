@@ -33,6 +33,7 @@ ROUTES = [
     (["endpoints", "get", "m"], ("GET", "/v1/endpoints/m", None)),
     (["endpoints", "get", "a b/../c?"], ("GET", "/v1/endpoints/a%20b%2F..%2Fc%3F", None)),
     (["endpoints", "delete", "m"], ("DELETE", "/v1/endpoints/m", None)),
+    (["endpoints", "restart", "m"], ("POST", "/v1/endpoints/m/restart", None)),
     (["endpoints", "delete", "m", "--purge-cache"],
      ("DELETE", "/v1/endpoints/m?purge_cache=true", None)),
     (["endpoints", "scale", "m", "--min", "0"],
@@ -149,7 +150,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 21
+    assert len(commands) == 22
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands

@@ -241,3 +241,33 @@ async def test_followed_logs_take_in_replicas_started_later(api):
             break
     assert line == f"[{second.id}] model server listening on 8080 as {second.id}\n"
     resp.close()
+
+
+async def test_restart_replaces_every_replica_new_first_without_a_failed_call(api):
+    # Config-owned: a restart changes nothing in the file, so the file's owner may ask it too.
+    h, client = await api({"rs": endpoint("rs", min_replicas=1)})
+    pool = h.reconciler.pool("rs")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [old] = pool.replicas.values()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def caller():
+        while not stop.is_set():
+            statuses.append((await client.get("/invoke/rs/sleep?s=0.05", headers=ADMIN)).status)
+
+    callers = [asyncio.create_task(caller()) for _ in range(2)]
+    resp = await client.post("/v1/endpoints/rs/restart", headers=ADMIN)
+    assert resp.status == 200 and (await resp.json())["generation"] == 2
+    await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica gone")
+    [new] = [r for r in pool.replicas.values() if r.state is S.READY]
+    stop.set()
+    await asyncio.gather(*callers)
+    assert new.container_id != old.container_id and new.generation == 2
+    assert len(statuses) > 5 and set(statuses) == {200}
+    [record] = [e for e in await h.store.endpoints() if e.name == "rs"]
+    assert record.generation == 2  # stored: a restart of berthd does not roll back
+    kinds = [e.kind for e in await h.store.events("rs")]
+    assert "endpoint_restarted" in kinds
+    assert (await client.post("/v1/endpoints/nope/restart", headers=ADMIN)).status == 404
+    assert (await client.post("/v1/endpoints/rs/restart")).status == 401
