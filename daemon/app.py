@@ -16,10 +16,12 @@ from berth.daemon.auth import Auth, add_admin_route, admin_auth
 from berth.daemon.browser import BrowserGuard, browser_middleware
 from berth.daemon.control import add_control_api
 from berth.daemon.errors import ApiError, as_api_error, error_response, storage_error
+from berth.daemon.event_feed import EventFeed
 from berth.daemon.keys import (
     ADMIN_ROUTES,
     ALLOCATOR,
     AUTH,
+    EVENTS,
     GPU_SAMPLES,
     IMAGES,
     LIMITS,
@@ -184,6 +186,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[USAGE] = usage if usage is not None else UsageLedger(reconciler.store.usage)
     app[QUOTA] = Quota(app[USAGE])
     reconciler.removal_listeners.append(app[AUTH].forget_endpoint)
+    app[EVENTS] = EventFeed()
+    reconciler.event_listeners.append(app[EVENTS].publish)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[METRICS] = Metrics()
     reconciler.start_listeners.append(app[METRICS].start_observed)

@@ -30,6 +30,7 @@ from berth.daemon.config import (
     volume_issues,
 )
 from berth.daemon.errors import ApiError, json_body
+from berth.daemon.event_feed import follow_events
 from berth.daemon.keys import (
     ALLOCATOR,
     AUTH,
@@ -211,7 +212,9 @@ async def delete_endpoint(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "deleted": True, "replicas_stopping": stopping})
 
 
-async def list_events(request: web.Request) -> web.Response:
+async def list_events(request: web.Request) -> web.StreamResponse:
+    if query_flag(request, "follow"):
+        return await follow_events(request)
     since, limit = query_time(request, "since"), query_limit(request)
     events = await request.app[STORE].events(request.query.get("endpoint"), since, limit)
     return web.json_response({"events": [

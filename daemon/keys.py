@@ -22,6 +22,7 @@ from berth.store import Store
 
 if TYPE_CHECKING:
     from berth.daemon.auth import Auth
+    from berth.daemon.event_feed import EventFeed
     from berth.daemon.metrics import Metrics
     from berth.daemon.quota import Quota
     from berth.daemon.usage import UsageLedger
@@ -57,3 +58,4 @@ WRITES = web.AppKey("writes", set[asyncio.Future[web.StreamResponse]])
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 USAGE: web.AppKey[UsageLedger] = web.AppKey("usage")
 QUOTA: web.AppKey[Quota] = web.AppKey("quota")
+EVENTS: web.AppKey[EventFeed] = web.AppKey("events")

@@ -118,6 +118,8 @@ OPS: tuple[Op, ...] = (
        query=(("since", {"type": "string"}), ("until", {"type": "string"}),
               ("endpoint", {"type": "string"}), ("token", {"type": "string"}),
               ("group_by", {"type": "string", "enum": ["hour", "day", "token", "model"]}))),
+    # follow=true (live, text/event-stream; README) is left out here on purpose: a stream
+    # that never ends reads as a hang to clients and fuzzers walking this document.
     Op("get", "/v1/events", "Scale, start, ready, crash, eviction, reload and API changes",
        (200, s.EventList), errors=(400,), query=(("endpoint", {"type": "string"}),
                                                  ("since", {"type": "number"}),

@@ -19,7 +19,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -102,6 +102,7 @@ class Reconciler:
         # Told the name of each endpoint removed (after the store forgot it): Auth drops its
         # tokens from memory.
         self.removal_listeners: list[Callable[[str], None]] = []
+        self.event_listeners: list[Callable[[EventRecord], None]] = []
         # Told where each start went (the app's metrics histogram listens).
         self.start_listeners: list[Callable[[str, StartPhases], None]] = []
         self.wake_listeners: list[Callable[[str, float], None]] = []
@@ -168,11 +169,14 @@ class Reconciler:
     async def event(self, kind: str, message: str, endpoint: str | None = None,
                     replica: str | None = None) -> None:
         """Record an event; a store that cannot take it loses the event, never the caller."""
+        record = EventRecord(ts=self.clock(), kind=kind, message=message, endpoint=endpoint,
+                             replica=replica)
         try:
-            await self.store.add_event(EventRecord(ts=self.clock(), kind=kind, message=message,
-                                                   endpoint=endpoint, replica=replica))
+            record = replace(record, id=await self.store.add_event(record))
         except (sqlite3.Error, OSError) as exc:
             log.warning("event.not_stored", event_kind=kind, error=str(exc))
+        for listener in self.event_listeners:  # live followers (GET /v1/events?follow=true)
+            listener(record)
         log.info(event_name(kind, replica), message=message, endpoint=endpoint,
                  replica=replica)
 

@@ -251,10 +251,12 @@ class Store:
 
     # --- events ----------------------------------------------------------------------------
 
-    async def add_event(self, event: EventRecord) -> None:
-        await self._db.execute(
-            "INSERT INTO events (ts, kind, endpoint, replica, message) VALUES (?, ?, ?, ?, ?)",
-            (event.ts, event.kind, event.endpoint, event.replica, event.message))
+    async def add_event(self, event: EventRecord) -> int:
+        """Store the event; its id (ids grow: followers resume after the last one seen)."""
+        async with self._db.execute(
+                "INSERT INTO events (ts, kind, endpoint, replica, message) VALUES (?, ?, ?, ?, ?)",
+                (event.ts, event.kind, event.endpoint, event.replica, event.message)) as cur:
+            return int(cur.lastrowid or 0)
 
     async def events(self, endpoint: str | None = None, since: float = 0.0,
                      limit: int = 1000) -> list[EventRecord]:
