@@ -166,6 +166,11 @@ def show_tasks(data: dict[str, Any]) -> str:
                         "ERROR"])
 
 
+def show_task_counts(data: dict[str, Any]) -> str:
+    rows = [[c["endpoint"], c["status"], str(c["count"])] for c in data["counts"]]
+    return table(rows, ["ENDPOINT", "STATUS", "TASKS"])
+
+
 def show_task(t: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {v}" for k, v in t.items())
 
@@ -320,6 +325,7 @@ def _task_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     tls = action("ls", help="list tasks")
     tls.add_argument("--endpoint")
     tls.add_argument("--status")
+    action("counts", help="how many tasks, by endpoint and status")
     action("get", help="one task").add_argument("id")
     action("cancel", help="cancel a task").add_argument("id")
 
@@ -450,6 +456,8 @@ def _task_route(args: argparse.Namespace, a: str) -> Route:
     if a == "ls":
         return ("GET", with_query("/v1/tasks", {"endpoint": args.endpoint,
                                                 "status": args.status}), None, show_tasks)
+    if a == "counts":
+        return "GET", "/v1/tasks/counts", None, show_task_counts
     return "GET" if a == "get" else "DELETE", f"/tasks/{q(args.id)}", None, show_task
 
 

@@ -124,6 +124,8 @@ OPS: tuple[Op, ...] = (
        (200, s.EventList), errors=(400,), query=(("endpoint", {"type": "string"}),
                                                  ("since", {"type": "number"}),
                                                  ("limit", INT))),
+    Op("get", "/v1/tasks/counts", "How many tasks are kept, by endpoint and status",
+       (200, s.TaskCounts)),
     Op("get", "/v1/tasks", "Async tasks, newest first", (200, s.TaskList), errors=(400,),
        query=(("endpoint", {"type": "string"}),
               ("status", {"type": "string", "enum": ["queued", "running", "succeeded",

@@ -306,6 +306,16 @@ class TaskList(Model):
     tasks: list[TaskView]
 
 
+class TaskCount(Model):
+    endpoint: str
+    status: str
+    count: int
+
+
+class TaskCounts(Model):
+    counts: list[TaskCount]
+
+
 class EventView(Model):
     id: int | None
     ts: float

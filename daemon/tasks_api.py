@@ -211,6 +211,13 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"tasks": [describe_task(t) for t in tasks]})
 
 
+async def count_tasks(request: web.Request) -> web.Response:
+    """How many tasks the store keeps, by endpoint and status."""
+    counts = await request.app[STORE].tasks.counts()
+    return web.json_response({"counts": [{"endpoint": e, "status": s, "count": n}
+                                         for e, s, n in counts]})
+
+
 def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
     app[DISPATCHER] = dispatcher
     app[CALLBACK_POLICY] = dispatcher.callbacks.policy  # wiring, once: handlers read the key
@@ -220,3 +227,4 @@ def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
     app.router.add_get("/tasks/{id}/result", get_result)
     app.router.add_delete("/tasks/{id}", cancel_task)
     add_admin_route(app, "GET", "/v1/tasks", list_tasks)
+    add_admin_route(app, "GET", "/v1/tasks/counts", count_tasks)

@@ -269,3 +269,5 @@ async def test_metrics_count_tasks_by_status(aplane):
         await finished(client, task_id)
     text = await (await client.get("/metrics")).text()
     assert 'berth_tasks{endpoint="echo",status="succeeded"} 3.0' in text.splitlines()
+    counts = (await (await client.get("/v1/tasks/counts")).json())["counts"]
+    assert counts == [{"endpoint": "echo", "status": "succeeded", "count": 3}]

@@ -46,6 +46,7 @@ ROUTES = [
     (["tasks", "ls", "--endpoint", "m", "--status", "queued"],
      ("GET", "/v1/tasks?endpoint=m&status=queued", None)),
     (["tasks", "get", "t1"], ("GET", "/tasks/t1", None)),
+    (["tasks", "counts"], ("GET", "/v1/tasks/counts", None)),
     (["tasks", "cancel", "t1"], ("DELETE", "/tasks/t1", None)),
     (["tokens", "create", "m"], ("POST", "/v1/endpoints/m/tokens", None)),
     (["tokens", "create", "m", "--rpm", "60", "--tpd", "100000"],
@@ -150,7 +151,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 22
+    assert len(commands) == 23
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands
