@@ -42,6 +42,7 @@ from berth.daemon.openapi import add_openapi
 from berth.daemon.proxy import add_data_plane
 from berth.daemon.quota import Quota
 from berth.daemon.tasks_api import add_async_plane
+from berth.daemon.ui_page import add_ui
 from berth.daemon.usage import UsageLedger, flushing
 from berth.gpu import GpuAllocator, GpuSample
 from berth.scheduler.dispatch import Dispatcher
@@ -203,4 +204,5 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     if dispatcher is not None:
         add_async_plane(app, dispatcher)
     add_openapi(app)
+    add_ui(app)
     return app

@@ -42,3 +42,6 @@ def test_pip_install_gives_working_commands_beside_python_daemon(tmp_path):
     assert python_daemon == site / "daemon" / "__init__.py"
     assert berth_config == site / "berth" / "daemon" / "config.py"
     assert not (site / "daemon" / "config.py").exists()  # nothing of berth's in there
+    # The status page ships in the package (no build step, nothing fetched at run time).
+    assert sorted(p.name for p in (site / "berth" / "daemon" / "ui").iterdir()) == [
+        "app.js", "index.html", "style.css"]
