@@ -17,6 +17,7 @@ from berth.daemon.browser import BrowserGuard, browser_middleware
 from berth.daemon.control import add_control_api
 from berth.daemon.errors import ApiError, as_api_error, error_response, storage_error
 from berth.daemon.event_feed import EventFeed
+from berth.daemon.gpus_api import add_gpus_api
 from berth.daemon.keys import (
     ADMIN_ROUTES,
     ALLOCATOR,
@@ -157,7 +158,8 @@ def low_disk(request: web.Request) -> str | None:
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
     await registry.refresh(request.app[RECONCILER], request.app[ALLOCATOR],
-                           request.app[GPU_SAMPLES], request.app[USAGE].model_tokens)
+                           request.app[GPU_SAMPLES], request.app[USAGE].model_tokens,
+                           request.app[LIMITS].min_free_disk)
     return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -193,11 +195,13 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[METRICS] = Metrics()
     reconciler.start_listeners.append(app[METRICS].start_observed)
     reconciler.wake_listeners.append(app[METRICS].wake_observed)
+    reconciler.event_listeners.append(app[METRICS].event_observed)
     app[LIMITS] = Limits(max_body_bytes, max_async_body_bytes, min_free_disk, volume_prefixes)
     app[ADMIN_ROUTES] = set()
     app.router.add_get("/healthz", healthz)
     add_admin_route(app, "GET", "/metrics", metrics)
     add_control_api(app)
+    add_gpus_api(app)
     add_models_api(app)
     add_openai_api(app)
     add_data_plane(app)

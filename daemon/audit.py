@@ -41,6 +41,8 @@ ACTIONS = {
     ("PUT", "/v1/secrets/{name}"): "secret.set",
     ("DELETE", "/v1/secrets/{name}"): "secret.delete",
     ("DELETE", "/tasks/{id}"): "task.cancel",
+    ("POST", "/v1/gpus/{uuid}/cordon"): "gpu.cordon",
+    ("POST", "/v1/gpus/{uuid}/uncordon"): "gpu.uncordon",
 }
 
 
@@ -62,7 +64,7 @@ def actor_of(request: web.Request) -> str:
 
 def target_of(request: web.Request, response: web.StreamResponse | None) -> str:
     info = request.match_info
-    parts = [info[k] for k in ("name", "id") if k in info]
+    parts = [info[k] for k in ("name", "id", "uuid") if k in info]
     if isinstance(response, web.Response) and response.status < 300 and \
             response.content_type == "application/json" and isinstance(response.body, bytes):
         answer = json.loads(response.body)  # berth's own answer: a new endpoint's or token's

@@ -150,12 +150,18 @@ def phases(start: dict[str, float]) -> str:
             f"{start['create_s']:.1f}, start {start['start_s']:.1f}, load {start['load_s']:.1f})")
 
 
+def gpu_health(g: dict[str, Any]) -> str:
+    if not g["healthy"]:
+        return f"unhealthy: {g['health_reason']}"
+    return f"cordoned: {g['cordon_reason']}" if g["cordoned"] else "ok"
+
+
 def show_gpus(data: dict[str, Any]) -> str:
     rows = [[str(g["index"]), g["name"], f"{g['memory_mib']} MiB", g["endpoint"] or "-",
              g["replica"] or "-",
-             "-" if g["utilization_pct"] is None else f"{g['utilization_pct']}%"]
+             "-" if g["utilization_pct"] is None else f"{g['utilization_pct']}%", gpu_health(g)]
             for g in data["gpus"]]
-    return table(rows, ["GPU", "NAME", "MEMORY", "ENDPOINT", "REPLICA", "UTIL"])
+    return table(rows, ["GPU", "NAME", "MEMORY", "ENDPOINT", "REPLICA", "UTIL", "HEALTH"])
 
 
 def show_tasks(data: dict[str, Any]) -> str:
@@ -291,13 +297,14 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     global_options(common, suppress=True)
 
-    def commands(parent: argparse.ArgumentParser, dest: str) -> Adder:
+    def commands(parent: argparse.ArgumentParser, dest: str, required: bool = True) -> Adder:
         """add_parser of `parent`'s subcommands, each taking the global options too."""
-        sub = parent.add_subparsers(dest=dest, required=True)
+        sub = parent.add_subparsers(dest=dest, required=required)
         return lambda name, **kw: sub.add_parser(name, parents=[common], **kw)
 
     command = commands(p, "command")
-    for add in (_endpoint_commands, _task_commands, _token_commands, _secret_commands):
+    for add in (_endpoint_commands, _task_commands, _token_commands, _secret_commands,
+                _gpu_commands):
         add(command, commands)
     _other_commands(command)
     return p
@@ -354,13 +361,21 @@ def _secret_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     action("rm", help="delete a secret").add_argument("name")
 
 
+def _gpu_commands(command: Adder, commands: Callable[..., Adder]) -> None:
+    action = commands(command("gpus", help="GPUs, who holds them, health (no action: the "
+                              "list); cordon and uncordon"), "action", required=False)
+    co = action("cordon", help="no new replica on the GPU; its replicas move elsewhere")
+    co.add_argument("gpu", help="uuid or index")
+    co.add_argument("--reason")
+    action("uncordon", help="back in service").add_argument("gpu", help="uuid or index")
+
+
 def _other_commands(command: Adder) -> None:
     lg = command("logs", help="replica logs")
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("--tail", default="100")
     lg.add_argument("--replica")
-    command("gpus", help="GPUs and who holds them")
     command("backup", help="save a consistent copy of berthd's database").add_argument("file")
     us = command("usage", help="calls and model tokens by hour, day, token or model")
     us.add_argument("--since", help="unix time or ISO 8601 date/time (default: all)")
@@ -418,7 +433,11 @@ def route(args: argparse.Namespace) -> Route:
     """(method, path, body, renderer) for every command but apply and logs."""
     c = args.command
     if c == "gpus":
-        return "GET", "/v1/gpus", None, show_gpus
+        if args.action is None:
+            return "GET", "/v1/gpus", None, show_gpus
+        body = {"reason": args.reason} if getattr(args, "reason", None) else None
+        return ("POST", f"/v1/gpus/{q(args.gpu)}/{args.action}", body,
+                show_message("GPU {index} ({uuid}): cordoned={cordoned}"))
     if c == "events":
         return ("GET", with_query("/v1/events", {"endpoint": args.endpoint, "since": args.since}),
                 None, show_events)

@@ -34,7 +34,6 @@ from berth.daemon.event_feed import follow_events
 from berth.daemon.keys import (
     ALLOCATOR,
     AUTH,
-    GPU_SAMPLES,
     IMAGES,
     LIMITS,
     RECONCILER,
@@ -45,7 +44,6 @@ from berth.daemon.params import query_flag, query_limit, query_time
 from berth.daemon.quota import TokenLimits
 from berth.daemon.replica_logs import stream_logs
 from berth.daemon.usage_api import usage_summary
-from berth.gpu import GpuSample
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import ReplicaState
 
@@ -222,25 +220,6 @@ async def list_events(request: web.Request) -> web.StreamResponse:
          "message": e.message} for e in events]})
 
 
-async def list_gpus(request: web.Request) -> web.Response:
-    allocator = request.app[ALLOCATOR]
-    owners = allocator.owners()
-    endpoints = {r.id: p.name for p in request.app[RECONCILER].live_pools()
-                 for r in p.replicas.values()}
-    samples = request.app[GPU_SAMPLES]
-    gpus = []
-    for gpu in allocator.gpus:
-        holder = owners.get(gpu.uuid)
-        sample = samples.get(gpu.uuid, GpuSample())
-        gpus.append({"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
-                     "memory_mib": gpu.memory_mib, "replica": holder,
-                     "endpoint": endpoints.get(holder) if holder else None,
-                     "utilization_pct": sample.utilization_pct,
-                     "memory_used_mib": sample.memory_used_mib,
-                     "temperature_c": sample.temperature_c})
-    return web.json_response({"gpus": gpus})
-
-
 # --- tokens and secrets -------------------------------------------------------------------
 
 class TokenLimitsBody(Strict):
@@ -358,7 +337,6 @@ ROUTES = (
     ("PUT", "/v1/secrets/{name}", put_secret),
     ("DELETE", "/v1/secrets/{name}", delete_secret),
     ("GET", "/v1/events", list_events),
-    ("GET", "/v1/gpus", list_gpus),
     ("GET", "/v1/usage", usage_summary),
     ("GET", "/v1/backup", get_backup),
     ("GET", "/v1/audit", list_audit),

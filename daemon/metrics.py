@@ -16,10 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from berth.gpu import GpuAllocator, GpuSample
+from berth.gpu import GpuAllocator, GpuMarkKind, GpuSample
 from berth.scheduler.endpoint import StartPhases
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.replica import ReplicaState
+from berth.store.records import EventRecord
 
 # Call durations span sub-millisecond echoes to hour-long generations.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
@@ -28,6 +29,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 MIB = 1024 ** 2
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+FAILURE_KINDS = frozenset({"crash", "start_failed"})  # event kinds of a replica that failed
 
 
 @dataclass
@@ -64,8 +66,15 @@ class Metrics:
             "(until the container runs), load (until readiness passes), total; and wakes from "
             "sleep (wake)",
             ("endpoint", "phase"), buckets=START_BUCKETS, registry=self.registry)
+        self.failures = Counter(
+            "berth_replica_failures", "Replicas that crashed or failed to start (crash loops "
+            "show as a rising rate)", ("endpoint", "kind"), registry=self.registry)
         self.live = LiveState()
         self.registry.register(LiveCollector(self.live))
+
+    def event_observed(self, event: EventRecord) -> None:
+        if event.kind in FAILURE_KINDS and event.endpoint is not None:
+            self.failures.labels(event.endpoint, event.kind).inc()
 
     def wake_observed(self, endpoint: str, seconds: float) -> None:
         self.start_seconds.labels(endpoint, "wake").observe(seconds)
@@ -81,25 +90,30 @@ class Metrics:
 
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
                       samples: dict[str, GpuSample],
-                      model_tokens: dict[tuple[str, str], list[int]]) -> None:
+                      model_tokens: dict[tuple[str, str], list[int]],
+                      min_free_disk: int = 0) -> None:
         store = reconciler.store  # reconciler: the scrape's one source
         tasks = await store.tasks.counts()
         self.live.families = [*endpoint_families(reconciler), *gpu_families(allocator, samples),
                               task_family(tasks), token_family(model_tokens),
                               *state_families(store.retention.size(),
-                                              shutil.disk_usage(store.path.parent).free)]
+                                              shutil.disk_usage(store.path.parent).free,
+                                              min_free_disk)]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def state_families(db_bytes: int, free_bytes: int) -> list[Metric]:
+def state_families(db_bytes: int, free_bytes: int, min_free: int) -> list[Metric]:
     db = GaugeMetricFamily("berth_state_db_bytes", "Size of the state database and its WAL")
     db.add_metric((), db_bytes)
     free = GaugeMetricFamily("berth_state_disk_free_bytes",
                              "Free space on the state directory's disk")
     free.add_metric((), free_bytes)
-    return [db, free]
+    floor = GaugeMetricFamily("berth_state_disk_min_free_bytes", "daemon.min_free_disk: under "
+                              "it new async tasks are refused (507)")
+    floor.add_metric((), min_free)
+    return [db, free, floor]
 
 
 def token_family(model_tokens: dict[tuple[str, str], list[int]]) -> Metric:
@@ -143,10 +157,17 @@ def gpu_families(allocator: GpuAllocator, samples: dict[str, GpuSample]) -> list
                                labels=labels)
     temp = GaugeMetricFamily("berth_gpu_temperature_celsius", "GPU temperature, when sampled",
                              labels=labels)
+    healthy = GaugeMetricFamily("berth_gpu_healthy", "0 while berth holds the GPU for sick",
+                                labels=labels)
+    cordoned = GaugeMetricFamily("berth_gpu_cordoned", "1 while an admin keeps the GPU out of "
+                                 "service", labels=labels)
     owners = allocator.owners()
     for gpu in allocator.gpus:
         key = (str(gpu.index), gpu.uuid, gpu.name)
         held.add_metric(key, 1 if gpu.uuid in owners else 0)
+        marks = allocator.marks(gpu.uuid)
+        healthy.add_metric(key, 0 if GpuMarkKind.UNHEALTHY in marks else 1)
+        cordoned.add_metric(key, 1 if GpuMarkKind.CORDONED in marks else 0)
         sample = samples.get(gpu.uuid, GpuSample())
         if sample.utilization_pct is not None:
             util.add_metric(key, sample.utilization_pct / 100)
@@ -154,7 +175,7 @@ def gpu_families(allocator: GpuAllocator, samples: dict[str, GpuSample]) -> list
             memory.add_metric(key, sample.memory_used_mib * MIB)
         if sample.temperature_c is not None:
             temp.add_metric(key, sample.temperature_c)
-    return [held, util, memory, temp]
+    return [held, healthy, cordoned, util, memory, temp]
 
 
 def task_family(counts: list[tuple[str, str, int]]) -> Metric:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from berth.daemon import schemas as s
 from berth.daemon.config import NAME_PATTERN, EndpointFields, EndpointSpec
 from berth.daemon.control import SECRET_NAME, TokenLimitsBody
+from berth.daemon.gpus_api import CordonBody
 from berth.daemon.keys import OPENAPI
 from berth.daemon.openai_api import FORM_ROUTES, JSON_ROUTES
 
@@ -105,7 +106,12 @@ OPS: tuple[Op, ...] = (
        BODY_ERRORS),
     Op("delete", "/v1/secrets/{name}", "Delete a secret", (200, s.SecretDeleted),
        errors=(404,)),
-    Op("get", "/v1/gpus", "GPUs, holders and readings", (200, s.GpuList)),
+    Op("get", "/v1/gpus", "GPUs, holders, readings and health", (200, s.GpuList)),
+    Op("post", "/v1/gpus/{uuid}/cordon", "No new replica on this GPU (uuid or index); its "
+       "replicas drain while replacements start elsewhere; kept across restarts",
+       (200, s.GpuView), CordonBody, (*BODY_ERRORS, 404), body_optional=True),
+    Op("post", "/v1/gpus/{uuid}/uncordon", "Back in service (a GPU not cordoned: no-op)",
+       (200, s.GpuView), errors=(404,)),
     Op("get", "/v1/audit", "Every control write, refused ones too: time, actor, remote, "
        "action, target, status, outcome (oldest first)", (200, s.AuditList), errors=(400,),
        query=(("since", {"type": "number"}), ("actor", {"type": "string"}),

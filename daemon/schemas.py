@@ -183,6 +183,11 @@ class GpuView(Model):
     utilization_pct: int | None
     memory_used_mib: int | None
     temperature_c: int | None
+    healthy: bool
+    health_reason: str | None
+    cordoned: bool
+    cordon_reason: str | None
+    cordoned_at: float | None
 
 
 class GpuList(Model):

@@ -7,10 +7,27 @@ constraint is the last word) so that a restart or a bug cannot hand one GPU out 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from berth.gpu.inventory import Gpu
+
+
+class GpuMarkKind(StrEnum):
+    """Why a GPU gets no new replica: an admin cordoned it, or berth found it sick."""
+
+    CORDONED = "cordoned"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class GpuMark:
+    uuid: str
+    kind: GpuMarkKind
+    reason: str
+    since: float
 
 
 class GpuLedger(Protocol):
@@ -24,15 +41,25 @@ class GpuLedger(Protocol):
 
     async def gpu_owners(self) -> dict[str, str]: ...
 
+    async def gpu_marks(self) -> list[GpuMark]: ...
+
+    async def set_gpu_mark(self, mark: GpuMark) -> None: ...
+
+    async def clear_gpu_mark(self, uuid: str, kind: GpuMarkKind) -> bool:
+        """Forget the mark; False if there was none."""
+        ...
+
 
 def matches(gpu: Gpu, gpu_type: str | None) -> bool:
     return gpu_type is None or gpu_type.lower() in gpu.name.lower()
 
 
 def choose_gpus(gpus: Sequence[Gpu], owners: Mapping[str, str], count: int,
-                gpu_type: str | None) -> list[Gpu] | None:
-    """The lowest-indexed `count` free GPUs matching `gpu_type`, or None if too few are free."""
-    free = [g for g in gpus if g.uuid not in owners and matches(g, gpu_type)]
+                gpu_type: str | None, unusable: Collection[str] = ()) -> list[Gpu] | None:
+    """The lowest-indexed `count` free GPUs matching `gpu_type` (none of `unusable`: cordoned
+    or sick), or None if too few are free."""
+    free = [g for g in gpus if g.uuid not in owners and g.uuid not in unusable
+            and matches(g, gpu_type)]
     return free[:count] if len(free) >= count else None
 
 
@@ -43,6 +70,7 @@ class GpuAllocator:
         self.gpus = tuple(gpus)
         self._ledger = ledger
         self._owners: dict[str, str] = {}
+        self._marks: dict[str, dict[GpuMarkKind, GpuMark]] = {}  # uuid -> its marks
         self._lock = asyncio.Lock()
 
     async def load(self) -> None:
@@ -52,6 +80,27 @@ class GpuAllocator:
         for replica in {r for u, r in owners.items() if u not in known}:
             await self._ledger.release_gpus(replica)
         self._owners = {u: r for u, r in owners.items() if u in known}
+        self._marks = {}
+        for mark in await self._ledger.gpu_marks():
+            self._marks.setdefault(mark.uuid, {})[mark.kind] = mark
+
+    def marks(self, uuid: str) -> dict[GpuMarkKind, GpuMark]:
+        """The GPU's marks (cordoned, unhealthy), empty when it is usable."""
+        return dict(self._marks.get(uuid, {}))
+
+    async def mark(self, mark: GpuMark) -> None:
+        """The GPU gets no new replica until the mark is cleared (stored first)."""
+        await self._ledger.set_gpu_mark(mark)
+        self._marks.setdefault(mark.uuid, {})[mark.kind] = mark
+
+    async def unmark(self, uuid: str, kind: GpuMarkKind) -> bool:
+        """Clear one mark; False if the GPU did not have it."""
+        had = await self._ledger.clear_gpu_mark(uuid, kind)
+        marks = self._marks.get(uuid, {})
+        marks.pop(kind, None)
+        if not marks:
+            self._marks.pop(uuid, None)
+        return had
 
     def owners(self) -> dict[str, str]:
         """GPU uuid -> replica id, for every held GPU."""
@@ -61,7 +110,8 @@ class GpuAllocator:
         return [g for g in self.gpus if self._owners.get(g.uuid) == replica_id]
 
     def free_count(self, gpu_type: str | None) -> int:
-        return sum(1 for g in self.gpus if g.uuid not in self._owners and matches(g, gpu_type))
+        return sum(1 for g in self.gpus if g.uuid not in self._owners
+                   and g.uuid not in self._marks and matches(g, gpu_type))
 
     def can_ever_fit(self, count: int, gpu_type: str | None) -> bool:
         """Whether the box has enough matching GPUs at all, free or not."""
@@ -75,11 +125,12 @@ class GpuAllocator:
         """
         async with self._lock:
             held = self.held_by(replica_id)
-            if len(held) == count and all(matches(g, gpu_type) for g in held):
+            if len(held) == count and all(matches(g, gpu_type) and g.uuid not in self._marks
+                                          for g in held):
                 return held
             if held:
                 await self._release(replica_id)
-            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type)
+            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type, self._marks)
             if chosen is None:
                 return None
             if count and not await self._ledger.claim_gpus(replica_id, [g.uuid for g in chosen]):

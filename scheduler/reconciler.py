@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from berth.daemon.config import EndpointSpec
-from berth.gpu import GpuAllocator
+from berth.gpu import GpuAllocator, GpuMark, GpuMarkKind
 from berth.scheduler.endpoint import Endpoint, StartPhases
 from berth.scheduler.images import ImagePuller
 from berth.scheduler.lifecycle import ReplicaLifecycle
@@ -243,6 +243,29 @@ class Reconciler:
                          f"generation {generation}", name)
         self.kick()
         return generation
+
+    # --- GPUs out of service ------------------------------------------------------------------
+
+    async def mark_gpu(self, uuid: str, kind: GpuMarkKind, reason: str) -> None:
+        """Take a GPU out of service (stored first): it gets no new replica, and the replicas
+        on it drain (their calls finish) while the passes start replacements elsewhere."""
+        await self.allocator.mark(GpuMark(uuid, kind, reason, self.clock()))
+        await self.event(f"gpu_{kind.value}", f"GPU {uuid} {kind.value}: {reason}")
+        holder = self.allocator.owners().get(uuid)
+        for pool in self._pools.values():
+            replica = pool.replicas.get(holder or "")
+            if replica is not None and not self._life(pool, replica).stopping:
+                self._stop_soon(pool, replica, f"its GPU {uuid} is {kind.value}: {reason}")
+        self.kick()
+
+    async def unmark_gpu(self, uuid: str, kind: GpuMarkKind) -> bool:
+        """Back in service (a no-op, False, when the GPU did not have the mark)."""
+        if not await self.allocator.unmark(uuid, kind):
+            return False
+        back = "uncordoned" if kind is GpuMarkKind.CORDONED else "healthy again"
+        await self.event(f"gpu_{back.split()[0]}", f"GPU {uuid} {back}")
+        self.kick()
+        return True
 
     async def _apply_one(self, spec: EndpointSpec, source: str, summary: ChangeSummary) -> None:
         """Store the endpoint's new spec, then change the live pool to match (persist first:

@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from berth.gpu.allocator import GpuMark, GpuMarkKind
 from berth.store.audit import AuditStore
 from berth.store.backup import keep_premigration_copy
 from berth.store.records import EndpointRecord, EventRecord, ReplicaRecord
@@ -181,6 +182,22 @@ class Store:
         async with self._db.execute("SELECT gpu_uuid, replica_id FROM gpu_owners") as cur:
             rows = await cur.fetchall()
         return {str(r[0]): str(r[1]) for r in rows}
+
+    async def gpu_marks(self) -> list[GpuMark]:
+        async with self._db.execute("SELECT * FROM gpu_marks ORDER BY since") as cur:
+            rows = await cur.fetchall()
+        return [GpuMark(r["gpu_uuid"], GpuMarkKind(r["kind"]), r["reason"], r["since"])
+                for r in rows]
+
+    async def set_gpu_mark(self, mark: GpuMark) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO gpu_marks (gpu_uuid, kind, reason, since) VALUES (?, ?, ?, ?)",
+            (mark.uuid, mark.kind.value, mark.reason, mark.since))
+
+    async def clear_gpu_mark(self, uuid: str, kind: GpuMarkKind) -> bool:
+        async with self._db.execute("DELETE FROM gpu_marks WHERE gpu_uuid = ? AND kind = ?",
+                                    (uuid, kind.value)) as cur:
+            return cur.rowcount > 0
 
     # --- access tokens ---------------------------------------------------------------------
 

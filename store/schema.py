@@ -201,6 +201,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE replicas_8 RENAME TO replicas;
     CREATE INDEX replicas_endpoint_state ON replicas (endpoint, state);
     """,
+    # 9: GPUs taken out of service: cordoned by an admin, or found unhealthy.
+    """
+    CREATE TABLE gpu_marks (
+        gpu_uuid  TEXT NOT NULL,
+        kind      TEXT NOT NULL CHECK (kind IN ('cordoned', 'unhealthy')),
+        reason    TEXT NOT NULL,
+        since     REAL NOT NULL,
+        PRIMARY KEY (gpu_uuid, kind)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -26,6 +26,10 @@ ADMIN = "cli-admin-token"
 
 ROUTES = [
     (["gpus"], ("GET", "/v1/gpus", None)),
+    (["gpus", "cordon", "0", "--reason", "fan noise"],
+     ("POST", "/v1/gpus/0/cordon", {"reason": "fan noise"})),
+    (["gpus", "cordon", "GPU-1"], ("POST", "/v1/gpus/GPU-1/cordon", None)),
+    (["gpus", "uncordon", "GPU-1"], ("POST", "/v1/gpus/GPU-1/uncordon", None)),
     (["events"], ("GET", "/v1/events", None)),
     (["events", "--endpoint", "m", "--since", "5"],
      ("GET", "/v1/events?endpoint=m&since=5.0", None)),
@@ -151,7 +155,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 23
+    assert len(commands) == 24
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands
@@ -191,7 +195,7 @@ def test_global_options_may_follow_the_subcommand(before: list[str], after: list
 def test_defaults_and_the_later_option_wins() -> None:
     args = vars(cli.parser().parse_args(["gpus"]))
     assert args == {"url": None, "token": None, "config": cli.DEFAULT_CONFIG, "json": False,
-                    "command": "gpus"}
+                    "command": "gpus", "action": None}
     args = cli.parser().parse_args(["--url", "http://a", "--token", "A", "endpoints",
                                     "--token", "B", "ls", "--url", "http://b"])
     assert (args.url, args.token, args.json) == ("http://b", "B", False)

@@ -330,7 +330,8 @@ async def test_connections_to_replicas_are_kept_alive(plane):
     assert len(ports) == 1  # five calls, one pooled connection from berth to the replica
 
 
-async def test_metrics_count_calls_by_answer_and_show_live_replicas_and_gpus(plane):
+async def test_metrics_count_calls_by_answer_and_show_live_replicas_and_gpus(plane,
+                                                                             docker_client):
     h, client = await plane({"m": endpoint("m", min_replicas=1, gpus=1)}, gpus=2)
     [replica] = await ready(h, "m", 1)
     for _ in range(2):
@@ -358,3 +359,10 @@ async def test_metrics_count_calls_by_answer_and_show_live_replicas_and_gpus(pla
     held = {dict(labels)["gpu"]: value for (name, labels), value in after.items()
             if name == "berth_gpu_allocated"}
     assert sorted(held.values()) == [0, 1] and len(held) == 2
+    assert after[("berth_state_disk_min_free_bytes", ())] == 0
+    # A crash is counted once, by endpoint and kind (the crash-loop alert's metric).
+    docker_client.containers.get(replica.container_id).kill()
+    await wait_for(h.reconciler.pool("m"), lambda: replica.state is ReplicaState.FAILED,
+                   what="crash seen")
+    crashed = await scrape(client)
+    assert crashed[("berth_replica_failures_total", (("endpoint", "m"), ("kind", "crash")))] == 1

@@ -170,9 +170,9 @@
   }
 
   function gpuHealth(g) {
-    if (g.healthy === false) return "unhealthy";
-    if (g.cordoned) return "cordoned";
-    return g.healthy === true ? "ok" : "–";
+    if (g.healthy === false) return el("span", "unhealthy: " + g.health_reason, "bad");
+    if (g.cordoned) return el("span", "cordoned: " + g.cordon_reason, "warn");
+    return el("span", "ok", "ok");
   }
 
   async function refreshOverview() {

@@ -1,0 +1,89 @@
+"""GPUs over the API: `GET /v1/gpus` (holders, samples, health) and cordon / uncordon.
+
+A cordoned GPU gets no new replica and its replicas drain while replacements start on other
+GPUs; the mark is stored, so it survives a restart of berthd, until uncordoned. `unhealthy`
+marks (berth found the GPU sick) show the same way and keep a GPU out of service alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field, ValidationError
+
+from berth.daemon.auth import add_admin_route
+from berth.daemon.config import Strict, issues_from_validation
+from berth.daemon.control import invalid
+from berth.daemon.errors import ApiError, json_body
+from berth.daemon.keys import ALLOCATOR, GPU_SAMPLES, RECONCILER
+from berth.gpu import Gpu, GpuAllocator, GpuMarkKind, GpuSample
+
+C, U = GpuMarkKind.CORDONED, GpuMarkKind.UNHEALTHY
+
+
+class CordonBody(Strict):
+    """POST /v1/gpus/{uuid}/cordon (the body may be left out)."""
+
+    reason: str = Field("cordoned by the admin", min_length=1, max_length=500)
+
+
+def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
+             sample: GpuSample) -> dict[str, Any]:
+    owner = allocator.owners().get(gpu.uuid)
+    marks = allocator.marks(gpu.uuid)
+    return {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+            "memory_mib": gpu.memory_mib, "replica": owner,
+            "endpoint": holders.get(owner) if owner else None,
+            "utilization_pct": sample.utilization_pct,
+            "memory_used_mib": sample.memory_used_mib,
+            "temperature_c": sample.temperature_c,
+            "healthy": U not in marks,
+            "health_reason": marks[U].reason if U in marks else None,
+            "cordoned": C in marks,
+            "cordon_reason": marks[C].reason if C in marks else None,
+            "cordoned_at": marks[C].since if C in marks else None}
+
+
+def view(request: web.Request, gpu: Gpu) -> dict[str, Any]:
+    holders: dict[str, str | None] = {r.id: p.name for p in request.app[RECONCILER].live_pools()
+                                      for r in p.replicas.values()}
+    sample = request.app[GPU_SAMPLES].get(gpu.uuid, GpuSample())
+    return gpu_view(gpu, request.app[ALLOCATOR], holders, sample)
+
+
+async def list_gpus(request: web.Request) -> web.Response:
+    return web.json_response({"gpus": [view(request, g) for g in request.app[ALLOCATOR].gpus]})
+
+
+def named_gpu(request: web.Request) -> Gpu:
+    """The GPU named in the URL by uuid or index; 404 if the box has none such."""
+    key = request.match_info["uuid"]
+    for gpu in request.app[ALLOCATOR].gpus:
+        if key in (gpu.uuid, str(gpu.index)):
+            return gpu
+    raise ApiError(404, "gpu_not_found", f"no GPU {key!r} on this box (a uuid or an index)")
+
+
+async def cordon(request: web.Request) -> web.Response:
+    gpu = named_gpu(request)
+    data = await json_body(request) if request.body_exists else {}
+    try:
+        body = CordonBody.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(issues_from_validation(exc)) from None
+    if C not in request.app[ALLOCATOR].marks(gpu.uuid):
+        await request.app[RECONCILER].mark_gpu(gpu.uuid, C, body.reason)
+    return web.json_response(view(request, gpu))
+
+
+async def uncordon(request: web.Request) -> web.Response:
+    gpu = named_gpu(request)
+    await request.app[RECONCILER].unmark_gpu(gpu.uuid, C)  # not cordoned: nothing to do, 200
+    return web.json_response(view(request, gpu))
+
+
+def add_gpus_api(app: web.Application) -> None:
+    add_admin_route(app, "GET", "/v1/gpus", list_gpus)
+    add_admin_route(app, "POST", "/v1/gpus/{uuid}/cordon", cordon)
+    add_admin_route(app, "POST", "/v1/gpus/{uuid}/uncordon", uncordon)
