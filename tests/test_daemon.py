@@ -219,7 +219,7 @@ def test_systemd_unit_verifies(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed here (apt-get install systemd)")
     text = (ROOT / "systemd" / "berthd.service").read_text()
-    for key in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+    for key in ("Type=notify", "ExecReload=/bin/sh -c \"kill -HUP $MAINPID\"", "Restart=on-failure",
                 "WatchdogSec=", "StateDirectory=berth", "Requires=docker.service",
                 "--config /etc/berth/config.toml"):
         assert key in text
