@@ -156,9 +156,16 @@ def gpu_health(g: dict[str, Any]) -> str:
     return f"cordoned: {g['cordon_reason']}" if g["cordoned"] else "ok"
 
 
+def holder(g: dict[str, Any]) -> tuple[str, str]:
+    """(endpoint, replica) columns: the whole-GPU holder, or each share with its memory."""
+    if g.get("shares"):
+        return (",".join(sorted({s["endpoint"] or "?" for s in g["shares"]})),
+                ", ".join(f"{s['replica']} ({s['memory_mib']} MiB)" for s in g["shares"]))
+    return g["endpoint"] or "-", g["replica"] or "-"
+
+
 def show_gpus(data: dict[str, Any]) -> str:
-    rows = [[str(g["index"]), g["name"], f"{g['memory_mib']} MiB", g["endpoint"] or "-",
-             g["replica"] or "-",
+    rows = [[str(g["index"]), g["name"], f"{g['memory_mib']} MiB", *holder(g),
              "-" if g["utilization_pct"] is None else f"{g['utilization_pct']}%", gpu_health(g)]
             for g in data["gpus"]]
     return table(rows, ["GPU", "NAME", "MEMORY", "ENDPOINT", "REPLICA", "UTIL", "HEALTH"])

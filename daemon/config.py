@@ -53,8 +53,9 @@ Size = Annotated[int, BeforeValidator(lambda v: parse_size(v)
 RUNTIME_FIELDS = frozenset(
     {"image", "command", "args", "port", "env", "secrets", "volumes", "shm_size", "cpus",
      "memory", "gpus", "gpu_type", "readiness", "liveness", "pids_limit", "cap_add", "user",
-     "cache_dir"}
+     "cache_dir", "gpu_memory"}
 )
+MIB = 1024 ** 2
 
 
 class Strict(BaseModel):
@@ -105,6 +106,8 @@ class EndpointFields(Strict):
     memory: str | None = Field(None, json_schema_extra=SIZE_SCHEMA)
     gpus: Int = Field(0, ge=0, le=64)
     gpu_type: str | None = None
+    # With gpus = 1: a share of one GPU's memory (e.g. "20g"); replicas are packed by it.
+    gpu_memory: str | None = Field(None, json_schema_extra=SIZE_SCHEMA)
     min_replicas: Int = Field(0, ge=0, le=64)
     max_replicas: Int = Field(1, ge=1, le=64)
     concurrency: Int = Field(1, ge=1, le=10000)
@@ -169,7 +172,12 @@ class EndpointFields(Strict):
                 raise ValueError(f"{item!r} is not \"/host/path:/container/path[:ro]\"")
         return value
 
-    @field_validator("shm_size", "memory", "async_queue_bytes")
+    @property
+    def gpu_memory_mib(self) -> int | None:
+        """The GPU memory share in MiB (rounded up), None for whole GPUs."""
+        return None if self.gpu_memory is None else -(-parse_size(self.gpu_memory) // MIB)
+
+    @field_validator("shm_size", "memory", "async_queue_bytes", "gpu_memory")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
         if value is not None and not SIZE_PATTERN.match(value):
@@ -308,6 +316,20 @@ class GpuSettings(Strict):
     source: Literal["nvml", "static", "none"] = "nvml"
     devices: list[GpuDevice] = Field(default_factory=list)
     sample_interval_s: float = Field(10.0, gt=0)
+    # Memory of each GPU that shared replicas (gpu_memory) never get: the driver's and CUDA
+    # contexts' own.
+    reserve_memory: str = Field("1g", json_schema_extra=SIZE_SCHEMA)
+
+    @field_validator("reserve_memory")
+    @classmethod
+    def _reserve(cls, value: str) -> str:
+        if not SIZE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a size such as \"512m\" or \"1g\"")
+        return value
+
+    @property
+    def reserve_mib(self) -> int:
+        return -(-parse_size(self.reserve_memory) // MIB)
 
 
 class Config(Strict):
@@ -373,6 +395,11 @@ def check_endpoint(spec: EndpointSpec, path: str) -> list[ConfigIssue]:
         return [ConfigIssue(f"{path}.min_replicas",
                             f"min_replicas ({spec.min_replicas}) is greater than "
                             f"max_replicas ({spec.max_replicas})")]
+    if spec.gpu_memory is not None and spec.gpus != 1:
+        return [ConfigIssue(f"{path}.gpu_memory",
+                            f"gpu_memory shares one GPU: use it with gpus = 1 (not {spec.gpus})")]
+    if spec.gpu_memory_mib == 0:
+        return [ConfigIssue(f"{path}.gpu_memory", "gpu_memory must be more than 0")]
     if spec.sleep is not None and spec.sleep.after_s >= spec.idle_timeout_s:
         return [ConfigIssue(f"{path}.sleep.after_s",
                             f"sleep.after_s ({spec.sleep.after_s:g}) must be below "
@@ -476,9 +503,19 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data)
 
 
-def gpu_shortage(spec: EndpointSpec, gpus: Sequence[Any]) -> str | None:
-    """Why the box can never hold one replica of `spec` (too few GPUs of its gpu_type)."""
+def gpu_shortage(spec: EndpointSpec, gpus: Sequence[Any], reserve_mib: int = 1024
+                 ) -> str | None:
+    """Why the box can never hold one replica of `spec` (too few GPUs of its gpu_type, or
+    none with room for its gpu_memory beside gpu.reserve_memory)."""
     kind = (spec.gpu_type or "").lower()
+    ask = spec.gpu_memory_mib
+    if ask and spec.gpus == 1:
+        room = max((g.memory_mib - reserve_mib for g in gpus if kind in g.name.lower()),
+                   default=0)
+        if room < ask:
+            return (f"gpu_memory asks for {ask} MiB but the largest GPU"
+                    f"{' matching ' + repr(spec.gpu_type) if spec.gpu_type else ''} has "
+                    f"{max(room, 0)} MiB beside gpu.reserve_memory")
     have = sum(1 for g in gpus if kind in g.name.lower())
     if have >= spec.gpus:
         return None
@@ -488,7 +525,13 @@ def gpu_shortage(spec: EndpointSpec, gpus: Sequence[Any]) -> str | None:
     return f"asks for {spec.gpus} but this box has {have} {what}"
 
 
-def gpu_issues(endpoints: dict[str, EndpointSpec], gpus: Sequence[Any]) -> list[ConfigIssue]:
+def gpu_issues(endpoints: dict[str, EndpointSpec], gpus: Sequence[Any],
+               reserve_mib: int = 1024) -> list[ConfigIssue]:
     """Endpoints asking for more GPUs (of their gpu_type) than the box has at all."""
-    return [ConfigIssue(f"endpoints.{name}.gpus", shortage) for name, spec in endpoints.items()
-            if (shortage := gpu_shortage(spec, gpus)) is not None]
+    issues = []
+    for name, spec in endpoints.items():
+        shortage = gpu_shortage(spec, gpus, reserve_mib)
+        if shortage is not None:
+            field = "gpu_memory" if shortage.startswith("gpu_memory") else "gpus"
+            issues.append(ConfigIssue(f"endpoints.{name}.{field}", shortage))
+    return issues

@@ -68,9 +68,11 @@ def validate_spec(data: dict[str, Any], request: web.Request) -> EndpointSpec:
     else:
         issues = check_endpoint(spec, "")
         issues += volume_issues(spec, request.app[LIMITS].volume_prefixes, "")
-        shortage = gpu_shortage(spec, request.app[ALLOCATOR].gpus)
+        allocator = request.app[ALLOCATOR]
+        shortage = gpu_shortage(spec, allocator.gpus, allocator.reserve_mib)
         if shortage is not None:
-            issues.append(ConfigIssue("gpus", shortage))
+            field = "gpu_memory" if shortage.startswith("gpu_memory") else "gpus"
+            issues.append(ConfigIssue(field, shortage))
         if not issues:
             check_models(request, spec)
             return spec

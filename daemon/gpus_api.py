@@ -32,9 +32,13 @@ def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
              sample: GpuSample) -> dict[str, Any]:
     owner = allocator.owners().get(gpu.uuid)
     marks = allocator.marks(gpu.uuid)
+    shares = allocator.shares().get(gpu.uuid, {})
     return {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
             "memory_mib": gpu.memory_mib, "replica": owner,
             "endpoint": holders.get(owner) if owner else None,
+            "shares": [{"replica": r, "endpoint": holders.get(r), "memory_mib": mib}
+                       for r, mib in sorted(shares.items())],
+            "shared_mib": sum(shares.values()),
             "utilization_pct": sample.utilization_pct,
             "memory_used_mib": sample.memory_used_mib,
             "temperature_c": sample.temperature_c,

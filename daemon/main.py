@@ -77,7 +77,7 @@ def _gpu_check(config: Config) -> list[ConfigIssue]:
     except GpuSourceError as exc:
         return [ConfigIssue("gpu.source", str(exc))]
     try:
-        return gpu_issues(config.endpoints, list(inventory.gpus))
+        return gpu_issues(config.endpoints, list(inventory.gpus), config.gpu.reserve_mib)
     finally:
         inventory.close()
 

@@ -161,10 +161,10 @@ def gpu_families(allocator: GpuAllocator, samples: dict[str, GpuSample]) -> list
                                 labels=labels)
     cordoned = GaugeMetricFamily("berth_gpu_cordoned", "1 while an admin keeps the GPU out of "
                                  "service", labels=labels)
-    owners = allocator.owners()
+    owners, shares = allocator.owners(), allocator.shares()
     for gpu in allocator.gpus:
         key = (str(gpu.index), gpu.uuid, gpu.name)
-        held.add_metric(key, 1 if gpu.uuid in owners else 0)
+        held.add_metric(key, 1 if gpu.uuid in owners or gpu.uuid in shares else 0)
         marks = allocator.marks(gpu.uuid)
         healthy.add_metric(key, 0 if GpuMarkKind.UNHEALTHY in marks else 1)
         cordoned.add_metric(key, 1 if GpuMarkKind.CORDONED in marks else 0)

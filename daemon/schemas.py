@@ -173,6 +173,12 @@ EndpointPatch: type[BaseModel] = create_model(  # type: ignore[call-overload]
     **{name: _optional(info) for name, info in EndpointFields.model_fields.items()})
 
 
+class GpuShare(Model):
+    replica: str
+    endpoint: str | None
+    memory_mib: int
+
+
 class GpuView(Model):
     index: int
     uuid: str
@@ -183,6 +189,8 @@ class GpuView(Model):
     utilization_pct: int | None
     memory_used_mib: int | None
     temperature_c: int | None
+    shares: list[GpuShare]
+    shared_mib: int
     healthy: bool
     health_reason: str | None
     cordoned: bool

@@ -173,7 +173,8 @@ class Berth:
                                EXIT_CONFIG)
         _lock_state(config, stack)
         core = await start_core(config, stack, lambda: stop_replicas)
-        issues = gpu_issues(config.endpoints, list(core.inventory.gpus))
+        issues = gpu_issues(config.endpoints, list(core.inventory.gpus),
+                            config.gpu.reserve_mib)
         issues += model_issues_with_api(config, core.reconciler)
         if issues:
             raise StartupError(str(ConfigError(issues)), EXIT_CONFIG)
@@ -222,7 +223,8 @@ class Berth:
 
     async def reload(self, config: Config) -> ChangeSummary:
         """Apply a new, already validated config; ConfigError if it cannot apply here."""
-        issues = gpu_issues(config.endpoints, list(self.core.inventory.gpus))
+        issues = gpu_issues(config.endpoints, list(self.core.inventory.gpus),
+                            config.gpu.reserve_mib)
         issues += model_issues_with_api(config, self.reconciler)
         if issues:
             raise ConfigError(issues)

@@ -1,7 +1,9 @@
-"""GPU allocator: whole GPUs to replicas, never one GPU to two replicas.
+"""GPU allocator: whole GPUs to replicas, or shares of one GPU's memory (`gpu_memory`).
 
-Ownership lives in memory for fast decisions and in a ledger (the SQLite store, whose unique
-constraint is the last word) so that a restart or a bug cannot hand one GPU out twice.
+A GPU holds either one whole-GPU replica or shared replicas, never both, and its shares never
+add up to more than its memory minus `gpu.reserve_memory`. Ownership and shares live in memory
+for fast decisions and in a ledger (the SQLite store, whose constraints and checked inserts
+are the last word) so that a restart or a bug cannot hand a GPU out twice or overfill it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ class GpuLedger(Protocol):
 
     async def gpu_owners(self) -> dict[str, str]: ...
 
+    async def claim_share(self, replica_id: str, uuid: str, memory_mib: int,
+                          capacity_mib: int) -> bool:
+        """Record the share unless the GPU is held whole or the shares would pass capacity."""
+        ...
+
+    async def gpu_shares(self) -> list[tuple[str, str, int]]:
+        """(GPU uuid, replica id, MiB) of every share."""
+        ...
+
     async def gpu_marks(self) -> list[GpuMark]: ...
 
     async def set_gpu_mark(self, mark: GpuMark) -> None: ...
@@ -63,13 +74,30 @@ def choose_gpus(gpus: Sequence[Gpu], owners: Mapping[str, str], count: int,
     return free[:count] if len(free) >= count else None
 
 
-class GpuAllocator:
-    """Hands whole GPUs to replicas and takes them back. Safe under concurrent tasks."""
+def choose_shared_gpu(gpus: Sequence[Gpu], owners: Mapping[str, str],
+                      shares: Mapping[str, Mapping[str, int]], memory_mib: int,
+                      reserve_mib: int, gpu_type: str | None,
+                      unusable: Collection[str] = ()) -> Gpu | None:
+    """Best fit: of the GPUs not held whole that have room for `memory_mib`, the one left
+    with the least room after it (shared GPUs fill up before a free one is broken into);
+    ties go to the lowest index."""
+    fits = [(g.memory_mib - reserve_mib - sum(shares.get(g.uuid, {}).values()) - memory_mib,
+             g.index, g) for g in gpus
+            if g.uuid not in owners and g.uuid not in unusable and matches(g, gpu_type)]
+    room = [f for f in fits if f[0] >= 0]
+    return min(room, key=lambda f: (f[0], f[1]))[2] if room else None
 
-    def __init__(self, gpus: Sequence[Gpu], ledger: GpuLedger) -> None:
+
+class GpuAllocator:
+    """Hands whole GPUs, or shares of a GPU's memory, to replicas and takes them back. Safe
+    under concurrent tasks."""
+
+    def __init__(self, gpus: Sequence[Gpu], ledger: GpuLedger, reserve_mib: int = 1024) -> None:
         self.gpus = tuple(gpus)
+        self.reserve_mib = reserve_mib
         self._ledger = ledger
         self._owners: dict[str, str] = {}
+        self._shares: dict[str, dict[str, int]] = {}  # uuid -> replica -> MiB
         self._marks: dict[str, dict[GpuMarkKind, GpuMark]] = {}  # uuid -> its marks
         self._lock = asyncio.Lock()
 
@@ -80,6 +108,12 @@ class GpuAllocator:
         for replica in {r for u, r in owners.items() if u not in known}:
             await self._ledger.release_gpus(replica)
         self._owners = {u: r for u, r in owners.items() if u in known}
+        self._shares = {}
+        for uuid, replica, mib in await self._ledger.gpu_shares():
+            if uuid in known:
+                self._shares.setdefault(uuid, {})[replica] = mib
+            else:
+                await self._ledger.release_gpus(replica)
         self._marks = {}
         for mark in await self._ledger.gpu_marks():
             self._marks.setdefault(mark.uuid, {})[mark.kind] = mark
@@ -106,31 +140,50 @@ class GpuAllocator:
         """GPU uuid -> replica id, for every held GPU."""
         return dict(self._owners)
 
+    def shares(self) -> dict[str, dict[str, int]]:
+        """GPU uuid -> {replica id: MiB} for every GPU shared by memory."""
+        return {u: dict(s) for u, s in self._shares.items()}
+
     def held_by(self, replica_id: str) -> list[Gpu]:
-        return [g for g in self.gpus if self._owners.get(g.uuid) == replica_id]
+        return [g for g in self.gpus if self._owners.get(g.uuid) == replica_id
+                or replica_id in self._shares.get(g.uuid, {})]
+
+    def _unusable(self) -> set[str]:
+        """GPUs no whole-GPU replica may get: marked, or shared by memory."""
+        return {*self._marks, *(u for u, s in self._shares.items() if s)}
 
     def free_count(self, gpu_type: str | None) -> int:
+        unusable = self._unusable()
         return sum(1 for g in self.gpus if g.uuid not in self._owners
-                   and g.uuid not in self._marks and matches(g, gpu_type))
+                   and g.uuid not in unusable and matches(g, gpu_type))
 
-    def can_ever_fit(self, count: int, gpu_type: str | None) -> bool:
+    def can_ever_fit(self, count: int, gpu_type: str | None, memory_mib: int | None = None
+                     ) -> bool:
         """Whether the box has enough matching GPUs at all, free or not."""
+        if memory_mib:
+            return any(matches(g, gpu_type) and g.memory_mib - self.reserve_mib >= memory_mib
+                       for g in self.gpus)
         return sum(1 for g in self.gpus if matches(g, gpu_type)) >= count
 
-    async def allocate(self, replica_id: str, count: int, gpu_type: str | None) -> list[Gpu] | None:
-        """Exactly `count` GPUs matching gpu_type for the replica, or None if too few are free.
+    async def allocate(self, replica_id: str, count: int, gpu_type: str | None,
+                       memory_mib: int | None = None) -> list[Gpu] | None:
+        """Exactly `count` GPUs matching gpu_type for the replica, or None if too few are free;
+        with `memory_mib`, a share of that much memory on one GPU (best fit).
 
         GPUs it already holds are kept when they fit the request; otherwise they are given
         back first (holdings never change shape by design, so this is only a safety net).
         """
+        if memory_mib:
+            return await self._allocate_share(replica_id, memory_mib, gpu_type)
         async with self._lock:
             held = self.held_by(replica_id)
             if len(held) == count and all(matches(g, gpu_type) and g.uuid not in self._marks
+                                          and self._owners.get(g.uuid) == replica_id
                                           for g in held):
                 return held
             if held:
                 await self._release(replica_id)
-            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type, self._marks)
+            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type, self._unusable())
             if chosen is None:
                 return None
             if count and not await self._ledger.claim_gpus(replica_id, [g.uuid for g in chosen]):
@@ -140,6 +193,27 @@ class GpuAllocator:
                 self._owners[gpu.uuid] = replica_id
             return chosen
 
+    async def _allocate_share(self, replica_id: str, memory_mib: int,
+                              gpu_type: str | None) -> list[Gpu] | None:
+        async with self._lock:
+            held = self.held_by(replica_id)
+            if len(held) == 1 and self._shares.get(held[0].uuid, {}).get(replica_id) == \
+                    memory_mib and held[0].uuid not in self._marks and \
+                    matches(held[0], gpu_type):
+                return held
+            if held:
+                await self._release(replica_id)
+            gpu = choose_shared_gpu(self.gpus, self._owners, self._shares, memory_mib,
+                                    self.reserve_mib, gpu_type, self._marks)
+            if gpu is None:
+                return None
+            if not await self._ledger.claim_share(replica_id, gpu.uuid, memory_mib,
+                                                  gpu.memory_mib - self.reserve_mib):
+                await self.load()  # memory and ledger disagree: the ledger wins
+                return None
+            self._shares.setdefault(gpu.uuid, {})[replica_id] = memory_mib
+            return [gpu]
+
     async def free(self, replica_id: str) -> None:
         """Give back every GPU the replica holds (no-op when it holds none)."""
         async with self._lock:
@@ -148,3 +222,7 @@ class GpuAllocator:
     async def _release(self, replica_id: str) -> None:
         await self._ledger.release_gpus(replica_id)
         self._owners = {u: r for u, r in self._owners.items() if r != replica_id}
+        for uuid in [u for u, s in self._shares.items() if replica_id in s]:
+            del self._shares[uuid][replica_id]
+            if not self._shares[uuid]:
+                del self._shares[uuid]

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import structlog
 
-from berth.gpu import GpuAllocator
+from berth.gpu import Gpu, GpuAllocator
 from berth.scheduler.endpoint import StartPhases
 from berth.scheduler.images import ImagePuller
 from berth.scheduler.pool import EndpointPool
@@ -38,6 +40,7 @@ from berth.scheduler.runtime import (
 )
 from berth.store import Store
 
+BERTH_VAR = re.compile(r"\$\{(BERTH_[A-Z_]+)\}")
 log = structlog.get_logger("berth.lifecycle")
 S = ReplicaState
 FIRST_PROBE_S = 0.02  # readiness is polled from this, doubling up to readiness.period_s
@@ -187,14 +190,16 @@ class ReplicaLifecycle:
         if missing:
             raise SecretMissing(f"secret {', '.join(missing)} is not stored")
         index = {g.uuid: g.index for g in ctx.allocator.gpus}
-        env = {**spec.env, **secret_env,
-               "BERTH_ENDPOINT": pool.name, "BERTH_REPLICA": replica.id,
+        berth_env = {"BERTH_ENDPOINT": pool.name, "BERTH_REPLICA": replica.id,
+                     **share_env(spec.gpu_memory_mib, ctx.allocator.held_by(replica.id))}
+        env = {**spec.env, **secret_env, **berth_env,
                **gpu_env(replica.gpus, [index[u] for u in replica.gpus], ctx.gpu_mode)}
+        args = [substitute(a, berth_env) for a in spec.args] if spec.args else spec.args
         labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_ENDPOINT: pool.name,
                   LABEL_REPLICA: replica.id, LABEL_GENERATION: str(replica.generation)}
         return ContainerSpec(
             name=f"berth-{replica.id}", image=spec.image, labels=labels, env=env,
-            port=spec.port, command=spec.command, args=spec.args, volumes=spec.volumes,
+            port=spec.port, command=spec.command, args=args, volumes=spec.volumes,
             shm_size=spec.shm_size, cpus=spec.cpus, memory=spec.memory,
             gpu_uuids=list(replica.gpus), gpu_mode=ctx.gpu_mode,
             network=ctx.runtime.endpoint_network(pool.name), pids_limit=spec.pids_limit,
@@ -355,3 +360,17 @@ class ReplicaLifecycle:
         pool.forget(replica)
         ctx.forget(replica)
         ctx.kick()
+
+
+def share_env(memory_mib: int | None, gpus: list[Gpu]) -> dict[str, str]:
+    """What a replica sharing a GPU by memory is told of its share (none for whole GPUs)."""
+    if not memory_mib or len(gpus) != 1:
+        return {}
+    fraction = math.floor(memory_mib / gpus[0].memory_mib * 1000) / 1000  # never above it
+    return {"BERTH_GPU_MEMORY_MIB": str(memory_mib), "BERTH_GPU_MEMORY_FRACTION": f"{fraction:.3f}"}
+
+
+def substitute(arg: str, values: dict[str, str]) -> str:
+    """`${BERTH_...}` in an argument replaced by berth's value (so model servers that take the
+    share as a flag, like vLLM's --gpu-memory-utilization, get it); other text is left."""
+    return BERTH_VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)

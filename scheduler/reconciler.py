@@ -527,15 +527,19 @@ class Reconciler:
     async def _place_pending(self, pool: EndpointPool) -> None:
         """Give GPUs to pending replicas that have none yet and start them."""
         spec = pool.spec
-        if not self.allocator.can_ever_fit(spec.gpus, spec.gpu_type):
+        if not self.allocator.can_ever_fit(spec.gpus, spec.gpu_type, spec.gpu_memory_mib):
             await self.set_error(pool, f"needs {spec.gpus} GPU(s) matching "
-                                        f"{spec.gpu_type or 'any'}; this box has fewer")
+                                       f"{spec.gpu_type or 'any'}"
+                                       + (f" with {spec.gpu_memory_mib} MiB to share"
+                                          if spec.gpu_memory_mib else "")
+                                       + "; this box has fewer")
             return
         for replica in [r for r in pool.replicas.values() if r.state is S.PENDING]:
             life = self._life(pool, replica)
             if life.busy:
                 continue
-            gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type)
+            gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type,
+                                                 spec.gpu_memory_mib)
             if gpus is None:
                 if not await self._evict_for(pool):
                     await self._roll_in_place(pool)
@@ -580,8 +584,8 @@ class Reconciler:
         names = {g.uuid: g.name for g in self.allocator.gpus}
         found = []
         for other in self._pools.values():
-            if other is pool:
-                continue
+            if other is pool or other.spec.gpu_memory is not None:
+                continue  # (stopping one sharer of a GPU frees no whole GPU: never a victim)
             live = [r for r in other.replicas.values()
                     if r.state in (S.STARTING, S.READY, S.SLEEPING)
                     and not self._life(other, r).stopping]

@@ -177,6 +177,31 @@ class Store:
 
     async def release_gpus(self, replica_id: str) -> None:
         await self._db.execute("DELETE FROM gpu_owners WHERE replica_id = ?", (replica_id,))
+        await self._db.execute("DELETE FROM gpu_shares WHERE replica_id = ?", (replica_id,))
+
+    async def claim_share(self, replica_id: str, uuid: str, memory_mib: int,
+                          capacity_mib: int) -> bool:
+        # One statement: the owner check, the sum and the insert cannot interleave.
+        try:
+            cur = await self._db.execute(
+                "INSERT INTO gpu_shares (gpu_uuid, replica_id, memory_mib, since)"
+                " SELECT ?, ?, ?, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM gpu_owners WHERE gpu_uuid = ?)"
+                " AND (SELECT COALESCE(SUM(memory_mib), 0) FROM gpu_shares"
+                " WHERE gpu_uuid = ?) + ? <= ?",
+                (uuid, replica_id, memory_mib, time.time(), uuid, uuid, memory_mib,
+                 capacity_mib))
+        except sqlite3.IntegrityError:  # the replica has a share there already
+            return False
+        claimed = cur.rowcount == 1
+        await cur.close()
+        return claimed
+
+    async def gpu_shares(self) -> list[tuple[str, str, int]]:
+        async with self._db.execute(
+                "SELECT gpu_uuid, replica_id, memory_mib FROM gpu_shares") as cur:
+            rows = await cur.fetchall()
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     async def gpu_owners(self) -> dict[str, str]:
         async with self._db.execute("SELECT gpu_uuid, replica_id FROM gpu_owners") as cur:

@@ -211,6 +211,21 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (gpu_uuid, kind)
     );
     """,
+    # 10: replicas sharing one GPU by memory (gpu_memory). A GPU held whole takes no share and
+    # a shared GPU is never held whole: the trigger refuses the whole claim, the share's
+    # INSERT checks the owners and the sum (store.claim_share), both inside SQLite.
+    """
+    CREATE TABLE gpu_shares (
+        gpu_uuid    TEXT NOT NULL,
+        replica_id  TEXT NOT NULL,
+        memory_mib  INTEGER NOT NULL CHECK (memory_mib > 0),
+        since       REAL NOT NULL,
+        PRIMARY KEY (gpu_uuid, replica_id)
+    );
+    CREATE TRIGGER gpu_owner_not_shared BEFORE INSERT ON gpu_owners
+    WHEN EXISTS (SELECT 1 FROM gpu_shares WHERE gpu_uuid = NEW.gpu_uuid)
+    BEGIN SELECT RAISE(ABORT, 'the GPU is shared by memory'); END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

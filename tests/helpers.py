@@ -82,7 +82,7 @@ class Harness:
             "daemon": {"state_dir": str(state_dir)},
             "docker": {"host": host, "network": network, "stop_timeout_s": 1.0,
                        "egress": egress, "subnet_pool": pool, "gpu_mode": gpu_mode},
-            "gpu": {"source": "static", "devices": [
+            "gpu": {"source": "static", "reserve_memory": "128m", "devices": [
                 {"name": g.name, "memory_mib": g.memory_mib, "uuid": g.uuid} for g in gpus]}})
         self._stack = AsyncExitStack()
         self._stop_replicas = True

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from berth.gpu import GpuAllocator, choose_gpus
+from berth.gpu import GpuAllocator, choose_gpus, choose_shared_gpu
 from berth.gpu.inventory import Gpu
 from berth.store import Store
 
@@ -104,3 +104,98 @@ def test_choose_gpus_table():
     assert choose_gpus(GPUS, {"u0": "x", "u1": "y"}, 2, "H100") is None
     assert [g.index for g in choose_gpus(GPUS, {}, 1, "A10")] == [2]
     assert choose_gpus(GPUS, {}, 0, "B200") == []
+
+
+# --- sharing GPUs by memory (gpu_memory) -----------------------------------------------------
+
+SHARED = [Gpu(0, "s0", "NVIDIA H100", 8192), Gpu(1, "s1", "NVIDIA H100", 8192),
+          Gpu(2, "s2", "NVIDIA A10", 4096)]
+RESERVE = 1024
+
+share_ops = st.lists(st.one_of(
+    st.tuples(st.just("whole"), st.integers(0, 7), st.integers(1, 2),
+              st.sampled_from([None, "H100", "A10"])),
+    st.tuples(st.just("share"), st.integers(0, 7), st.sampled_from([512, 1024, 3000, 7168]),
+              st.sampled_from([None, "H100", "A10"])),
+    st.tuples(st.just("free"), st.integers(0, 7)),
+    st.tuples(st.just("restart")),
+), max_size=40)
+
+
+async def check_shares(allocator: GpuAllocator, store: Store) -> None:
+    """Memory agrees with SQLite; no GPU is both held whole and shared; no GPU overfills."""
+    owners, shares = allocator.owners(), allocator.shares()
+    assert owners == await store.gpu_owners()
+    stored: dict[str, dict[str, int]] = {}
+    for uuid, replica, mib in await store.gpu_shares():
+        stored.setdefault(uuid, {})[replica] = mib
+    assert shares == stored
+    assert not set(owners) & set(shares)
+    for gpu in SHARED:
+        assert sum(shares.get(gpu.uuid, {}).values()) <= gpu.memory_mib - RESERVE
+    sharers = [r for s in shares.values() for r in s]
+    assert len(sharers) == len(set(sharers))  # one share per replica
+    assert not set(sharers) & set(owners.values())  # a replica is whole or sharing, not both
+
+
+async def run_share_ops(state_dir: Path, steps: list[tuple]) -> None:
+    store = await Store.open(state_dir)
+    allocator = GpuAllocator(SHARED, store, RESERVE)
+    await allocator.load()
+    for step in steps:
+        if step[0] in ("whole", "share"):
+            _, n, amount, kind = step
+            memory = amount if step[0] == "share" else None
+            got = await allocator.allocate(f"r{n}", 1 if memory else amount, kind, memory)
+            if got is not None:
+                assert len(got) == (1 if memory else amount)
+                assert all(kind is None or kind in g.name for g in got)
+        elif step[0] == "free":
+            await allocator.free(f"r{step[1]}")
+        else:  # a berthd restart: memory is rebuilt from SQLite alone
+            await store.close()
+            store = await Store.open(state_dir)
+            allocator = GpuAllocator(SHARED, store, RESERVE)
+            await allocator.load()
+        await check_shares(allocator, store)
+    for n in range(8):
+        await allocator.free(f"r{n}")
+    assert allocator.shares() == {} and await store.gpu_shares() == []
+    await store.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(share_ops)
+def test_random_shares_and_whole_gpus_never_overfill_mix_or_leak(steps):
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run_share_ops(Path(tmp), steps))
+
+
+async def test_the_store_itself_refuses_to_mix_or_overfill(tmp_path):
+    store = await Store.open(tmp_path)
+    assert await store.claim_share("a", "s0", 4000, 7168)
+    assert not await store.claim_share("b", "s0", 4000, 7168)  # the sum would pass capacity
+    assert await store.claim_share("b", "s0", 3168, 7168)
+    assert not await store.claim_gpus("w", ["s0"])  # shared: the trigger refuses it whole
+    assert await store.claim_gpus("w", ["s1"])
+    assert not await store.claim_share("c", "s1", 1, 7168)  # held whole: no share
+    assert not await store.claim_share("a", "s0", 1, 7168)  # one share per replica and GPU
+    await store.release_gpus("a")
+    assert await store.gpu_shares() == [("s0", "b", 3168)]
+    await store.close()
+
+
+def test_choose_shared_gpu_is_best_fit():
+    def pick(shares, mib, owners=None, kind=None, unusable=()):
+        gpu = choose_shared_gpu(SHARED, owners or {}, shares, mib, RESERVE, kind, unusable)
+        return None if gpu is None else gpu.index
+
+    assert pick({}, 1000) == 2  # the smallest GPU that fits: big ones stay whole
+    assert pick({}, 4000) == 0  # the A10 (3072 usable) is too small
+    assert pick({"s1": {"x": 5000}}, 2000) == 1  # a shared GPU fills up before a free one
+    assert pick({"s1": {"x": 5000}}, 2500) == 2  # ...if it has room: the A10 fits best
+    assert pick({"s1": {"x": 5000}}, 3100) == 0  # neither has room: a free H100 is broken into
+    assert pick({}, 1000, kind="H100") == 0
+    assert pick({}, 1000, owners={"s2": "w"}) == 0  # held whole: not shared
+    assert pick({}, 1000, unusable={"s2", "s0"}) == 1  # cordoned or sick: skipped
+    assert pick({}, 7169) is None  # more than any GPU has beside the reserve
