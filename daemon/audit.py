@@ -64,13 +64,18 @@ def actor_of(request: web.Request) -> str:
 
 def target_of(request: web.Request, response: web.StreamResponse | None) -> str:
     info = request.match_info
-    parts = [info[k] for k in ("name", "id", "uuid") if k in info]
+    parts = [info[k] for k in ("name", "id") if k in info]
+    keys = ("name", "id")
+    if "uuid" in info:  # a GPU, named by uuid or index in the URL: its uuid is the target
+        parts, keys = [], ("uuid",)
     if isinstance(response, web.Response) and response.status < 300 and \
             response.content_type == "application/json" and isinstance(response.body, bytes):
         answer = json.loads(response.body)  # berth's own answer: a new endpoint's or token's
         if isinstance(answer, dict):
-            parts += [str(answer[k]) for k in ("name", "id")
+            parts += [str(answer[k]) for k in keys
                       if isinstance(answer.get(k), str) and answer[k] not in parts]
+    if "uuid" in info and not parts:
+        parts = [info["uuid"]]  # refused: as the caller named it
     return "/".join(parts)[:TARGET_MAX] or "-"  # a URL's junk cannot grow a row
 
 

@@ -59,8 +59,8 @@ async def test_cordon_moves_replicas_and_survives_a_restart(api):
     kinds = [e.kind for e in await h.store.events()]
     assert kinds.count("gpu_cordoned") == 1 and kinds.count("gpu_uncordoned") == 1
     audit = (await (await client.get("/v1/audit", headers=ADMIN)).json())["audit"]
-    assert [a["action"] for a in audit if a["action"].startswith("gpu.")] == [
-        "gpu.cordon", "gpu.uncordon", "gpu.uncordon"]
+    assert [(a["action"], a["target"]) for a in audit if a["action"].startswith("gpu.")] == [
+        ("gpu.cordon", held), ("gpu.uncordon", by_index[0]["uuid"]), ("gpu.uncordon", held)]
 
 
 async def test_cordon_refusals(api):
