@@ -65,7 +65,7 @@ def actor_of(request: web.Request) -> str:
 def target_of(request: web.Request, response: web.StreamResponse | None) -> str:
     info = request.match_info
     parts = [info[k] for k in ("name", "id") if k in info]
-    keys = ("name", "id")
+    keys: tuple[str, ...] = ("name", "id")
     if "uuid" in info:  # a GPU, named by uuid or index in the URL: its uuid is the target
         parts, keys = [], ("uuid",)
     if isinstance(response, web.Response) and response.status < 300 and \
