@@ -161,7 +161,8 @@ def holder(g: dict[str, Any]) -> tuple[str, str]:
     if g.get("shares"):
         return (",".join(sorted({s["endpoint"] or "?" for s in g["shares"]})),
                 ", ".join(f"{s['replica']} ({s['memory_mib']} MiB)" for s in g["shares"]))
-    return g["endpoint"] or "-", g["replica"] or "-"
+    lent = f" (asleep; lent to {g['lent_to']})" if g.get("lent_to") else ""
+    return g["endpoint"] or "-", (g["replica"] or "-") + lent
 
 
 def show_gpus(data: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
             "shares": [{"replica": r, "endpoint": holders.get(r), "memory_mib": mib}
                        for r, mib in sorted(shares.items())],
             "shared_mib": sum(shares.values()),
+            "lent_to": allocator.loans().get(gpu.uuid),
             "utilization_pct": sample.utilization_pct,
             "memory_used_mib": sample.memory_used_mib,
             "temperature_c": sample.temperature_c,

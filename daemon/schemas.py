@@ -191,6 +191,7 @@ class GpuView(Model):
     temperature_c: int | None
     shares: list[GpuShare]
     shared_mib: int
+    lent_to: str | None
     healthy: bool
     health_reason: str | None
     cordoned: bool

@@ -52,6 +52,14 @@ class GpuLedger(Protocol):
         """(GPU uuid, replica id, MiB) of every share."""
         ...
 
+    async def lend_gpus(self, borrower: str, uuids: Sequence[str]) -> bool:
+        """Record every GPU as lent to `borrower`, or none and False if one is lent already."""
+        ...
+
+    async def gpu_loans(self) -> dict[str, str]:
+        """GPU uuid -> borrower replica id."""
+        ...
+
     async def gpu_marks(self) -> list[GpuMark]: ...
 
     async def set_gpu_mark(self, mark: GpuMark) -> None: ...
@@ -98,6 +106,7 @@ class GpuAllocator:
         self._ledger = ledger
         self._owners: dict[str, str] = {}
         self._shares: dict[str, dict[str, int]] = {}  # uuid -> replica -> MiB
+        self._loans: dict[str, str] = {}  # uuid of a sleeper's GPU -> the replica borrowing it
         self._marks: dict[str, dict[GpuMarkKind, GpuMark]] = {}  # uuid -> its marks
         self._lock = asyncio.Lock()
 
@@ -114,6 +123,10 @@ class GpuAllocator:
                 self._shares.setdefault(uuid, {})[replica] = mib
             else:
                 await self._ledger.release_gpus(replica)
+        loans = await self._ledger.gpu_loans()
+        for borrower in {b for u, b in loans.items() if u not in known}:
+            await self._ledger.release_gpus(borrower)
+        self._loans = {u: b for u, b in loans.items() if u in known}
         self._marks = {}
         for mark in await self._ledger.gpu_marks():
             self._marks.setdefault(mark.uuid, {})[mark.kind] = mark
@@ -144,13 +157,30 @@ class GpuAllocator:
         """GPU uuid -> {replica id: MiB} for every GPU shared by memory."""
         return {u: dict(s) for u, s in self._shares.items()}
 
+    def loans(self) -> dict[str, str]:
+        """GPU uuid -> the replica that borrows it from its sleeping holder."""
+        return dict(self._loans)
+
     def held_by(self, replica_id: str) -> list[Gpu]:
         return [g for g in self.gpus if self._owners.get(g.uuid) == replica_id
-                or replica_id in self._shares.get(g.uuid, {})]
+                or replica_id in self._shares.get(g.uuid, {})
+                or self._loans.get(g.uuid) == replica_id]
 
     def _unusable(self) -> set[str]:
-        """GPUs no whole-GPU replica may get: marked, or shared by memory."""
-        return {*self._marks, *(u for u, s in self._shares.items() if s)}
+        """GPUs no whole-GPU replica may get: marked, shared by memory, or lent."""
+        return {*self._marks, *(u for u, s in self._shares.items() if s), *self._loans}
+
+    async def lend(self, borrower: str, uuids: Sequence[str]) -> bool:
+        """Lend GPUs held by sleepers to `borrower` (stored first); False if one is lent,
+        marked or shared meanwhile."""
+        async with self._lock:
+            if any(u in self._loans or u in self._marks or u in self._shares for u in uuids):
+                return False
+            if not await self._ledger.lend_gpus(borrower, uuids):
+                await self.load()
+                return False
+            self._loans.update(dict.fromkeys(uuids, borrower))
+            return True
 
     def free_count(self, gpu_type: str | None) -> int:
         unusable = self._unusable()
@@ -204,7 +234,7 @@ class GpuAllocator:
             if held:
                 await self._release(replica_id)
             gpu = choose_shared_gpu(self.gpus, self._owners, self._shares, memory_mib,
-                                    self.reserve_mib, gpu_type, self._marks)
+                                    self.reserve_mib, gpu_type, {*self._marks, *self._loans})
             if gpu is None:
                 return None
             if not await self._ledger.claim_share(replica_id, gpu.uuid, memory_mib,
@@ -222,6 +252,7 @@ class GpuAllocator:
     async def _release(self, replica_id: str) -> None:
         await self._ledger.release_gpus(replica_id)
         self._owners = {u: r for u, r in self._owners.items() if r != replica_id}
+        self._loans = {u: b for u, b in self._loans.items() if b != replica_id}
         for uuid in [u for u, s in self._shares.items() if replica_id in s]:
             del self._shares[uuid][replica_id]
             if not self._shares[uuid]:

@@ -143,3 +143,62 @@ def pick_evictions(candidates: Sequence[EvictionCandidate], needed: int, free_ma
             chosen.append(c.replica)
             freed += gain
     return chosen if freed >= needed else []
+
+
+# --- lending a sleeping replica's GPUs ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class LendableGpu:
+    """A GPU held whole by a sleeping replica of another endpoint, not lent yet."""
+
+    uuid: str
+    index: int
+    name: str
+    owner_priority: int
+    owner_idle_since: float
+
+
+def pick_loan(lendable: Sequence[LendableGpu], count: int, gpu_type: str | None,
+              priority: int) -> list[str] | None:
+    """`count` GPUs of sleepers to lend to a replica of `priority` (never a sleeper of higher
+    priority's): lowest priority first, then the longest asleep; None if too few."""
+    kind = (gpu_type or "").lower()
+    usable = sorted((g for g in lendable if g.owner_priority <= priority
+                     and kind in g.name.lower()),
+                    key=lambda g: (g.owner_priority, g.owner_idle_since, g.index))
+    return [g.uuid for g in usable[:count]] if 0 < count <= len(usable) else None
+
+
+@dataclass(frozen=True)
+class CoTenant:
+    """Another replica on a GPU that a sleeper wants to wake on (a lender or a borrower)."""
+
+    replica: str
+    state: ReplicaState
+    in_flight: int
+    busy: bool  # entering sleep, waking or stopping right now
+    can_sleep: bool  # its endpoint has a sleep tier
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    sleep: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
+    wait: bool = False  # some co-tenant cannot give the GPU back yet
+
+
+def plan_reclaim(cotenants: Sequence[CoTenant]) -> Reclaim:
+    """What frees a GPU for a waking sleeper: one awake replica per GPU. Idle ready co-tenants
+    go to sleep (or stop, without a sleep tier); ones with calls in flight, starting, or busy
+    are waited for; settled sleepers are left as they are."""
+    S = ReplicaState
+    sleep: list[str] = []
+    stop: list[str] = []
+    wait = False
+    for c in cotenants:
+        if c.state is S.SLEEPING and not c.busy:
+            continue
+        if c.state is S.READY and c.in_flight == 0 and not c.busy:
+            (sleep if c.can_sleep else stop).append(c.replica)
+        wait = True  # until what was asked (or what runs) has settled
+    return Reclaim(tuple(sleep), tuple(stop), wait)

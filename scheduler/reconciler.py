@@ -25,14 +25,18 @@ from typing import Any
 import structlog
 
 from berth.daemon.config import EndpointSpec
-from berth.gpu import GpuAllocator, GpuMark, GpuMarkKind
+from berth.gpu import Gpu, GpuAllocator, GpuMark, GpuMarkKind
 from berth.scheduler.endpoint import Endpoint, StartPhases
 from berth.scheduler.images import ImagePuller
 from berth.scheduler.lifecycle import ReplicaLifecycle
 from berth.scheduler.policy import (
+    CoTenant,
     EvictionCandidate,
+    LendableGpu,
     desired_replicas,
     pick_evictions,
+    pick_loan,
+    plan_reclaim,
     plan_replicas,
     plan_sleeps,
     plan_wakes,
@@ -496,7 +500,7 @@ class Reconciler:
         waiting = pool.waiting + pool.backlog
         for rid in plan_wakes(replicas, busy, waiting, pool.spec.concurrency):
             life = self._life(pool, pool.replicas[rid])
-            if not life.stopping:
+            if not life.stopping and self._gpus_given_back(pool.replicas[rid]):
                 life.run(life.wake())
         if waiting:
             return
@@ -504,6 +508,60 @@ class Reconciler:
             life = self._life(pool, pool.replicas[rid])
             if not life.stopping:
                 life.run(life.sleep())
+
+    # --- sleepers' GPUs: lent while they sleep, given back for a wake ----------------------
+
+    async def _borrow(self, pool: EndpointPool, replica: Replica) -> list[Gpu] | None:
+        """No GPU is free: borrow GPUs of sleeping replicas of other endpoints (of priority
+        no higher than this one's) instead of stopping them."""
+        spec, owners, loans = pool.spec, self.allocator.owners(), self.allocator.loans()
+        lendable, owner_of = [], {}
+        for other in self.live_pools():
+            for r in other.replicas.values():
+                if other is pool or r.state is not S.SLEEPING or self._settling(other, r):
+                    continue
+                for gpu in self.allocator.held_by(r.id):
+                    if owners.get(gpu.uuid) == r.id and gpu.uuid not in loans:
+                        lendable.append(LendableGpu(gpu.uuid, gpu.index, gpu.name,
+                                                    other.spec.priority, r.idle_since))
+                        owner_of[gpu.uuid] = r.id
+        picked = pick_loan(lendable, spec.gpus, spec.gpu_type, spec.priority)
+        if picked is None or not await self.allocator.lend(replica.id, picked):
+            return None
+        lenders = ", ".join(sorted({owner_of[u] for u in picked}))
+        await self.event("gpu_lent", f"GPU(s) of sleeping {lenders} lent to {replica.id}",
+                         pool.name, replica.id)
+        return [g for g in self.allocator.gpus if g.uuid in picked]
+
+    def _gpus_given_back(self, sleeper: Replica) -> bool:
+        """Whether the sleeper may wake now: every other replica on its GPUs (a borrower, or
+        the lender it borrowed from) is asleep. If not, idle ones are put to sleep (or
+        stopped) now and the wake waits for a later pass."""
+        mine = set(sleeper.gpus)
+        cotenants = [(p, r) for p in self._pools.values() for r in p.replicas.values()
+                     if r is not sleeper and mine & set(r.gpus)
+                     and r.state not in (S.STOPPED, S.FAILED, S.PENDING)]
+        plan = plan_reclaim([CoTenant(r.id, r.state, r.in_flight, self._settling(p, r),
+                                      p.spec.sleep is not None) for p, r in cotenants])
+        for p, r in cotenants:
+            why = f"its GPU is wanted by {sleeper.id}, waking"
+            if r.id in plan.sleep:
+                self._life(p, r).run(self._reclaim(p, r, why))
+            elif r.id in plan.stop:
+                self._stop_soon(p, r, why)
+        return not plan.wait
+
+    def _settling(self, pool: EndpointPool, replica: Replica) -> bool:
+        """Stopping, or a sleeper still entering sleep or waking (a ready replica's task is
+        its liveness watch: that is no reason to wait)."""
+        life = self._life(pool, replica)
+        return life.stopping or (replica.state is S.SLEEPING and life.busy)
+
+    async def _reclaim(self, pool: EndpointPool, replica: Replica, why: str) -> None:
+        await self.event("gpu_reclaim", f"{replica.id} put to sleep: {why}", pool.name,
+                         replica.id)
+        await self._life(pool, replica).sleep()
+        self.kick()  # asleep: the waking one need not wait for the next timed pass
 
     def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
         if pool.removed:
@@ -540,6 +598,8 @@ class Reconciler:
                 continue
             gpus = await self.allocator.allocate(replica.id, spec.gpus, spec.gpu_type,
                                                  spec.gpu_memory_mib)
+            if gpus is None and spec.gpu_memory is None:
+                gpus = await self._borrow(pool, replica)
             if gpus is None:
                 if not await self._evict_for(pool):
                     await self._roll_in_place(pool)

@@ -178,6 +178,22 @@ class Store:
     async def release_gpus(self, replica_id: str) -> None:
         await self._db.execute("DELETE FROM gpu_owners WHERE replica_id = ?", (replica_id,))
         await self._db.execute("DELETE FROM gpu_shares WHERE replica_id = ?", (replica_id,))
+        await self._db.execute("DELETE FROM gpu_loans WHERE borrower = ?", (replica_id,))
+
+    async def lend_gpus(self, borrower: str, uuids: Sequence[str]) -> bool:
+        rows = ", ".join("(?, ?, ?)" for _ in uuids)
+        now = time.time()
+        try:  # one INSERT: every GPU is lent or none (one borrower per GPU: the primary key)
+            await self._db.execute(f"INSERT INTO gpu_loans (gpu_uuid, borrower, since) "
+                                   f"VALUES {rows}", [v for u in uuids for v in (u, borrower, now)])
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    async def gpu_loans(self) -> dict[str, str]:
+        async with self._db.execute("SELECT gpu_uuid, borrower FROM gpu_loans") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     async def claim_share(self, replica_id: str, uuid: str, memory_mib: int,
                           capacity_mib: int) -> bool:

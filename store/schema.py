@@ -226,6 +226,14 @@ MIGRATIONS: list[str] = [
     WHEN EXISTS (SELECT 1 FROM gpu_shares WHERE gpu_uuid = NEW.gpu_uuid)
     BEGIN SELECT RAISE(ABORT, 'the GPU is shared by memory'); END;
     """,
+    # 11: GPUs of sleeping replicas lent to a replica of another endpoint (one borrower each).
+    """
+    CREATE TABLE gpu_loans (
+        gpu_uuid  TEXT PRIMARY KEY,
+        borrower  TEXT NOT NULL,
+        since     REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,115 @@
+"""Lending a sleeping replica's GPU: with no GPU free, a replica of another endpoint starts on
+the GPU of a sleeper instead of stopping it; to wake, a replica first gets its GPU back (the
+other one is put to sleep, or stopped without a sleep tier, or waited for while it has calls).
+Pure decisions in tables; a real switch between two endpoints on one GPU, by sleep alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from berth.scheduler.policy import CoTenant, LendableGpu, Reclaim, pick_loan, plan_reclaim
+from berth.scheduler.replica import ReplicaState
+from helpers import endpoint, ready_count, wait_for
+
+S = ReplicaState
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def lendable(uuid: str, priority: int = 0, idle_since: float = 0.0, name: str = "H100",
+             index: int = 0) -> LendableGpu:
+    return LendableGpu(uuid, index, name, priority, idle_since)
+
+
+@pytest.mark.parametrize(("gpus", "count", "gpu_type", "priority", "loan"), [
+    ([], 1, None, 0, None),                                              # nothing asleep
+    ([lendable("a")], 1, None, 0, ["a"]),
+    ([lendable("a", priority=5)], 1, None, 0, None),                     # a higher sleeper
+    ([lendable("a", 1), lendable("b", 0)], 1, None, 1, ["b"]),           # lowest priority
+    ([lendable("a", 0, 5.0), lendable("b", 0, 1.0)], 1, None, 0, ["b"]),  # longest asleep
+    ([lendable("a", name="A10")], 1, "H100", 0, None),                   # gpu_type
+    ([lendable("a"), lendable("b", index=1)], 2, None, 0, ["a", "b"]),
+    ([lendable("a")], 2, None, 0, None),                                 # too few
+])
+def test_pick_loan(gpus, count, gpu_type, priority, loan):
+    assert pick_loan(gpus, count, gpu_type, priority) == loan
+
+
+def tenant(rid: str, state: ReplicaState, in_flight: int = 0, busy: bool = False,
+           can_sleep: bool = True) -> CoTenant:
+    return CoTenant(rid, state, in_flight, busy, can_sleep)
+
+
+@pytest.mark.parametrize(("cotenants", "plan"), [
+    ([], Reclaim()),                                                      # GPU all its own
+    ([tenant("b", S.SLEEPING)], Reclaim()),                               # asleep: wake now
+    ([tenant("b", S.SLEEPING, busy=True)], Reclaim(wait=True)),           # still falling asleep
+    ([tenant("b", S.READY)], Reclaim(sleep=("b",), wait=True)),           # idle: to sleep
+    ([tenant("b", S.READY, can_sleep=False)], Reclaim(stop=("b",), wait=True)),  # no tier
+    ([tenant("b", S.READY, in_flight=1)], Reclaim(wait=True)),            # calls: wait
+    ([tenant("b", S.STARTING)], Reclaim(wait=True)),
+    ([tenant("b", S.DRAINING)], Reclaim(wait=True)),                      # going: wait
+])
+def test_plan_reclaim(cotenants, plan):
+    assert plan_reclaim(cotenants) == plan
+
+
+SLEEPY = {"sleep": {"after_s": 0.3, "wake_timeout_s": 5}, "idle_timeout_s": 60,
+          "gpus": 1, "env": {"LOAD_S": "1", "WAKE_S": "0.2"}}
+
+
+async def test_two_endpoints_switch_one_gpu_by_sleep_and_lending(api):
+    awake = {**SLEEPY, "sleep": {"after_s": 30, "wake_timeout_s": 5}}  # b sleeps when asked
+    h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
+                           "b": endpoint("b", min_replicas=0, **awake)}, gpus=1)
+    pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
+    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
+    [ra] = pa.replicas.values()
+    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
+    await asyncio.sleep(0.3)  # a's sleep call has gone out: it is settled
+    # b has no GPU free: it borrows a's instead of stopping a.
+    resp = await client.get("/invoke/b/echo", headers=ADMIN)
+    assert resp.status == 200
+    [rb] = pb.replicas.values()
+    assert rb.gpus == ra.gpus and ra.state is S.SLEEPING
+    assert h.reconciler.allocator.loans() == {ra.gpus[0]: rb.id}
+    assert rb.state is S.READY  # awake on the lent GPU
+    [gpu] = (await (await client.get("/v1/gpus", headers=ADMIN)).json())["gpus"]
+    assert (gpu["replica"], gpu["lent_to"]) == (ra.id, rb.id)
+    # a is called: b is put to sleep first (it would not on its own), then a wakes.
+    resp = await client.get("/invoke/a/echo", headers=ADMIN)
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
+    assert rb.state is S.SLEEPING
+    # And back: b wakes on the GPU it borrowed, a asleep by then (on its own or asked).
+    resp = await client.get("/invoke/b/echo", headers=ADMIN)
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] == rb.id
+    assert ra.state is S.SLEEPING
+    kinds = [e.kind for e in await h.store.events()]
+    assert kinds.count("start") == 2 and kinds.count("gpu_lent") == 1  # nothing restarted
+    assert kinds.count("gpu_reclaim") >= 1 and kinds.count("wake") == 2
+    # The borrower stops: the loan ends, the lender keeps its GPU.
+    await h.reconciler.remove_endpoint("b")
+    for _ in range(100):
+        if not h.reconciler.allocator.loans():
+            break
+        await asyncio.sleep(0.05)
+    assert h.reconciler.allocator.loans() == {} and h.reconciler.allocator.owners() == {
+        ra.gpus[0]: ra.id}
+
+
+async def test_a_borrower_with_a_call_in_flight_is_waited_for(api):
+    h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
+                           "b": endpoint("b", min_replicas=0, **SLEEPY)}, gpus=1)
+    pa = h.reconciler.pool("a")
+    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
+    [ra] = pa.replicas.values()
+    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
+    await asyncio.sleep(0.3)
+    slow = asyncio.create_task(client.get("/invoke/b/sleep?s=1.0", headers=ADMIN))
+    pb = h.reconciler.pool("b")
+    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
+                   what="b busy on the lent GPU")
+    resp = await client.get("/invoke/a/echo", headers=ADMIN)  # waits for b's call to end
+    assert resp.status == 200 and (await slow).status == 200
+    assert resp.headers["X-Berth-Replica"] == ra.id
