@@ -246,13 +246,15 @@ class ReplicaLifecycle:
 
     # --- sleeping and waking (the endpoint's sleep tier) ---------------------------------------
 
-    async def sleep(self) -> None:
-        """Idle long enough: no new calls from here on (sleeping), then the model's sleep call
-        once a call that slipped in before has ended. A failed call fails the replica."""
+    async def sleep(self, reason: str | None = None) -> None:
+        """Idle long enough (or its GPU wanted by a waking co-tenant: `reason`): no new calls
+        from here on (sleeping), then the model's sleep call once a call that slipped in before
+        has ended. A failed call fails the replica."""
         pool, replica = self.pool, self.replica
         tier = pool.spec.sleep
         assert tier is not None
-        await self.transition(S.SLEEPING, f"idle for {tier.after_s:g} s: put to sleep", "sleep")
+        await self.transition(S.SLEEPING, reason or f"idle for {tier.after_s:g} s: put to sleep",
+                              "sleep")
         async with pool.changed:
             await pool.changed.wait_for(lambda: replica.in_flight == 0)
         error = await self._model_call(tier.enter, tier.wake_timeout_s)

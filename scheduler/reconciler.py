@@ -560,7 +560,7 @@ class Reconciler:
     async def _reclaim(self, pool: EndpointPool, replica: Replica, why: str) -> None:
         await self.event("gpu_reclaim", f"{replica.id} put to sleep: {why}", pool.name,
                          replica.id)
-        await self._life(pool, replica).sleep()
+        await self._life(pool, replica).sleep(f"put to sleep: {why}")
         self.kick()  # asleep: the waking one need not wait for the next timed pass
 
     def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
