@@ -114,3 +114,18 @@ async def test_idle_timeout_still_stops_a_sleeper(api):
     await wait_for(pool, lambda: replica.state is S.SLEEPING, what="asleep")
     await wait_for(pool, lambda: replica.state is S.STOPPED, what="stopped", timeout=10)
     assert h.reconciler.allocator.owners() == {}
+
+
+async def test_a_wake_that_hangs_is_cut_at_wake_timeout_and_the_call_still_served(api):
+    h, client = await api({"llm": endpoint(
+        "llm", min_replicas=1, idle_timeout_s=60,
+        sleep={"after_s": 0.2, "wake": "POST /sleep?s=30", "wake_timeout_s": 0.5})})
+    pool = h.reconciler.pool("llm")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [sleeper] = pool.replicas.values()
+    await wait_for(pool, lambda: sleeper.state is S.SLEEPING, what="asleep")
+    started = time.monotonic()
+    resp = await client.get("/invoke/llm/echo", headers=ADMIN)
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] != sleeper.id
+    assert time.monotonic() - started < 10  # cut at 0.5 s, then a fresh replica: no hang
+    assert sleeper.state is S.FAILED and "wake call POST /sleep?s=30 failed" in sleeper.reason
