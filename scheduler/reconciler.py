@@ -25,18 +25,13 @@ from typing import Any
 import structlog
 
 from berth.daemon.config import EndpointSpec
-from berth.gpu import Gpu, GpuAllocator, GpuMark, GpuMarkKind
+from berth.gpu import GpuAllocator
 from berth.scheduler.endpoint import Endpoint, StartPhases
+from berth.scheduler.gpu_moves import GpuMoves
 from berth.scheduler.images import ImagePuller
 from berth.scheduler.lifecycle import ReplicaLifecycle
 from berth.scheduler.policy import (
-    CoTenant,
-    EvictionCandidate,
-    LendableGpu,
     desired_replicas,
-    pick_evictions,
-    pick_loan,
-    plan_reclaim,
     plan_replicas,
     plan_sleeps,
     plan_wakes,
@@ -87,7 +82,7 @@ class ChangeSummary:
     unchanged: list[str] = field(default_factory=list)
 
 
-class Reconciler:
+class Reconciler(GpuMoves):
     """Owns every EndpointPool and the replicas in it."""
 
     def __init__(self, store: Store, allocator: GpuAllocator, runtime: DockerRuntime,
@@ -247,29 +242,6 @@ class Reconciler:
                          f"generation {generation}", name)
         self.kick()
         return generation
-
-    # --- GPUs out of service ------------------------------------------------------------------
-
-    async def mark_gpu(self, uuid: str, kind: GpuMarkKind, reason: str) -> None:
-        """Take a GPU out of service (stored first): it gets no new replica, and the replicas
-        on it drain (their calls finish) while the passes start replacements elsewhere."""
-        await self.allocator.mark(GpuMark(uuid, kind, reason, self.clock()))
-        await self.event(f"gpu_{kind.value}", f"GPU {uuid} {kind.value}: {reason}")
-        holder = self.allocator.owners().get(uuid)
-        for pool in self._pools.values():
-            replica = pool.replicas.get(holder or "")
-            if replica is not None and not self._life(pool, replica).stopping:
-                self._stop_soon(pool, replica, f"its GPU {uuid} is {kind.value}: {reason}")
-        self.kick()
-
-    async def unmark_gpu(self, uuid: str, kind: GpuMarkKind) -> bool:
-        """Back in service (a no-op, False, when the GPU did not have the mark)."""
-        if not await self.allocator.unmark(uuid, kind):
-            return False
-        back = "uncordoned" if kind is GpuMarkKind.CORDONED else "healthy again"
-        await self.event(f"gpu_{back.split()[0]}", f"GPU {uuid} {back}")
-        self.kick()
-        return True
 
     async def _apply_one(self, spec: EndpointSpec, source: str, summary: ChangeSummary) -> None:
         """Store the endpoint's new spec, then change the live pool to match (persist first:
@@ -509,60 +481,6 @@ class Reconciler:
             if not life.stopping:
                 life.run(life.sleep())
 
-    # --- sleepers' GPUs: lent while they sleep, given back for a wake ----------------------
-
-    async def _borrow(self, pool: EndpointPool, replica: Replica) -> list[Gpu] | None:
-        """No GPU is free: borrow GPUs of sleeping replicas of other endpoints (of priority
-        no higher than this one's) instead of stopping them."""
-        spec, owners, loans = pool.spec, self.allocator.owners(), self.allocator.loans()
-        lendable, owner_of = [], {}
-        for other in self.live_pools():
-            for r in other.replicas.values():
-                if other is pool or r.state is not S.SLEEPING or self._settling(other, r):
-                    continue
-                for gpu in self.allocator.held_by(r.id):
-                    if owners.get(gpu.uuid) == r.id and gpu.uuid not in loans:
-                        lendable.append(LendableGpu(gpu.uuid, gpu.index, gpu.name,
-                                                    other.spec.priority, r.idle_since))
-                        owner_of[gpu.uuid] = r.id
-        picked = pick_loan(lendable, spec.gpus, spec.gpu_type, spec.priority)
-        if picked is None or not await self.allocator.lend(replica.id, picked):
-            return None
-        lenders = ", ".join(sorted({owner_of[u] for u in picked}))
-        await self.event("gpu_lent", f"GPU(s) of sleeping {lenders} lent to {replica.id}",
-                         pool.name, replica.id)
-        return [g for g in self.allocator.gpus if g.uuid in picked]
-
-    def _gpus_given_back(self, sleeper: Replica) -> bool:
-        """Whether the sleeper may wake now: every other replica on its GPUs (a borrower, or
-        the lender it borrowed from) is asleep. If not, idle ones are put to sleep (or
-        stopped) now and the wake waits for a later pass."""
-        mine = set(sleeper.gpus)
-        cotenants = [(p, r) for p in self._pools.values() for r in p.replicas.values()
-                     if r is not sleeper and mine & set(r.gpus)
-                     and r.state not in (S.STOPPED, S.FAILED, S.PENDING)]
-        plan = plan_reclaim([CoTenant(r.id, r.state, r.in_flight, self._settling(p, r),
-                                      p.spec.sleep is not None) for p, r in cotenants])
-        for p, r in cotenants:
-            why = f"its GPU is wanted by {sleeper.id}, waking"
-            if r.id in plan.sleep:
-                self._life(p, r).run(self._reclaim(p, r, why))
-            elif r.id in plan.stop:
-                self._stop_soon(p, r, why)
-        return not plan.wait
-
-    def _settling(self, pool: EndpointPool, replica: Replica) -> bool:
-        """Stopping, or a sleeper still entering sleep or waking (a ready replica's task is
-        its liveness watch: that is no reason to wait)."""
-        life = self._life(pool, replica)
-        return life.stopping or (replica.state is S.SLEEPING and life.busy)
-
-    async def _reclaim(self, pool: EndpointPool, replica: Replica, why: str) -> None:
-        await self.event("gpu_reclaim", f"{replica.id} put to sleep: {why}", pool.name,
-                         replica.id)
-        await self._life(pool, replica).sleep(f"put to sleep: {why}")
-        self.kick()  # asleep: the waking one need not wait for the next timed pass
-
     def _stop_reason(self, pool: EndpointPool, replica: Replica) -> str:
         if pool.removed:
             return "endpoint removed"
@@ -616,46 +534,6 @@ class Reconciler:
         if old:
             reason = f"replaced by generation {pool.generation} (no spare GPUs to start first)"
             self._stop_soon(pool, old[0], reason)
-
-    async def _evict_for(self, pool: EndpointPool) -> bool:
-        """Stop idle replicas of other endpoints so that a pending one of `pool` gets GPUs.
-
-        True when GPUs are on their way (stops under way or just started)."""
-        coming = sum(1 for p in self._pools.values() for r in p.replicas.values()
-                     if (self._life(p, r).stopping or r.state is S.FAILED) and r.gpus)
-        # (stops under way and failed replicas being cleaned up free GPUs already)
-        if coming:
-            return True
-        spec = pool.spec
-        victims = pick_evictions(self._eviction_candidates(pool), spec.gpus,
-                                 self.allocator.free_count(spec.gpu_type), spec.gpu_type,
-                                 spec.priority)
-        for rid in victims:
-            victim_pool = next(p for p in self._pools.values() if rid in p.replicas)
-            victim = victim_pool.replicas[rid]
-            reason = (f"evicted: GPUs needed by {pool.name} (priority {spec.priority}, "
-                      f"this endpoint {victim_pool.spec.priority})")
-            await self.event("eviction", reason, victim_pool.name, rid)
-            self._stop_soon(victim_pool, victim, reason)
-        return bool(victims)
-
-    def _eviction_candidates(self, pool: EndpointPool) -> list[EvictionCandidate]:
-        """Idle GPU replicas of other endpoints, never taking one below its min_replicas."""
-        names = {g.uuid: g.name for g in self.allocator.gpus}
-        found = []
-        for other in self._pools.values():
-            if other is pool or other.spec.gpu_memory is not None:
-                continue  # (stopping one sharer of a GPU frees no whole GPU: never a victim)
-            live = [r for r in other.replicas.values()
-                    if r.state in (S.STARTING, S.READY, S.SLEEPING)
-                    and not self._life(other, r).stopping]
-            idle = sorted((r for r in live if r.state in (S.READY, S.SLEEPING)
-                           and r.in_flight == 0 and r.gpus), key=lambda r: r.idle_since)
-            spare = max(0, len(live) - other.spec.min_replicas)
-            found += [EvictionCandidate(r.id, other.name, other.spec.priority, r.idle_since,
-                                        tuple(names.get(u, "") for u in r.gpus))
-                      for r in idle[:spare]]
-        return found
 
     def _retry_cleanups(self, pool: EndpointPool) -> None:
         """Finish what an engine outage interrupted: failed replicas still holding GPUs and
