@@ -125,14 +125,16 @@ async def first_byte(url: str) -> float:
             return (time.perf_counter() - start) * 1000
 
 
-async def own_start_to_ready(client: docker.DockerClient, image: str) -> float:
+async def own_start_to_ready(client: docker.DockerClient, image: str,
+                             env: dict[str, str] | None = None, network: str = NETWORK
+                             ) -> float:
     """Create and start the image's container, then poll /health: what a model itself takes."""
     start = time.perf_counter()
-    container = client.containers.run(image, detach=True, network=NETWORK,
+    container = client.containers.run(image, detach=True, network=network, environment=env,
                                       labels={"berth.bench": "direct"})
     try:
         container.reload()
-        ip = container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+        ip = container.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
         async with aiohttp.ClientSession() as session:
             while True:
                 try:

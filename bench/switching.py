@@ -30,7 +30,13 @@ import docker
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from data_plane import engine_with_image, first_byte, free_port, print_table  # noqa: E402
+from data_plane import (  # noqa: E402
+    engine_with_image,
+    first_byte,
+    free_port,
+    own_start_to_ready,
+    print_table,
+)
 
 LOAD_S, WAKE_S = 5.0, 0.5
 SLEEP_TRIALS, ZERO_TRIALS, TURNS, PLAIN_TURNS = 5, 3, 20, 4
@@ -119,27 +125,6 @@ async def call_ms(session: aiohttp.ClientSession, url: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-async def own_start_to_ready(client: docker.DockerClient, image: str) -> float:
-    start = time.perf_counter()
-    container = client.containers.run(image, detach=True, network=NETWORK,
-                                      environment={"LOAD_S": str(LOAD_S)},
-                                      labels={"berth.bench": "direct"})
-    try:
-        container.reload()
-        ip = container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
-        async with aiohttp.ClientSession() as session:
-            while True:
-                try:
-                    async with session.get(f"http://{ip}:8080/health") as resp:
-                        if resp.status == 200:
-                            return (time.perf_counter() - start) * 1000
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.005)
-    finally:
-        container.remove(force=True)
-
-
 async def alternate(base: str, names: tuple[str, str], turns: int) -> list[float]:
     """Call the two endpoints in turn; each call's time in ms."""
     times = []
@@ -161,7 +146,7 @@ async def measure(base: str, client: docker.DockerClient, image: str) -> list[st
                 f"{WAKE_S * 1000:.0f} ms | added {m - WAKE_S * 1000:.0f} ms (target <= 100 ms) |")
     via, own = [], []
     for i in range(ZERO_TRIALS):
-        own.append(await own_start_to_ready(client, image))
+        own.append(await own_start_to_ready(client, image, {"LOAD_S": str(LOAD_S)}, NETWORK))
         via.append(await first_byte(f"{base}/invoke/zero-{i}/echo"))
     v, o = statistics.median(via), statistics.median(own)
     rows.append(f"| from zero: call to first byte | {v:.0f} ms | container start-to-ready "
