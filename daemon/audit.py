@@ -43,6 +43,7 @@ ACTIONS = {
     ("DELETE", "/tasks/{id}"): "task.cancel",
     ("POST", "/v1/gpus/{uuid}/cordon"): "gpu.cordon",
     ("POST", "/v1/gpus/{uuid}/uncordon"): "gpu.uncordon",
+    ("POST", "/v1/gpus/{uuid}/healthy"): "gpu.healthy",
 }
 
 

@@ -376,6 +376,8 @@ def _gpu_commands(command: Adder, commands: Callable[..., Adder]) -> None:
     co.add_argument("gpu", help="uuid or index")
     co.add_argument("--reason")
     action("uncordon", help="back in service").add_argument("gpu", help="uuid or index")
+    action("healthy", help="a GPU found sick is repaired").add_argument(
+        "gpu", help="uuid or index")
 
 
 def _other_commands(command: Adder) -> None:
@@ -445,7 +447,7 @@ def route(args: argparse.Namespace) -> Route:
             return "GET", "/v1/gpus", None, show_gpus
         body = {"reason": args.reason} if getattr(args, "reason", None) else None
         return ("POST", f"/v1/gpus/{q(args.gpu)}/{args.action}", body,
-                show_message("GPU {index} ({uuid}): cordoned={cordoned}"))
+                show_message("GPU {index} ({uuid}): cordoned={cordoned}, healthy={healthy}"))
     if c == "events":
         return ("GET", with_query("/v1/events", {"endpoint": args.endpoint, "since": args.since}),
                 None, show_events)

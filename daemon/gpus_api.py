@@ -88,7 +88,15 @@ async def uncordon(request: web.Request) -> web.Response:
     return web.json_response(view(request, gpu))
 
 
+async def mark_healthy(request: web.Request) -> web.Response:
+    """The admin says a GPU found sick is repaired (not sick: no-op, 200)."""
+    gpu = named_gpu(request)
+    await request.app[RECONCILER].unmark_gpu(gpu.uuid, U)
+    return web.json_response(view(request, gpu))
+
+
 def add_gpus_api(app: web.Application) -> None:
     add_admin_route(app, "GET", "/v1/gpus", list_gpus)
     add_admin_route(app, "POST", "/v1/gpus/{uuid}/cordon", cordon)
     add_admin_route(app, "POST", "/v1/gpus/{uuid}/uncordon", uncordon)
+    add_admin_route(app, "POST", "/v1/gpus/{uuid}/healthy", mark_healthy)

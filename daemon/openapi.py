@@ -112,6 +112,8 @@ OPS: tuple[Op, ...] = (
        (200, s.GpuView), CordonBody, (*BODY_ERRORS, 404), body_optional=True),
     Op("post", "/v1/gpus/{uuid}/uncordon", "Back in service (a GPU not cordoned: no-op)",
        (200, s.GpuView), errors=(404,)),
+    Op("post", "/v1/gpus/{uuid}/healthy", "A GPU found sick is repaired: back in service "
+       "(a healthy GPU: no-op)", (200, s.GpuView), errors=(404,)),
     Op("get", "/v1/audit", "Every control write, refused ones too: time, actor, remote, "
        "action, target, status, outcome (oldest first)", (200, s.AuditList), errors=(400,),
        query=(("since", {"type": "number"}), ("actor", {"type": "string"}),

@@ -32,6 +32,8 @@ from berth.daemon.core import (
 )
 from berth.daemon.usage import UsageLedger
 from berth.gpu import GpuSample
+from berth.gpu.health import GpuHealthWatch, on_loop
+from berth.gpu.inventory import NvmlInventory
 from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.dispatch import Dispatcher, DispatchSettings
 from berth.scheduler.egress import CallbackPolicy
@@ -191,9 +193,13 @@ class Berth:
         jobs, daemon = AsyncIOScheduler(), self.config.daemon
         jobs.add_job(self.reconciler.run_pass, "interval", seconds=daemon.reconcile_interval_s,
                      max_instances=1, coalesce=True, id="reconcile")
-        if self.core.inventory.source == "nvml":
+        if isinstance(self.core.inventory, NvmlInventory):
             jobs.add_job(self._sample_gpus, "interval", seconds=self.config.gpu.sample_interval_s,
                          max_instances=1, coalesce=True, id="gpu-sample", next_run_time=_now())
+            watch = GpuHealthWatch(self.core.inventory.nvml, self.core.inventory.handles(),
+                                   on_loop(asyncio.get_running_loop(), self.reconciler.gpu_sick))
+            watch.start()
+            self.stack.callback(watch.stop)
         jobs.add_job(self._prune, "interval", seconds=daemon.prune_interval_s, id="prune",
                      max_instances=1, coalesce=True)
         jobs.add_job(self._purge_results, "interval", id="purge-results",
@@ -206,6 +212,9 @@ class Berth:
             None, self.core.inventory.sample)
         self.gpu_samples.clear()
         self.gpu_samples.update(samples)
+        inventory = self.core.inventory
+        for uuid, why in list(getattr(inventory, "lost", {}).items()):
+            await self.reconciler.gpu_sick(uuid, why)  # NVML said "GPU is lost" when sampled
 
     async def _purge_results(self) -> None:
         await self.dispatcher.purge(self.config.daemon.result_ttl_s)

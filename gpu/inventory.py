@@ -79,10 +79,12 @@ class NvmlInventory:
 
     source = "nvml"
 
-    def __init__(self) -> None:
-        import pynvml
-
-        self._nvml = pynvml
+    def __init__(self, nvml: Any = None) -> None:
+        if nvml is None:  # the driver's; tests hand in berth.gpu.nvml_replay.ReplayNvml
+            import pynvml as driver
+            nvml = driver
+        self.nvml = pynvml = nvml
+        self.lost: dict[str, str] = {}  # uuid -> why, for GPUs whose sampling found them lost
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
@@ -97,7 +99,7 @@ class NvmlInventory:
         self.gpus: Sequence[Gpu] = tuple(self._describe(i, h) for i, h in enumerate(self._handles))
 
     def _describe(self, index: int, handle: Any) -> Gpu:
-        nvml = self._nvml
+        nvml = self.nvml
         name = nvml.nvmlDeviceGetName(handle)
         uuid = nvml.nvmlDeviceGetUUID(handle)
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -105,7 +107,7 @@ class NvmlInventory:
                    memory_mib=int(memory.total) // (1024 * 1024))
 
     def sample(self) -> dict[str, GpuSample]:
-        nvml = self._nvml
+        nvml = self.nvml
         samples = {}
         for gpu, handle in zip(self.gpus, self._handles, strict=True):
             try:
@@ -114,6 +116,9 @@ class NvmlInventory:
                 temp = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
             except nvml.NVMLError as exc:  # a GPU that fell off the bus must not stop the rest
                 log.warning("gpu.sample_failed", gpu=gpu.index, error=str(exc))
+                verdict = lost_verdict(exc)
+                if verdict is not None:
+                    self.lost[gpu.uuid] = verdict
                 continue
             samples[gpu.uuid] = GpuSample(
                 utilization_pct=int(util.gpu),
@@ -122,9 +127,23 @@ class NvmlInventory:
             )
         return samples
 
+    def handles(self) -> list[tuple[Any, str]]:
+        """(NVML handle, uuid) of each GPU, for the health watch."""
+        return [(h, g.uuid) for h, g in zip(self._handles, self.gpus, strict=True)]
+
     def close(self) -> None:
-        with contextlib.suppress(self._nvml.NVMLError):
-            self._nvml.nvmlShutdown()
+        with contextlib.suppress(self.nvml.NVMLError):
+            self.nvml.nvmlShutdown()
+
+
+def lost_verdict(error: Exception) -> str | None:
+    """Why an NVML error means the GPU is gone ("GPU is lost", "unknown error"), else None."""
+    value = getattr(error, "value", None)
+    if value == 15:  # NVML_ERROR_GPU_IS_LOST
+        return "NVML: GPU is lost"
+    if value == 999:  # NVML_ERROR_UNKNOWN
+        return "NVML: unknown error"
+    return None
 
 
 def _text(value: str | bytes) -> str:

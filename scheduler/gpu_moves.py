@@ -59,6 +59,11 @@ class GpuMoves:
                 self._stop_soon(pool, replica, f"its GPU {uuid} is {kind.value}: {reason}")
         self.kick()
 
+    async def gpu_sick(self, uuid: str, reason: str) -> None:
+        """The health watch or the sampler found the GPU sick: out of service, once."""
+        if GpuMarkKind.UNHEALTHY not in self.allocator.marks(uuid):
+            await self.mark_gpu(uuid, GpuMarkKind.UNHEALTHY, reason)
+
     async def unmark_gpu(self, uuid: str, kind: GpuMarkKind) -> bool:
         """Back in service (a no-op, False, when the GPU did not have the mark)."""
         if not await self.allocator.unmark(uuid, kind):

@@ -17,6 +17,7 @@ import docker
 import docker.errors
 import pytest
 
+from berth.gpu import Gpu
 from helpers import (
     IMAGE,
     SESSION,
@@ -96,9 +97,10 @@ async def harness(tmp_path: Path, network: str, model_image: str
     """Start harnesses (several over one state dir simulate berthd restarts); stops them all."""
     started: list[Harness] = []
 
-    async def make(gpus: int = 0, state: str = "state", gpu_mode: str = "env",
+    async def make(gpus: int | list[Gpu] = 0, state: str = "state", gpu_mode: str = "env",
                    egress: bool = True, host: str | None = None) -> Harness:
-        h = Harness(tmp_path / state, network, static_gpus(gpus), gpu_mode, egress, host)
+        devices = static_gpus(gpus) if isinstance(gpus, int) else gpus  # or the GPUs given
+        h = Harness(tmp_path / state, network, devices, gpu_mode, egress, host)
         started.append(h)
         await h.start()
         return h

@@ -149,7 +149,8 @@ class AdminApps:
         self.tasks = tasks
         self.made: list[Any] = []  # (Dispatcher, CallbackSender) pairs
 
-    async def __call__(self, specs: dict[str, EndpointSpec] | None = None, gpus: int = 0,
+    async def __call__(self, specs: dict[str, EndpointSpec] | None = None,
+                       gpus: int | list[Gpu] = 0,
                        files: Path | None = None, **options: Any) -> tuple[Harness, TestClient]:
         # Imported here: conftest loads this module for every test, the app's modules only
         # the tests that build an app need.

@@ -30,6 +30,7 @@ ROUTES = [
      ("POST", "/v1/gpus/0/cordon", {"reason": "fan noise"})),
     (["gpus", "cordon", "GPU-1"], ("POST", "/v1/gpus/GPU-1/cordon", None)),
     (["gpus", "uncordon", "GPU-1"], ("POST", "/v1/gpus/GPU-1/uncordon", None)),
+    (["gpus", "healthy", "2"], ("POST", "/v1/gpus/2/healthy", None)),
     (["events"], ("GET", "/v1/events", None)),
     (["events", "--endpoint", "m", "--since", "5"],
      ("GET", "/v1/events?endpoint=m&since=5.0", None)),
@@ -155,7 +156,7 @@ def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 def test_every_subcommand_is_in_a_table() -> None:
     commands = set(subcommands(cli.parser()))
-    assert len(commands) == 24
+    assert len(commands) == 25
     tabled = {c for c in commands for argv, _ in [*ROUTES, *STREAMED]
               if tuple(argv[:len(c)]) == c}
     assert tabled == commands

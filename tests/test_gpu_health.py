@@ -1,0 +1,112 @@
+"""NVML through the replay of a recorded probe (tests/fixtures/nvml-4xh100.json, written from
+NVIDIA's documentation: no real GPU was lent yet): the inventory and sampler read it as from a
+driver, the probe script prints it back, Xid and ECC events are judged, and a replayed Xid 79
+("fell off the bus") takes its GPU out of service and moves the replica with no call lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from berth.gpu import GpuMarkKind
+from berth.gpu.health import GpuHealthWatch, event_verdict, on_loop
+from berth.gpu.inventory import NvmlInventory
+from berth.gpu.nvml_replay import ReplayNvml
+from berth.scheduler.replica import ReplicaState
+from helpers import ROOT, body, ready_count, wait_for
+
+FIXTURE = ROOT / "tests" / "fixtures" / "nvml-4xh100.json"
+ADMIN = {"Authorization": "Bearer admin-secret"}
+S = ReplicaState
+
+
+def test_the_inventory_and_sampler_read_nvml_as_recorded():
+    inventory = NvmlInventory(ReplayNvml.load(FIXTURE))
+    assert [(g.index, g.name, g.memory_mib) for g in inventory.gpus] == [
+        (i, "NVIDIA H100 80GB HBM3", 81559) for i in range(4)]
+    first = inventory.sample()[inventory.gpus[0].uuid]
+    assert (first.utilization_pct, first.memory_used_mib, first.temperature_c) == (87, 30211, 31)
+
+
+def test_a_lost_gpu_is_said_by_the_sampler_and_the_others_still_sampled():
+    nvml = ReplayNvml.load(FIXTURE)
+    inventory = NvmlInventory(nvml)
+    nvml.lost.add(2)
+    samples = inventory.sample()
+    assert len(samples) == 3 and inventory.gpus[2].uuid not in samples
+    assert inventory.lost == {inventory.gpus[2].uuid: "NVML: GPU is lost"}
+
+
+def test_the_probe_prints_what_berth_reads():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu-probe"), "--replay",
+                          str(FIXTURE)], capture_output=True, text=True, timeout=60, check=True)
+    printed, recorded = json.loads(out.stdout), json.loads(FIXTURE.read_text())
+    assert printed["devices"] == recorded["devices"]
+    assert printed["driver_version"] == recorded["driver_version"]
+    assert "WRITTEN FROM NVIDIA" in recorded["_provenance"]  # not from a real GPU (yet)
+
+
+@pytest.mark.parametrize(("event_type", "xid", "verdict"), [
+    (0x8, 79, "Xid 79 (fell off the bus)"),
+    (0x8, 48, "Xid 48 (double-bit ECC error)"),
+    (0x8, 119, "Xid 119 (GSP timeout)"),
+    (0x8, 61, "Xid 61"),                       # critical, meaning not in our table
+    (0x8, 13, None), (0x8, 31, None), (0x8, 43, None),   # the application's own faults
+    (0x8, 45, None), (0x8, 68, None), (0x8, 109, None),
+    (0x2, 0, "double-bit ECC error"),
+    (0x1, 0, None),                            # single-bit ECC: corrected
+    (0x4, 0, None),                            # P-state change
+])
+def test_event_verdicts(event_type, xid, verdict):
+    assert event_verdict(event_type, xid) == verdict
+
+
+async def test_a_replayed_xid_79_moves_the_replica_to_a_healthy_gpu_with_no_call_lost(api):
+    nvml = ReplayNvml.load(FIXTURE)
+    inventory = NvmlInventory(nvml)
+    h, client = await api(gpus=list(inventory.gpus))
+    await client.post("/v1/endpoints", headers=ADMIN, json=body("m", min_replicas=1, gpus=1))
+    pool = h.reconciler.pool("m")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [first] = pool.replicas.values()
+    sick = first.gpus[0]
+    index = next(g.index for g in inventory.gpus if g.uuid == sick)
+    watch = GpuHealthWatch(nvml, inventory.handles(),
+                           on_loop(asyncio.get_running_loop(), h.reconciler.gpu_sick), wait_ms=50)
+    watch.start()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def caller():
+        while not stop.is_set():
+            statuses.append((await client.get("/invoke/m/sleep?s=0.05", headers=ADMIN)).status)
+
+    callers = [asyncio.create_task(caller()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.2)
+        nvml.push({"device": index, "type": "xid_critical", "xid": 13})  # the app's: ignored
+        nvml.push({"device": index, "type": "xid_critical", "xid": 79, "then_lost": True})
+        await wait_for(pool, lambda: first.state is S.STOPPED, what="moved off the sick GPU")
+        await wait_for(pool, lambda: ready_count(pool) == 1, what="replacement ready")
+        await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+        watch.stop()
+    [second] = [r for r in pool.replicas.values() if r.state is S.READY]
+    assert second.gpus != [sick]
+    assert set(statuses) == {200} and len(statuses) > 5  # no call lost
+    marks = h.reconciler.allocator.marks(sick)
+    assert marks[GpuMarkKind.UNHEALTHY].reason == "Xid 79 (fell off the bus)"
+    view = {g["uuid"]: g for g in
+            (await (await client.get("/v1/gpus", headers=ADMIN)).json())["gpus"]}
+    assert view[sick]["healthy"] is False and view[sick]["health_reason"].startswith("Xid 79")
+    events = [(e.kind, e.message) for e in await h.store.events()]
+    assert ("gpu_unhealthy", f"GPU {sick} unhealthy: Xid 79 (fell off the bus)") in events
+    resp = await client.post(f"/v1/gpus/{index}/healthy", headers=ADMIN)  # repaired
+    assert resp.status == 200 and (await resp.json())["healthy"] is True
+    assert h.reconciler.allocator.marks(sick) == {}
