@@ -139,10 +139,15 @@ def show_endpoint(e: dict[str, Any]) -> str:
         head += (f"\nlast start {phases(last)}; median of last {e['starts']['count']} "
                  f"{phases(median)}")
     rows = [[r["id"], r["state"], r["address"] or "",
-             ",".join(str(g.get("index", "?")) for g in r["gpus"]) or "-", str(r["in_flight"]),
+             ",".join(str(g.get("index", "?")) for g in r["gpus"]) or "-",
+             gpu_memory(r.get("gpu_memory_used_mib") or {}), str(r["in_flight"]),
              when(r["last_call_at"]), r["reason"] or ""] for r in e["replicas"]]
-    return head + "\n" + table(rows, ["REPLICA", "STATE", "ADDRESS", "GPUS", "IN-FLIGHT",
-                                      "LAST CALL", "REASON"])
+    return head + "\n" + table(rows, ["REPLICA", "STATE", "ADDRESS", "GPUS", "GPU MEM",
+                                      "IN-FLIGHT", "LAST CALL", "REASON"])
+
+
+def gpu_memory(used: dict[str, int]) -> str:
+    return f"{sum(used.values())} MiB" if used else "-"
 
 
 def phases(start: dict[str, float]) -> str:

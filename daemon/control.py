@@ -34,6 +34,7 @@ from berth.daemon.event_feed import follow_events
 from berth.daemon.keys import (
     ALLOCATOR,
     AUTH,
+    GPU_SAMPLES,
     IMAGES,
     LIMITS,
     RECONCILER,
@@ -44,7 +45,8 @@ from berth.daemon.params import query_flag, query_limit, query_time
 from berth.daemon.quota import TokenLimits
 from berth.daemon.replica_logs import stream_logs
 from berth.daemon.usage_api import usage_summary
-from berth.scheduler.pool import EndpointPool
+from berth.gpu.inventory import attribute
+from berth.scheduler.pool import EndpointPool, replica_containers
 from berth.scheduler.replica import ReplicaState
 
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -117,6 +119,10 @@ def gpu_names(request: web.Request) -> dict[str, Any]:
 def describe(request: web.Request, pool: EndpointPool) -> dict[str, Any]:
     view = pool.describe(gpu_names(request))
     view["image"] = request.app[IMAGES].state(pool.spec.image)
+    samples = request.app[GPU_SAMPLES]
+    used, _ = attribute(samples, replica_containers([pool]))
+    for replica in view["replicas"]:  # GPU memory its processes use (NVML), by GPU uuid
+        replica["gpu_memory_used_mib"] = used.get(replica["id"], {})
     return view
 
 

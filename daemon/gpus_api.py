@@ -18,6 +18,8 @@ from berth.daemon.control import invalid
 from berth.daemon.errors import ApiError, json_body
 from berth.daemon.keys import ALLOCATOR, GPU_SAMPLES, RECONCILER
 from berth.gpu import Gpu, GpuAllocator, GpuMarkKind, GpuSample
+from berth.gpu.inventory import attribute
+from berth.scheduler.pool import replica_containers
 
 C, U = GpuMarkKind.CORDONED, GpuMarkKind.UNHEALTHY
 
@@ -51,10 +53,14 @@ def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
 
 
 def view(request: web.Request, gpu: Gpu) -> dict[str, Any]:
-    holders: dict[str, str | None] = {r.id: p.name for p in request.app[RECONCILER].live_pools()
-                                      for r in p.replicas.values()}
-    sample = request.app[GPU_SAMPLES].get(gpu.uuid, GpuSample())
-    return gpu_view(gpu, request.app[ALLOCATOR], holders, sample)
+    pools = request.app[RECONCILER].live_pools()
+    holders: dict[str, str | None] = {r.id: p.name for p in pools for r in p.replicas.values()}
+    samples = request.app[GPU_SAMPLES]
+    answer = gpu_view(gpu, request.app[ALLOCATOR], holders, samples.get(gpu.uuid, GpuSample()))
+    _, nobody = attribute({gpu.uuid: samples[gpu.uuid]} if gpu.uuid in samples else {},
+                          replica_containers(pools))
+    answer["unattributed_mib"] = nobody.get(gpu.uuid, 0)  # used by processes of no replica
+    return answer
 
 
 async def list_gpus(request: web.Request) -> web.Response:

@@ -17,7 +17,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from berth.gpu import GpuAllocator, GpuMarkKind, GpuSample
+from berth.gpu.inventory import attribute
 from berth.scheduler.endpoint import StartPhases
+from berth.scheduler.pool import EndpointPool, replica_containers
 from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.replica import ReplicaState
 from berth.store.records import EventRecord
@@ -95,6 +97,7 @@ class Metrics:
         store = reconciler.store  # reconciler: the scrape's one source
         tasks = await store.tasks.counts()
         self.live.families = [*endpoint_families(reconciler), *gpu_families(allocator, samples),
+                              *memory_families(samples, reconciler.live_pools(), allocator),
                               task_family(tasks), token_family(model_tokens),
                               *state_families(store.retention.size(),
                                               shutil.disk_usage(store.path.parent).free,
@@ -145,6 +148,27 @@ def endpoint_families(reconciler: Reconciler) -> list[Metric]:
         waiting.add_metric((pool.name,), pool.waiting)
         error.add_metric((pool.name,), 1 if pool.error else 0)
     return [replicas, in_flight, waiting, error]
+
+
+def memory_families(samples: dict[str, GpuSample], pools: list[EndpointPool],
+                    allocator: GpuAllocator) -> list[Metric]:
+    """GPU memory by replica (NVML's processes mapped to containers) and by nobody."""
+    used, nobody = attribute(samples, replica_containers(pools))
+    endpoint_of = {r.id: p.name for p in pools for r in p.replicas.values()}
+    index = {g.uuid: g for g in allocator.gpus}
+    by_replica = GaugeMetricFamily("berth_replica_gpu_memory_bytes", "GPU memory the "
+                                   "replica's processes use, when sampled",
+                                   labels=("endpoint", "replica", "gpu"))
+    for replica, per_gpu in used.items():
+        for uuid, mib in per_gpu.items():
+            by_replica.add_metric((endpoint_of[replica], replica, str(index[uuid].index)),
+                                  mib * MIB)
+    stray = GaugeMetricFamily("berth_gpu_unattributed_memory_bytes", "GPU memory used by "
+                              "processes of no replica, when sampled",
+                              labels=("gpu", "uuid", "name"))
+    for uuid, mib in nobody.items():
+        stray.add_metric((str(index[uuid].index), uuid, index[uuid].name), mib * MIB)
+    return [by_replica, stray]
 
 
 def gpu_families(allocator: GpuAllocator, samples: dict[str, GpuSample]) -> list[Metric]:

@@ -111,6 +111,7 @@ class ReplicaView(Model):
     last_call_at: float | None
     failures: int
     reason: str | None
+    gpu_memory_used_mib: dict[str, int]  # by GPU uuid, from NVML's process list
 
 
 class StartPhasesView(Model):
@@ -192,6 +193,7 @@ class GpuView(Model):
     shares: list[GpuShare]
     shared_mib: int
     lent_to: str | None
+    unattributed_mib: int
     healthy: bool
     health_reason: str | None
     cordoned: bool

@@ -6,8 +6,10 @@ Knows nothing of Docker or HTTP. NVML calls block; callers run `sample()` off th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -24,12 +26,56 @@ class Gpu:
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A process using a GPU, as NVML lists it (host PID), with the container it runs in."""
+
+    pid: int
+    used_mib: int
+    container: str | None  # the full id of the Docker container owning the PID, if any
+
+
+@dataclass(frozen=True)
 class GpuSample:
     """Live readings of one GPU; None where the source cannot tell."""
 
     utilization_pct: int | None = None
     memory_used_mib: int | None = None
     temperature_c: int | None = None
+    processes: tuple[GpuProcess, ...] = ()
+
+
+CGROUP_CONTAINER = re.compile(r"(?:/docker/|/docker-|docker-)([0-9a-f]{64})(?:\.scope)?")
+
+
+def container_in_cgroup(text: str) -> str | None:
+    """The Docker container id in a /proc/PID/cgroup text (cgroupfs `/docker/ID` or systemd
+    `docker-ID.scope`), None for a process outside any container."""
+    found = CGROUP_CONTAINER.findall(text)
+    return found[-1] if found else None
+
+
+def container_of_pid(pid: int, proc: str = "/proc") -> str | None:
+    try:
+        return container_in_cgroup(Path(proc, str(pid), "cgroup").read_text())
+    except OSError:  # gone already, or another PID namespace
+        return None
+
+
+def attribute(samples: Mapping[str, GpuSample], replica_of: Mapping[str, str]
+              ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """GPU memory in use by replica and by nobody: (replica -> GPU uuid -> MiB, GPU uuid ->
+    MiB of processes in no replica's container). `replica_of`: container id -> replica id."""
+    by_replica: dict[str, dict[str, int]] = {}
+    nobody: dict[str, int] = {}
+    for uuid, sample in samples.items():
+        for p in sample.processes:
+            replica = replica_of.get(p.container or "")
+            if replica is None:
+                nobody[uuid] = nobody.get(uuid, 0) + p.used_mib
+            else:
+                per_gpu = by_replica.setdefault(replica, {})
+                per_gpu[uuid] = per_gpu.get(uuid, 0) + p.used_mib
+    return by_replica, nobody
 
 
 class GpuSourceError(Exception):
@@ -124,8 +170,17 @@ class NvmlInventory:
                 utilization_pct=int(util.gpu),
                 memory_used_mib=int(memory.used) // (1024 * 1024),
                 temperature_c=int(temp),
+                processes=self._processes(handle),
             )
         return samples
+
+    def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
+        try:
+            running = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except self.nvml.NVMLError:
+            return ()
+        return tuple(GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // (1024 * 1024),
+                                container_of_pid(int(p.pid))) for p in running)
 
     def handles(self) -> list[tuple[Any, str]]:
         """(NVML handle, uuid) of each GPU, for the health watch."""

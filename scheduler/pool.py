@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -224,3 +225,8 @@ def describe_replica(replica: Replica, gpu_names: dict[str, Any]) -> dict[str, A
         "failures": replica.failures,
         "reason": replica.reason,
     }
+
+
+def replica_containers(pools: Iterable[EndpointPool]) -> dict[str, str]:
+    """Container id -> replica id, for every replica that has a container."""
+    return {r.container_id: r.id for p in pools for r in p.replicas.values() if r.container_id}

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from berth.gpu import GpuMarkKind
 from berth.gpu.health import GpuHealthWatch, event_verdict, on_loop
-from berth.gpu.inventory import NvmlInventory
+from berth.gpu.inventory import NvmlInventory, container_in_cgroup
 from berth.gpu.nvml_replay import ReplayNvml
 from berth.scheduler.replica import ReplicaState
 from helpers import ROOT, body, ready_count, wait_for
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nvml-4xh100.json"
 ADMIN = {"Authorization": "Bearer admin-secret"}
+MIB = 1024 ** 2
 S = ReplicaState
 
 
@@ -110,3 +113,45 @@ async def test_a_replayed_xid_79_moves_the_replica_to_a_healthy_gpu_with_no_call
     resp = await client.post(f"/v1/gpus/{index}/healthy", headers=ADMIN)  # repaired
     assert resp.status == 200 and (await resp.json())["healthy"] is True
     assert h.reconciler.allocator.marks(sick) == {}
+
+
+@pytest.mark.parametrize(("cgroup", "container"), [
+    ("0::/docker/" + "a" * 64 + "\n", "a" * 64),                                  # cgroupfs
+    ("0::/system.slice/docker-" + "b" * 64 + ".scope\n", "b" * 64),               # systemd
+    ("9:name=systemd:/docker/" + "c" * 64 + "\n0::/docker/" + "c" * 64, "c" * 64),  # v1 + v2
+    ("0::/user.slice/user-0.slice/session-3.scope\n", None),                      # no container
+    ("0::/docker/abc\n", None),                                                   # not an id
+])
+def test_container_in_cgroup(cgroup, container):
+    assert container_in_cgroup(cgroup) == container
+
+
+async def test_gpu_memory_is_reported_per_replica_and_the_rest_as_unattributed(api,
+                                                                              docker_client):
+    nvml = ReplayNvml.load(FIXTURE)
+    inventory = NvmlInventory(nvml)
+    samples: dict = {}
+    h, client = await api(gpus=list(inventory.gpus), gpu_samples=samples)
+    await client.post("/v1/endpoints", headers=ADMIN, json=body("m", min_replicas=1, gpus=1))
+    pool = h.reconciler.pool("m")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [replica] = pool.replicas.values()
+    gpu = next(g for g in inventory.gpus if g.uuid == replica.gpus[0])
+    pid = docker_client.containers.get(replica.container_id).attrs["State"]["Pid"]
+    # NVML lists the model's process (a host PID inside the replica's container) and one of
+    # this test's own (outside any container: someone using the GPU behind berth's back).
+    nvml.devices[gpu.index]["processes"] = [{"pid": pid, "used_memory_mib": 20480},
+                                            {"pid": os.getpid(), "used_memory_mib": 512}]
+    samples.update(inventory.sample())
+    view = await (await client.get("/v1/endpoints/m", headers=ADMIN)).json()
+    assert view["replicas"][0]["gpu_memory_used_mib"] == {gpu.uuid: 20480}
+    gpus = {g["uuid"]: g for g in (await (await client.get("/v1/gpus", headers=ADMIN)).json())
+            ["gpus"]}
+    assert gpus[gpu.uuid]["unattributed_mib"] == 512
+    text = await (await client.get("/metrics", headers=ADMIN)).text()
+    series = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+    assert series[("berth_replica_gpu_memory_bytes", (("endpoint", "m"), ("gpu", str(gpu.index)),
+                                                      ("replica", replica.id)))] == 20480 * MIB
+    assert series[("berth_gpu_unattributed_memory_bytes", (
+        ("gpu", str(gpu.index)), ("name", gpu.name), ("uuid", gpu.uuid)))] == 512 * MIB
