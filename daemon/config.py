@@ -310,6 +310,8 @@ class GpuDevice(Strict):
     name: str = Field(min_length=1)
     memory_mib: Int = Field(ge=1)
     uuid: str | None = None
+    # GPUs of one group are NVLink peers (static source; NVML tells it by itself).
+    nvlink_group: str | None = Field(None, min_length=1, max_length=64)
 
 
 class GpuSettings(Strict):

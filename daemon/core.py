@@ -67,7 +67,8 @@ async def start_core(config: Config, stack: AsyncExitStack,
     runtime = await _start_runtime(config, stack)
     prober = Prober()
     stack.push_async_callback(prober.close)
-    allocator = GpuAllocator(inventory.gpus, store, config.gpu.reserve_mib)
+    allocator = GpuAllocator(inventory.gpus, store, config.gpu.reserve_mib,
+                             inventory.topology)
     reconciler = Reconciler(store, allocator, runtime, prober, gpu_mode=gpu_mode(config))
     await reconciler.load()
     await reconciler.adopt()

@@ -12,9 +12,10 @@ import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import combinations
 from typing import Protocol
 
-from berth.gpu.inventory import Gpu
+from berth.gpu.inventory import SWITCH, Gpu, Topology
 
 
 class GpuMarkKind(StrEnum):
@@ -74,12 +75,30 @@ def matches(gpu: Gpu, gpu_type: str | None) -> bool:
 
 
 def choose_gpus(gpus: Sequence[Gpu], owners: Mapping[str, str], count: int,
-                gpu_type: str | None, unusable: Collection[str] = ()) -> list[Gpu] | None:
-    """The lowest-indexed `count` free GPUs matching `gpu_type` (none of `unusable`: cordoned
-    or sick), or None if too few are free."""
+                gpu_type: str | None, unusable: Collection[str] = (),
+                topology: Topology | None = None) -> list[Gpu] | None:
+    """`count` free GPUs matching `gpu_type` (none of `unusable`: cordoned, sick, shared or
+    lent), or None if too few are free. Several GPUs: the best connected set (its worst link
+    first: NVLink, then one PCIe switch, host bridge, NUMA node). One GPU: the one with the
+    fewest well-linked free peers, so that well-connected sets stay whole for bigger asks.
+    Ties go to the lowest indexes."""
     free = [g for g in gpus if g.uuid not in owners and g.uuid not in unusable
             and matches(g, gpu_type)]
-    return free[:count] if len(free) >= count else None
+    if len(free) < count:
+        return None
+    if topology is None or count == 0:
+        return free[:count]
+    if count == 1:
+        return [min(free, key=lambda g: (good_peers(g, free, topology), g.index))]
+    return list(min(combinations(free, count), key=lambda s: (
+        max(topology.rank(a.uuid, b.uuid) for a, b in combinations(s, 2)),
+        sum(topology.rank(a.uuid, b.uuid) for a, b in combinations(s, 2)),
+        [g.index for g in s])))
+
+
+def good_peers(gpu: Gpu, free: Sequence[Gpu], topology: Topology) -> int:
+    """Free GPUs linked to `gpu` by NVLink or one PCIe switch."""
+    return sum(1 for g in free if g is not gpu and topology.rank(gpu.uuid, g.uuid) <= SWITCH)
 
 
 def choose_shared_gpu(gpus: Sequence[Gpu], owners: Mapping[str, str],
@@ -100,9 +119,11 @@ class GpuAllocator:
     """Hands whole GPUs, or shares of a GPU's memory, to replicas and takes them back. Safe
     under concurrent tasks."""
 
-    def __init__(self, gpus: Sequence[Gpu], ledger: GpuLedger, reserve_mib: int = 1024) -> None:
+    def __init__(self, gpus: Sequence[Gpu], ledger: GpuLedger, reserve_mib: int = 1024,
+                 topology: Topology | None = None) -> None:
         self.gpus = tuple(gpus)
         self.reserve_mib = reserve_mib
+        self.topology = topology or Topology()
         self._ledger = ledger
         self._owners: dict[str, str] = {}
         self._shares: dict[str, dict[str, int]] = {}  # uuid -> replica -> MiB
@@ -213,7 +234,8 @@ class GpuAllocator:
                 return held
             if held:
                 await self._release(replica_id)
-            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type, self._unusable())
+            chosen = choose_gpus(self.gpus, self._owners, count, gpu_type, self._unusable(),
+                                 self.topology)
             if chosen is None:
                 return None
             if count and not await self._ledger.claim_gpus(replica_id, [g.uuid for g in chosen]):

@@ -25,6 +25,30 @@ class Gpu:
     memory_mib: int
 
 
+# How well two GPUs are connected, best first (NVML's topology levels, NVLink apart).
+NVLINK, SWITCH, HOSTBRIDGE, NODE, SYSTEM = range(5)
+ANCESTOR_RANK = {0: SWITCH, 10: SWITCH, 20: SWITCH, 30: HOSTBRIDGE, 40: NODE, 50: SYSTEM}
+NVML_P2P_CAPS_INDEX_NVLINK = 3
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Pairwise links between GPUs (by uuid); pairs not known count as SYSTEM (the worst)."""
+
+    ranks: Mapping[frozenset[str], int] = field(default_factory=dict)
+
+    def rank(self, a: str, b: str) -> int:
+        return self.ranks.get(frozenset((a, b)), SYSTEM)
+
+
+def group_topology(gpus: Sequence[Gpu], groups: Sequence[str | None]) -> Topology:
+    """Static GPUs: the same `nvlink_group` means NVLink, anything else SYSTEM."""
+    return Topology({frozenset((a.uuid, b.uuid)): NVLINK
+                     for a, ga in zip(gpus, groups, strict=True)
+                     for b, gb in zip(gpus, groups, strict=True)
+                     if a.uuid != b.uuid and ga is not None and ga == gb})
+
+
 @dataclass(frozen=True)
 class GpuProcess:
     """A process using a GPU, as NVML lists it (host PID), with the container it runs in."""
@@ -84,6 +108,7 @@ class GpuSourceError(Exception):
 
 class Inventory(Protocol):
     source: str
+    topology: Topology
 
     @property
     def gpus(self) -> Sequence[Gpu]: ...
@@ -99,6 +124,7 @@ class StaticInventory:
 
     gpus: Sequence[Gpu] = field(default_factory=tuple)
     source: str = "static"
+    topology: Topology = field(default_factory=Topology)
 
     def sample(self) -> dict[str, GpuSample]:
         return {}
@@ -113,7 +139,8 @@ def static_inventory(devices: Sequence[Any]) -> StaticInventory:
         Gpu(index=i, uuid=d.uuid or f"static-{i}", name=d.name, memory_mib=d.memory_mib)
         for i, d in enumerate(devices)
     ]
-    return StaticInventory(gpus=tuple(gpus))
+    groups = [getattr(d, "nvlink_group", None) for d in devices]
+    return StaticInventory(gpus=tuple(gpus), topology=group_topology(gpus, groups))
 
 
 def no_gpus() -> StaticInventory:
@@ -143,6 +170,7 @@ class NvmlInventory:
             pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
         ]
         self.gpus: Sequence[Gpu] = tuple(self._describe(i, h) for i, h in enumerate(self._handles))
+        self.topology = self._topology()
 
     def _describe(self, index: int, handle: Any) -> Gpu:
         nvml = self.nvml
@@ -173,6 +201,20 @@ class NvmlInventory:
                 processes=self._processes(handle),
             )
         return samples
+
+    def _topology(self) -> Topology:
+        nvml, ranks = self.nvml, {}
+        pairs = list(zip(self._handles, self.gpus, strict=True))
+        for i, (ha, a) in enumerate(pairs):
+            for hb, b in pairs[i + 1:]:
+                try:
+                    nvlink = nvml.nvmlDeviceGetP2PStatus(ha, hb, NVML_P2P_CAPS_INDEX_NVLINK) == 0
+                    level = nvml.nvmlDeviceGetTopologyCommonAncestor(ha, hb)
+                except nvml.NVMLError:  # unknown: the worst link is assumed
+                    continue
+                ranks[frozenset((a.uuid, b.uuid))] = NVLINK if nvlink else \
+                    ANCESTOR_RANK.get(int(level), SYSTEM)
+        return Topology(ranks)
 
     def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
         try:

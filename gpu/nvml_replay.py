@@ -137,6 +137,10 @@ class ReplayNvml:
     def nvmlDeviceGetTopologyCommonAncestor(self, a: int, b: int) -> int:
         return TOPOLOGY[self._device(a)["topology"][self._device(b)["uuid"]]]
 
+    def nvmlDeviceGetP2PStatus(self, a: int, b: int, caps_index: int) -> int:
+        """0 (NVML_P2P_STATUS_OK) when `b` is among `a`'s NVLink peers; 5 (not supported)."""
+        return 0 if self._device(b)["uuid"] in self._device(a).get("nvlink_peers", []) else 5
+
     def nvmlDeviceGetSupportedEventTypes(self, handle: int) -> int:
         mask = 0
         for name in self._device(handle)["supported_events"]:

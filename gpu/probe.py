@@ -32,12 +32,15 @@ def device(nvml: Any, index: int, handle: Any, handles: list[Any], uuids: list[s
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     current, pending = nvml.nvmlDeviceGetMigMode(handle)
     mask = nvml.nvmlDeviceGetSupportedEventTypes(handle)
-    topology = {}
+    topology, nvlink = {}, []
     for other_index, (other, uuid) in enumerate(zip(handles, uuids, strict=True)):
         if other_index != index:
             with contextlib.suppress(nvml.NVMLError):
                 level = nvml.nvmlDeviceGetTopologyCommonAncestor(handle, other)
                 topology[uuid] = TOPOLOGY_NAMES.get(level, str(level))
+            with contextlib.suppress(nvml.NVMLError):
+                if nvml.nvmlDeviceGetP2PStatus(handle, other, 3) == 0:  # NVLink P2P: OK
+                    nvlink.append(uuid)
     return {
         "index": index, "uuid": uuids[index], "name": text(nvml.nvmlDeviceGetName(handle)),
         "memory_total_mib": int(memory.total) // MIB, "memory_used_mib": int(memory.used) // MIB,
@@ -46,6 +49,7 @@ def device(nvml: Any, index: int, handle: Any, handles: list[Any], uuids: list[s
         "power_w": round(nvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1),
         "mig_mode": {"current": int(current), "pending": int(pending)},
         "topology": topology,
+        "nvlink_peers": nvlink,
         "processes": [{"pid": int(p.pid), "used_memory_mib": int(p.usedGpuMemory or 0) // MIB}
                       for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)],
         "supported_events": [n for bit, n in EVENT_NAMES.items() if mask & bit],

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from itertools import combinations
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from berth.gpu import GpuAllocator, choose_gpus, choose_shared_gpu
-from berth.gpu.inventory import Gpu
+from berth.gpu.inventory import NVLINK, SYSTEM, Gpu, Topology
 from berth.store import Store
 
 GPUS = [Gpu(0, "u0", "NVIDIA H100", 80), Gpu(1, "u1", "NVIDIA H100", 80),
@@ -199,3 +201,60 @@ def test_choose_shared_gpu_is_best_fit():
     assert pick({}, 1000, owners={"s2": "w"}) == 0  # held whole: not shared
     assert pick({}, 1000, unusable={"s2", "s0"}) == 1  # cordoned or sick: skipped
     assert pick({}, 7169) is None  # more than any GPU has beside the reserve
+
+
+# --- topology-aware placement ------------------------------------------------------------------
+
+EIGHT = [Gpu(i, f"t{i}", "NVIDIA H100", 80) for i in range(8)]
+
+
+def eight_gpu_box() -> Topology:
+    """Two NVLink islands of four (0-3, 4-7); inside an island pairs also share a PCIe switch
+    (0-1, 2-3...); islands meet only across the NUMA nodes (SYSTEM)."""
+    ranks = {}
+    for a, b in combinations(range(8), 2):
+        rank = NVLINK if a // 4 == b // 4 else SYSTEM
+        ranks[frozenset((f"t{a}", f"t{b}"))] = rank
+    return Topology(ranks)
+
+
+@pytest.mark.parametrize(("held", "count", "chosen"), [
+    ([], 2, [0, 1]),                      # an NVLink pair, lowest indexes
+    ([1, 2], 2, [0, 3]),                  # still NVLinked across the held ones
+    ([0, 1, 2], 2, [4, 5]),               # 3 is alone on its island: a pair on the other
+    ([], 4, [0, 1, 2, 3]),                # a whole island
+    ([0], 4, [4, 5, 6, 7]),               # the island with four free, not 1-3 plus one across
+    ([0, 4, 5, 6], 4, [1, 2, 3, 7]),      # no island has four: what is left
+])
+def test_choose_gpus_by_topology(held, count, chosen):
+    owners = {f"t{i}": "x" for i in held}
+    got = choose_gpus(EIGHT, owners, count, None, (), eight_gpu_box())
+    assert got is not None and [g.index for g in got] == chosen
+
+
+def test_one_gpu_goes_where_it_breaks_no_nvlink_pair():
+    four = EIGHT[:4]
+    pairs = Topology({frozenset(("t0", "t1")): NVLINK, frozenset(("t2", "t3")): NVLINK})
+    owners = {"t2": "x"}  # 3 has lost its partner; 0-1 is a whole pair
+    [one] = choose_gpus(four, owners, 1, None, (), pairs) or []
+    assert one.index == 3  # lowest index (0) would have broken the pair
+    owners["t3"] = "y"
+    assert [g.index for g in choose_gpus(four, owners, 2, None, (), pairs) or []] == [0, 1]
+    careless = choose_gpus(four, {"t2": "x"}, 1, None)  # without topology: lowest index
+    assert careless is not None and careless[0].index == 0
+
+
+def test_topology_from_nvml_and_from_static_groups():
+    from berth.daemon.config import parse_config
+    from berth.gpu.inventory import NvmlInventory, static_inventory
+    from berth.gpu.nvml_replay import ReplayNvml
+
+    nvml = NvmlInventory(ReplayNvml.load(Path(__file__).parent / "fixtures" / "nvml-4xh100.json"))
+    u = [g.uuid for g in nvml.gpus]
+    assert nvml.topology.rank(u[0], u[1]) == NVLINK and nvml.topology.rank(u[0], u[2]) == SYSTEM
+    config = parse_config({"gpu": {"source": "static", "devices": [
+        {"name": "A", "memory_mib": 1, "nvlink_group": "x"},
+        {"name": "A", "memory_mib": 1}, {"name": "A", "memory_mib": 1, "nvlink_group": "x"}]}})
+    static = static_inventory(config.gpu.devices)
+    got = choose_gpus(static.gpus, {}, 2, None, (), static.topology)
+    assert [g.index for g in got or []] == [0, 2]  # the group, not the lowest indexes
