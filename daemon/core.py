@@ -88,4 +88,25 @@ async def _start_runtime(config: Config, stack: AsyncExitStack) -> DockerRuntime
         await runtime.connect()
     except DockerUnavailable as exc:
         raise StartupError(str(exc), EXIT_DOCKER) from exc
+    refusal = cdi_refusal(gpu_mode(config), runtime.api_version, runtime.engine_version)
+    if refusal is not None:
+        raise StartupError(refusal, EXIT_CONFIG)
     return runtime
+
+
+CDI_API = (1, 44)  # Docker 25: the first engine that takes CDI device requests
+
+
+def cdi_refusal(mode: str, api_version: str, engine_version: str) -> str | None:
+    """Why gpu_mode "cdi" cannot work with this engine (None when it can, or is not asked)."""
+    if mode != "cdi":
+        return None
+    try:
+        api = tuple(int(p) for p in api_version.split(".")[:2])
+    except ValueError:
+        return None  # an engine that does not say: let it answer for itself
+    if api >= CDI_API:
+        return None
+    return (f"docker.gpu_mode: \"cdi\" needs Docker 25 or newer (API 1.44) with the NVIDIA "
+            f"Container Toolkit's CDI spec; this engine is {engine_version} (API "
+            f"{api_version}). Use gpu_mode = \"nvidia\" (the NVIDIA runtime) or upgrade Docker")

@@ -223,6 +223,7 @@ class DockerRuntime:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
         self.runtimes: set[str] = set()
+        self.engine_version = self.api_version = "unknown"  # learnt by connect()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in the pool. A call that cannot reach the engine raises
@@ -284,6 +285,8 @@ class DockerRuntime:
             raise DockerUnavailable(f"no Docker engine answers at {self.host}: "
                                     f"{_short(cause or exc)}") from exc
         self.runtimes = set(info.get("Runtimes", {}))
+        self.engine_version = str(info.get("ServerVersion", "unknown"))
+        self.api_version = str(self.client.api.api_version)
         await self._call(self._ensure_network)
 
     def _ensure_network(self, name: str | None = None, internal: bool = False) -> None:

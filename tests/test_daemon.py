@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from berth.daemon.core import cdi_refusal
 from helpers import ROOT, Berthd, config_text, one_ready, ready_ids
 
 
@@ -362,3 +363,25 @@ async def test_a_failed_start_unwinds_what_started(tmp_path, network, model_imag
     store = await Store.open(tmp_path / "state")  # released: another berthd may use it now
     assert [e.name for e in await store.endpoints()] == ["a"]
     await store.close()
+
+
+@pytest.mark.parametrize(("mode", "api", "refused"), [
+    ("cdi", "1.41", True), ("cdi", "1.43", True), ("cdi", "1.44", False), ("cdi", "1.47", False),
+    ("nvidia", "1.41", False), ("env", "1.41", False), ("cdi", "weird", False),
+])
+def test_cdi_refusal_table(mode, api, refused):
+    assert (cdi_refusal(mode, api, "x") is not None) == refused
+
+
+def test_cdi_on_this_engine_is_refused_with_a_clear_message_or_accepted(write_config,
+                                                                        docker_client):
+    api = docker_client.version()["ApiVersion"]
+    config = write_config({})
+    config.write_text(config.read_text().replace("[docker]", '[docker]\ngpu_mode = "cdi"'))
+    if cdi_refusal("cdi", api, "") is None:
+        return  # Docker 25+: CDI requests are the engine's to answer
+    result = run_berthd(config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    assert "needs Docker 25 or newer" in said and f"(API {api})" in said
+    assert "docker.gpu_mode" in said and "Traceback" not in said
