@@ -312,6 +312,8 @@ class GpuDevice(Strict):
     uuid: str | None = None
     # GPUs of one group are NVLink peers (static source; NVML tells it by itself).
     nvlink_group: str | None = Field(None, min_length=1, max_length=64)
+    # A MIG device rather than a whole GPU (static source; NVML tells it by itself).
+    mig: bool = False
 
 
 class GpuSettings(Strict):
@@ -518,9 +520,14 @@ def gpu_shortage(spec: EndpointSpec, gpus: Sequence[Any], reserve_mib: int = 102
             return (f"gpu_memory asks for {ask} MiB but the largest GPU"
                     f"{' matching ' + repr(spec.gpu_type) if spec.gpu_type else ''} has "
                     f"{max(room, 0)} MiB beside gpu.reserve_memory")
-    have = sum(1 for g in gpus if kind in g.name.lower())
+    matching = [g for g in gpus if kind in g.name.lower()]
+    have = sum(1 for g in matching if not (getattr(g, "mig", False) and spec.gpus > 1))
     if have >= spec.gpus:
         return None
+    if spec.gpus > 1 and any(getattr(g, "mig", False) for g in matching):
+        return (f"asks for {spec.gpus} GPUs but MIG devices go one per replica (CUDA sees one "
+                f"MIG device per process); this box has {have} whole GPU(s)"
+                + (f" matching gpu_type {spec.gpu_type!r}" if spec.gpu_type else ""))
     what = "GPU" if have == 1 else "GPUs"
     if spec.gpu_type:
         what += f" matching gpu_type {spec.gpu_type!r}"

@@ -83,7 +83,7 @@ def choose_gpus(gpus: Sequence[Gpu], owners: Mapping[str, str], count: int,
     fewest well-linked free peers, so that well-connected sets stay whole for bigger asks.
     Ties go to the lowest indexes."""
     free = [g for g in gpus if g.uuid not in owners and g.uuid not in unusable
-            and matches(g, gpu_type)]
+            and matches(g, gpu_type) and not (g.mig and count > 1)]  # one MIG device each
     if len(free) < count:
         return None
     if topology is None or count == 0:
@@ -214,7 +214,8 @@ class GpuAllocator:
         if memory_mib:
             return any(matches(g, gpu_type) and g.memory_mib - self.reserve_mib >= memory_mib
                        for g in self.gpus)
-        return sum(1 for g in self.gpus if matches(g, gpu_type)) >= count
+        return sum(1 for g in self.gpus if matches(g, gpu_type)
+                   and not (g.mig and count > 1)) >= count
 
     async def allocate(self, replica_id: str, count: int, gpu_type: str | None,
                        memory_mib: int | None = None) -> list[Gpu] | None:

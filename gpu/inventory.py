@@ -19,10 +19,13 @@ log = structlog.get_logger("berth.gpu")
 
 @dataclass(frozen=True)
 class Gpu:
+    """An allocatable unit: a whole GPU, or a MIG device (`mig`; index: its GPU's)."""
+
     index: int
     uuid: str
     name: str
     memory_mib: int
+    mig: bool = False
 
 
 # How well two GPUs are connected, best first (NVML's topology levels, NVLink apart).
@@ -136,7 +139,8 @@ class StaticInventory:
 def static_inventory(devices: Sequence[Any]) -> StaticInventory:
     """Inventory from `[[gpu.devices]]` tables (objects with name, memory_mib, uuid)."""
     gpus = [
-        Gpu(index=i, uuid=d.uuid or f"static-{i}", name=d.name, memory_mib=d.memory_mib)
+        Gpu(index=i, uuid=d.uuid or f"static-{i}", name=d.name, memory_mib=d.memory_mib,
+            mig=bool(getattr(d, "mig", False)))
         for i, d in enumerate(devices)
     ]
     groups = [getattr(d, "nvlink_group", None) for d in devices]
@@ -166,11 +170,32 @@ class NvmlInventory:
                 "NVIDIA GPUs or driver set gpu.source = \"static\" and declare [[gpu.devices]], "
                 "or gpu.source = \"none\""
             ) from exc
-        self._handles = [
-            pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
-        ]
-        self.gpus: Sequence[Gpu] = tuple(self._describe(i, h) for i, h in enumerate(self._handles))
+        self._handles, gpus = [], []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            units = self._mig_units(i, handle)  # with MIG on, its MIG devices are the units
+            self._handles += [h for h, _ in units] if units else [handle]
+            gpus += [g for _, g in units] if units else [self._describe(i, handle)]
+        self.gpus: Sequence[Gpu] = tuple(gpus)
         self.topology = self._topology()
+
+    def _mig_units(self, index: int, handle: Any) -> list[tuple[Any, Gpu]]:
+        nvml = self.nvml
+        try:
+            current, _ = nvml.nvmlDeviceGetMigMode(handle)
+        except nvml.NVMLError:  # no MIG on this GPU (most models)
+            return []
+        if current != 1:
+            return []
+        units = []
+        for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except nvml.NVMLError:  # an empty slot
+                continue
+            gpu = self._describe(index, mig)
+            units.append((mig, Gpu(index, gpu.uuid, gpu.name, gpu.memory_mib, mig=True)))
+        return units
 
     def _describe(self, index: int, handle: Any) -> Gpu:
         nvml = self.nvml

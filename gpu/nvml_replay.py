@@ -79,10 +79,30 @@ class ReplayNvml:
         self.events.append(event)
         self.arrived.set()
 
-    def _device(self, handle: int) -> dict[str, Any]:
+    def _device(self, handle: Any) -> dict[str, Any]:
+        if isinstance(handle, tuple):  # ("mig", GPU index, slot): a MIG device
+            mig: dict[str, Any] = self._device(handle[1])["mig_devices"][handle[2]]
+            return mig
         if handle in self.lost:
             raise NVMLError_GpuIsLost()
-        return self.devices[handle]
+        device: dict[str, Any] = self.devices[handle]
+        return device
+
+    def _field(self, handle: Any, key: str) -> Any:
+        """A reading the record has for this device; NOT_SUPPORTED (3) where it has none (as
+        NVML answers for most readings of a MIG device)."""
+        device = self._device(handle)
+        if key not in device:
+            raise NVMLError(3)
+        return device[key]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: int) -> int:
+        return len(self._device(handle).get("mig_devices", []))
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: int, slot: int) -> tuple[str, int, int]:
+        if slot >= len(self._device(handle).get("mig_devices", [])):
+            raise NVMLError(6)  # NVML_ERROR_NOT_FOUND
+        return ("mig", handle, slot)
 
     # --- system ---------------------------------------------------------------------------
 
@@ -106,36 +126,36 @@ class ReplayNvml:
 
     # --- one device -------------------------------------------------------------------------
 
-    def nvmlDeviceGetName(self, handle: int) -> str:
+    def nvmlDeviceGetName(self, handle: Any) -> str:
         return str(self._device(handle)["name"])
 
-    def nvmlDeviceGetUUID(self, handle: int) -> str:
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
         return str(self._device(handle)["uuid"])
 
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> SimpleNamespace:
         d = self._device(handle)
-        total, used = d["memory_total_mib"] * MIB, d["memory_used_mib"] * MIB
+        total, used = d["memory_total_mib"] * MIB, d.get("memory_used_mib", 0) * MIB
         return SimpleNamespace(total=total, used=used, free=total - used)
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
-        return SimpleNamespace(gpu=self._device(handle)["utilization_pct"], memory=0)
+        return SimpleNamespace(gpu=self._field(handle, "utilization_pct"), memory=0)
 
     def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
-        return int(self._device(handle)["temperature_c"])
+        return int(self._field(handle, "temperature_c"))
 
     def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
-        return int(self._device(handle)["power_w"] * 1000)
+        return int(self._field(handle, "power_w") * 1000)
 
     def nvmlDeviceGetMigMode(self, handle: int) -> tuple[int, int]:
-        mode = self._device(handle)["mig_mode"]
+        mode = self._field(handle, "mig_mode")
         return int(mode["current"]), int(mode["pending"])
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
         return [SimpleNamespace(pid=p["pid"], usedGpuMemory=p["used_memory_mib"] * MIB)
-                for p in self._device(handle)["processes"]]
+                for p in self._field(handle, "processes")]
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a: int, b: int) -> int:
-        return TOPOLOGY[self._device(a)["topology"][self._device(b)["uuid"]]]
+        return TOPOLOGY[self._field(a, "topology")[self._device(b)["uuid"]]]
 
     def nvmlDeviceGetP2PStatus(self, a: int, b: int, caps_index: int) -> int:
         """0 (NVML_P2P_STATUS_OK) when `b` is among `a`'s NVLink peers; 5 (not supported)."""
@@ -143,7 +163,7 @@ class ReplayNvml:
 
     def nvmlDeviceGetSupportedEventTypes(self, handle: int) -> int:
         mask = 0
-        for name in self._device(handle)["supported_events"]:
+        for name in self._field(handle, "supported_events"):
             mask |= EVENT_TYPES[name]
         return mask
 

@@ -48,9 +48,23 @@ def device(nvml: Any, index: int, handle: Any, handles: list[Any], uuids: list[s
         "temperature_c": int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
         "power_w": round(nvml.nvmlDeviceGetPowerUsage(handle) / 1000, 1),
         "mig_mode": {"current": int(current), "pending": int(pending)},
+        "mig_devices": mig_devices(nvml, handle) if current == 1 else [],
         "topology": topology,
         "nvlink_peers": nvlink,
         "processes": [{"pid": int(p.pid), "used_memory_mib": int(p.usedGpuMemory or 0) // MIB}
                       for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)],
         "supported_events": [n for bit, n in EVENT_NAMES.items() if mask & bit],
     }
+
+
+def mig_devices(nvml: Any, handle: Any) -> list[dict[str, Any]]:
+    found = []
+    for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except nvml.NVMLError:
+            continue
+        found.append({"uuid": text(nvml.nvmlDeviceGetUUID(mig)),
+                      "name": text(nvml.nvmlDeviceGetName(mig)),
+                      "memory_total_mib": int(nvml.nvmlDeviceGetMemoryInfo(mig).total) // MIB})
+    return found

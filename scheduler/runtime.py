@@ -105,6 +105,8 @@ def gpu_env(uuids: Sequence[str], indexes: Sequence[int], gpu_mode: str) -> dict
     """
     if not uuids:
         return {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
+    if any(u.startswith("MIG-") for u in uuids):  # CUDA names a MIG device by its uuid only
+        return {"CUDA_VISIBLE_DEVICES": ",".join(uuids), "NVIDIA_VISIBLE_DEVICES": ",".join(uuids)}
     cuda = range(len(uuids)) if gpu_mode in ("nvidia", "cdi") else indexes
     return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in cuda),
             "NVIDIA_VISIBLE_DEVICES": ",".join(uuids)}

@@ -83,7 +83,8 @@ class Harness:
             "docker": {"host": host, "network": network, "stop_timeout_s": 1.0,
                        "egress": egress, "subnet_pool": pool, "gpu_mode": gpu_mode},
             "gpu": {"source": "static", "reserve_memory": "128m", "devices": [
-                {"name": g.name, "memory_mib": g.memory_mib, "uuid": g.uuid} for g in gpus]}})
+                {"name": g.name, "memory_mib": g.memory_mib, "uuid": g.uuid, "mig": g.mig}
+                for g in gpus]}})
         self._stack = AsyncExitStack()
         self._stop_replicas = True
         self._ticker: asyncio.Task[None] | None = None
