@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,10 @@ class Gpu:
 NVLINK, SWITCH, HOSTBRIDGE, NODE, SYSTEM = range(5)
 ANCESTOR_RANK = {0: SWITCH, 10: SWITCH, 20: SWITCH, 30: HOSTBRIDGE, 40: NODE, 50: SYSTEM}
 NVML_P2P_CAPS_INDEX_NVLINK = 3
+# NVML errors that mean NVML itself is gone, not one GPU: uninitialized, driver not loaded,
+# library not found, driver/library version mismatch (a driver upgrade under way).
+DRIVER_GONE = frozenset({1, 9, 12, 18})
+RETRY_MIN_S, RETRY_MAX_S = 5.0, 300.0
 
 
 @dataclass(frozen=True)
@@ -156,12 +161,15 @@ class NvmlInventory:
 
     source = "nvml"
 
-    def __init__(self, nvml: Any = None) -> None:
+    def __init__(self, nvml: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
         if nvml is None:  # the driver's; tests hand in berth.gpu.nvml_replay.ReplayNvml
             import pynvml as driver
             nvml = driver
         self.nvml = pynvml = nvml
+        self.clock = clock
         self.lost: dict[str, str] = {}  # uuid -> why, for GPUs whose sampling found them lost
+        self.available = True  # False while NVML itself does not answer (driver upgrade)
+        self.retry_s, self.retry_at = RETRY_MIN_S, 0.0
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
@@ -206,26 +214,74 @@ class NvmlInventory:
                    memory_mib=int(memory.total) // (1024 * 1024))
 
     def sample(self) -> dict[str, GpuSample]:
-        nvml = self.nvml
-        samples = {}
+        """Readings of every GPU that answers. A GPU that NVML calls lost is noted in `lost`
+        (the daemon marks it unhealthy). When NVML itself goes (every GPU fails, or the
+        driver is gone: a driver upgrade), no GPU is blamed: readings stop, `available` is
+        False, it is logged once, and NVML is tried again with backoff."""
+        now = self.clock()
+        if not self.available and (now < self.retry_at or not self._reinit(now)):
+            return {}
+        samples, failures = {}, {}
         for gpu, handle in zip(self.gpus, self._handles, strict=True):
+            if gpu.mig:
+                continue  # NVML has no readings of its own for a MIG device
             try:
-                util = nvml.nvmlDeviceGetUtilizationRates(handle)
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                temp = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
-            except nvml.NVMLError as exc:  # a GPU that fell off the bus must not stop the rest
-                log.warning("gpu.sample_failed", gpu=gpu.index, error=str(exc))
-                verdict = lost_verdict(exc)
-                if verdict is not None:
-                    self.lost[gpu.uuid] = verdict
-                continue
-            samples[gpu.uuid] = GpuSample(
-                utilization_pct=int(util.gpu),
-                memory_used_mib=int(memory.used) // (1024 * 1024),
-                temperature_c=int(temp),
-                processes=self._processes(handle),
-            )
+                samples[gpu.uuid] = self._read(handle)
+            except self.nvml.NVMLError as exc:  # one GPU off the bus must not stop the rest
+                failures[gpu.uuid] = exc
+        if failures and (not samples or any(getattr(e, "value", None) in DRIVER_GONE
+                                            for e in failures.values())):
+            self._driver_lost(now, next(iter(failures.values())))
+            return {}
+        for uuid, error in failures.items():
+            log.warning("gpu.sample_failed", gpu=uuid, error=str(error))
+            verdict = lost_verdict(error)
+            if verdict is not None:
+                self.lost[uuid] = verdict
         return samples
+
+    def _read(self, handle: Any) -> GpuSample:
+        nvml = self.nvml
+        util = nvml.nvmlDeviceGetUtilizationRates(handle)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        temp = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        return GpuSample(utilization_pct=int(util.gpu),
+                         memory_used_mib=int(memory.used) // (1024 * 1024),
+                         temperature_c=int(temp), processes=self._processes(handle))
+
+    def _driver_lost(self, now: float, error: Exception) -> None:
+        if self.available:
+            log.warning("gpu.nvml_unavailable", error=str(error), message="NVML stopped "
+                        "answering (a driver upgrade?): GPU readings unknown, replicas keep "
+                        "running, NVML is tried again with backoff")
+        self.available, self.retry_s = False, RETRY_MIN_S
+        self.retry_at = now + self.retry_s
+
+    def _reinit(self, now: float) -> bool:
+        nvml = self.nvml
+        with contextlib.suppress(nvml.NVMLError):
+            nvml.nvmlShutdown()
+        try:
+            nvml.nvmlInit()
+            handles = {_text(nvml.nvmlDeviceGetUUID(h)): h
+                       for h in self._all_handles()}
+            self._handles = [handles[g.uuid] for g in self.gpus]
+        except (nvml.NVMLError, KeyError):
+            self.retry_s = min(self.retry_s * 2, RETRY_MAX_S)
+            self.retry_at = now + self.retry_s
+            return False
+        self.available = True
+        log.info("gpu.nvml_back", message="NVML answers again: GPU readings resume")
+        return True
+
+    def _all_handles(self) -> list[Any]:
+        """Handles of every unit (whole GPUs and MIG devices), looked up afresh."""
+        found = []
+        for i in range(self.nvml.nvmlDeviceGetCount()):
+            handle = self.nvml.nvmlDeviceGetHandleByIndex(i)
+            units = self._mig_units(i, handle)
+            found += [h for h, _ in units] if units else [handle]
+        return found
 
     def _topology(self) -> Topology:
         nvml, ranks = self.nvml, {}

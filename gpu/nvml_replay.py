@@ -68,6 +68,7 @@ class ReplayNvml:
         self.devices: list[dict[str, Any]] = record["devices"]
         self.events: deque[dict[str, Any]] = deque(record.get("events", []))
         self.lost: set[int] = set()
+        self.gone = False
         self.arrived = threading.Event()  # set by push(): a waiting event set wakes
 
     @classmethod
@@ -79,7 +80,13 @@ class ReplayNvml:
         self.events.append(event)
         self.arrived.set()
 
+    def driver_gone(self, gone: bool = True) -> None:
+        """As during a driver upgrade: every call fails (9: driver not loaded) until back."""
+        self.gone = gone
+
     def _device(self, handle: Any) -> dict[str, Any]:
+        if self.gone:
+            raise NVMLError(9)
         if isinstance(handle, tuple):  # ("mig", GPU index, slot): a MIG device
             mig: dict[str, Any] = self._device(handle[1])["mig_devices"][handle[2]]
             return mig
@@ -107,7 +114,8 @@ class ReplayNvml:
     # --- system ---------------------------------------------------------------------------
 
     def nvmlInit(self) -> None:
-        return None
+        if self.gone:
+            raise NVMLError(9)
 
     def nvmlShutdown(self) -> None:
         return None

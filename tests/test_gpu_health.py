@@ -155,3 +155,19 @@ async def test_gpu_memory_is_reported_per_replica_and_the_rest_as_unattributed(a
                                                       ("replica", replica.id)))] == 20480 * MIB
     assert series[("berth_gpu_unattributed_memory_bytes", (
         ("gpu", str(gpu.index)), ("name", gpu.name), ("uuid", gpu.uuid)))] == 512 * MIB
+
+
+def test_nvml_going_away_blames_no_gpu_and_comes_back_with_backoff():
+    nvml, now = ReplayNvml.load(FIXTURE), [0.0]
+    inventory = NvmlInventory(nvml, clock=lambda: now[0])
+    assert len(inventory.sample()) == 4
+    nvml.driver_gone()  # a driver upgrade: every call fails
+    assert inventory.sample() == {} and not inventory.available
+    assert inventory.lost == {}  # no GPU is blamed for NVML's absence
+    now[0] = 6.0
+    assert inventory.sample() == {} and inventory.retry_s == 10.0  # tried, backing off
+    now[0] = 10.0
+    assert inventory.sample() == {}  # not yet due: NVML is not even asked
+    nvml.driver_gone(False)
+    now[0] = 17.0
+    assert len(inventory.sample()) == 4 and inventory.available  # back, same GPUs
