@@ -131,6 +131,30 @@ async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: f
                              f"error: {pool.error}") from None
 
 
+class CallsInFlight:
+    """`callers` tasks calling GET `path` in a loop until the block ends; `statuses` holds every
+    answer's status (the tests of rolls and moves assert that none was lost)."""
+
+    def __init__(self, client: TestClient, path: str, callers: int = 2,
+                 headers: dict[str, str] | None = None) -> None:
+        self.client, self.path, self.headers = client, path, headers or {}
+        self.statuses: list[int] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._call()) for _ in range(callers)]
+
+    async def _call(self) -> None:
+        while not self._stop.is_set():
+            resp = await self.client.get(self.path, headers=self.headers)
+            self.statuses.append(resp.status)
+
+    async def __aenter__(self) -> CallsInFlight:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
 def ready_count(pool: EndpointPool) -> int:
     return sum(1 for r in pool.replicas.values() if r.state.value == "ready")
 

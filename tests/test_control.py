@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from berth.scheduler.replica import ReplicaState
-from helpers import body, endpoint, ready_count, wait_for
+from helpers import CallsInFlight, body, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 S = ReplicaState
@@ -202,24 +202,14 @@ async def test_rolling_change_without_a_failed_call(api):
     pool = h.reconciler.pool("roll")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [old] = pool.replicas.values()
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def caller():
-        while not stop.is_set():
-            resp = await client.get("/invoke/roll/sleep?s=0.05", headers=ADMIN)
-            statuses.append(resp.status)
-
-    callers = [asyncio.create_task(caller()) for _ in range(3)]
-    await asyncio.sleep(0.3)
-    resp = await client.patch("/v1/endpoints/roll", headers=ADMIN,
-                              json={"image": body("x")["image"], "env": {"V": "2"}})
-    assert resp.status == 200 and (await resp.json())["generation"] == 2
-    await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica gone")
-    await asyncio.sleep(0.3)
-    stop.set()
-    await asyncio.gather(*callers)
-    assert len(statuses) > 20 and set(statuses) == {200}
+    async with CallsInFlight(client, "/invoke/roll/sleep?s=0.05", 3, ADMIN) as calls:
+        await asyncio.sleep(0.3)
+        resp = await client.patch("/v1/endpoints/roll", headers=ADMIN,
+                                  json={"image": body("x")["image"], "env": {"V": "2"}})
+        assert resp.status == 200 and (await resp.json())["generation"] == 2
+        await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica gone")
+        await asyncio.sleep(0.3)
+    assert len(calls.statuses) > 20 and set(calls.statuses) == {200}
     env = await (await client.get("/invoke/roll/env", headers=ADMIN)).json()
     assert env["V"] == "2"
 
@@ -249,22 +239,13 @@ async def test_restart_replaces_every_replica_new_first_without_a_failed_call(ap
     pool = h.reconciler.pool("rs")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [old] = pool.replicas.values()
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def caller():
-        while not stop.is_set():
-            statuses.append((await client.get("/invoke/rs/sleep?s=0.05", headers=ADMIN)).status)
-
-    callers = [asyncio.create_task(caller()) for _ in range(2)]
-    resp = await client.post("/v1/endpoints/rs/restart", headers=ADMIN)
-    assert resp.status == 200 and (await resp.json())["generation"] == 2
-    await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica gone")
-    [new] = [r for r in pool.replicas.values() if r.state is S.READY]
-    stop.set()
-    await asyncio.gather(*callers)
+    async with CallsInFlight(client, "/invoke/rs/sleep?s=0.05", 2, ADMIN) as calls:
+        resp = await client.post("/v1/endpoints/rs/restart", headers=ADMIN)
+        assert resp.status == 200 and (await resp.json())["generation"] == 2
+        await wait_for(pool, lambda: old.state is S.STOPPED, what="old replica gone")
+        [new] = [r for r in pool.replicas.values() if r.state is S.READY]
     assert new.container_id != old.container_id and new.generation == 2
-    assert len(statuses) > 5 and set(statuses) == {200}
+    assert len(calls.statuses) > 5 and set(calls.statuses) == {200}
     [record] = [e for e in await h.store.endpoints() if e.name == "rs"]
     assert record.generation == 2  # stored: a restart of berthd does not roll back
     kinds = [e.kind for e in await h.store.events("rs")]

@@ -19,7 +19,7 @@ from berth.gpu.health import GpuHealthWatch, event_verdict, on_loop
 from berth.gpu.inventory import NvmlInventory, container_in_cgroup
 from berth.gpu.nvml_replay import ReplayNvml
 from berth.scheduler.replica import ReplicaState
-from helpers import ROOT, body, ready_count, wait_for
+from helpers import ROOT, CallsInFlight, body, ready_count, wait_for
 
 FIXTURE = ROOT / "tests" / "fixtures" / "nvml-4xh100.json"
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -81,25 +81,17 @@ async def test_a_replayed_xid_79_moves_the_replica_to_a_healthy_gpu_with_no_call
     watch = GpuHealthWatch(nvml, inventory.handles(),
                            on_loop(asyncio.get_running_loop(), h.reconciler.gpu_sick), wait_ms=50)
     watch.start()
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def caller():
-        while not stop.is_set():
-            statuses.append((await client.get("/invoke/m/sleep?s=0.05", headers=ADMIN)).status)
-
-    callers = [asyncio.create_task(caller()) for _ in range(2)]
     try:
-        await asyncio.sleep(0.2)
-        nvml.push({"device": index, "type": "xid_critical", "xid": 13})  # the app's: ignored
-        nvml.push({"device": index, "type": "xid_critical", "xid": 79, "then_lost": True})
-        await wait_for(pool, lambda: first.state is S.STOPPED, what="moved off the sick GPU")
-        await wait_for(pool, lambda: ready_count(pool) == 1, what="replacement ready")
-        await asyncio.sleep(0.2)
+        async with CallsInFlight(client, "/invoke/m/sleep?s=0.05", 2, ADMIN) as calls:
+            await asyncio.sleep(0.2)
+            nvml.push({"device": index, "type": "xid_critical", "xid": 13})  # the app's: no
+            nvml.push({"device": index, "type": "xid_critical", "xid": 79, "then_lost": True})
+            await wait_for(pool, lambda: first.state is S.STOPPED, what="moved off the GPU")
+            await wait_for(pool, lambda: ready_count(pool) == 1, what="replacement ready")
+            await asyncio.sleep(0.2)
     finally:
-        stop.set()
-        await asyncio.gather(*callers)
         watch.stop()
+    statuses = calls.statuses
     [second] = [r for r in pool.replicas.values() if r.state is S.READY]
     assert second.gpus != [sick]
     assert set(statuses) == {200} and len(statuses) > 5  # no call lost

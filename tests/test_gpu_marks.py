@@ -8,7 +8,7 @@ import asyncio
 
 from berth.gpu import GpuMarkKind
 from berth.scheduler.replica import ReplicaState
-from helpers import body, ready_count, wait_for
+from helpers import CallsInFlight, body, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 S = ReplicaState
@@ -25,23 +25,15 @@ async def test_cordon_moves_replicas_and_survives_a_restart(api):
     await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
     [first] = pool.replicas.values()
     [held] = first.gpus
-    statuses: list[int] = []
-    stop = asyncio.Event()
-
-    async def caller():
-        while not stop.is_set():
-            statuses.append((await client.get("/invoke/c/sleep?s=0.05", headers=ADMIN)).status)
-
-    callers = [asyncio.create_task(caller()) for _ in range(2)]
-    await asyncio.sleep(0.2)
-    resp = await client.post(f"/v1/gpus/{held}/cordon", headers=ADMIN,
-                             json={"reason": "fan noise"})
-    view = await resp.json()
-    assert resp.status == 200 and view["cordoned"] and view["cordon_reason"] == "fan noise"
-    await wait_for(pool, lambda: first.state is S.STOPPED, what="replica moved off the GPU")
-    await wait_for(pool, lambda: ready_count(pool) == 1, what="replacement ready")
-    stop.set()
-    await asyncio.gather(*callers)
+    async with CallsInFlight(client, "/invoke/c/sleep?s=0.05", 2, ADMIN) as calls:
+        await asyncio.sleep(0.2)
+        resp = await client.post(f"/v1/gpus/{held}/cordon", headers=ADMIN,
+                                 json={"reason": "fan noise"})
+        view = await resp.json()
+        assert resp.status == 200 and view["cordoned"] and view["cordon_reason"] == "fan noise"
+        await wait_for(pool, lambda: first.state is S.STOPPED, what="replica moved off the GPU")
+        await wait_for(pool, lambda: ready_count(pool) == 1, what="replacement ready")
+    statuses = calls.statuses
     [second] = [r for r in pool.replicas.values() if r.state is S.READY]
     assert second.gpus != [held] and len(second.gpus) == 1
     assert set(statuses) == {200} and len(statuses) > 5  # queued while it moved, none lost
