@@ -64,7 +64,7 @@ def _remove_test_containers(host: str) -> None:
     network = f"berth-test-{SESSION}"
     for filters in ({"label": f"{TEST_LABEL}={SESSION}"}, {"network": network},
                     {"label": f"berth.instance={network}"}):
-        for c in client.containers.list(all=True, filters=filters):
+        for c in client.containers.list(all=True, sparse=True, filters=filters):
             c.remove(force=True)
     for n in [*client.networks.list(names=[network]),
               *client.networks.list(filters={"label": f"berth.instance={network}"})]:

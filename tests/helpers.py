@@ -155,6 +155,12 @@ class CallsInFlight:
         await asyncio.gather(*self._tasks)
 
 
+def containers(client: docker.DockerClient, **filters: str) -> list[Any]:
+    """Containers (stopped too) matching `filters`, listed sparse: no per-container inspect, so
+    a container berth removes meanwhile cannot turn the listing into a 404."""
+    return client.containers.list(all=True, sparse=True, filters=filters)  # type: ignore[no-any-return]
+
+
 def ready_count(pool: EndpointPool) -> int:
     return sum(1 for r in pool.replicas.values() if r.state.value == "ready")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from berth.scheduler.replica import ReplicaState
-from helpers import CallsInFlight, body, endpoint, ready_count, wait_for
+from helpers import CallsInFlight, body, containers, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 S = ReplicaState
@@ -55,7 +55,7 @@ async def test_endpoint_lifecycle_through_the_api(api, docker_client):
             break
         await asyncio.sleep(0.1)
     assert states[queued["id"]] == "cancelled" and task["id"] in states
-    assert not docker_client.containers.list(all=True, filters={"label": "berth.endpoint=m"})
+    assert not containers(docker_client, label="berth.endpoint=m")
 
 
 async def test_bad_bodies_get_422_naming_every_wrong_field(api):

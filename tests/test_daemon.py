@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from berth.daemon.core import cdi_refusal
-from helpers import ROOT, Berthd, config_text, one_ready, ready_ids
+from helpers import ROOT, Berthd, config_text, containers, one_ready, ready_ids
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_sighup_reloads_only_what_changed_and_refuses_a_bad_file(
         time.sleep(0.05)
     assert d.get("/v1/endpoints/removed")[0] == 404
     for cid in (before["changed"], before["removed"]):
-        assert not docker_client.containers.list(all=True, filters={"id": cid})
+        assert not containers(docker_client, id=cid)
 
     # A file that does not validate: refused, logged, and everything keeps running.
     config.write_text(config.read_text().replace("min_replicas = 1", "min_replicas = -1", 1))
@@ -150,7 +150,7 @@ def test_stop_replicas_on_exit_stops_them(daemon, write_config, docker_client):
     cid = ready_ids(d.wait_endpoint("gone", one_ready))[0]
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
-    assert not docker_client.containers.list(all=True, filters={"id": cid})
+    assert not containers(docker_client, id=cid)
 
 
 def test_watchdog_pings_at_half_the_interval(daemon, write_config):

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from helpers import SESSION, TEST_LABEL, Berthd
+from helpers import SESSION, TEST_LABEL, Berthd, containers
 
 CONFIG = """
 [daemon]
@@ -134,7 +134,7 @@ def test_docker_stopped_and_started_under_a_running_berthd(tmp_path, private_eng
                 if e["event"] == "docker.unreachable"]
         assert len(said) == 1, said  # once per outage, not every second
         client = private_engine.client()
-        left = client.containers.list(all=True, filters={"label": f"berth.replica={first}"})
+        left = containers(client, label=f"berth.replica={first}")
         client.close()
         assert left == []  # the dead container was removed once the engine came back
     finally:

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from berth.scheduler.replica import ReplicaState
-from helpers import SESSION, TEST_LABEL, endpoint, ready_count, wait_for
+from helpers import SESSION, TEST_LABEL, containers, endpoint, ready_count, wait_for
 
 S = ReplicaState
 
@@ -90,8 +90,9 @@ async def test_crashing_replica_is_replaced_with_backoff_and_frees_gpus(harness,
     second = sorted(await h.store.replicas(), key=lambda r: r.created_at)[1]
     assert second.created_at - failed[0].stopped_at >= 0.9
     # Failed containers are removed, not left to pile up; the GPU is held by at most the live one.
-    left = docker_client.containers.list(all=True, filters={"label": "berth.endpoint=crashy"})
-    assert {c.labels["berth.replica"] for c in left} <= set(pool.replicas)
+    # (A sparse list: berth may remove a container between a list and a per-container inspect.)
+    left = containers(docker_client, label="berth.endpoint=crashy")
+    assert {c.attrs["Labels"]["berth.replica"] for c in left} <= set(pool.replicas)
     assert set(rec.allocator.owners().values()) <= set(pool.replicas)
     assert "logs" in [e.kind for e in await h.store.events("crashy")]
 
@@ -106,7 +107,7 @@ async def test_startup_timeout_fails_the_replica(harness, docker_client):
     failed = next(r for r in await h.store.replicas() if r.state == "failed")
     assert "not ready within startup_timeout_s=0.6" in failed.reason
     await asyncio.sleep(0.2)
-    assert not docker_client.containers.list(all=True, filters={"id": failed.container_id})
+    assert not containers(docker_client, id=failed.container_id)
 
 
 async def test_failed_liveness_replaces_the_replica(harness):
@@ -176,7 +177,7 @@ async def test_restart_removes_unknown_containers_and_forgets_gone_ones(
                 TEST_LABEL: SESSION})
 
     second = await harness(gpus=1)
-    assert not docker_client.containers.list(all=True, filters={"id": stray.id})
+    assert not containers(docker_client, id=stray.id)
     stored = {r.id: r for r in await second.store.replicas()}
     assert stored[replica.id].state == "stopped"
     assert second.reconciler.allocator.owners() == {}  # its GPU is free again
@@ -234,7 +235,7 @@ async def test_removed_endpoint_stops_its_replicas_and_frees_gpus(harness, docke
         await asyncio.sleep(0.1)
     assert not rec.holds("bye")
     assert rec.allocator.owners() == {}
-    assert not docker_client.containers.list(all=True, filters={"id": replica.container_id})
+    assert not containers(docker_client, id=replica.container_id)
     assert "bye" not in [e.name for e in await h.store.endpoints()]
 
 
@@ -267,7 +268,7 @@ async def test_failed_container_start_never_leaks_its_gpus(harness, docker_clien
     assert "could not select device driver" in pool.error
     assert rec.allocator.owners() == {}
     assert await h.store.gpu_owners() == {}
-    assert not docker_client.containers.list(all=True, filters={"label": "berth.endpoint=nogpu"})
+    assert not containers(docker_client, label="berth.endpoint=nogpu")
 
 
 async def test_missing_secret_is_an_endpoint_error_naming_it(harness):
@@ -363,4 +364,4 @@ async def test_engine_errors_and_timeouts_leave_state_consistent(harness, docker
         await asyncio.sleep(0.1)
     assert not rec.holds("e") and not faults["remove"]
     assert rec.allocator.owners() == {}
-    assert not docker_client.containers.list(all=True, filters={"id": replica.container_id})
+    assert not containers(docker_client, id=replica.container_id)

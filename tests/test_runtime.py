@@ -23,7 +23,7 @@ from berth.scheduler.runtime import (
     gpu_env,
     host_routes,
 )
-from helpers import SESSION, TEST_LABEL
+from helpers import SESSION, TEST_LABEL, containers
 
 
 def spec(name: str, image: str, **fields) -> ContainerSpec:
@@ -84,7 +84,7 @@ async def test_device_request_without_nvidia_runtime_fails_cleanly(runtime, mode
         pytest.skip("this engine has the NVIDIA runtime: the refusal cannot happen here")
     with pytest.raises(ContainerStartError, match="could not select device driver"):
         await runtime.run(spec("nogpu", model_image, gpu_uuids=["GPU-x"], gpu_mode="nvidia"))
-    leftover = docker_client.containers.list(all=True, filters={"name": f"berth-nogpu-{SESSION}"})
+    leftover = containers(docker_client, name=f"berth-nogpu-{SESSION}")
     assert leftover == []  # created-but-failed containers are removed
 
 
