@@ -23,6 +23,7 @@ from berth.daemon.keys import (
     ALLOCATOR,
     AUTH,
     EVENTS,
+    GPU_READINGS,
     GPU_SAMPLES,
     IMAGES,
     LIMITS,
@@ -46,6 +47,7 @@ from berth.daemon.tasks_api import add_async_plane
 from berth.daemon.ui_page import add_ui
 from berth.daemon.usage import UsageLedger, flushing
 from berth.gpu import GpuAllocator, GpuSample
+from berth.gpu.inventory import GpuReadings
 from berth.scheduler.dispatch import Dispatcher
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.reconciler import Reconciler
@@ -140,6 +142,10 @@ async def healthz(request: web.Request) -> web.Response:
         low = low_disk(request)
         if low:
             answer["state_disk"] = low
+        readings = request.app[GPU_READINGS]
+        if not readings.available:  # NVML is away (driver upgrade): replicas keep running
+            answer["gpus"] = (f"readings unknown since {readings.since:.0f}: NVML does not "
+                              f"answer ({readings.why}); replicas keep running")
         return web.json_response(answer)
     return web.json_response({"status": "degraded", "endpoints": len(reconciler.live_pools()),
                               "docker": f"unreachable since {runtime.down_since:.0f}: "
@@ -169,7 +175,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
               max_async_body_bytes: int = 1024 ** 3, auth: Auth | None = None,
               guard: BrowserGuard | None = None, min_free_disk: int = 0,
               volume_prefixes: tuple[str, ...] = (),
-              usage: UsageLedger | None = None) -> web.Application:
+              usage: UsageLedger | None = None,
+              gpu_readings: GpuReadings | None = None) -> web.Application:
     """The whole HTTP surface, every shared object on its key (daemon/keys.py). Control
     bodies are small (1 MiB); call bodies stream. `guard` defaults to a loopback listener
     answering to 127.0.0.1 and localhost."""
@@ -192,6 +199,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[EVENTS] = EventFeed()
     reconciler.event_listeners.append(app[EVENTS].publish)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
+    app[GPU_READINGS] = gpu_readings or GpuReadings()
     app[METRICS] = Metrics()
     reconciler.start_listeners.append(app[METRICS].start_observed)
     reconciler.wake_listeners.append(app[METRICS].wake_observed)

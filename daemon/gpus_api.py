@@ -16,7 +16,7 @@ from berth.daemon.auth import add_admin_route
 from berth.daemon.config import Strict, issues_from_validation
 from berth.daemon.control import invalid
 from berth.daemon.errors import ApiError, json_body
-from berth.daemon.keys import ALLOCATOR, GPU_SAMPLES, RECONCILER
+from berth.daemon.keys import ALLOCATOR, GPU_READINGS, GPU_SAMPLES, RECONCILER
 from berth.gpu import Gpu, GpuAllocator, GpuMarkKind, GpuSample
 from berth.gpu.inventory import attribute
 from berth.scheduler.pool import replica_containers
@@ -31,7 +31,7 @@ class CordonBody(Strict):
 
 
 def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
-             sample: GpuSample) -> dict[str, Any]:
+             sample: GpuSample, readings: str = "ok") -> dict[str, Any]:
     owner = allocator.owners().get(gpu.uuid)
     marks = allocator.marks(gpu.uuid)
     shares = allocator.shares().get(gpu.uuid, {})
@@ -45,6 +45,7 @@ def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
             "utilization_pct": sample.utilization_pct,
             "memory_used_mib": sample.memory_used_mib,
             "temperature_c": sample.temperature_c,
+            "readings": readings,  # "unknown" while NVML does not answer
             "healthy": U not in marks,
             "health_reason": marks[U].reason if U in marks else None,
             "cordoned": C in marks,
@@ -56,7 +57,9 @@ def view(request: web.Request, gpu: Gpu) -> dict[str, Any]:
     pools = request.app[RECONCILER].live_pools()
     holders: dict[str, str | None] = {r.id: p.name for p in pools for r in p.replicas.values()}
     samples = request.app[GPU_SAMPLES]
-    answer = gpu_view(gpu, request.app[ALLOCATOR], holders, samples.get(gpu.uuid, GpuSample()))
+    readings = "ok" if request.app[GPU_READINGS].available else "unknown"
+    answer = gpu_view(gpu, request.app[ALLOCATOR], holders, samples.get(gpu.uuid, GpuSample()),
+                      readings)
     _, nobody = attribute({gpu.uuid: samples[gpu.uuid]} if gpu.uuid in samples else {},
                           replica_containers(pools))
     answer["unattributed_mib"] = nobody.get(gpu.uuid, 0)  # used by processes of no replica

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from berth.gpu import GpuAllocator, GpuSample
+from berth.gpu.inventory import GpuReadings
 from berth.scheduler.dispatch import Dispatcher
 from berth.scheduler.egress import CallbackPolicy
 from berth.scheduler.images import ImagePuller
@@ -50,6 +51,7 @@ AUTH: web.AppKey[Auth] = web.AppKey("auth")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
+GPU_READINGS = web.AppKey("gpu_readings", GpuReadings)
 LIMITS = web.AppKey("limits", Limits)
 # Routes that need the admin token (the admin_auth middleware checks membership).
 ADMIN_ROUTES = web.AppKey("admin_routes", set[web.AbstractRoute])

@@ -88,6 +88,8 @@ class Health(Model):
     status: Literal["ok", "degraded"]
     endpoints: int
     docker: str | None = None  # only when degraded: since when and why the engine is gone
+    state_disk: str | None = None  # only when the state disk is under daemon.min_free_disk
+    gpus: str | None = None  # only while NVML does not answer: GPU readings unknown
 
 
 class GpuRef(Model):
@@ -190,6 +192,7 @@ class GpuView(Model):
     utilization_pct: int | None
     memory_used_mib: int | None
     temperature_c: int | None
+    readings: Literal["ok", "unknown"]
     shares: list[GpuShare]
     shared_mib: int
     lent_to: str | None

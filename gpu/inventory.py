@@ -57,6 +57,16 @@ def group_topology(gpus: Sequence[Gpu], groups: Sequence[str | None]) -> Topolog
                      if a.uuid != b.uuid and ga is not None and ga == gb})
 
 
+@dataclass
+class GpuReadings:
+    """Whether GPU readings can be had now: not while NVML itself does not answer (a driver
+    upgrade). The views and /healthz say so; nothing is marked sick for it."""
+
+    available: bool = True
+    since: float = 0.0  # unix time readings stopped
+    why: str = ""
+
+
 @dataclass(frozen=True)
 class GpuProcess:
     """A process using a GPU, as NVML lists it (host PID), with the container it runs in."""
@@ -117,6 +127,7 @@ class GpuSourceError(Exception):
 class Inventory(Protocol):
     source: str
     topology: Topology
+    readings: GpuReadings
 
     @property
     def gpus(self) -> Sequence[Gpu]: ...
@@ -133,6 +144,7 @@ class StaticInventory:
     gpus: Sequence[Gpu] = field(default_factory=tuple)
     source: str = "static"
     topology: Topology = field(default_factory=Topology)
+    readings: GpuReadings = field(default_factory=GpuReadings)
 
     def sample(self) -> dict[str, GpuSample]:
         return {}
@@ -168,7 +180,7 @@ class NvmlInventory:
         self.nvml = pynvml = nvml
         self.clock = clock
         self.lost: dict[str, str] = {}  # uuid -> why, for GPUs whose sampling found them lost
-        self.available = True  # False while NVML itself does not answer (driver upgrade)
+        self.readings = GpuReadings()  # unavailable while NVML itself does not answer
         self.retry_s, self.retry_at = RETRY_MIN_S, 0.0
         try:
             pynvml.nvmlInit()
@@ -249,12 +261,17 @@ class NvmlInventory:
                          memory_used_mib=int(memory.used) // (1024 * 1024),
                          temperature_c=int(temp), processes=self._processes(handle))
 
+    @property
+    def available(self) -> bool:
+        return self.readings.available
+
     def _driver_lost(self, now: float, error: Exception) -> None:
         if self.available:
+            self.readings.since, self.readings.why = time.time(), str(error)
             log.warning("gpu.nvml_unavailable", error=str(error), message="NVML stopped "
                         "answering (a driver upgrade?): GPU readings unknown, replicas keep "
                         "running, NVML is tried again with backoff")
-        self.available, self.retry_s = False, RETRY_MIN_S
+        self.readings.available, self.retry_s = False, RETRY_MIN_S
         self.retry_at = now + self.retry_s
 
     def _reinit(self, now: float) -> bool:
@@ -270,7 +287,7 @@ class NvmlInventory:
             self.retry_s = min(self.retry_s * 2, RETRY_MAX_S)
             self.retry_at = now + self.retry_s
             return False
-        self.available = True
+        self.readings.available = True
         log.info("gpu.nvml_back", message="NVML answers again: GPU readings resume")
         return True
 

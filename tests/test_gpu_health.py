@@ -163,3 +163,18 @@ def test_nvml_going_away_blames_no_gpu_and_comes_back_with_backoff():
     nvml.driver_gone(False)
     now[0] = 17.0
     assert len(inventory.sample()) == 4 and inventory.available  # back, same GPUs
+
+
+async def test_while_nvml_is_away_the_views_say_gpu_readings_are_unknown(api):
+    nvml = ReplayNvml.load(FIXTURE)
+    inventory = NvmlInventory(nvml)
+    _, client = await api(gpus=list(inventory.gpus), gpu_readings=inventory.readings)
+    health = await (await client.get("/healthz")).json()
+    assert health["status"] == "ok" and "gpus" not in health
+    nvml.driver_gone()
+    assert inventory.sample() == {}
+    health = await (await client.get("/healthz")).json()
+    assert health["status"] == "ok"  # the replicas keep running
+    assert health["gpus"].startswith("readings unknown since") and "NVML" in health["gpus"]
+    gpus = (await (await client.get("/v1/gpus", headers=ADMIN)).json())["gpus"]
+    assert {g["readings"] for g in gpus} == {"unknown"} and all(g["healthy"] for g in gpus)

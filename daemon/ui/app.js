@@ -140,6 +140,7 @@
     const issues = [];
     if (health.status !== "ok") issues.push(["bad", "Docker engine: " + (health.docker || health.status)]);
     if (health.state_disk) issues.push(["warn", "State disk " + health.state_disk]);
+    if (health.gpus) issues.push(["warn", "GPU " + health.gpus]);
     for (const e of endpoints) {
       if (e.error) issues.push(["bad", e.name + ": " + e.error]);
       else if (e.queued > 0 && !e.replicas.some((r) => r.state === "ready")) {
