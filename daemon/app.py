@@ -132,6 +132,10 @@ async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def end_followers(app: web.Application) -> None:
+    app[EVENTS].end_all()  # open status pages must not hold up a stop
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 when berthd can do its job; 503 while the Docker engine is unreachable. A state
     disk under daemon.min_free_disk is said (async intake is refused, sync calls go on)."""
@@ -197,6 +201,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[QUOTA] = Quota(app[USAGE])
     reconciler.removal_listeners.append(app[AUTH].forget_endpoint)
     app[EVENTS] = EventFeed()
+    app.on_shutdown.append(end_followers)
     reconciler.event_listeners.append(app[EVENTS].publish)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[GPU_READINGS] = gpu_readings or GpuReadings()

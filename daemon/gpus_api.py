@@ -71,12 +71,16 @@ async def list_gpus(request: web.Request) -> web.Response:
 
 
 def named_gpu(request: web.Request) -> Gpu:
-    """The GPU named in the URL by uuid or index; 404 if the box has none such."""
+    """The GPU named in the URL by uuid or index; 404 if the box has none such, 409 for an
+    index that names several MIG devices (their uuids tell them apart)."""
     key = request.match_info["uuid"]
-    for gpu in request.app[ALLOCATOR].gpus:
-        if key in (gpu.uuid, str(gpu.index)):
-            return gpu
-    raise ApiError(404, "gpu_not_found", f"no GPU {key!r} on this box (a uuid or an index)")
+    found = [g for g in request.app[ALLOCATOR].gpus if key in (g.uuid, str(g.index))]
+    if len(found) > 1:
+        raise ApiError(409, "ambiguous_gpu", f"GPU index {key} holds {len(found)} MIG "
+                       f"devices; name one by its uuid ({', '.join(g.uuid for g in found)})")
+    if not found:
+        raise ApiError(404, "gpu_not_found", f"no GPU {key!r} on this box (a uuid or an index)")
+    return found[0]
 
 
 async def cordon(request: web.Request) -> web.Response:

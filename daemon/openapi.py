@@ -109,11 +109,11 @@ OPS: tuple[Op, ...] = (
     Op("get", "/v1/gpus", "GPUs, holders, readings and health", (200, s.GpuList)),
     Op("post", "/v1/gpus/{uuid}/cordon", "No new replica on this GPU (uuid or index); its "
        "replicas drain while replacements start elsewhere; kept across restarts",
-       (200, s.GpuView), CordonBody, (*BODY_ERRORS, 404), body_optional=True),
+       (200, s.GpuView), CordonBody, (*BODY_ERRORS, 404, 409), body_optional=True),
     Op("post", "/v1/gpus/{uuid}/uncordon", "Back in service (a GPU not cordoned: no-op)",
-       (200, s.GpuView), errors=(404,)),
+       (200, s.GpuView), errors=(404, 409)),
     Op("post", "/v1/gpus/{uuid}/healthy", "A GPU found sick is repaired: back in service "
-       "(a healthy GPU: no-op)", (200, s.GpuView), errors=(404,)),
+       "(a healthy GPU: no-op)", (200, s.GpuView), errors=(404, 409)),
     Op("get", "/v1/audit", "Every control write, refused ones too: time, actor, remote, "
        "action, target, status, outcome (oldest first)", (200, s.AuditList), errors=(400,),
        query=(("since", {"type": "number"}), ("actor", {"type": "string"}),

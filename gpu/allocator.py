@@ -195,7 +195,8 @@ class GpuAllocator:
         """Lend GPUs held by sleepers to `borrower` (stored first); False if one is lent,
         marked or shared meanwhile."""
         async with self._lock:
-            if any(u in self._loans or u in self._marks or u in self._shares for u in uuids):
+            if any(u in self._loans or u in self._marks or u in self._shares
+                   or u not in self._owners for u in uuids):  # only a holder's GPU is lent
                 return False
             if not await self._ledger.lend_gpus(borrower, uuids):
                 await self.load()

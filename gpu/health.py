@@ -48,14 +48,13 @@ def handle_key(handle: Any) -> int:
 
 
 class GpuHealthWatch:
-    """Reports GPUs that NVML events show sick, each once, until `stop`."""
+    """Reports GPUs that NVML events show sick (the reconciler marks each once), until `stop`."""
 
     def __init__(self, nvml: Any, handles: Sequence[tuple[Any, str]],
                  report: Callable[[str, str], None], wait_ms: int = 1000) -> None:
         self.nvml, self.report, self.wait_ms = nvml, report, wait_ms
         self.uuids = {handle_key(h): uuid for h, uuid in handles}
         self.handles = [h for h, _ in handles]
-        self.reported: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="berth-gpu-health", daemon=True)
 
@@ -79,7 +78,11 @@ class GpuHealthWatch:
 
     def _run(self) -> None:
         nvml = self.nvml
-        event_set = self._register()
+        try:
+            event_set = self._register()
+        except Exception as exc:  # no events at all: say so; sampling still finds lost GPUs
+            log.error("gpu.health_watch_off", error=repr(exc))
+            return
         try:
             while not self._stop.is_set():
                 try:
@@ -98,9 +101,8 @@ class GpuHealthWatch:
         verdict = event_verdict(int(event.eventType), int(event.eventData))
         log.info("gpu.event", gpu=uuid, event_type=int(event.eventType),
                  xid=int(event.eventData), verdict=verdict)
-        if uuid is not None and verdict is not None and uuid not in self.reported:
-            self.reported.add(uuid)
-            self.report(uuid, verdict)
+        if uuid is not None and verdict is not None:
+            self.report(uuid, verdict)  # marked once: reports of a marked GPU change nothing
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, mark: Callable[[str, str], Awaitable[None]]

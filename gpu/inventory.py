@@ -241,6 +241,8 @@ class NvmlInventory:
                 samples[gpu.uuid] = self._read(handle)
             except self.nvml.NVMLError as exc:  # one GPU off the bus must not stop the rest
                 failures[gpu.uuid] = exc
+                continue
+            self.lost.pop(gpu.uuid, None)  # answers again (repaired): no longer lost
         if failures and (not samples or any(getattr(e, "value", None) in DRIVER_GONE
                                             for e in failures.values())):
             self._driver_lost(now, next(iter(failures.values())))

@@ -52,11 +52,13 @@ class GpuMoves:
         on it drain (their calls finish) while the passes start replacements elsewhere."""
         await self.allocator.mark(GpuMark(uuid, kind, reason, self.clock()))
         await self.event(f"gpu_{kind.value}", f"GPU {uuid} {kind.value}: {reason}")
-        holder = self.allocator.owners().get(uuid)
+        on_it = {self.allocator.owners().get(uuid), self.allocator.loans().get(uuid),
+                 *self.allocator.shares().get(uuid, {})}  # whole, borrowing or sharing
         for pool in self._pools.values():
-            replica = pool.replicas.get(holder or "")
-            if replica is not None and not self._life(pool, replica).stopping:
-                self._stop_soon(pool, replica, f"its GPU {uuid} is {kind.value}: {reason}")
+            for rid in on_it:
+                replica = pool.replicas.get(rid or "")
+                if replica is not None and not self._life(pool, replica).stopping:
+                    self._stop_soon(pool, replica, f"its GPU {uuid} is {kind.value}: {reason}")
         self.kick()
 
     async def gpu_sick(self, uuid: str, reason: str) -> None:

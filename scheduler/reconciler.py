@@ -316,7 +316,7 @@ class Reconciler(GpuMoves):
             container = containers.get(rec.id)
             pool = self._pools.get(rec.endpoint)
             if (pool and container and container.running and container.id == rec.container_id
-                    and replica.state in (S.STARTING, S.READY, S.DRAINING)):
+                    and replica.state in (S.STARTING, S.READY, S.SLEEPING, S.DRAINING)):
                 pool.add(replica)
                 adopted.add(replica.id)
                 await self.event("adopt", f"adopted running container {container.id[:12]}",
@@ -334,7 +334,9 @@ class Reconciler(GpuMoves):
                                  f"removed container {container.name} unknown to the store",
                                  container.labels.get(LABEL_ENDPOINT), rid)
         await self.allocator.load()
-        for rid in set(self.allocator.owners().values()) - adopted:
+        holders = {*self.allocator.owners().values(), *self.allocator.loans().values(),
+                   *(r for share in self.allocator.shares().values() for r in share)}
+        for rid in holders - adopted:  # whole GPUs, shares and loans of replicas now gone
             await self.allocator.free(rid)
 
     def _resume(self, pool: EndpointPool, replica: Replica) -> None:

@@ -258,3 +258,15 @@ def test_topology_from_nvml_and_from_static_groups():
     static = static_inventory(config.gpu.devices)
     got = choose_gpus(static.gpus, {}, 2, None, (), static.topology)
     assert [g.index for g in got or []] == [0, 2]  # the group, not the lowest indexes
+
+
+async def test_only_a_held_gpu_is_lent_and_once(tmp_path):
+    store = await Store.open(tmp_path)
+    allocator = GpuAllocator(GPUS, store)
+    assert not await allocator.lend("b", ["u0"])  # nobody holds it: nothing to lend
+    assert await allocator.allocate("sleeper", 1, None) is not None
+    assert await allocator.lend("b", ["u0"]) and not await allocator.lend("c", ["u0"])
+    assert allocator.loans() == {"u0": "b"} and await store.gpu_loans() == {"u0": "b"}
+    await allocator.free("b")
+    assert allocator.loans() == {} and allocator.owners() == {"u0": "sleeper"}
+    await store.close()

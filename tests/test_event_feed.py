@@ -57,3 +57,14 @@ async def test_followers_see_only_their_endpoint():
         feed.publish(EventRecord(ts=1, kind="k", message="m", endpoint="a", id=1))
         feed.publish(EventRecord(ts=2, kind="k", message="m", endpoint="b", id=2))
         assert only_a.queue.qsize() == 1 and every.queue.qsize() == 2
+
+
+async def test_followers_end_at_once_when_berthd_shuts_down(api):
+    from berth.daemon.keys import EVENTS
+
+    _, client = await api()
+    resp = await client.get("/v1/events?follow=true", headers=ADMIN)
+    assert resp.status == 200
+    client.app[EVENTS].end_all()  # what the app's on_shutdown does
+    rest = await asyncio.wait_for(resp.content.read(), 2)  # ends now, not at a keep-alive
+    assert b"event: behind" not in rest and not client.app[EVENTS].followers

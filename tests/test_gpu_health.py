@@ -42,6 +42,8 @@ def test_a_lost_gpu_is_said_by_the_sampler_and_the_others_still_sampled():
     samples = inventory.sample()
     assert len(samples) == 3 and inventory.gpus[2].uuid not in samples
     assert inventory.lost == {inventory.gpus[2].uuid: "NVML: GPU is lost"}
+    nvml.lost.discard(2)  # repaired: it answers again, and is no longer said lost
+    assert len(inventory.sample()) == 4 and inventory.lost == {}
 
 
 def test_the_probe_prints_what_berth_reads():

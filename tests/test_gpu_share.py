@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from berth.daemon.config import ConfigError, parse_config
 from build_image import PYTHON
-from helpers import body, ready_count, wait_for
+from helpers import body, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -67,20 +67,61 @@ async def test_shares_that_can_never_fit_are_refused_by_path(api):
 def test_config_check_names_bad_shares():
     base = {"gpu": {"source": "static", "reserve_memory": "1g",
                     "devices": [{"name": "A10", "memory_mib": 24576}]}}
-    for endpoint, path, text in (
+    for fields, path, text in (
             ({"image": "x", "gpus": 2, "gpu_memory": "4g"}, "endpoints.e.gpu_memory",
              "use it with gpus = 1"),
             ({"image": "x", "gpus": 1, "gpu_memory": "lots"}, "endpoints.e.gpu_memory",
              "is not a size")):
         try:
-            parse_config({**base, "endpoints": {"e": endpoint}})
+            parse_config({**base, "endpoints": {"e": fields}})
         except ConfigError as exc:
             assert [i.path for i in exc.issues] == [path] and text in str(exc)
         else:
-            raise AssertionError(f"{endpoint} was accepted")
+            raise AssertionError(f"{fields} was accepted")
     try:
         parse_config({**base, "gpu": {**base["gpu"], "reserve_memory": "1x"}})
     except ConfigError as exc:
         assert [i.path for i in exc.issues] == ["gpu.reserve_memory"]
     else:
         raise AssertionError("a bad reserve_memory was accepted")
+
+
+async def test_cordon_drains_every_sharer_of_the_gpu(api):
+    h, client = await api(gpus=2)
+    for name in ("a", "b"):
+        await client.post("/v1/endpoints", headers=ADMIN,
+                          json=body(name, min_replicas=1, gpus=1, gpu_memory="300m"))
+    pools = [h.reconciler.pool(n) for n in ("a", "b")]
+    for pool in pools:
+        await wait_for(pool, lambda p=pool: ready_count(p) == 1, what="sharer ready")
+    firsts = [next(iter(p.replicas.values())) for p in pools]
+    shared = firsts[0].gpus[0]
+    assert firsts[1].gpus == [shared]
+    assert (await client.post(f"/v1/gpus/{shared}/cordon", headers=ADMIN)).status == 200
+    for pool, first in zip(pools, firsts, strict=True):
+        await wait_for(pool, lambda p=pool, f=first: f.state.value == "stopped"
+                       and ready_count(p) == 1, what="sharer moved")
+    assert all(r.gpus != [shared] for p in pools for r in p.replicas.values()
+               if r.state.value == "ready")
+
+
+async def test_a_restart_frees_shares_of_gone_replicas_and_adopts_sleepers(harness,
+                                                                         docker_client):
+    h = await harness(gpus=2)
+    await h.reconciler.apply_specs({
+        "s": endpoint("s", min_replicas=1, gpus=1, gpu_memory="300m"),
+        "z": endpoint("z", min_replicas=1, gpus=1, idle_timeout_s=60,
+                      sleep={"after_s": 0.2, "wake_timeout_s": 5})}, "config")
+    ps, pz = h.reconciler.pool("s"), h.reconciler.pool("z")
+    await wait_for(ps, lambda: ready_count(ps) == 1, what="sharer ready")
+    [sleeper] = pz.replicas.values()
+    await wait_for(pz, lambda: sleeper.state.value == "sleeping", what="asleep")
+    [sharer] = ps.replicas.values()
+    await h.stop(stop_replicas=False)
+    docker_client.containers.get(sharer.container_id).remove(force=True)  # died meanwhile
+    h2 = await harness(gpus=2)
+    pz2 = h2.reconciler.pool("z")
+    [again] = [r for r in pz2.replicas.values() if r.id == sleeper.id]
+    assert again.state.value == "sleeping" and again.container_id == sleeper.container_id
+    assert sharer.id not in {r for s in h2.reconciler.allocator.shares().values() for r in s}
+    assert sharer.id not in {r for _, r, _ in await h2.store.gpu_shares()}

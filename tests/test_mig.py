@@ -63,3 +63,26 @@ async def test_a_replica_runs_on_a_mig_device_and_sees_only_it(api):
                              json=body("pair", gpus=2, gpu_type="MIG"))
     error = (await resp.json())["error"]
     assert resp.status == 422 and "MIG devices go one per replica" in error["message"]
+
+
+async def test_an_index_that_names_several_mig_devices_is_refused(aiohttp_client, tmp_path):
+    from aiohttp import web
+
+    from berth.daemon.app import json_errors
+    from berth.daemon.gpus_api import cordon
+    from berth.daemon.keys import ALLOCATOR
+    from berth.gpu import GpuAllocator
+    from berth.store import Store
+
+    units = list(inventory().gpus)  # MIG devices keep their GPU's index: 0, 0, then 1
+    store = await Store.open(tmp_path)
+    app = web.Application(middlewares=[json_errors])
+    app[ALLOCATOR] = GpuAllocator(units, store)
+    app.router.add_post("/v1/gpus/{uuid}/cordon", cordon)
+    client = await aiohttp_client(app)
+    resp = await client.post("/v1/gpus/0/cordon")
+    error = (await resp.json())["error"]
+    assert resp.status == 409 and error["code"] == "ambiguous_gpu"
+    assert units[0].uuid in error["message"] and units[1].uuid in error["message"]
+    assert (await client.post("/v1/gpus/7/cordon")).status == 404
+    await store.close()

@@ -277,6 +277,7 @@
     streamLines(`/v1/events?follow=true&limit=30${since}`, controller.signal, (line) => {
       if (!line.startsWith("data: ")) return;
       const event = JSON.parse(line.slice(6));
+      if (!event.kind) return;  // the "behind" notice: the stream ends and reconnects
       if (event.id && event.id <= state.lastEventId) return;  // seen before a reconnect
       state.lastEventId = Math.max(state.lastEventId, event.id || 0);
       addEvent(event);
@@ -318,8 +319,10 @@
   function route() {
     if (state.logs) { state.logs.abort(); state.logs = null; }
     const match = location.hash.match(/^#\/endpoint\/(.+)$/);
-    if (match) {
-      state.endpoint = decodeURIComponent(match[1]);
+    let name = null;
+    try { name = match ? decodeURIComponent(match[1]) : null; } catch (_) { name = null; }
+    if (name) {
+      state.endpoint = name;
       $("ep-action").textContent = "";
       $("scale-min").dataset.loaded = "";
       show("endpoint");
