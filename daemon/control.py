@@ -149,10 +149,11 @@ async def create_endpoint(request: web.Request) -> web.Response:
     data = await json_body(request)
     reconciler = request.app[RECONCILER]
     name = data.get("name")
-    if isinstance(name, str) and (writable_pool(request, name) is not None):
-        raise ApiError(409, "endpoint_exists", f"endpoint {name} already exists")
-    spec = validate_spec(data, request)
-    await reconciler.put_endpoint(spec, "api")
+    async with reconciler.endpoint_writes:
+        if isinstance(name, str) and (writable_pool(request, name) is not None):
+            raise ApiError(409, "endpoint_exists", f"endpoint {name} already exists")
+        spec = validate_spec(data, request)
+        await reconciler.put_endpoint(spec, "api")
     return web.json_response(describe(request, put_pool(request, spec.name)), status=201)
 
 
@@ -163,39 +164,51 @@ async def replace_endpoint(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid", f"name in the body ({data['name']!r}) is not the "
                        f"name in the URL ({name!r})",
                        details=[{"path": "name", "message": "must match the URL"}])
-    existed = writable_pool(request, name) is not None
     reconciler = request.app[RECONCILER]
-    await reconciler.put_endpoint(validate_spec(data, request), "api")
+    async with reconciler.endpoint_writes:
+        existed = writable_pool(request, name) is not None
+        await reconciler.put_endpoint(validate_spec(data, request), "api")
     return web.json_response(describe(request, put_pool(request, name)),
                              status=200 if existed else 201)
 
 
 async def patch_endpoint(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    pool = writable_pool(request, name)
-    if pool is None:
+    if writable_pool(request, name) is None:
         raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
     data = await json_body(request)
     if data.get("name", name) != name:
         raise ApiError(422, "invalid", "an endpoint cannot be renamed",
                        details=[{"path": "name", "message": "cannot change"}])
-    merged = pool.spec.model_dump(mode="json")
+    reconciler = request.app[RECONCILER]
+    async with reconciler.endpoint_writes:  # read, merge and write with no write between
+        pool = writable_pool(request, name)
+        if pool is None:
+            raise ApiError(404, "endpoint_not_found", f"endpoint {name} was removed meanwhile")
+        await reconciler.put_endpoint(validate_spec(merge_patch(pool.spec, data), request),
+                                      "api")
+    return web.json_response(describe(request, put_pool(request, name)))
+
+
+def merge_patch(spec: EndpointSpec, data: dict[str, Any]) -> dict[str, Any]:
+    """The spec with the PATCH body's fields; tables merge one level deep."""
+    merged = spec.model_dump(mode="json")
     for key, value in data.items():  # one level deep: readiness = {period_s = 2} keeps path
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "env" \
                 and key != "labels":
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    reconciler = request.app[RECONCILER]
-    await reconciler.put_endpoint(validate_spec(merged, request), "api")
-    return web.json_response(describe(request, put_pool(request, name)))
+    return merged
 
 
 async def restart_endpoint(request: web.Request) -> web.Response:
     """Roll every replica to a fresh one (config-owned endpoints too: nothing in the file
     changes). The answer shows the new generation; its replicas follow."""
-    pool = live_pool(request)
-    await request.app[RECONCILER].restart_endpoint(pool.name)
+    reconciler = request.app[RECONCILER]
+    async with reconciler.endpoint_writes:  # never after a DELETE it raced: 404 then
+        pool = live_pool(request)
+        await reconciler.restart_endpoint(pool.name)
     return web.json_response(describe(request, put_pool(request, pool.name)))
 
 
@@ -209,10 +222,13 @@ def put_pool(request: web.Request, name: str) -> EndpointPool:
 
 async def delete_endpoint(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    pool = writable_pool(request, name)
-    if pool is None:
-        raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
-    await request.app[RECONCILER].remove_endpoint(name, query_flag(request, "purge_cache"))
+    purge = query_flag(request, "purge_cache")
+    reconciler = request.app[RECONCILER]
+    async with reconciler.endpoint_writes:
+        pool = writable_pool(request, name)
+        if pool is None:
+            raise ApiError(404, "endpoint_not_found", f"no endpoint named {name!r}")
+        await reconciler.remove_endpoint(name, purge)
     stopping = sum(1 for r in pool.replicas.values()
                    if r.state not in (ReplicaState.STOPPED, ReplicaState.FAILED))
     return web.json_response({"name": name, "deleted": True, "replicas_stopping": stopping})

@@ -95,6 +95,9 @@ class Reconciler(GpuMoves):
         self.clock = clock
         self._pools: dict[str, EndpointPool] = {}  # by name; removed ones until drained
         self._pass_lock = asyncio.Lock()
+        # Endpoint writes (API handlers, a reload) one at a time: a read-modify-write such as
+        # PATCH, or a restart, never interleaves with another write of the same endpoint.
+        self.endpoint_writes = asyncio.Lock()
         self._kick_task: asyncio.Task[None] | None = None
         self._closed = False
         self._dirty = False
@@ -191,12 +194,13 @@ class Reconciler(GpuMoves):
     async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
         """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes."""
         summary = ChangeSummary()
-        for spec in specs.values():
-            await self._apply_one(spec, source, summary)
-        for name, pool in list(self._pools.items()):
-            if pool.source == source and name not in specs and not pool.removed:
-                await self.remove_endpoint(name)
-                summary.removed.append(name)
+        async with self.endpoint_writes:
+            for spec in specs.values():
+                await self._apply_one(spec, source, summary)
+            for name, pool in list(self._pools.items()):
+                if pool.source == source and name not in specs and not pool.removed:
+                    await self.remove_endpoint(name)
+                    summary.removed.append(name)
         self.images.want(p.spec.image for p in self.live_pools())
         self.kick()
         return summary

@@ -252,3 +252,23 @@ async def test_restart_replaces_every_replica_new_first_without_a_failed_call(ap
     assert "endpoint_restarted" in kinds
     assert (await client.post("/v1/endpoints/nope/restart", headers=ADMIN)).status == 404
     assert (await client.post("/v1/endpoints/rs/restart")).status == 401
+
+
+async def test_racing_endpoint_writes_never_undo_each_other(api):
+    h, client = await api()
+    for i in range(5):  # a restart racing a delete: the endpoint stays deleted
+        name = f"race{i}"
+        await client.post("/v1/endpoints", headers=ADMIN, json=body(name))
+        deleted, restarted = await asyncio.gather(
+            client.delete(f"/v1/endpoints/{name}", headers=ADMIN),
+            client.post(f"/v1/endpoints/{name}/restart", headers=ADMIN))
+        assert deleted.status == 200 and restarted.status in (200, 404)
+        assert name not in [e.name for e in await h.store.endpoints()]
+    # Two PATCHes of different fields at once: both land.
+    await client.post("/v1/endpoints", headers=ADMIN, json=body("p", max_replicas=2))
+    answers = await asyncio.gather(
+        client.patch("/v1/endpoints/p", headers=ADMIN, json={"max_replicas": 5}),
+        client.patch("/v1/endpoints/p", headers=ADMIN, json={"queue_limit": 7}))
+    assert [a.status for a in answers] == [200, 200]
+    spec = (await (await client.get("/v1/endpoints/p", headers=ADMIN)).json())["spec"]
+    assert (spec["max_replicas"], spec["queue_limit"]) == (5, 7)
