@@ -190,13 +190,9 @@ class NvmlInventory:
                 "NVIDIA GPUs or driver set gpu.source = \"static\" and declare [[gpu.devices]], "
                 "or gpu.source = \"none\""
             ) from exc
-        self._handles, gpus = [], []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            units = self._mig_units(i, handle)  # with MIG on, its MIG devices are the units
-            self._handles += [h for h, _ in units] if units else [handle]
-            gpus += [g for _, g in units] if units else [self._describe(i, handle)]
-        self.gpus: Sequence[Gpu] = tuple(gpus)
+        units = self._units()
+        self._handles = [h for h, _ in units]
+        self.gpus: Sequence[Gpu] = tuple(g for _, g in units)
         self.topology = self._topology()
 
     def _mig_units(self, index: int, handle: Any) -> list[tuple[Any, Gpu]]:
@@ -282,8 +278,7 @@ class NvmlInventory:
             nvml.nvmlShutdown()
         try:
             nvml.nvmlInit()
-            handles = {_text(nvml.nvmlDeviceGetUUID(h)): h
-                       for h in self._all_handles()}
+            handles = {g.uuid: h for h, g in self._units()}  # looked up afresh
             self._handles = [handles[g.uuid] for g in self.gpus]
         except (nvml.NVMLError, KeyError):
             self.retry_s = min(self.retry_s * 2, RETRY_MAX_S)
@@ -293,13 +288,13 @@ class NvmlInventory:
         log.info("gpu.nvml_back", message="NVML answers again: GPU readings resume")
         return True
 
-    def _all_handles(self) -> list[Any]:
-        """Handles of every unit (whole GPUs and MIG devices), looked up afresh."""
+    def _units(self) -> list[tuple[Any, Gpu]]:
+        """(handle, unit) of every allocatable unit: each whole GPU, or, for a GPU in MIG
+        mode, each of its MIG devices."""
         found = []
         for i in range(self.nvml.nvmlDeviceGetCount()):
             handle = self.nvml.nvmlDeviceGetHandleByIndex(i)
-            units = self._mig_units(i, handle)
-            found += [h for h, _ in units] if units else [handle]
+            found += self._mig_units(i, handle) or [(handle, self._describe(i, handle))]
         return found
 
     def _topology(self) -> Topology:
