@@ -31,7 +31,7 @@ class CordonBody(Strict):
 
 
 def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
-             sample: GpuSample, readings: str = "ok") -> dict[str, Any]:
+             sample: GpuSample, readings: str, unattributed_mib: int) -> dict[str, Any]:
     owner = allocator.owners().get(gpu.uuid)
     marks = allocator.marks(gpu.uuid)
     shares = allocator.shares().get(gpu.uuid, {})
@@ -46,6 +46,7 @@ def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
             "memory_used_mib": sample.memory_used_mib,
             "temperature_c": sample.temperature_c,
             "readings": readings,  # "unknown" while NVML does not answer
+            "unattributed_mib": unattributed_mib,  # used by processes of no replica
             "healthy": U not in marks,
             "health_reason": marks[U].reason if U in marks else None,
             "cordoned": C in marks,
@@ -53,21 +54,19 @@ def gpu_view(gpu: Gpu, allocator: GpuAllocator, holders: dict[str, str | None],
             "cordoned_at": marks[C].since if C in marks else None}
 
 
-def view(request: web.Request, gpu: Gpu) -> dict[str, Any]:
+def views(request: web.Request, gpus: list[Gpu]) -> list[dict[str, Any]]:
+    """The views of `gpus`; holders, readings and attribution are worked out once for all."""
     pools = request.app[RECONCILER].live_pools()
     holders: dict[str, str | None] = {r.id: p.name for p in pools for r in p.replicas.values()}
     samples = request.app[GPU_SAMPLES]
     readings = "ok" if request.app[GPU_READINGS].available else "unknown"
-    answer = gpu_view(gpu, request.app[ALLOCATOR], holders, samples.get(gpu.uuid, GpuSample()),
-                      readings)
-    _, nobody = attribute({gpu.uuid: samples[gpu.uuid]} if gpu.uuid in samples else {},
-                          replica_containers(pools))
-    answer["unattributed_mib"] = nobody.get(gpu.uuid, 0)  # used by processes of no replica
-    return answer
+    _, nobody = attribute(samples, replica_containers(pools))
+    return [gpu_view(g, request.app[ALLOCATOR], holders, samples.get(g.uuid, GpuSample()),
+                     readings, nobody.get(g.uuid, 0)) for g in gpus]
 
 
 async def list_gpus(request: web.Request) -> web.Response:
-    return web.json_response({"gpus": [view(request, g) for g in request.app[ALLOCATOR].gpus]})
+    return web.json_response({"gpus": views(request, list(request.app[ALLOCATOR].gpus))})
 
 
 def named_gpu(request: web.Request) -> Gpu:
@@ -92,20 +91,20 @@ async def cordon(request: web.Request) -> web.Response:
         raise invalid(issues_from_validation(exc)) from None
     if C not in request.app[ALLOCATOR].marks(gpu.uuid):
         await request.app[RECONCILER].mark_gpu(gpu.uuid, C, body.reason)
-    return web.json_response(view(request, gpu))
+    return web.json_response(views(request, [gpu])[0])
 
 
 async def uncordon(request: web.Request) -> web.Response:
     gpu = named_gpu(request)
     await request.app[RECONCILER].unmark_gpu(gpu.uuid, C)  # not cordoned: nothing to do, 200
-    return web.json_response(view(request, gpu))
+    return web.json_response(views(request, [gpu])[0])
 
 
 async def mark_healthy(request: web.Request) -> web.Response:
     """The admin says a GPU found sick is repaired (not sick: no-op, 200)."""
     gpu = named_gpu(request)
     await request.app[RECONCILER].unmark_gpu(gpu.uuid, U)
-    return web.json_response(view(request, gpu))
+    return web.json_response(views(request, [gpu])[0])
 
 
 def add_gpus_api(app: web.Application) -> None:
