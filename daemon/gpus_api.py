@@ -89,8 +89,7 @@ async def cordon(request: web.Request) -> web.Response:
         body = CordonBody.model_validate(data)
     except ValidationError as exc:
         raise invalid(issues_from_validation(exc)) from None
-    if C not in request.app[ALLOCATOR].marks(gpu.uuid):
-        await request.app[RECONCILER].mark_gpu(gpu.uuid, C, body.reason)
+    await request.app[RECONCILER].mark_gpu(gpu.uuid, C, body.reason)  # cordoned: no-op
     return web.json_response(views(request, [gpu])[0])
 
 

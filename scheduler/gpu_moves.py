@@ -49,7 +49,10 @@ class GpuMoves:
 
     async def mark_gpu(self, uuid: str, kind: GpuMarkKind, reason: str) -> None:
         """Take a GPU out of service (stored first): it gets no new replica, and the replicas
-        on it drain (their calls finish) while the passes start replacements elsewhere."""
+        on it drain (their calls finish) while the passes start replacements elsewhere. A GPU
+        marked so already keeps its first mark (and reason): nothing more happens."""
+        if kind in self.allocator.marks(uuid):
+            return
         await self.allocator.mark(GpuMark(uuid, kind, reason, self.clock()))
         await self.event(f"gpu_{kind.value}", f"GPU {uuid} {kind.value}: {reason}")
         on_it = {self.allocator.owners().get(uuid), self.allocator.loans().get(uuid),
@@ -63,8 +66,7 @@ class GpuMoves:
 
     async def gpu_sick(self, uuid: str, reason: str) -> None:
         """The health watch or the sampler found the GPU sick: out of service, once."""
-        if GpuMarkKind.UNHEALTHY not in self.allocator.marks(uuid):
-            await self.mark_gpu(uuid, GpuMarkKind.UNHEALTHY, reason)
+        await self.mark_gpu(uuid, GpuMarkKind.UNHEALTHY, reason)
 
     async def unmark_gpu(self, uuid: str, kind: GpuMarkKind) -> bool:
         """Back in service (a no-op, False, when the GPU did not have the mark)."""
