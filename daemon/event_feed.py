@@ -80,12 +80,8 @@ class EventFeed:
             self.followers.discard(follower)
 
 
-def event_json(event: EventRecord) -> dict[str, object]:
-    return asdict(event)
-
-
 def sse_event(event: EventRecord) -> bytes:
-    return f"id: {event.id}\ndata: {json.dumps(event_json(event))}\n\n".encode()
+    return f"id: {event.id}\ndata: {json.dumps(asdict(event))}\n\n".encode()
 
 
 async def follow_events(request: web.Request) -> web.StreamResponse:
