@@ -8,9 +8,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
+from berth.daemon.upstream import UpstreamPool
 from berth.gpu import GpuAllocator, GpuSample
 from berth.gpu.inventory import GpuReadings
 from berth.scheduler.dispatch import Dispatcher
@@ -49,7 +49,7 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 CALLBACK_POLICY = web.AppKey("callback_policy", CallbackPolicy)
 AUTH: web.AppKey[Auth] = web.AppKey("auth")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
 GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
 GPU_READINGS = web.AppKey("gpu_readings", GpuReadings)
 LIMITS = web.AppKey("limits", Limits)

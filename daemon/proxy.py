@@ -15,16 +15,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, LIMITS, METRICS, QUOTA, ROUTER, UPSTREAM, USAGE
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.sse import LineBuffer
+from berth.daemon.upstream import (
+    NO_BODY,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamRefused,
+    UpstreamResponse,
+)
 from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
@@ -34,10 +39,11 @@ from berth.scheduler.router import Router
 log = structlog.get_logger("berth.proxy")
 
 
-# Headers that belong to one connection, not to the call (RFC 9110 7.6.1), plus berth's own.
+# Headers that belong to one connection, not to the call (RFC 9110 7.6.1), plus the framing
+# berth sets itself. Expect too: berth answered it (100 Continue) on the client's connection.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
-                        "content-length"})
+                        "content-length", "expect"})
 # Client-supplied forwarding headers are dropped: berth sets them itself (forwarded_headers).
 FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
                         "x-forwarded-host", "x-real-ip"})
@@ -125,14 +131,6 @@ class SseRewriter:
             return line  # [DONE] and anything that is not a JSON object
         ending = line[len(line.rstrip(b"\r\n")):]
         return b"data: " + self.rewrite(payload) + ending
-
-
-def upstream_session() -> aiohttp.ClientSession:
-    """One pooled, keep-alive client for every replica; bodies pass through undecoded."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, force_close=False),
-        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
 
 
 def check_token(request: web.Request, pool: EndpointPool) -> None:
@@ -244,56 +242,73 @@ async def _body(call: Call) -> AsyncIterator[bytes]:
 
 
 def _upstream_request(call: Call, replica: Replica
-                      ) -> tuple[URL, CIMultiDict[str], AsyncIterator[bytes] | bytes | None]:
-    """URL, headers and body of the call as it goes to `replica`."""
+                      ) -> tuple[bytes, AsyncIterator[bytes] | bytes | None, bool]:
+    """The request head as it goes to `replica` (one buffer), its body, and whether the body
+    goes chunk-framed (a client body of unknown length)."""
     request = call.request
-    url = f"http://{replica.address}/{call.path}"
-    if request.rel_url.raw_query_string:
-        url += f"?{request.rel_url.raw_query_string}"
-    headers = forward_headers(request.headers, OPENAI_ONLY if call.openai else REQUEST_ONLY)
-    headers.update(forwarded_headers(request))
-    headers["X-Request-Id"] = call.request_id
+    target = request.rel_url.raw_query_string
+    target = f"/{call.path}?{target}" if target else f"/{call.path}"
+    drop = OPENAI_ONLY if call.openai else REQUEST_ONLY
+    connection = request.headers.get("Connection")
+    if connection:  # headers the client named in Connection are hop-by-hop too
+        drop = drop | {h.strip().lower() for h in connection.split(",")}
+    lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {replica.address}\r\n"]
+    for key, value in request.headers.items():
+        lower = key.lower()
+        if lower not in HOP_BY_HOP and lower not in drop:
+            lines.append(f"{key}: {value}\r\n")
+    lines.append(f"X-Forwarded-For: {request.remote or ''}\r\nX-Forwarded-Proto: "
+                 f"{request.scheme}\r\nX-Forwarded-Host: {request.host}\r\n"
+                 f"X-Request-Id: {call.request_id}\r\n")
+    body: AsyncIterator[bytes] | bytes | None = None
+    chunked = False
     if call.body is not None:  # held whole: a refused connection may still be retried
-        headers["Content-Length"] = str(len(call.body))
-        return URL(url, encoded=True), headers, call.body
-    if request.content_length is not None:
+        lines.append(f"Content-Length: {len(call.body)}\r\n")
+        body = call.body
+    elif request.content_length is not None:
         length = request.content_length - call.replaces + len(call.prefix or b"")
-        headers["Content-Length"] = str(length)
-    return URL(url, encoded=True), headers, _body(call) if request.body_exists else None
+        lines.append(f"Content-Length: {length}\r\n")
+        body = _body(call) if length else None
+    elif request.body_exists:
+        lines.append("Transfer-Encoding: chunked\r\n")
+        body, chunked = _body(call), True
+    lines.append("\r\n")
+    # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: the same back.
+    return "".join(lines).encode("utf-8", "surrogateescape"), body, chunked
 
 
 async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
     """Send the call to one replica and stream its answer back, under request_timeout_s."""
     request, spec = call.request, call.pool.spec
-    url, headers, data = _upstream_request(call, replica)
+    pool = request.app[UPSTREAM]
     try:
-        async with asyncio.timeout(spec.request_timeout_s), request.app[UPSTREAM].request(
-                request.method, url, headers=headers, data=data,
-                allow_redirects=False) as upstream:
-            return await _answer(call, replica, upstream)
-    except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too, but not the call's
-        if not call.body_sent:
-            raise ReplicaRefused(f"connecting timed out: {exc}") from exc
-        return await _cut(call, replica, call.response, 502, "replica_failed",
-                          f"connecting to replica {replica.id} timed out")
+        async with asyncio.timeout(spec.request_timeout_s):
+            if replica.address is None:  # not started: the router never gives one out
+                raise UpstreamRefused(f"replica {replica.id} has no address yet")
+            conn = await pool.connect(replica.address)
+            try:
+                head, body, chunked = _upstream_request(call, replica)
+                upstream = await conn.send(head, body, chunked=chunked,
+                                           head_only=request.method == "HEAD")
+                return await _answer(call, replica, upstream)
+            finally:
+                pool.keep_or_close(conn)  # kept for the next call only if this one ended cleanly
+    except UpstreamRefused as exc:  # no byte of the call was sent
+        raise ReplicaRefused(str(exc)) from exc
     except TimeoutError:
         message = f"call exceeded request_timeout_s={spec.request_timeout_s:g}"
         return await _cut(call, replica, call.response, 504, "timeout", message)
-    except aiohttp.ClientConnectorError as exc:
-        if not call.body_sent:
-            raise ReplicaRefused(str(exc)) from exc
-        return await _cut(call, replica, call.response, 502, "replica_failed", str(exc))
-    except (aiohttp.ClientError, ConnectionResetError) as exc:
+    except (UpstreamError, ConnectionResetError) as exc:
         if call.body_too_large:
             limit = request.app[LIMITS].max_body
             raise ApiError(413, "payload_too_large", "request body is over the limit of "
                            f"{limit} bytes (daemon.max_body_bytes)") from None
         return await _cut(call, replica, call.response, 502, "replica_failed",
-                          f"replica {replica.id} failed mid-call: {exc!r}")
+                          f"replica {replica.id} failed mid-call: {exc}")
 
 
 async def _answer(call: Call, replica: Replica,
-                  upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                  upstream: UpstreamResponse) -> web.StreamResponse:
     """The replica's answer to the client: into a stream already begun, whole when small
     (one write, the common JSON answer), else streamed as it comes."""
     if call.committed is not None:
@@ -310,7 +325,7 @@ async def _answer(call: Call, replica: Replica,
     return response
 
 
-async def _relay(call: Call, upstream: aiohttp.ClientResponse,
+async def _relay(call: Call, upstream: UpstreamResponse,
                  response: web.StreamResponse) -> None:
     """Stream the answer's body as it comes; the meter reads each chunk after it is sent."""
     is_sse = upstream.content_type == "text/event-stream"
@@ -318,7 +333,7 @@ async def _relay(call: Call, upstream: aiohttp.ClientResponse,
     meter = call.meter
     if meter is not None:
         meter.sse = is_sse
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.chunks():
         out = sse.feed(chunk) if sse is not None else chunk
         if out:
             await response.write(out)
@@ -331,7 +346,7 @@ async def _relay(call: Call, upstream: aiohttp.ClientResponse,
     await response.write_eof()
 
 
-async def _into_committed(call: Call, upstream: aiohttp.ClientResponse,
+async def _into_committed(call: Call, upstream: UpstreamResponse,
                           response: web.StreamResponse) -> None:
     """The replica's answer into a stream already sent as 200: its events as they come, or
     what else it answered as one OpenAI error event."""
@@ -339,8 +354,10 @@ async def _into_committed(call: Call, upstream: aiohttp.ClientResponse,
         await _relay(call, upstream, response)
         return
     body = b""
-    while len(body) < SMALL_BODY and (more := await upstream.content.read(SMALL_BODY - len(body))):
-        body += more
+    async for chunk in upstream.chunks():
+        body += chunk
+        if len(body) >= SMALL_BODY:
+            break
     call.failed_status = upstream.status if upstream.status >= 400 else 502
     try:
         error = json.loads(body)["error"]
@@ -358,14 +375,15 @@ async def end_stream(response: web.StreamResponse, error: object) -> None:
         await response.write_eof()
 
 
-def _small(upstream: aiohttp.ClientResponse) -> bool:
+def _small(upstream: UpstreamResponse) -> bool:
     length = upstream.content_length
     return length is not None and length <= SMALL_BODY and \
-        upstream.content_type != "text/event-stream"
+        upstream.content_type != "text/event-stream" and upstream.status not in NO_BODY and \
+        not upstream.head_only
 
 
 def _response_headers(call: Call, replica: Replica,
-                      upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+                      upstream: UpstreamResponse) -> CIMultiDict[str]:
     headers = forward_headers(upstream.headers, frozenset())
     headers["X-Berth-Replica"] = replica.id
     headers["X-Request-Id"] = call.request_id
@@ -376,14 +394,14 @@ def _rewritten(call: Call, body: bytes) -> bytes:
     return call.rewrite(body) if call.rewrite is not None else body
 
 
-def _whole_response(call: Call, replica: Replica, upstream: aiohttp.ClientResponse,
+def _whole_response(call: Call, replica: Replica, upstream: UpstreamResponse,
                     body: bytes) -> web.Response:
     return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                         headers=_response_headers(call, replica, upstream))
 
 
 async def _start_response(call: Call, replica: Replica,
-                          upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                          upstream: UpstreamResponse) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                   headers=_response_headers(call, replica, upstream))
     if upstream.content_length is not None and not (
@@ -417,9 +435,9 @@ async def _cut(call: Call, replica: Replica, response: web.StreamResponse | None
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the replica client lives as long as the app."""
-    app[UPSTREAM] = upstream_session()
+    app[UPSTREAM] = UpstreamPool()
     yield
-    await app[UPSTREAM].close()
+    app[UPSTREAM].close()
 
 
 def add_data_plane(app: web.Application) -> None:

@@ -1,0 +1,346 @@
+"""berth's client to its replicas: plain HTTP/1.1 on asyncio protocols, parsed by llhttp.
+
+Every data-plane call pays for this client, so it does little per call: a kept-alive connection
+per call in flight (LIFO per replica address, so the warmest is reused), the request head written
+as one buffer, the answer parsed by llhttp (httptools, the parser uvicorn uses) straight into a
+queue of body chunks. No cookie jar, redirects, decompression or tracing: berth relays bytes.
+
+A connection goes back to the pool only after an answer that ended cleanly, with keep-alive,
+after the whole request was written, and with nothing after the answer's end: garbage, bytes past
+Content-Length or a second answer nobody asked for close it instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httptools
+from multidict import CIMultiDict
+
+HIGH_WATER = 256 * 1024  # answer bytes queued before the replica's socket stops being read
+LOW_WATER = 64 * 1024
+IDLE_S = 55.0  # an idle connection older than this is closed, not reused (under nginx's 60 s)
+NO_BODY = frozenset({204, 304})
+
+
+class UpstreamError(Exception):
+    """The replica's answer could not be had, or not read to its end."""
+
+
+class UpstreamRefused(UpstreamError):
+    """No connection to the replica: no byte of the call was sent, so it may go elsewhere."""
+
+
+class UpstreamResponse:
+    """One answer from a replica: status and headers at once, the body as it arrives.
+
+    The body is read with `read()` (whole) or `chunks()` (as it comes); either ends with an
+    UpstreamError when the replica broke off."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_error", "_waiter", "complete",
+                 "content_length", "content_type", "head_only", "headers", "reason", "status")
+
+    def __init__(self, conn: UpstreamConnection, status: int, reason: str,
+                 headers: CIMultiDict[str]) -> None:
+        self._conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.content_type = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self.complete = False
+        self.head_only = False  # the answer to HEAD: Content-Length says what GET would send
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > HIGH_WATER:
+            self._conn.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, error: UpstreamError) -> None:
+        if not self.complete and self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_chunk(self) -> bytes:
+        """The body bytes queued so far (at least one), or b"" at the end."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        chunk = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._conn.resume_reading()
+        return chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await self.next_chunk():
+            yield chunk
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.chunks()]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a replica, carrying one call at a time."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.idle_since = 0.0
+        self._transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._fields: list[tuple[str, str]] = []
+        self._reason = b""
+        self._head_only = False
+        self._keep_alive = False
+        self._clean = True  # nothing seen that makes the connection unfit for another call
+        self._written = True  # the whole request went out
+        self._reading_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._lost = False
+
+    # --- the call ------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return not self._lost and self._transport is not None and \
+            not self._transport.is_closing()
+
+    @property
+    def reusable(self) -> bool:
+        """The last call ended cleanly and the connection may carry another."""
+        response = self._response
+        return self.usable and self._clean and self._written and self._keep_alive and \
+            response is not None and response.complete
+
+    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
+                   chunked: bool = False, head_only: bool = False) -> UpstreamResponse:
+        """Write one request and wait for its answer's head. `body` bytes go in the same write
+        as the head; an iterator is written as it yields (chunk-framed when `chunked`), while
+        the answer may already come."""
+        assert self._transport is not None and self._head is None
+        loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpResponseParser(self)
+        head_future: asyncio.Future[UpstreamResponse] = loop.create_future()
+        self._head = head_future
+        self._response, self._head_only, self._keep_alive = None, head_only, False
+        if body is None or isinstance(body, bytes):
+            self._transport.write(head + body if body else head)
+            return await head_future
+        self._written = False
+        self._transport.write(head)
+        writer = loop.create_task(self._write_body(body, chunked))
+        try:
+            return await head_future
+        finally:
+            if not writer.done():
+                writer.cancel()  # answered early: the rest of the body is not wanted
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        assert self._transport is not None
+        try:
+            async for chunk in body:
+                if chunk:
+                    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
+                    self._transport.write(frame)
+                    if self._drain is not None:
+                        await self._drain
+            if chunked:
+                self._transport.write(b"0\r\n\r\n")
+            self._written = True
+        except BaseException as exc:
+            self.close()  # a request cut short leaves the connection in an unknown state
+            self._broke(UpstreamError(f"request body not sent whole: {exc!r}"))
+            raise
+
+    def reset(self) -> None:
+        """Ready for the next call; until then any byte from the replica closes it."""
+        self._head = self._parser = self._response = None
+
+    def close(self) -> None:
+        self._clean = False
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or not self._clean:
+            self.close()  # bytes nobody asked for: the stream can no longer be trusted
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.close()
+            self._broke(UpstreamError(f"the replica answered something that is not HTTP: "
+                                      f"{exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("replica connection closed"))
+        response = self._response
+        if response is not None and not response.complete and self._eof_ends_body(response):
+            response.finish()  # a body without length or chunks ends where the connection does
+            return
+        self._broke(UpstreamError("the replica closed the connection mid-answer"
+                                  if self._head is not None and self._head.done()
+                                  else "the replica closed the connection before answering"))
+
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
+
+    # --- llhttp callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._response is not None:  # a second answer to one request
+            self._clean = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        fields, reason = self._fields, self._reason
+        self._fields, self._reason = [], b""
+        if status < 200 or self._response is not None:
+            return  # 100 Continue and friends: the real answer follows
+        response = self._response = UpstreamResponse(self, status, reason.decode("latin-1"),
+                                                      CIMultiDict(fields))
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+        response.head_only = self._head_only
+        if self._head_only or status in NO_BODY:
+            self._keep_alive = self._parser.should_keep_alive()
+            response.finish()
+
+    def on_body(self, chunk: bytes) -> None:
+        response = self._response
+        if response is None or response.complete:
+            self._clean = False  # a body where none may be (HEAD, 204): not to be trusted
+        else:
+            response.feed(chunk)
+
+    def on_message_complete(self) -> None:
+        response, parser = self._response, self._parser
+        if response is None or parser is None or response.complete:
+            return
+        self._keep_alive = parser.should_keep_alive()
+        response.finish()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _eof_ends_body(self, response: UpstreamResponse) -> bool:
+        return response.content_length is None and \
+            "chunked" not in response.headers.get("Transfer-Encoding", "").lower()
+
+    def _broke(self, error: UpstreamError) -> None:
+        self._clean = False
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+        elif self._response is not None:
+            self._response.fail(error)
+
+
+class UpstreamPool:
+    """Kept-alive connections to replicas, by address. `connect` gives a connection for one
+    call; `keep_or_close` takes it back when the call is over, closing it unless it is reusable."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, idle_s: float = IDLE_S) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_s = idle_s
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._closed = False
+
+    async def connect(self, address: str) -> UpstreamConnection:
+        """A kept-alive connection to `address`, or a new one (UpstreamRefused if none)."""
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn.usable and loop.time() - conn.idle_since < self.idle_s:
+                return conn
+            conn.close()  # closed by the replica meanwhile, or idle too long
+        host, _, port = address.rpartition(":")
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(lambda: UpstreamConnection(address),
+                                                       host, int(port))
+        except TimeoutError as exc:
+            raise UpstreamRefused(f"connecting to {address} timed out after "
+                                  f"{self.connect_timeout_s:g} s") from exc
+        except OSError as exc:
+            raise UpstreamRefused(f"cannot connect to {address}: {exc}") from exc
+        return conn
+
+    def keep_or_close(self, conn: UpstreamConnection) -> None:
+        if self._closed or not conn.reusable:
+            conn.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        conn.reset()
+        self._idle.setdefault(conn.address, []).append(conn)
+
+    def forget(self, address: str) -> None:
+        """Close the idle connections to a replica that went away."""
+        for conn in self._idle.pop(address, []):
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        for address in list(self._idle):
+            self.forget(address)
