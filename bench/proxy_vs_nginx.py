@@ -1,6 +1,7 @@
 """berth's data plane against a tuned nginx reverse proxy, on the same fast upstream, one run.
 
     .venv/bin/python bench/proxy_vs_nginx.py        # about 2 min; Debian's nginx-light and wrk
+    .venv/bin/python bench/proxy_vs_nginx.py --profile   # also: where berthd's time goes (py-spy)
 
 The upstream is Debian's nginx itself, in an image built offline from the host's binary and the
 libraries `ldd` names (no registry): it answers a small JSON at /echo and serves a 1 GiB sparse
@@ -30,6 +31,8 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
 sys.path.insert(0, str(ROOT / "bench"))
+import cpu_profile  # noqa: E402
+
 import build_image  # noqa: E402
 from data_plane import (  # noqa: E402
     engine_with_image,
@@ -225,6 +228,8 @@ def main() -> int:
             conf.write_text(PROXY_CONF.format(tmp=tmp, fast=fast, sse=sse, port=proxy_port))
             nginx = subprocess.Popen([NGINX, "-c", str(conf), "-e", "stderr"])
             rows = asyncio.run(measure(base, f"http://127.0.0.1:{proxy_port}"))
+            if "--profile" in sys.argv:
+                print(cpu_profile.record(berthd.pid, f"{base}/invoke/fast/echo"))
         finally:
             if nginx is not None:
                 nginx.terminate()

@@ -29,8 +29,10 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 log = structlog.get_logger("berth.connections")
@@ -72,6 +74,27 @@ def client_key(peername: Any) -> str:
     return str(address)
 
 
+class BerthRequestHandler(RequestHandler):
+    """aiohttp's handler, answering requests its parser refused in berth's error shape: 431
+    for a header block over the limits, 400 for anything else (among them request smuggling:
+    Content-Length with Transfer-Encoding, or two Content-Lengths). Such bytes come from the
+    network and are expected: logged at debug, never with a traceback."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, BadHttpMessage):
+            return super().handle_error(request, status, exc, message)
+        too_large = isinstance(exc, LineTooLong) or "Too many headers" in str(exc)
+        status, code = (431, "headers_too_large") if too_large else (400, "bad_request")
+        text = str(exc.message).splitlines()[0][:200] if exc.message else "bad request"
+        log.debug("connections.bad_request", client=request.remote, status=status, reason=text)
+        body = {"error": {"code": code, "message": f"malformed request: {text}"}}
+        response = web.json_response(body, status=status)
+        response.force_close()  # the rest of the connection's bytes cannot be trusted
+        return response
+
+
 class ConnectionGuard:
     """A protocol factory for `loop.create_server` in front of an aiohttp `web.Server`.
 
@@ -88,6 +111,11 @@ class ConnectionGuard:
 
     def __call__(self) -> GuardedConnection:
         return GuardedConnection(self)
+
+    def request_handler(self) -> RequestHandler:
+        """What `server()` makes, but answering unparseable requests in berth's shape."""
+        return BerthRequestHandler(self.server, loop=asyncio.get_running_loop(),
+                                   **self.server._kwargs)
 
     @property
     def open_connections(self) -> int:
@@ -152,7 +180,7 @@ class GuardedConnection(asyncio.Protocol):
             return
         self._admitted = True
         self._arm()
-        self._handler = self._guard.server()
+        self._handler = self._guard.request_handler()
         self._handler.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:

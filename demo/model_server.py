@@ -3,7 +3,7 @@
 Behaviour is driven by the request, so one image serves every test:
   GET  /health            200, unless unhealthy (MODEL_FAIL_HEALTH=1, /fail-health, or not yet
                           MODEL_READY_DELAY_S seconds after start)
-  ANY  /echo              JSON: method, path, query, headers, body, replica
+  ANY  /echo              JSON: method, path, query, headers, body, replica (HEAD: no body)
   GET  /env               the container's environment as JSON
   GET  /sleep?s=0.5       answers after sleeping; stops early if the caller hangs up
                           (counted in /stats "abandoned"); reports calls active at its start
@@ -51,12 +51,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status, payload, ctype="application/json"):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        if status in (204, 304):  # no body, as HTTP says
+            self.send_response(status)
+            self.end_headers()
+            return
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Model-Replica", os.environ.get("BERTH_REPLICA", ""))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # HEAD: the head GET would send, no body
+            self.wfile.write(body)
 
     def _body(self):
         if self.path.startswith("/upload"):
@@ -260,7 +265,7 @@ class Handler(BaseHTTPRequestHandler):
         done = b"data: [DONE]\n\n"
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _route
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _route
 
 
 def main():

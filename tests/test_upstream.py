@@ -1,0 +1,215 @@
+"""berth's client to replicas (daemon/upstream.py) against scripted HTTP servers on loopback.
+
+Each server answers from a script of raw bytes, so the tests can send what a misbehaving model
+server sends: garbage, bytes past Content-Length, two answers to one request, a close between
+calls. They check what the data plane relies on: the answer's bytes exactly, and that a
+connection is reused only after a clean answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from berth.daemon.upstream import UpstreamError, UpstreamPool, UpstreamRefused
+
+GET = b"GET /x HTTP/1.1\r\nHost: r\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+Answer = Callable[[bytes], bytes | None]  # request bytes -> answer (None: close)
+
+
+class Scripted:
+    """A loopback server answering each request with `answer(request head + body so far)`;
+    it counts connections and keeps what each one received."""
+
+    def __init__(self, answer: Answer, close_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.connections = 0
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        index = len(self.received)
+        self.received.append(b"")
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                self.received[index] += head
+                await self.read_body(head, reader, index)
+                answer = self.answer(self.received[index])
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def read_body(self, head: bytes, reader: asyncio.StreamReader, index: int) -> None:
+        lower = head.lower()
+        if b"content-length:" in lower:
+            length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+            self.received[index] += await reader.readexactly(length)
+        elif b"transfer-encoding: chunked" in lower:
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.strip(), 16)
+                self.received[index] += size_line + await reader.readexactly(size + 2)
+                if size == 0:
+                    return
+
+    async def __aenter__(self) -> Scripted:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def call(pool: UpstreamPool, address: str, head: bytes = GET,
+               body: bytes | AsyncIterator[bytes] | None = None, **kw: bool) -> tuple[int, bytes]:
+    conn = await pool.connect(address)
+    try:
+        response = await conn.send(head, body, **kw)
+        return response.status, await response.read()
+    finally:
+        pool.keep_or_close(conn)
+
+
+async def test_a_clean_answer_leaves_the_connection_for_the_next_call():
+    async with Scripted(lambda _: OK) as server:
+        pool = UpstreamPool()
+        for _ in range(3):
+            assert await call(pool, server.address) == (200, b"ok")
+        assert server.connections == 1
+
+
+async def test_garbage_is_an_error_and_the_connection_is_not_reused():
+    answers = iter([b"SPDY/9 banana\r\n\r\n", OK])
+    async with Scripted(lambda _: next(answers)) as server:
+        pool = UpstreamPool()
+        with pytest.raises(UpstreamError, match="not HTTP"):
+            await call(pool, server.address)
+        assert await call(pool, server.address) == (200, b"ok")
+        assert server.connections == 2
+
+
+async def test_bytes_past_content_length_are_dropped_with_the_connection():
+    over = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA-BYTES"
+    async with Scripted(lambda _: over) as server:
+        pool = UpstreamPool()
+        assert await call(pool, server.address) == (200, b"ok")  # exactly the declared body
+        await asyncio.sleep(0.05)
+        assert await call(pool, server.address) == (200, b"ok")
+        assert server.connections == 2
+
+
+async def test_a_second_answer_nobody_asked_for_closes_the_connection():
+    async with Scripted(lambda _: OK + OK) as server:
+        pool = UpstreamPool()
+        assert await call(pool, server.address) == (200, b"ok")
+        await asyncio.sleep(0.05)
+        assert await call(pool, server.address) == (200, b"ok")
+        assert server.connections == 2
+
+
+async def test_a_connection_the_replica_closed_between_calls_is_not_used_again():
+    async with Scripted(lambda _: OK, close_after=True) as server:
+        pool = UpstreamPool()
+        for _ in range(3):
+            assert await call(pool, server.address) == (200, b"ok")
+            await asyncio.sleep(0.05)  # the replica's close reaches berth before the next call
+        assert server.connections == 3
+
+
+async def test_answers_without_a_body_end_at_their_head():
+    answers = {b"HEAD /x": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+               b"GET / H": b"HTTP/1.1 204 No Content\r\n\r\n",
+               b"GET /n ": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n"}
+
+    def answer(received: bytes) -> bytes:
+        request_line = received.split(b"\r\n\r\n")[-2].split(b"\r\n")[0]
+        return answers[request_line[:7]]
+
+    async with Scripted(answer) as server:
+        pool = UpstreamPool()
+        conn = await pool.connect(server.address)
+        response = await conn.send(b"HEAD /x HTTP/1.1\r\nHost: r\r\n\r\n", None, head_only=True)
+        assert (response.status, response.content_length, await response.read()) == \
+            (200, 1000, b"")
+        pool.keep_or_close(conn)
+        assert await call(pool, server.address, b"GET / HTTP/1.1\r\nHost: r\r\n\r\n") == \
+            (204, b"")
+        assert await call(pool, server.address, b"GET /n HTTP/1.1\r\nHost: r\r\n\r\n") == \
+            (304, b"")
+        assert server.connections == 1  # all three ended cleanly at their head
+
+
+async def test_chunked_both_ways_and_an_interim_100_continue():
+    chunked = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+               b"\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"hello "
+        yield b""  # an empty read is not a last chunk
+        yield b"world"
+
+    async with Scripted(lambda _: chunked) as server:
+        pool = UpstreamPool()
+        head = b"POST /x HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert await call(pool, server.address, head, parts(), chunked=True) == (200, b"abcde")
+        assert server.received[0].endswith(b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
+        assert await call(pool, server.address, head, parts(), chunked=True) == (200, b"abcde")
+        assert server.connections == 1
+
+
+async def test_a_body_ended_by_close_is_read_whole_and_not_reused():
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close_after=True) \
+            as server:
+        pool = UpstreamPool()
+        assert await call(pool, server.address) == (200, b"until the end")
+
+
+async def test_a_replica_closing_mid_answer_is_an_error():
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly",
+                        close_after=True) as server:
+        pool = UpstreamPool()
+        with pytest.raises(UpstreamError, match="mid-answer"):
+            await call(pool, server.address)
+
+
+async def test_no_listener_is_refused_before_any_byte_is_sent():
+    async with Scripted(lambda _: OK) as server:
+        address = server.address
+    await asyncio.sleep(0.01)
+    with pytest.raises(UpstreamRefused):
+        await UpstreamPool().connect(address)
+
+
+async def test_a_large_answer_is_read_with_bounded_buffering():
+    size = 8 * 1024 ** 2
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+                        + b"x" * size) as server:
+        pool = UpstreamPool()
+        conn = await pool.connect(server.address)
+        response = await conn.send(GET, None)
+        await asyncio.sleep(0.2)  # nobody reads: the replica's socket stops being read
+        assert response._buffered < 1024 ** 2
+        total = 0
+        async for chunk in response.chunks():
+            total += len(chunk)
+        assert total == size
+        pool.keep_or_close(conn)
+        assert await call(pool, server.address) is not None and server.connections == 1
