@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from berth.daemon.errors import ApiError
+from berth.daemon.http_types import HasHeaders
 from berth.daemon.keys import ADMIN_ROUTES, AUTH
 from berth.daemon.quota import TokenLimits
 from berth.store import Store
@@ -78,7 +79,7 @@ class Auth:
         return owner[1] if owner is not None else "public"
 
     @staticmethod
-    def _presented(request: web.Request) -> str:
+    def _presented(request: HasHeaders) -> str:
         given = request.headers.get("Authorization", "")
         if not given.startswith(BEARER) or len(given) == len(BEARER):
             raise ApiError(401, "unauthorized",
@@ -114,7 +115,7 @@ class Auth:
                            "token only calls its endpoint")
         raise ApiError(401, "unauthorized", "unknown or revoked token")
 
-    def require_endpoint(self, request: web.Request, endpoint: str, public: bool) -> None:
+    def require_endpoint(self, request: HasHeaders, endpoint: str, public: bool) -> None:
         """A token of `endpoint` or the admin token (nothing when public or open)."""
         if self.open or public:
             return

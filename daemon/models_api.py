@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from berth.daemon.http_types import HasHeaders
 from berth.daemon.keys import AUTH, RECONCILER
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import ReplicaState
@@ -38,7 +39,7 @@ def openai_error(status: int, message: str, code: str, kind: str,
                                         "code": code}}, status=status)
 
 
-def presented_key(request: web.Request) -> str | None:
+def presented_key(request: HasHeaders) -> str | None:
     given = request.headers.get("Authorization", "")
     if given.startswith("Bearer ") and len(given) > len("Bearer "):
         return given[len("Bearer "):]

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -26,7 +26,7 @@ from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER, USAGE
 from berth.daemon.models_api import ERROR_TYPES, openai_error, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
-from berth.daemon.proxy import Call, admit, serve_call
+from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
 from berth.daemon.stream_wait import serve_streaming
 from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
@@ -198,7 +198,8 @@ async def serve_openai(request: web.Request,
             asked.ask_usage()
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                     request.headers.get("X-Request-Id") or os.urandom(12).hex(),
-                    meter=UsageMeter() if app[USAGE].enabled else None, openai=True)
+                    AiohttpReplier(request), openai=True,
+                    meter=UsageMeter() if app[USAGE].enabled else None)
         upstream = pool.spec.upstream_model
         asked.into(call, upstream)
         if upstream:
@@ -209,7 +210,7 @@ async def serve_openai(request: web.Request,
         else:
             response = await serve_call(app[ROUTER], call, None)
         outcome = call.failed_status or response.status
-        return response
+        return cast(web.StreamResponse, response)  # OpenAI calls come through aiohttp
     except OpenAIError as exc:
         outcome = exc.status
         return exc.response()

@@ -14,12 +14,14 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.http_types import Answer, CallRequest, Replier
 from berth.daemon.keys import AUTH, LIMITS, METRICS, QUOTA, ROUTER, UPSTREAM, USAGE
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.sse import LineBuffer
@@ -29,6 +31,7 @@ from berth.daemon.upstream import (
     UpstreamPool,
     UpstreamRefused,
     UpstreamResponse,
+    UpstreamUnanswered,
 )
 from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
@@ -53,6 +56,7 @@ CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
 MAX_HELD = 1024 ** 2  # the most of one SSE line the rewriter holds back
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # retried elsewhere if left unanswered
 
 
 class ReplicaRefused(Exception):
@@ -63,10 +67,11 @@ class ReplicaRefused(Exception):
 class Call:
     """One data-plane call on its way to a replica."""
 
-    request: web.Request
+    request: CallRequest
     pool: EndpointPool
     path: str
     request_id: str
+    reply: Replier
     body_sent: bool = False
     body_too_large: bool = False
     # Set by the OpenAI routes, which read the (bounded) JSON body to route it: sent as is.
@@ -85,10 +90,31 @@ class Call:
     on_lease: Callable[[], Awaitable[None]] | None = None
     # A 200 event stream already sent to the client (keep-alive while it waited): the
     # replica's answer goes into it. failed_status then says how the call really ended.
-    committed: web.StreamResponse | None = None
+    committed: Answer | None = None
     failed_status: int | None = None
     # The answer once its head went out (a failure after that can only end the stream).
-    response: web.StreamResponse | None = None
+    response: Answer | None = None
+
+
+class AiohttpReplier:
+    """Answers made as aiohttp's response objects, for requests aiohttp serves."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    def whole(self, status: int, reason: str, headers: CIMultiDict[str],
+              body: bytes) -> Answer:
+        return web.Response(status=status, reason=reason, body=body, headers=headers)
+
+    async def start(self, status: int, reason: str, headers: CIMultiDict[str],
+                    length: int | None) -> Answer:
+        response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(self.request)
+        return response
 
 
 class SseRewriter:
@@ -133,7 +159,7 @@ class SseRewriter:
         return b"data: " + self.rewrite(payload) + ending
 
 
-def check_token(request: web.Request, pool: EndpointPool) -> None:
+def check_token(request: CallRequest, pool: EndpointPool) -> None:
     request.app[AUTH].require_endpoint(request, pool.name, pool.spec.public)
 
 
@@ -153,7 +179,7 @@ def forwarded_headers(request: web.Request) -> dict[str, str]:
             "X-Forwarded-Host": request.host}
 
 
-def raw_tail(request: web.Request) -> str:
+def raw_tail(request: CallRequest) -> str:
     """The path after /invoke/{name}/ (or /async/{name}/) as the client encoded it, so that
     %3F or %2F reach the model as sent instead of turning into a query or a separator."""
     parts = request.rel_url.raw_path.split("/", 3)
@@ -161,6 +187,11 @@ def raw_tail(request: web.Request) -> str:
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
+    return cast(web.StreamResponse, await invoke_call(request, AiohttpReplier(request)))
+
+
+async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
+    """`ANY /invoke/{name}/{path}` on a request from aiohttp or from berth's own front."""
     if request.method not in METHODS:  # TRACE and friends never reach a model
         raise ApiError(405, "method_not_allowed", f"{request.method} is not proxied",
                        headers={"Allow": ", ".join(sorted(METHODS))})
@@ -169,7 +200,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     pool = router.pool(request.match_info["name"])
     principal = request.app[AUTH].principal(presented_key(request))
     call = Call(request, pool, raw_tail(request),
-                request.headers.get("X-Request-Id") or os.urandom(12).hex())
+                request.headers.get("X-Request-Id") or os.urandom(12).hex(), reply)
     # An OpenAI-style route, as the model server will read the path (decoded: %76%31 is v1).
     if request.match_info.get("path", "").startswith("v1/") and request.app[USAGE].enabled:
         call.meter = UsageMeter()
@@ -190,8 +221,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
                               pool.spec.model_names[0]), outcome, call.meter)
 
 
-async def _invoke(request: web.Request, router: Router, call: Call,
-                  principal: str) -> web.StreamResponse:
+async def _invoke(request: CallRequest, router: Router, call: Call, principal: str) -> Answer:
     check_token(request, call.pool)
     admit(request, principal)
     limit = request.app[LIMITS].max_body
@@ -202,14 +232,14 @@ async def _invoke(request: web.Request, router: Router, call: Call,
     return await serve_call(router, call, request.headers.get("X-Berth-Replica"))
 
 
-def admit(request: web.Request, principal: str) -> None:
+def admit(request: CallRequest, principal: str) -> None:
     """429 when the caller's token is over its requests_per_minute or tokens_per_day."""
     app = request.app
     app[QUOTA].admit(principal, app[AUTH].limits.get(principal), time.time(),
                      time.monotonic())
 
 
-async def serve_call(router: Router, call: Call, pinned: str | None) -> web.StreamResponse:
+async def serve_call(router: Router, call: Call, pinned: str | None) -> Answer:
     """Run the call on a replica; a refused connection is retried once on another one. The
     slot is held for the whole exchange, streamed answer included, and released on exit."""
     refused: list[str] = []
@@ -277,7 +307,7 @@ def _upstream_request(call: Call, replica: Replica
     return "".join(lines).encode("utf-8", "surrogateescape"), body, chunked
 
 
-async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
+async def _exchange(call: Call, replica: Replica) -> Answer:
     """Send the call to one replica and stream its answer back, under request_timeout_s."""
     request, spec = call.request, call.pool.spec
     pool = request.app[UPSTREAM]
@@ -295,6 +325,11 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                 pool.keep_or_close(conn)  # kept for the next call only if this one ended cleanly
     except UpstreamRefused as exc:  # no byte of the call was sent
         raise ReplicaRefused(str(exc)) from exc
+    except UpstreamUnanswered as exc:
+        if request.method in SAFE_METHODS and not call.body_sent:  # nothing done: go elsewhere
+            raise ReplicaRefused(str(exc)) from exc
+        return await _cut(call, replica, call.response, 502, "replica_failed",
+                          f"replica {replica.id} failed mid-call: {exc}")
     except TimeoutError:
         message = f"call exceeded request_timeout_s={spec.request_timeout_s:g}"
         return await _cut(call, replica, call.response, 504, "timeout", message)
@@ -307,8 +342,7 @@ async def _exchange(call: Call, replica: Replica) -> web.StreamResponse:
                           f"replica {replica.id} failed mid-call: {exc}")
 
 
-async def _answer(call: Call, replica: Replica,
-                  upstream: UpstreamResponse) -> web.StreamResponse:
+async def _answer(call: Call, replica: Replica, upstream: UpstreamResponse) -> Answer:
     """The replica's answer to the client: into a stream already begun, whole when small
     (one write, the common JSON answer), else streamed as it comes."""
     if call.committed is not None:
@@ -326,7 +360,7 @@ async def _answer(call: Call, replica: Replica,
 
 
 async def _relay(call: Call, upstream: UpstreamResponse,
-                 response: web.StreamResponse) -> None:
+                 response: Answer) -> None:
     """Stream the answer's body as it comes; the meter reads each chunk after it is sent."""
     is_sse = upstream.content_type == "text/event-stream"
     sse = SseRewriter(call.rewrite) if call.rewrite is not None and is_sse else None
@@ -347,7 +381,7 @@ async def _relay(call: Call, upstream: UpstreamResponse,
 
 
 async def _into_committed(call: Call, upstream: UpstreamResponse,
-                          response: web.StreamResponse) -> None:
+                          response: Answer) -> None:
     """The replica's answer into a stream already sent as 200: its events as they come, or
     what else it answered as one OpenAI error event."""
     if upstream.status == 200 and upstream.content_type == "text/event-stream":
@@ -367,7 +401,7 @@ async def _into_committed(call: Call, upstream: UpstreamResponse,
     await end_stream(response, error)
 
 
-async def end_stream(response: web.StreamResponse, error: object) -> None:
+async def end_stream(response: Answer, error: object) -> None:
     """End an OpenAI event stream with an error chunk and [DONE]; the client may be gone."""
     event = json.dumps({"error": error}).encode()
     with contextlib.suppress(ConnectionError, RuntimeError):
@@ -395,24 +429,21 @@ def _rewritten(call: Call, body: bytes) -> bytes:
 
 
 def _whole_response(call: Call, replica: Replica, upstream: UpstreamResponse,
-                    body: bytes) -> web.Response:
-    return web.Response(status=upstream.status, reason=upstream.reason, body=body,
-                        headers=_response_headers(call, replica, upstream))
+                    body: bytes) -> Answer:
+    return call.reply.whole(upstream.status, upstream.reason, _response_headers(
+        call, replica, upstream), body)
 
 
-async def _start_response(call: Call, replica: Replica,
-                          upstream: UpstreamResponse) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                  headers=_response_headers(call, replica, upstream))
-    if upstream.content_length is not None and not (
-            call.rewrite is not None and upstream.content_type == "text/event-stream"):
-        response.content_length = upstream.content_length  # a rewritten stream changes it
-    await response.prepare(call.request)
-    return response
+async def _start_response(call: Call, replica: Replica, upstream: UpstreamResponse) -> Answer:
+    length = upstream.content_length
+    if call.rewrite is not None and upstream.content_type == "text/event-stream":
+        length = None  # a rewritten stream changes it
+    return await call.reply.start(upstream.status, upstream.reason, _response_headers(
+        call, replica, upstream), length)
 
 
-async def _cut(call: Call, replica: Replica, response: web.StreamResponse | None,
-               status: int, code: str, message: str) -> web.StreamResponse:
+async def _cut(call: Call, replica: Replica, response: Answer | None,
+               status: int, code: str, message: str) -> Answer:
     """End a call that failed: a JSON error if nothing was sent, else end the stream."""
     log.warning("call.cut", endpoint=call.pool.name, replica=replica.id,
                 request_id=call.request_id, code=code, reason=message)

@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import time
 
-from aiohttp import web
+from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.http_types import Answer
 from berth.daemon.models_api import error_object
 from berth.daemon.proxy import Call, end_stream, serve_call
 from berth.scheduler.errors import SchedulerError
@@ -31,7 +32,7 @@ class KeepAlive:
 
     def __init__(self, call: Call, every: float) -> None:
         self.call, self.every = call, every
-        self.response: web.StreamResponse | None = None
+        self.response: Answer | None = None
         self._stopping = asyncio.Event()
         self._started = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -50,11 +51,10 @@ class KeepAlive:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.every)
 
-    async def _commit(self) -> web.StreamResponse:
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Request-Id": self.call.request_id})
-        await response.prepare(self.call.request)
+    async def _commit(self) -> Answer:
+        headers = CIMultiDict({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                               "X-Request-Id": self.call.request_id})
+        response = await self.call.reply.start(200, "OK", headers, None)
         self.call.committed = response
         return response
 
@@ -80,7 +80,7 @@ class KeepAlive:
             self._task.exception()  # seen here: a client that left mid-comment
 
 
-async def serve_streaming(router: Router, call: Call, every: float) -> web.StreamResponse:
+async def serve_streaming(router: Router, call: Call, every: float) -> Answer:
     """serve_call with keep-alive comments while the call waits for its slot."""
     waiting = KeepAlive(call, every)
     call.on_lease = waiting.stop

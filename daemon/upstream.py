@@ -34,6 +34,11 @@ class UpstreamRefused(UpstreamError):
     """No connection to the replica: no byte of the call was sent, so it may go elsewhere."""
 
 
+class UpstreamUnanswered(UpstreamError):
+    """The replica closed the connection before any byte of an answer (e.g. it stopped
+    listening with the connection still in its backlog): a safe call may go elsewhere."""
+
+
 class UpstreamResponse:
     """One answer from a replica: status and headers at once, the body as it arrives.
 
@@ -215,9 +220,11 @@ class UpstreamConnection(asyncio.Protocol):
         if response is not None and not response.complete and self._eof_ends_body(response):
             response.finish()  # a body without length or chunks ends where the connection does
             return
-        self._broke(UpstreamError("the replica closed the connection mid-answer"
-                                  if self._head is not None and self._head.done()
-                                  else "the replica closed the connection before answering"))
+        if self._head is not None and self._head.done():
+            self._broke(UpstreamError("the replica closed the connection mid-answer"))
+        else:
+            self._broke(UpstreamUnanswered("the replica closed the connection before "
+                                           "answering"))
 
     def pause_writing(self) -> None:
         if self._drain is None:
