@@ -22,6 +22,7 @@ from berth.daemon.keys import (
     ADMIN_ROUTES,
     ALLOCATOR,
     AUTH,
+    BROWSER,
     EVENTS,
     GPU_READINGS,
     GPU_SAMPLES,
@@ -197,6 +198,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     app[ALLOCATOR] = allocator
     app[ROUTER] = dispatcher.router if dispatcher else Router(reconciler)
     app[AUTH] = auth if auth is not None else Auth(admin=admin_token)
+    app[BROWSER] = guard
     app[USAGE] = usage if usage is not None else UsageLedger(reconciler.store.usage)
     app[QUOTA] = Quota(app[USAGE])
     reconciler.removal_listeners.append(app[AUTH].forget_endpoint)

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from berth.daemon.errors import ApiError
+from berth.daemon.http_types import HasHeaders
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CROSS_SITE = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of other origins
@@ -74,7 +75,7 @@ class BrowserGuard:
         return origin in self.allowed_origins or origin in (f"http://{host.lower()}",
                                                             f"https://{host.lower()}")
 
-    def check(self, request: web.Request) -> None:
+    def check(self, request: HasHeaders) -> None:
         """421 for a foreign Host, 403 for a foreign Origin; nothing for everything else."""
         host = request.headers.get("Host")
         if host is not None and not self.host_allowed(host):

@@ -21,6 +21,7 @@ listen with `GuardedSite` instead of `web.TCPSite`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import time
@@ -34,6 +35,9 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from yarl import URL
+
+from berth.daemon.front import Front
+from berth.daemon.keys import ROUTER
 
 log = structlog.get_logger("berth.connections")
 
@@ -101,16 +105,38 @@ class ConnectionGuard:
     Counts open connections by client address; each connection gets a `GuardedConnection`,
     which hands it to a fresh aiohttp RequestHandler if the caps allow, else refuses it."""
 
-    def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
+    def __init__(self, server: web.Server, limits: ConnectionLimits,
+                 app: web.Application | None = None) -> None:
         self.server = server
         self.limits = limits
+        # berth's app: model calls are served by the front (daemon/front.py), not aiohttp
+        self.app = app if app is not None and ROUTER in app else None
         self.refused = 0  # connections refused since start, for logs and metrics
+        self.fronts: set[Front] = set()  # connections the front serves (aiohttp's are its own)
+        self._fronts_gone = asyncio.Event()
         self._total = 0
         self._per_client: dict[str, int] = {}
         self._warned_at = -WARN_EVERY_S
 
     def __call__(self) -> GuardedConnection:
         return GuardedConnection(self)
+
+    async def close_fronts(self, grace_s: float) -> None:
+        """At shutdown, with the listener closed: idle front connections close now, busy
+        ones after their answer; whatever still runs after `grace_s` is cut."""
+        for front in list(self.fronts):
+            front.shutdown()
+        if self.fronts:
+            self._fronts_gone.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fronts_gone.wait(), grace_s)
+        for front in list(self.fronts):
+            front.abort()
+
+    def forget_front(self, front: Front) -> None:
+        self.fronts.discard(front)
+        if not self.fronts:
+            self._fronts_gone.set()
 
     def request_handler(self) -> RequestHandler:
         """What `server()` makes, but answering unparseable requests in berth's shape."""
@@ -158,11 +184,13 @@ class ConnectionGuard:
 
 class GuardedConnection(asyncio.Protocol):
     """One accepted connection: admits or refuses it, runs its header deadline, and passes
-    everything else through to the aiohttp RequestHandler it wraps."""
+    its bytes to berth's front for model calls (daemon/front.py), which hands the connection
+    to an aiohttp RequestHandler for anything else (or at once, for an app without calls)."""
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
-        self._handler: RequestHandler | None = None  # None: refused, or not yet connected
+        self._handler: RequestHandler | None = None  # aiohttp's, once it has the connection
+        self._front: Front | None = None  # model calls, until aiohttp has it all
         self._transport: asyncio.Transport | None = None
         self._key = ""
         self._admitted = False  # counted by the guard, so to be released when it closes
@@ -180,13 +208,33 @@ class GuardedConnection(asyncio.Protocol):
             return
         self._admitted = True
         self._arm()
-        self._handler = self._guard.request_handler()
-        self._handler.connection_made(transport)
+        if self._guard.app is not None:
+            self._front = Front(self, self._guard.app, self._transport)
+            self._guard.fronts.add(self._front)
+        else:
+            self.to_aiohttp(None)
+
+    def to_aiohttp(self, raw: bytes | None) -> RequestHandler:
+        """Give the connection to an aiohttp handler: for good, with the bytes so far, when
+        `raw` is given; else the front stays in between and feeds it requests."""
+        assert self._transport is not None
+        handler = self._handler = self._guard.request_handler()
+        handler.connection_made(self._transport)
+        if raw is not None:
+            if self._front is not None:
+                self._guard.forget_front(self._front)
+            self._front = None
+            handler.data_received(raw)
+        return handler
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         handler, self._handler = self._handler, None
+        front, self._front = self._front, None
         try:
+            if front is not None:
+                self._guard.forget_front(front)
+                front.connection_lost()
             if handler is not None:
                 handler.connection_lost(exc)
         finally:
@@ -195,21 +243,28 @@ class GuardedConnection(asyncio.Protocol):
                 self._guard.release(self._key)
 
     def data_received(self, data: bytes) -> None:
-        if self._handler is None:
+        if not self._admitted:
             return  # refused and closing: whatever the client sent is dropped
         if self._timer is None and not self._serving:
             self._arm()  # first byte of the next request on a keep-alive connection
-        self._handler.data_received(data)
+        if self._front is not None:
+            self._front.feed(data)
+        elif self._handler is not None:
+            self._handler.data_received(data)
 
     def eof_received(self) -> None:
         if self._handler is not None:
             self._handler.eof_received()  # None, as aiohttp's: the transport closes itself
 
     def pause_writing(self) -> None:
+        if self._front is not None:
+            self._front.pause_writing()
         if self._handler is not None:
             self._handler.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._front is not None:
+            self._front.resume_writing()
         if self._handler is not None:
             self._handler.resume_writing()
 
@@ -268,19 +323,21 @@ class GuardedSite(web.BaseSite):
     (checked: without it every request would be cut at the header deadline). `port` is the
     bound port once started, for a listen address that asks for port 0."""
 
-    __slots__ = ("_bound_port", "_host", "_port", "guard")
+    __slots__ = ("_bound_port", "_grace_s", "_host", "_port", "guard")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits,
-                 *, backlog: int = 128) -> None:
+                 *, backlog: int = 128, grace_s: float = 60.0) -> None:
         super().__init__(runner, backlog=backlog)
         if isinstance(runner, web.AppRunner) and header_deadline not in runner.app.middlewares:
             raise RuntimeError("GuardedSite needs connections.header_deadline among the app's "
                                "middlewares, added before runner.setup()")
         assert runner.server is not None  # BaseSite raised otherwise
-        self.guard = ConnectionGuard(runner.server, limits)
+        self.guard = ConnectionGuard(runner.server, limits, runner.app if isinstance(
+            runner, web.AppRunner) else None)
         self._host = host
         self._port = port
         self._bound_port: int | None = None
+        self._grace_s = grace_s  # for the front's calls in flight at stop (aiohttp: its own)
 
     @property
     def port(self) -> int:
@@ -289,6 +346,12 @@ class GuardedSite(web.BaseSite):
     @property
     def name(self) -> str:
         return str(URL.build(scheme="http", host=self._host, port=self.port))
+
+    async def stop(self) -> None:
+        """Stop listening, then let the front's calls in flight finish (runner.cleanup then
+        does the same for aiohttp's requests)."""
+        await super().stop()
+        await self.guard.close_fronts(self._grace_s)
 
     async def start(self) -> None:
         """Listen as TCPSite.start does, with the guard as the protocol factory."""

@@ -23,6 +23,7 @@ from berth.store import Store
 
 if TYPE_CHECKING:
     from berth.daemon.auth import Auth
+    from berth.daemon.browser import BrowserGuard
     from berth.daemon.event_feed import EventFeed
     from berth.daemon.metrics import Metrics
     from berth.daemon.quota import Quota
@@ -48,6 +49,7 @@ ROUTER = web.AppKey("router", Router)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 CALLBACK_POLICY = web.AppKey("callback_policy", CallbackPolicy)
 AUTH: web.AppKey[Auth] = web.AppKey("auth")
+BROWSER: web.AppKey[BrowserGuard] = web.AppKey("browser")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM = web.AppKey("upstream", UpstreamPool)
 GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])

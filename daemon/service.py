@@ -324,7 +324,8 @@ async def _listen(config: Config, core: Core, dispatcher: Dispatcher,
     stack.push_async_callback(runner.cleanup)
     limits = ConnectionLimits(daemon.header_timeout_s, daemon.max_connections,
                               daemon.max_connections_per_client)
-    site = GuardedSite(runner, listen.host, listen.port, limits)
+    site = GuardedSite(runner, listen.host, listen.port, limits,
+                       grace_s=daemon.shutdown_grace_s)
     try:
         await site.start()
     except OSError as exc:

@@ -23,7 +23,9 @@ from typing import Any
 
 import docker
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "demo") not in sys.path:
@@ -165,6 +167,27 @@ def ready_count(pool: EndpointPool) -> int:
     return sum(1 for r in pool.replicas.values() if r.state.value == "ready")
 
 
+class GuardedTestServer(TestServer):
+    """aiohttp's TestServer listening as berthd does (GuardedSite, header deadline, handler
+    cancellation), so that model calls go through berth's own front and the rest through
+    aiohttp: `aiohttp_client(GuardedTestServer(app))`."""
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None,
+                           **kwargs: Any) -> None:
+        from berth.daemon.connections import ConnectionLimits, GuardedSite, header_deadline
+
+        if self.runner:
+            return
+        if header_deadline not in self.app.middlewares:
+            self.app.middlewares.insert(0, header_deadline)
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = GuardedSite(self.runner, self.host, 0, ConnectionLimits())
+        await site.start()
+        self.port, self.scheme = site.port, "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+
 class AdminApps:
     """The whole app as berthd serves it, over harnesses: admin token "admin-secret", a task
     dispatcher with its callback sender (callbacks to nowhere allowed), handler cancellation.
@@ -204,7 +227,7 @@ class AdminApps:
         await auth.load(h.store)
         app = build_app(h.reconciler, h.reconciler.allocator, dispatcher=dispatcher,
                         auth=auth, **options)
-        client = await self.aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        client = await self.aiohttp_client(GuardedTestServer(app))
         return h, client
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.dispatch import Dispatcher, DispatchSettings
 from berth.scheduler.egress import CallbackPolicy
 from berth.scheduler.router import Router
-from helpers import endpoint, ready_count, wait_for
+from helpers import GuardedTestServer, endpoint, ready_count, wait_for
 
 SECRET = b"test-callback-key"
 
@@ -37,7 +37,7 @@ async def aplane(harness, aiohttp_client, tmp_path):
         made.append((dispatcher, callbacks))
         app = build_app(h.reconciler, h.reconciler.allocator, dispatcher=dispatcher,
                         max_async_body_bytes=max_body)
-        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        client = await aiohttp_client(GuardedTestServer(app))  # as berthd listens
         return h, client, dispatcher
     yield make
     for dispatcher, callbacks in made:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from berth.daemon.app import build_app
 from berth.scheduler.replica import ReplicaState
-from helpers import endpoint, ready_count, wait_for
+from helpers import GuardedTestServer, endpoint, ready_count, wait_for
 
 S = ReplicaState
 
@@ -25,7 +25,7 @@ async def plane(harness, aiohttp_client):
         h = await harness(gpus=gpus)
         await h.reconciler.apply_specs(specs, "config")
         app = build_app(h.reconciler, h.reconciler.allocator, max_body_bytes=max_body)
-        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        client = await aiohttp_client(GuardedTestServer(app))  # as berthd listens
         return h, client
     return make
 

@@ -1,0 +1,540 @@
+"""berth's own HTTP/1.1 front for model calls: `/invoke/...` parsed by llhttp (httptools) and
+answered on the connection's transport; every other request is aiohttp's.
+
+Why: aiohttp's server side (request objects, middleware chain, router, response objects) cost
+more per call than everything berth itself does for one; a model call needs none of it.
+
+A connection's first request decides. A model call keeps the connection here; anything else
+gives the connection to aiohttp, its raw bytes so far included, for good. A front connection
+that later carries another request goes to aiohttp from that request on: the front goes on
+parsing and hands aiohttp each request re-serialised (llhttp does not say where in a chunk a
+request began), once the model calls before it are answered. Requests are answered in order
+(pipelining), one at a time. What the proxy core needs of a request and an answer is in
+http_types; the front provides both (FrontRequest, FrontReplier).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncIterator
+from enum import Enum
+from http import HTTPStatus
+from typing import Protocol
+from urllib.parse import unquote
+
+import httptools
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.http_types import Answer
+from berth.daemon.keys import BROWSER
+from berth.daemon.proxy import invoke_call
+from berth.scheduler.errors import SchedulerError
+
+log = structlog.get_logger("berth.front")
+
+# aiohttp's limits, so that both fronts refuse the same requests; plus a bound on the bytes of
+# one head held while it is incomplete (llhttp hands over a header only when it is whole).
+MAX_LINE = 8190
+MAX_FIELD = 8190
+MAX_HEADERS = 128
+MAX_HEAD = 64 * 1024
+BODY_HIGH = 256 * 1024  # request body bytes queued before the client's socket stops being read
+PREFIX = b"/invoke/"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NO_BODY = frozenset({204, 304})
+
+
+class Mode(Enum):
+    UNDECIDED = "undecided"  # no request head yet: raw bytes kept for aiohttp
+    FRONT = "front"  # model calls, answered here
+    HANDOFF = "handoff"  # the first request was not a model call: all of it goes to aiohttp
+    SERIAL = "serial"  # from a later request on, aiohttp's, re-serialised
+
+
+class Host(Protocol):
+    """What the front needs of the connection it serves (connections.GuardedConnection)."""
+
+    def request_started(self) -> None: ...
+
+    def request_finished(self) -> None: ...
+
+    def to_aiohttp(self, raw: bytes | None) -> RequestHandler: ...
+
+
+class HeadTooLarge(Exception):
+    """A request head over the limits: answered 431."""
+
+
+class Target:
+    __slots__ = ("raw_path", "raw_query_string")
+
+    def __init__(self, url: str) -> None:
+        self.raw_path, _, self.raw_query_string = url.partition("?")
+
+
+class RequestBody:
+    """A request body as it arrives, read by the call while the client still sends it."""
+
+    __slots__ = ("_chunks", "_front", "_size", "_waiter", "done", "failed")
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.failed = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        if self._size > BODY_HIGH:
+            self._front.pause_reading()
+        self._wake()
+
+    def end(self, failed: bool = False) -> None:
+        self.done, self.failed = not failed, failed
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        """The body in the pieces it arrived in (`n` is aiohttp's signature; unused)."""
+        while True:
+            while not self._chunks:
+                if self.done:
+                    return
+                if self.failed:
+                    raise ConnectionResetError("the client left before sending its body")
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+            chunk = self._chunks.popleft()
+            self._size -= len(chunk)
+            if self._size <= BODY_HIGH:
+                self._front.resume_reading()
+            yield chunk
+
+
+class FrontRequest:
+    """A model call's request as the front parsed it (satisfies http_types.CallRequest)."""
+
+    __slots__ = ("app", "body_exists", "content", "content_length", "expect_continue",
+                 "head_only", "headers", "host", "keep_alive", "match_info", "method",
+                 "rel_url", "remote", "scheme", "version")
+
+    def __init__(self, front: Front, method: str, url: str, headers: CIMultiDict[str],
+                 keep_alive: bool, version: str) -> None:
+        self.app = front.app
+        self.method = method
+        self.headers = CIMultiDictProxy(headers)
+        self.rel_url = Target(url)
+        name, _, tail = self.rel_url.raw_path[len(PREFIX):].partition("/")
+        self.match_info = {"name": unquote(name), "path": unquote(tail)}
+        self.remote = front.remote
+        self.scheme = "http"
+        self.host = headers.get("Host", "")
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None else None
+        self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
+        self.content = RequestBody(front)
+        self.keep_alive = keep_alive
+        self.version = version
+        self.head_only = method == "HEAD"
+        self.expect_continue = headers.get("Expect", "").lower() == "100-continue"
+
+
+class FrontAnswer:
+    """An answer written straight to the connection (satisfies http_types.Answer)."""
+
+    __slots__ = ("_chunked", "_front", "_head_only", "content_type", "done", "status")
+
+    def __init__(self, front: Front, status: int, content_type: str, chunked: bool,
+                 head_only: bool) -> None:
+        self._front = front
+        self.status = status
+        self.content_type = content_type
+        self._chunked = chunked
+        self._head_only = head_only
+        self.done = False
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._head_only:
+            return
+        if self._chunked:
+            self._front.write_parts((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self._front.write(data)
+        await self._front.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self.done:
+            return
+        await self.write(data)
+        self.done = True
+        if self._chunked and not self._head_only:
+            self._front.write(b"0\r\n\r\n")
+        await self._front.drain()
+
+    def force_close(self) -> None:
+        self._front.close_after = True
+
+
+class FrontReplier:
+    """Makes one call's answer on the front (satisfies http_types.Replier)."""
+
+    __slots__ = ("_front", "_request", "answer")
+
+    def __init__(self, front: Front, request: FrontRequest) -> None:
+        self._front = front
+        self._request = request
+        self.answer: FrontAnswer | None = None
+
+    def whole(self, status: int, reason: str, headers: CIMultiDict[str],
+              body: bytes) -> Answer:
+        head = self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n")
+        self._front.write(head if self._request.head_only else head + body)
+        answer = self.answer = self._answer(status, headers, chunked=False)
+        answer.done = True
+        return answer
+
+    async def start(self, status: int, reason: str, headers: CIMultiDict[str],
+                    length: int | None) -> Answer:
+        bodiless = self._request.head_only or status in NO_BODY
+        chunked = length is None and not bodiless and self._request.version == "1.1"
+        if length is None and not bodiless and not chunked:
+            self._front.close_after = True  # an HTTP/1.0 client: the body ends at the close
+        framing = "Transfer-Encoding: chunked\r\n" if chunked else \
+            f"Content-Length: {length}\r\n" if length is not None and status not in NO_BODY \
+            else ""
+        self._front.write(self._head(status, reason, headers, framing))
+        self.answer = self._answer(status, headers, chunked)
+        await self._front.drain()
+        return self.answer
+
+    def _answer(self, status: int, headers: CIMultiDict[str], chunked: bool) -> FrontAnswer:
+        content_type = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        return FrontAnswer(self._front, status, content_type, chunked,
+                           self._request.head_only or status in NO_BODY)
+
+    def _head(self, status: int, reason: str, headers: CIMultiDict[str], framing: str) -> bytes:
+        lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}\r\n"]
+        lines.extend(f"{key}: {value}\r\n" for key, value in headers.items())
+        lines.append(framing)
+        if not self._request.keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1", "replace")
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def error_head_and_body(status: int, code: str, message: str,
+                        headers: dict[str, str]) -> bytes:
+    """berth's JSON error, as a whole HTTP/1.1 answer that closes the connection."""
+    body = error_body(code, message)
+    extra = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+    return (f"HTTP/1.1 {status} {_phrase(status)}\r\nContent-Type: application/json; "
+            f"charset=utf-8\r\nContent-Length: {len(body)}\r\n{extra}"
+            "\r\n").encode("latin-1", "replace") + body
+
+
+class Front:
+    """The model-call side of one client connection (see the module's doc). Fed the
+    connection's bytes; writes answers to its transport; calls `host` to hand over."""
+
+    def __init__(self, host: Host, app: web.Application, transport: asyncio.Transport) -> None:
+        self.app = app
+        self.close_after = False  # the connection closes once the current answer is out
+        self._host = host
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote: str | None = peer[0] if isinstance(peer, tuple) else None
+        self._parser = httptools.HttpRequestParser(self)
+        self._mode = Mode.UNDECIDED
+        self._raw: bytearray | None = bytearray()  # all bytes, until the first head decides
+        self._url = bytearray()
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._current: FrontRequest | None = None  # the request whose body is arriving
+        self._pending: deque[FrontRequest] = deque()  # parsed, to be served in order
+        self._task: asyncio.Task[None] | None = None
+        self._aiohttp: RequestHandler | None = None  # SERIAL mode's handler
+        self._backlog: list[bytes] = []  # SERIAL bytes waiting for the front's calls
+        self._serial_chunked = False
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._lost = False
+        self._error_later: bytes | None = None  # a refusal, written once the calls are done
+
+    # --- bytes in ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw += data
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+            if self._in_head and self._head_bytes > MAX_HEAD:
+                raise HeadTooLarge(f"request head over {MAX_HEAD} bytes")
+        except httptools.HttpParserUpgrade:
+            self._not_a_call()
+        except (httptools.HttpParserError, HeadTooLarge) as exc:
+            if self._mode in (Mode.UNDECIDED, Mode.HANDOFF):
+                self._mode = Mode.HANDOFF  # aiohttp's parser finds it too, and answers it
+            else:
+                self._refuse_parsed(exc)
+                return
+        if self._mode is Mode.HANDOFF and self._raw is not None:
+            raw, self._raw = bytes(self._raw), None
+            self._host.to_aiohttp(raw)  # the connection is aiohttp's from here
+
+    def _refuse_parsed(self, exc: Exception) -> None:
+        too_large = isinstance(exc, HeadTooLarge) or isinstance(exc.__context__, HeadTooLarge)
+        self._refuse(*((431, "headers_too_large") if too_large else (400, "bad_request")),
+                     str(exc.__context__ or exc))
+
+    def _not_a_call(self) -> None:
+        if self._mode in (Mode.UNDECIDED, Mode.HANDOFF):
+            self._mode = Mode.HANDOFF  # an upgrade as first request: aiohttp answers it
+        else:
+            self.close_after = True  # an upgrade later on: not for the front to carry
+            self._close_when_idle()
+
+    def _refuse(self, status: int, code: str, reason: str) -> None:
+        """A request llhttp refused (smuggling, not HTTP) or one over the limits."""
+        log.debug("front.bad_request", client=self.remote, status=status, reason=reason)
+        self.close_after = True
+        if self._mode is Mode.SERIAL:
+            self._close_when_idle()
+            return
+        message = f"malformed request: {reason.splitlines()[0][:200] if reason else code}"
+        self._error_later = error_head_and_body(status, code, message, {"Connection": "close"})
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        self.pause_reading()
+        if self._task is None and not self._pending:
+            self._finish_connection()
+
+    def _finish_connection(self) -> None:
+        if self._error_later is not None and not self._lost:
+            self._transport.write(self._error_later)
+        self._transport.close()
+
+    # --- llhttp callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._fields = []
+        self._in_head, self._head_bytes = True, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE:
+            raise HeadTooLarge(f"request target over {MAX_LINE} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+            raise HeadTooLarge(f"a header over {MAX_FIELD} bytes")
+        if len(self._fields) >= MAX_HEADERS:
+            raise HeadTooLarge(f"more than {MAX_HEADERS} headers")
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        method = parser.get_method().decode("ascii")
+        url = bytes(self._url)
+        if self._mode is Mode.HANDOFF:
+            return  # aiohttp parses it all again from the raw bytes
+        if self._mode is Mode.SERIAL or not url.startswith(PREFIX) or parser.should_upgrade():
+            self._serial_head(method, url)
+            return
+        self._mode, self._raw = Mode.FRONT, None
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._fields)
+        request = FrontRequest(self, method, url.decode("latin-1"), headers,
+                               parser.should_keep_alive(), parser.get_http_version())
+        self._current = request
+        self._pending.append(request)
+        if self._task is None:
+            self._serve_next()
+
+    def on_body(self, body: bytes) -> None:
+        if self._mode is Mode.SERIAL:
+            self._to_aiohttp(b"%x\r\n%s\r\n" % (len(body), body) if self._serial_chunked
+                             else body)
+        elif self._current is not None:
+            self._current.content.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._mode is Mode.SERIAL:
+            if self._serial_chunked:
+                self._to_aiohttp(b"0\r\n\r\n")
+        elif self._current is not None:
+            self._current.content.end()
+            self._current = None
+
+    # --- handing over to aiohttp ------------------------------------------------------
+
+    def _serial_head(self, method: str, url: bytes) -> None:
+        if self._mode is Mode.UNDECIDED:
+            self._mode = Mode.HANDOFF
+            return
+        self._mode = Mode.SERIAL
+        names = {name.lower() for name, _ in self._fields}
+        self._serial_chunked = b"transfer-encoding" in names
+        version = self._parser.get_http_version()
+        lines = [method.encode(), b" ", url, b" HTTP/", version.encode(), b"\r\n"]
+        for name, value in self._fields:
+            lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        self._to_aiohttp(b"".join(lines))
+
+    def _to_aiohttp(self, data: bytes) -> None:
+        if self._task is not None or self._pending:
+            self._backlog.append(data)  # after the model calls before it are answered
+            self.pause_reading()
+            return
+        if self._aiohttp is None:
+            self._aiohttp = self._host.to_aiohttp(None)
+        self._aiohttp.data_received(data)
+
+    def _flush_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, []
+        for data in backlog:
+            self._to_aiohttp(data)
+        self.resume_reading()
+
+    # --- serving ----------------------------------------------------------------------
+
+    def _serve_next(self) -> None:
+        request = self._pending.popleft()
+        self._host.request_started()
+        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+
+    async def _serve(self, request: FrontRequest) -> None:
+        replier = FrontReplier(self, request)
+        try:
+            if request.expect_continue and request.version == "1.1":
+                self._transport.write(CONTINUE)
+            self.app[BROWSER].check(request)
+            await invoke_call(request, replier)
+        except (ApiError, SchedulerError) as exc:
+            self._error(replier, as_api_error(exc))
+        except (ConnectionError, asyncio.CancelledError):
+            self.close_after = True  # the client left: nothing more to say to it
+        except Exception:
+            log.exception("front.unhandled_error", method=request.method,
+                          path=request.rel_url.raw_path)
+            self._error(replier, ApiError(500, "internal", "internal error; see the berthd log"))
+        finally:
+            self._served(request, replier)
+
+    def _error(self, replier: FrontReplier, error: ApiError) -> None:
+        if replier.answer is not None:  # the head went out: only closing can tell
+            self.close_after = True
+            return
+        headers = CIMultiDict(error.headers)
+        headers["Content-Type"] = "application/json; charset=utf-8"
+        replier.whole(error.status, "", headers, error_body(error.code, error.message))
+
+    def _served(self, request: FrontRequest, replier: FrontReplier) -> None:
+        self._task = None
+        self._host.request_finished()
+        if self._lost:
+            return
+        unfinished = replier.answer is None or not replier.answer.done
+        if self.close_after or unfinished or not request.keep_alive or \
+                not request.content.done:
+            self._finish_connection()  # an unread body or a cut answer ends the connection
+            return
+        if self._pending:
+            self._serve_next()
+        elif self._backlog:
+            self._flush_backlog()
+        else:
+            self.resume_reading()
+
+    # --- bytes out and flow control ---------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._lost:
+            raise ConnectionResetError("the client left")
+        self._transport.write(data)
+
+    def write_parts(self, parts: tuple[bytes, ...]) -> None:
+        if self._lost:
+            raise ConnectionResetError("the client left")
+        self._transport.writelines(parts)
+
+    async def drain(self) -> None:
+        if self._drain is not None:
+            await self._drain
+        if self._lost:
+            raise ConnectionResetError("the client left")
+
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self._transport.is_closing():
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._transport.is_closing():
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._pending
+
+    def shutdown(self) -> None:
+        """berthd stops: close now if idle, else once the answer under way is out."""
+        self.close_after = True
+        self.pause_reading()
+        if self.idle:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def connection_lost(self) -> None:
+        """The client left: its call is cancelled (which frees its slot at once)."""
+        self._lost = True
+        self.resume_writing()
+        for request in (self._current, *self._pending):
+            if request is not None and not request.content.done:
+                request.content.end(failed=True)
+        self._pending.clear()
+        if self._task is not None:
+            self._task.cancel()
+
