@@ -4,7 +4,8 @@
     print(record(pid, "http://127.0.0.1:PORT/invoke/fast/echo"))
 
 py-spy (PyPI) samples at 250 Hz while wrk runs 64 connections; the summary is each function's
-inclusive share of the samples (a function counts once per sample, whatever its depth).
+inclusive share of the event loop thread's samples (a function counts once per sample,
+whatever its depth), then the innermost frames (where the time is spent itself).
 """
 
 from __future__ import annotations
@@ -38,17 +39,22 @@ def record(pid: int, url: str, seconds: int = 6) -> str:
 def summary(raw: str) -> str:
     """Inclusive share per function from py-spy's collapsed stacks ("a;b;c COUNT" lines)."""
     inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
+        if "Runner.run" not in stack:
+            continue  # the event loop's thread only: the others are berth's thread pools
         n = int(count)
         total += n
-        for frame in {f.split(" (")[0] + " " + _file(f) for f in stack.split(";")}:
+        frames = [f.split(" (")[0] + " " + _file(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
             inclusive[frame] += n
     rows = [f"{100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(TOP)]
-    return f"{total} samples\n" + "\n".join(rows)
+    leaves = [f"{100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(TOP)]
+    return (f"{total} samples of the event loop's thread\ninclusive:\n" + "\n".join(rows)
+            + "\nown (the innermost frame):\n" + "\n".join(leaves))
 
 
 def _file(frame: str) -> str:

@@ -198,6 +198,7 @@ class GuardedConnection(asyncio.Protocol):
         self._serving = False  # a request's handler is running: the clock is stopped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = asyncio.get_running_loop()  # once: each ask is a getpid() on 3.11
         self._transport = cast(asyncio.Transport, transport)
         self._key = client_key(transport.get_extra_info("peername"))
         if not self._guard.admit(self._key):
@@ -278,8 +279,7 @@ class GuardedConnection(asyncio.Protocol):
         self._serving = False
 
     def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._guard.limits.header_timeout_s, self._expire)
+        self._timer = self._loop.call_later(self._guard.limits.header_timeout_s, self._expire)
 
     def _disarm(self) -> None:
         if self._timer is not None:

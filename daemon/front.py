@@ -28,10 +28,10 @@ import httptools
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.http_types import Answer
+from berth.daemon.http_types import Answer, Headers
 from berth.daemon.keys import BROWSER
 from berth.daemon.proxy import invoke_call
 from berth.scheduler.errors import SchedulerError
@@ -115,7 +115,7 @@ class RequestBody:
                     return
                 if self.failed:
                     raise ConnectionResetError("the client left before sending its body")
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self._front.loop.create_future()
                 await self._waiter
             chunk = self._chunks.popleft()
             self._size -= len(chunk)
@@ -135,10 +135,11 @@ class FrontRequest:
                  keep_alive: bool, version: str) -> None:
         self.app = front.app
         self.method = method
-        self.headers = CIMultiDictProxy(headers)
+        self.headers = headers
         self.rel_url = Target(url)
         name, _, tail = self.rel_url.raw_path[len(PREFIX):].partition("/")
-        self.match_info = {"name": unquote(name), "path": unquote(tail)}
+        self.match_info = {"name": unquote(name) if "%" in name else name,
+                           "path": unquote(tail) if "%" in tail else tail}
         self.remote = front.remote
         self.scheme = "http"
         self.host = headers.get("Host", "")
@@ -198,15 +199,14 @@ class FrontReplier:
         self._request = request
         self.answer: FrontAnswer | None = None
 
-    def whole(self, status: int, reason: str, headers: CIMultiDict[str],
-              body: bytes) -> Answer:
+    def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer:
         head = self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n")
         self._front.write(head if self._request.head_only else head + body)
         answer = self.answer = self._answer(status, headers, chunked=False)
         answer.done = True
         return answer
 
-    async def start(self, status: int, reason: str, headers: CIMultiDict[str],
+    async def start(self, status: int, reason: str, headers: Headers,
                     length: int | None) -> Answer:
         bodiless = self._request.head_only or status in NO_BODY
         chunked = length is None and not bodiless and self._request.version == "1.1"
@@ -220,14 +220,16 @@ class FrontReplier:
         await self._front.drain()
         return self.answer
 
-    def _answer(self, status: int, headers: CIMultiDict[str], chunked: bool) -> FrontAnswer:
-        content_type = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    def _answer(self, status: int, headers: Headers, chunked: bool) -> FrontAnswer:
+        content_type = next((value for name, value in headers
+                             if name.lower() == "content-type"), "")
+        content_type = content_type.partition(";")[0].strip().lower()
         return FrontAnswer(self._front, status, content_type, chunked,
                            self._request.head_only or status in NO_BODY)
 
-    def _head(self, status: int, reason: str, headers: CIMultiDict[str], framing: str) -> bytes:
+    def _head(self, status: int, reason: str, headers: Headers, framing: str) -> bytes:
         lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}\r\n"]
-        lines.extend(f"{key}: {value}\r\n" for key, value in headers.items())
+        lines.extend(f"{key}: {value}\r\n" for key, value in headers)
         lines.append(framing)
         if not self._request.keep_alive:
             lines.append("Connection: close\r\n")
@@ -262,6 +264,7 @@ class Front:
 
     def __init__(self, host: Host, app: web.Application, transport: asyncio.Transport) -> None:
         self.app = app
+        self.loop = asyncio.get_running_loop()  # once: each call is a getpid() on 3.11
         self.close_after = False  # the connection closes once the current answer is out
         self._host = host
         self._transport = transport
@@ -431,7 +434,7 @@ class Front:
     def _serve_next(self) -> None:
         request = self._pending.popleft()
         self._host.request_started()
-        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._task = self.loop.create_task(self._serve(request))
 
     async def _serve(self, request: FrontRequest) -> None:
         replier = FrontReplier(self, request)
@@ -455,8 +458,7 @@ class Front:
         if replier.answer is not None:  # the head went out: only closing can tell
             self.close_after = True
             return
-        headers = CIMultiDict(error.headers)
-        headers["Content-Type"] = "application/json; charset=utf-8"
+        headers = [*error.headers.items(), ("Content-Type", "application/json; charset=utf-8")]
         replier.whole(error.status, "", headers, error_body(error.code, error.message))
 
     def _served(self, request: FrontRequest, replier: FrontReplier) -> None:
@@ -496,7 +498,7 @@ class Front:
 
     def pause_writing(self) -> None:
         if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
 
     def resume_writing(self) -> None:
         drain, self._drain = self._drain, None

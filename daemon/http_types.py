@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 from aiohttp import web
-from multidict import CIMultiDict
+
+Headers = list[tuple[str, str]]  # header lines in order, as they go out
 
 
 class Target(Protocol):
@@ -82,8 +83,7 @@ class Replier(Protocol):
     """Makes the answers of one call: whole (small, one write) or started and streamed.
     `length` None on start: the body's size is not known (chunked, or to the close)."""
 
-    def whole(self, status: int, reason: str, headers: CIMultiDict[str],
-              body: bytes) -> Answer: ...
+    def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer: ...
 
-    async def start(self, status: int, reason: str, headers: CIMultiDict[str],
+    async def start(self, status: int, reason: str, headers: Headers,
                     length: int | None) -> Answer: ...

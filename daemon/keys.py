@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from berth.daemon.browser import BrowserGuard
     from berth.daemon.event_feed import EventFeed
     from berth.daemon.metrics import Metrics
+    from berth.daemon.proxy import RequestIds
     from berth.daemon.quota import Quota
     from berth.daemon.usage import UsageLedger
 
@@ -52,6 +53,7 @@ AUTH: web.AppKey[Auth] = web.AppKey("auth")
 BROWSER: web.AppKey[BrowserGuard] = web.AppKey("browser")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM = web.AppKey("upstream", UpstreamPool)
+REQUEST_IDS: web.AppKey[RequestIds] = web.AppKey("request_ids")
 GPU_SAMPLES = web.AppKey("gpu_samples", dict[str, GpuSample])
 GPU_READINGS = web.AppKey("gpu_readings", GpuReadings)
 LIMITS = web.AppKey("limits", Limits)

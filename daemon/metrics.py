@@ -71,6 +71,8 @@ class Metrics:
         self.failures = Counter(
             "berth_replica_failures", "Replicas that crashed or failed to start (crash loops "
             "show as a rising rate)", ("endpoint", "kind"), registry=self.registry)
+        self._call_counters: dict[tuple[str, int], Counter] = {}
+        self._call_histograms: dict[str, Histogram] = {}
         self.live = LiveState()
         self.registry.register(LiveCollector(self.live))
 
@@ -86,8 +88,16 @@ class Metrics:
             self.start_seconds.labels(endpoint, phase).observe(getattr(phases, f"{phase}_s"))
 
     def call_ended(self, endpoint: str, status: int, seconds: float) -> None:
-        self.calls.labels(endpoint, str(status)).inc()
-        self.call_seconds.labels(endpoint).observe(seconds)
+        # The labelled children, looked up once: labels() costs more than the update itself
+        counter = self._call_counters.get((endpoint, status))
+        if counter is None:
+            counter = self._call_counters[(endpoint, status)] = \
+                self.calls.labels(endpoint, str(status))
+        histogram = self._call_histograms.get(endpoint)
+        if histogram is None:
+            histogram = self._call_histograms[endpoint] = self.call_seconds.labels(endpoint)
+        counter.inc()
+        histogram.observe(seconds)
 
 
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,

@@ -14,7 +14,6 @@ the client's name in the answer. Errors use OpenAI's shape (`message`, `type`, `
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, ROUTER, USAGE
+from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, REQUEST_IDS, ROUTER, USAGE
 from berth.daemon.models_api import ERROR_TYPES, openai_error, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
@@ -197,7 +196,7 @@ async def serve_openai(request: web.Request,
         if asked.stream and limits is not None and limits.tokens_per_day is not None:
             asked.ask_usage()
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
-                    request.headers.get("X-Request-Id") or os.urandom(12).hex(),
+                    request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(),
                     AiohttpReplier(request), openai=True,
                     meter=UsageMeter() if app[USAGE].enabled else None)
         upstream = pool.spec.upstream_model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -21,8 +22,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.http_types import Answer, CallRequest, Replier
-from berth.daemon.keys import AUTH, LIMITS, METRICS, QUOTA, ROUTER, UPSTREAM, USAGE
+from berth.daemon.http_types import Answer, CallRequest, Headers, Replier
+from berth.daemon.keys import (
+    AUTH,
+    LIMITS,
+    METRICS,
+    QUOTA,
+    REQUEST_IDS,
+    ROUTER,
+    UPSTREAM,
+    USAGE,
+)
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.sse import LineBuffer
 from berth.daemon.upstream import (
@@ -52,11 +62,53 @@ FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
                         "x-forwarded-host", "x-real-ip"})
 REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"}) | FORWARDING
 OPENAI_ONLY = REQUEST_ONLY | {"x-api-key"}  # berth's key on the OpenAI routes, as SDKs send it
+ANSWER_OWN = frozenset({"x-berth-replica", "x-request-id"})  # berth sets these on answers
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
 MAX_HELD = 1024 ** 2  # the most of one SSE line the rewriter holds back
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # retried elsewhere if left unanswered
+
+
+class RequestIds:
+    """X-Request-Id values for calls that bring none: a random prefix per process and a
+    counter (os.urandom per call was a getrandom() system call on every call)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+class CallDeadline:
+    """`asyncio.timeout` for one call, given the loop: asyncio.timeout asks for the running
+    loop twice, and on Python 3.11 each ask is a getpid() system call."""
+
+    __slots__ = ("_cancelling", "_handle", "_task", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._handle = loop.call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    async def __aenter__(self) -> CallDeadline:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        self._handle.cancel()
+        if self.expired and exc_type is asyncio.CancelledError and \
+                self._task.uncancel() <= self._cancelling:
+            raise TimeoutError("call deadline passed") from exc
 
 
 class ReplicaRefused(Exception):
@@ -104,13 +156,14 @@ class AiohttpReplier:
     def __init__(self, request: web.Request) -> None:
         self.request = request
 
-    def whole(self, status: int, reason: str, headers: CIMultiDict[str],
-              body: bytes) -> Answer:
-        return web.Response(status=status, reason=reason, body=body, headers=headers)
+    def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer:
+        return web.Response(status=status, reason=reason, body=body,
+                            headers=CIMultiDict(headers))
 
-    async def start(self, status: int, reason: str, headers: CIMultiDict[str],
+    async def start(self, status: int, reason: str, headers: Headers,
                     length: int | None) -> Answer:
-        response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        response = web.StreamResponse(status=status, reason=reason,
+                                      headers=CIMultiDict(headers))
         if length is not None:
             response.content_length = length
         await response.prepare(self.request)
@@ -200,7 +253,7 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
     pool = router.pool(request.match_info["name"])
     principal = request.app[AUTH].principal(presented_key(request))
     call = Call(request, pool, raw_tail(request),
-                request.headers.get("X-Request-Id") or os.urandom(12).hex(), reply)
+                request.headers.get("X-Request-Id") or request.app[REQUEST_IDS].next(), reply)
     # An OpenAI-style route, as the model server will read the path (decoded: %76%31 is v1).
     if request.match_info.get("path", "").startswith("v1/") and request.app[USAGE].enabled:
         call.meter = UsageMeter()
@@ -312,7 +365,7 @@ async def _exchange(call: Call, replica: Replica) -> Answer:
     request, spec = call.request, call.pool.spec
     pool = request.app[UPSTREAM]
     try:
-        async with asyncio.timeout(spec.request_timeout_s):
+        async with CallDeadline(pool.loop, spec.request_timeout_s):
             if replica.address is None:  # not started: the router never gives one out
                 raise UpstreamRefused(f"replica {replica.id} has no address yet")
             conn = await pool.connect(replica.address)
@@ -416,11 +469,15 @@ def _small(upstream: UpstreamResponse) -> bool:
         not upstream.head_only
 
 
-def _response_headers(call: Call, replica: Replica,
-                      upstream: UpstreamResponse) -> CIMultiDict[str]:
-    headers = forward_headers(upstream.headers, frozenset())
-    headers["X-Berth-Replica"] = replica.id
-    headers["X-Request-Id"] = call.request_id
+def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) -> Headers:
+    """The replica's header lines less hop-by-hop ones (and any it named in Connection), and
+    berth's own (X-Berth-Replica; X-Request-Id, the replica's own replaced)."""
+    drop = HOP_BY_HOP | ANSWER_OWN
+    for name, value in upstream.fields:
+        if name.lower() == "connection":
+            drop = drop | {h.strip().lower() for h in value.split(",")}
+    headers = [(name, value) for name, value in upstream.fields if name.lower() not in drop]
+    headers += (("X-Berth-Replica", replica.id), ("X-Request-Id", call.request_id))
     return headers
 
 
@@ -467,6 +524,7 @@ async def _cut(call: Call, replica: Replica, response: Answer | None,
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the replica client lives as long as the app."""
     app[UPSTREAM] = UpstreamPool()
+    app[REQUEST_IDS] = RequestIds()
     yield
     app[UPSTREAM].close()
 

@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import time
 
-from multidict import CIMultiDict
-
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import Answer
 from berth.daemon.models_api import error_object
@@ -52,8 +50,8 @@ class KeepAlive:
                 await asyncio.wait_for(self._stopping.wait(), self.every)
 
     async def _commit(self) -> Answer:
-        headers = CIMultiDict({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                               "X-Request-Id": self.call.request_id})
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                   ("X-Request-Id", self.call.request_id)]
         response = await self.call.reply.start(200, "OK", headers, None)
         self.call.committed = response
         return response

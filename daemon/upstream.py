@@ -45,18 +45,26 @@ class UpstreamResponse:
     The body is read with `read()` (whole) or `chunks()` (as it comes); either ends with an
     UpstreamError when the replica broke off."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_error", "_waiter", "complete",
-                 "content_length", "content_type", "head_only", "headers", "reason", "status")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_error", "_waiter", "chunked", "complete",
+                 "content_length", "content_type", "fields", "head_only", "reason", "status")
 
     def __init__(self, conn: UpstreamConnection, status: int, reason: str,
-                 headers: CIMultiDict[str]) -> None:
+                 fields: list[tuple[str, str]]) -> None:
         self._conn = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
-        self.content_type = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        self.fields = fields  # the header lines as sent, in order
+        self.content_length: int | None = None
+        self.content_type = ""
+        self.chunked = False
+        for name, value in fields:
+            lower = name.lower()
+            if lower == "content-length":
+                self.content_length = int(value) if value.isdigit() else None
+            elif lower == "content-type":
+                self.content_type = value.partition(";")[0].strip().lower()
+            elif lower == "transfer-encoding":
+                self.chunked = "chunked" in value.lower()
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -92,7 +100,7 @@ class UpstreamResponse:
                 return b""
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._conn.loop.create_future()
             await self._waiter
         chunk = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
@@ -104,16 +112,27 @@ class UpstreamResponse:
         while chunk := await self.next_chunk():
             yield chunk
 
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return CIMultiDict(self.fields)
+
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
+        if self.complete and len(self._chunks) <= 1:  # the common small answer: no await
+            body = self._chunks.popleft() if self._chunks else b""
+            self._buffered = 0
+            return body
+        parts = []
+        while chunk := await self.next_chunk():
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a replica, carrying one call at a time."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, loop: asyncio.AbstractEventLoop) -> None:
         self.address = address
+        self.loop = loop
         self.idle_since = 0.0
         self._transport: asyncio.Transport | None = None
         self._parser: httptools.HttpResponseParser | None = None
@@ -125,6 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._clean = True  # nothing seen that makes the connection unfit for another call
         self._written = True  # the whole request went out
+        self._expecting = False  # a request is out and its answer not yet whole
+        self._fresh_parser = True  # after an answer to HEAD llhttp may still wait for a body
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._lost = False
@@ -149,8 +170,11 @@ class UpstreamConnection(asyncio.Protocol):
         as the head; an iterator is written as it yields (chunk-framed when `chunked`), while
         the answer may already come."""
         assert self._transport is not None and self._head is None
-        loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpResponseParser(self)
+        loop = self.loop
+        if self._fresh_parser:
+            self._parser = httptools.HttpResponseParser(self)
+        self._fresh_parser = head_only
+        self._expecting = True
         head_future: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._head = head_future
         self._response, self._head_only, self._keep_alive = None, head_only, False
@@ -187,7 +211,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def reset(self) -> None:
         """Ready for the next call; until then any byte from the replica closes it."""
-        self._head = self._parser = self._response = None
+        self._head = self._response = None
+        self._expecting = False
 
     def close(self) -> None:
         self._clean = False
@@ -201,7 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None or not self._clean:
+        if parser is None or not self._expecting or not self._clean:
             self.close()  # bytes nobody asked for: the stream can no longer be trusted
             return
         try:
@@ -228,7 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
 
     def resume_writing(self) -> None:
         drain, self._drain = self._drain, None
@@ -266,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200 or self._response is not None:
             return  # 100 Continue and friends: the real answer follows
         response = self._response = UpstreamResponse(self, status, reason.decode("latin-1"),
-                                                      CIMultiDict(fields))
+                                                      fields)
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
         response.head_only = self._head_only
@@ -291,8 +316,7 @@ class UpstreamConnection(asyncio.Protocol):
     # --- helpers -------------------------------------------------------------------------
 
     def _eof_ends_body(self, response: UpstreamResponse) -> bool:
-        return response.content_length is None and \
-            "chunked" not in response.headers.get("Transfer-Encoding", "").lower()
+        return response.content_length is None and not response.chunked
 
     def _broke(self, error: UpstreamError) -> None:
         self._clean = False
@@ -308,6 +332,9 @@ class UpstreamPool:
     call; `keep_or_close` takes it back when the call is over, closing it unless it is reusable."""
 
     def __init__(self, connect_timeout_s: float = 5.0, idle_s: float = IDLE_S) -> None:
+        # Made in the running loop, and kept: on Python 3.11 each asyncio.get_running_loop()
+        # is a getpid() system call, and calls would pay several.
+        self.loop = asyncio.get_running_loop()
         self.connect_timeout_s = connect_timeout_s
         self.idle_s = idle_s
         self._idle: dict[str, list[UpstreamConnection]] = {}
@@ -315,7 +342,7 @@ class UpstreamPool:
 
     async def connect(self, address: str) -> UpstreamConnection:
         """A kept-alive connection to `address`, or a new one (UpstreamRefused if none)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
@@ -325,8 +352,8 @@ class UpstreamPool:
         host, _, port = address.rpartition(":")
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(address),
-                                                       host, int(port))
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(address, loop), host, int(port))
         except TimeoutError as exc:
             raise UpstreamRefused(f"connecting to {address} timed out after "
                                   f"{self.connect_timeout_s:g} s") from exc
@@ -338,7 +365,7 @@ class UpstreamPool:
         if self._closed or not conn.reusable:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = self.loop.time()
         conn.reset()
         self._idle.setdefault(conn.address, []).append(conn)
 

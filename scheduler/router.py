@@ -9,9 +9,8 @@ reconciler, which starts replicas at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from berth.scheduler.errors import (
@@ -51,6 +50,26 @@ class Lease:
         await self.release()
 
 
+class Acquiring:
+    """`router.acquire(...)`: a lease taken on entry and released on exit (a class, not an
+    asynccontextmanager: every model call goes through it, and a generator costs more)."""
+
+    __slots__ = ("_exclude", "_lease", "_pinned", "_pool", "_router")
+
+    def __init__(self, router: Router, pool: EndpointPool, pinned: str | None,
+                 exclude: frozenset[str]) -> None:
+        self._router, self._pool, self._pinned, self._exclude = router, pool, pinned, exclude
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._router.lease(self._pool, self._pinned, self._exclude)
+        return self._lease
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._lease is not None:
+            await self._lease.release()
+
+
 class Router:
     """Hands out replica slots as leases: `async with router.acquire(pool) as lease:`.
 
@@ -71,12 +90,10 @@ class Router:
         """A replica refused a connection: the reconciler should look at it now."""
         self.reconciler.kick()
 
-    @contextlib.asynccontextmanager
-    async def acquire(self, pool: EndpointPool, pinned: str | None = None,
-                      exclude: frozenset[str] = frozenset()) -> AsyncIterator[Lease]:
+    def acquire(self, pool: EndpointPool, pinned: str | None = None,
+                exclude: frozenset[str] = frozenset()) -> Acquiring:
         """`async with router.acquire(pool) as lease:` a slot, released on exit."""
-        async with await self.lease(pool, pinned, exclude) as lease:
-            yield lease
+        return Acquiring(self, pool, pinned, exclude)
 
     async def lease(self, pool: EndpointPool, pinned: str | None = None,
                     exclude: frozenset[str] = frozenset()) -> Lease:
