@@ -83,8 +83,8 @@ async def test_head_204_and_keep_alive_to_the_replica(front):
             length, port = get.headers["Content-Length"], (await get.json())["client_port"]
         async with s.head("/invoke/h/echo") as head:
             assert head.status == 200 and await head.read() == b""
-            # HEAD says what GET would send (the echo differs only in "method")
-            assert abs(int(head.headers["Content-Length"]) - int(length)) <= 1
+            # HEAD says what GET would send (the echo differs in "method" and its timestamp)
+            assert abs(int(head.headers["Content-Length"]) - int(length)) <= 8
         async with s.get("/invoke/h/status/204") as empty:
             assert empty.status == 204 and await empty.read() == b""
         async with s.get("/invoke/h/echo") as again:
@@ -171,3 +171,86 @@ async def test_hop_by_hop_headers_stay_on_their_connection(front):
         seen = {k.lower() for k in (await resp.json())["headers"]}
     assert "x-end" in seen
     assert not seen & {"x-hop", "keep-alive", "te", "proxy-authorization"}
+
+
+# --- the front and aiohttp on one connection --------------------------------------------------
+
+async def read_answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
+    """`count` answers with Content-Length bodies, as (status, body)."""
+    answers = []
+    for _ in range(count):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((status, await reader.readexactly(length)))
+    return answers
+
+
+async def test_a_call_connection_then_carries_control_requests(front):
+    # The first request puts the connection on the front; the next ones are aiohttp's
+    # (handed over re-serialised, a chunked body included), answered in order.
+    address, _ = await front()
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /invoke/h/echo/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 b"GET /v1/endpoints/h HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 b"PUT /v1/secrets/FRONT_TEST HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\n{\"val\r\n9\r\nue\": \"sec\r\n4\r\nret\"\r\n1\r\n}\r\n0\r\n\r\n"
+                 b"GET /invoke/h/echo/2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answers = await read_answers(reader, 4)
+    writer.close()
+    assert [status for status, _ in answers] == [200, 200, 200, 200], answers
+    assert json.loads(answers[0][1])["path"] == "/echo/1"
+    assert json.loads(answers[1][1])["name"] == "h"
+    assert json.loads(answers[2][1]) == {"name": "FRONT_TEST", "stored": True}  # body whole
+    assert json.loads(answers[3][1])["path"] == "/echo/2"  # aiohttp's route, same answer
+
+
+async def test_a_control_connection_may_carry_calls(front):
+    address, _ = await front()
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n"
+                 b"\r\nabc")
+    (first, _), (second, body) = await read_answers(reader, 2)
+    writer.close()
+    assert (first, second) == (200, 200) and json.loads(body)["body"] == "abc"
+
+
+async def test_http_1_0_client_gets_a_streamed_answer_ended_by_close(front):
+    address, _ = await front()
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /invoke/h/stream?n=3&interval=0.01 HTTP/1.0\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read(-1)  # to the close
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert body.count(b"data:") == 3  # the connection's end is the body's end
+
+
+async def test_a_call_over_the_body_limit_gets_413_and_the_connection_closes(front):
+    address, pool = await front()
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    # berthd's default limit is 100 MiB: announce more, send a little
+    writer.write(b"POST /invoke/h/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Length: 200000000\r\n\r\n" + b"x" * 1000)
+    (status, body), = await read_answers(reader, 1)
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    assert await reader.read() == b""  # the rest of that body can never be read: closed
+    writer.close()
+    assert await calls_seen(pool) == 0
+
+
+async def test_an_over_long_head_on_a_call_connection_gets_431(front):
+    address, _ = await front()
+    answer = await raw(address, b"GET /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                       b"GET /invoke/h/echo HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+                       until=2)
+    first, _, second = answer.partition(b"HTTP/1.1 431")
+    assert first.startswith(b"HTTP/1.1 200") and second, answer[:300]
+    assert b'"headers_too_large"' in second
