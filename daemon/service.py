@@ -196,7 +196,7 @@ class Berth:
         if isinstance(self.core.inventory, NvmlInventory):
             jobs.add_job(self._sample_gpus, "interval", seconds=self.config.gpu.sample_interval_s,
                          max_instances=1, coalesce=True, id="gpu-sample", next_run_time=_now())
-            watch = GpuHealthWatch(self.core.inventory.nvml, self.core.inventory.handles(),
+            watch = GpuHealthWatch(self.core.inventory.nvml, self.core.inventory.handles,
                                    on_loop(asyncio.get_running_loop(), self.reconciler.gpu_sick))
             watch.start()
             self.stack.callback(watch.stop)
@@ -323,7 +323,7 @@ async def _listen(config: Config, core: Core, dispatcher: Dispatcher,
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     limits = ConnectionLimits(daemon.header_timeout_s, daemon.max_connections,
-                              daemon.max_connections_per_client)
+                              daemon.max_connections_per_client, daemon.keepalive_timeout_s)
     site = GuardedSite(runner, listen.host, listen.port, limits,
                        grace_s=daemon.shutdown_grace_s)
     try:

@@ -9,6 +9,7 @@ daemon hands to the event loop (the reconciler marks the GPU and moves its repli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ import structlog
 log = structlog.get_logger("berth.gpu")
 
 EVENT_DOUBLE_BIT_ECC = 0x2
+REARM_MAX_S = 30.0  # the longest wait between attempts to watch events again
 EVENT_XID_CRITICAL = 0x8
 APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})  # the model's fault, not the GPU's
 XID_MEANING = {48: "double-bit ECC error", 63: "ECC page retirement", 64: "ECC page "
@@ -48,13 +50,17 @@ def handle_key(handle: Any) -> int:
 
 
 class GpuHealthWatch:
-    """Reports GPUs that NVML events show sick (the reconciler marks each once), until `stop`."""
+    """Reports GPUs that NVML events show sick (the reconciler marks each once), until `stop`.
 
-    def __init__(self, nvml: Any, handles: Sequence[tuple[Any, str]],
+    `handles` gives the GPUs' current NVML handles: when waiting for events fails (NVML went
+    away, e.g. a driver upgrade, and the inventory re-initialised it), the watch registers
+    again with fresh handles, backing off from `wait_ms` to REARM_MAX_S while that fails."""
+
+    def __init__(self, nvml: Any, handles: Callable[[], Sequence[tuple[Any, str]]],
                  report: Callable[[str, str], None], wait_ms: int = 1000) -> None:
         self.nvml, self.report, self.wait_ms = nvml, report, wait_ms
-        self.uuids = {handle_key(h): uuid for h, uuid in handles}
-        self.handles = [h for h, _ in handles]
+        self.handles = handles
+        self.uuids: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="berth-gpu-health", daemon=True)
 
@@ -67,8 +73,10 @@ class GpuHealthWatch:
 
     def _register(self) -> Any:
         nvml, wanted = self.nvml, EVENT_XID_CRITICAL | EVENT_DOUBLE_BIT_ECC
+        handles = self.handles()
+        self.uuids = {handle_key(h): uuid for h, uuid in handles}
         event_set = nvml.nvmlEventSetCreate()
-        for handle in self.handles:
+        for handle, _ in handles:
             try:
                 supported = nvml.nvmlDeviceGetSupportedEventTypes(handle)
                 nvml.nvmlDeviceRegisterEvents(handle, supported & wanted, event_set)
@@ -77,24 +85,50 @@ class GpuHealthWatch:
         return event_set
 
     def _run(self) -> None:
-        nvml = self.nvml
         try:
             event_set = self._register()
         except Exception as exc:  # no events at all: say so; sampling still finds lost GPUs
             log.error("gpu.health_watch_off", error=repr(exc))
             return
-        try:
-            while not self._stop.is_set():
-                try:
-                    event = nvml.nvmlEventSetWait(event_set, self.wait_ms)
-                except nvml.NVMLError as exc:
-                    if getattr(exc, "value", None) != 10:  # NVML_ERROR_TIMEOUT: nothing came
-                        log.warning("gpu.event_wait_failed", error=str(exc))
-                        self._stop.wait(self.wait_ms / 1000)
+        while event_set is not None:
+            event_set = self._watch(event_set)
+            if event_set is None:
+                return  # stopped
+            event_set = self._rearm()
+
+    def _watch(self, event_set: Any) -> Any:
+        """Judge events until stopped (None) or until waiting fails (the dead set back)."""
+        nvml = self.nvml
+        while not self._stop.is_set():
+            try:
+                event = nvml.nvmlEventSetWait(event_set, self.wait_ms)
+            except nvml.NVMLError as exc:
+                if getattr(exc, "value", None) == 10:  # NVML_ERROR_TIMEOUT: nothing came
                     continue
-                self._judge(event)
-        finally:
+                log.warning("gpu.health_watch_paused", error=str(exc),
+                            message="waiting for GPU events failed (NVML away?): the watch "
+                            "registers again once NVML answers")
+                with contextlib.suppress(nvml.NVMLError):
+                    nvml.nvmlEventSetFree(event_set)
+                return event_set
+            self._judge(event)
+        with contextlib.suppress(nvml.NVMLError):
             nvml.nvmlEventSetFree(event_set)
+        return None
+
+    def _rearm(self) -> Any:
+        """A new event set on fresh handles, tried with backoff; None once stopped."""
+        delay = self.wait_ms / 1000
+        while not self._stop.wait(delay):
+            try:
+                event_set = self._register()
+            except self.nvml.NVMLError:
+                delay = min(delay * 2, REARM_MAX_S)
+                continue
+            log.info("gpu.health_watch_rearmed", message="watching GPU events again",
+                     gpus=len(self.uuids))
+            return event_set
+        return None
 
     def _judge(self, event: Any) -> None:
         uuid = self.uuids.get(handle_key(event.device))

@@ -64,6 +64,7 @@ class ReplayNvml:
     nvmlEventTypeXidCriticalError = nvmlEventTypeXidCriticalError
 
     def __init__(self, record: dict[str, Any]) -> None:
+        self.generation = 0  # nvmlInit calls so far
         self.record = record
         self.devices: list[dict[str, Any]] = record["devices"]
         self.events: deque[dict[str, Any]] = deque(record.get("events", []))
@@ -116,6 +117,7 @@ class ReplayNvml:
     def nvmlInit(self) -> None:
         if self.gone:
             raise NVMLError(9)
+        self.generation += 1  # as a real re-init: event sets made before no longer work
 
     def nvmlShutdown(self) -> None:
         return None
@@ -178,7 +180,9 @@ class ReplayNvml:
     # --- events -----------------------------------------------------------------------------
 
     def nvmlEventSetCreate(self) -> dict[str, int]:
-        return {}
+        if self.gone:
+            raise NVMLError(9)
+        return {"_generation": self.generation}
 
     def nvmlDeviceRegisterEvents(self, handle: int, types: int,
                                  event_set: dict[str, int]) -> None:
@@ -187,6 +191,10 @@ class ReplayNvml:
 
     def nvmlEventSetWait(self, event_set: dict[str, int],
                          timeout_ms: int) -> SimpleNamespace:
+        if self.gone:
+            raise NVMLError(9)
+        if event_set.get("_generation") != self.generation:
+            raise NVMLError(1)  # NVML_ERROR_UNINITIALIZED: a set from before a re-init
         if not self.events:
             self.arrived.clear()
             self.arrived.wait(timeout_ms / 1000)

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -80,7 +82,7 @@ async def test_a_replayed_xid_79_moves_the_replica_to_a_healthy_gpu_with_no_call
     [first] = pool.replicas.values()
     sick = first.gpus[0]
     index = next(g.index for g in inventory.gpus if g.uuid == sick)
-    watch = GpuHealthWatch(nvml, inventory.handles(),
+    watch = GpuHealthWatch(nvml, inventory.handles,
                            on_loop(asyncio.get_running_loop(), h.reconciler.gpu_sick), wait_ms=50)
     watch.start()
     try:
@@ -165,6 +167,35 @@ def test_nvml_going_away_blames_no_gpu_and_comes_back_with_backoff():
     nvml.driver_gone(False)
     now[0] = 17.0
     assert len(inventory.sample()) == 4 and inventory.available  # back, same GPUs
+
+
+def test_the_health_watch_registers_again_after_nvml_comes_back():
+    # A driver upgrade: NVML goes away, the inventory re-initialises it, and event sets made
+    # before no longer work. The watch must register again on fresh handles, or it would
+    # never see an Xid after the upgrade.
+    nvml, now = ReplayNvml.load(FIXTURE), [0.0]
+    inventory = NvmlInventory(nvml, clock=lambda: now[0])
+    reported: list[tuple[str, str]] = []
+    seen = threading.Event()
+
+    def report(uuid: str, reason: str) -> None:
+        reported.append((uuid, reason))
+        seen.set()
+
+    watch = GpuHealthWatch(nvml, inventory.handles, report, wait_ms=20)
+    watch.start()
+    try:
+        nvml.driver_gone()
+        assert inventory.sample() == {} and not inventory.available
+        time.sleep(0.1)  # the watch finds its wait failing and backs off
+        nvml.driver_gone(False)
+        now[0] = 6.0
+        assert len(inventory.sample()) == 4  # re-initialised: the old event set is dead
+        nvml.push({"device": 2, "type": "xid_critical", "xid": 79})
+        assert seen.wait(5), "the watch never saw the Xid after NVML came back"
+    finally:
+        watch.stop()
+    assert reported == [(inventory.gpus[2].uuid, reported[0][1])] and "79" in reported[0][1]
 
 
 async def test_while_nvml_is_away_the_views_say_gpu_readings_are_unknown(api):
