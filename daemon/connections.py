@@ -63,6 +63,7 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     max_connections: int = 4096
     max_connections_per_client: int = 256
+    keepalive_timeout_s: float = 15.0  # the front's idle connections (aiohttp: its runner's)
 
 
 def client_key(peername: Any) -> str:
@@ -196,6 +197,7 @@ class GuardedConnection(asyncio.Protocol):
         self._admitted = False  # counted by the guard, so to be released when it closes
         self._timer: asyncio.TimerHandle | None = None
         self._serving = False  # a request's handler is running: the clock is stopped
+        self._idle = False  # the timer is the idle one (keepalive), not a header deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._loop = asyncio.get_running_loop()  # once: each ask is a getpid() on 3.11
@@ -246,7 +248,8 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return  # refused and closing: whatever the client sent is dropped
-        if self._timer is None and not self._serving:
+        if (self._timer is None or self._idle) and not self._serving:
+            self._disarm()
             self._arm()  # first byte of the next request on a keep-alive connection
         if self._front is not None:
             self._front.feed(data)
@@ -275,13 +278,19 @@ class GuardedConnection(asyncio.Protocol):
         self._disarm()
 
     def request_finished(self) -> None:
-        """The handler is done: the next request's clock starts at its first byte."""
+        """The handler is done: the next request's clock starts at its first byte. A front
+        connection left idle closes after keepalive_timeout_s (aiohttp's do so themselves)."""
         self._serving = False
+        if self._front is not None and self._front.idle and self._timer is None:
+            self._idle = True
+            self._timer = self._loop.call_later(self._guard.limits.keepalive_timeout_s,
+                                                self._expire)
 
     def _arm(self) -> None:
         self._timer = self._loop.call_later(self._guard.limits.header_timeout_s, self._expire)
 
     def _disarm(self) -> None:
+        self._idle = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -289,9 +298,13 @@ class GuardedConnection(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         if self._transport is not None and not self._transport.is_closing():
-            log.debug("connections.header_timeout",
-                      message="connection closed: no complete request headers in time",
-                      client=self._key, timeout_s=self._guard.limits.header_timeout_s)
+            if self._idle:
+                log.debug("connections.idle_timeout", message="idle connection closed",
+                          client=self._key, timeout_s=self._guard.limits.keepalive_timeout_s)
+            else:
+                log.debug("connections.header_timeout",
+                          message="connection closed: no complete request headers in time",
+                          client=self._key, timeout_s=self._guard.limits.header_timeout_s)
             self._transport.close()  # connection_lost follows, and tells the handler
 
 

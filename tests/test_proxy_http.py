@@ -25,7 +25,8 @@ async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, obj
     """berth's app behind the listener berthd uses, on a loopback port; endpoint "h" ready."""
     runners: list[web.AppRunner] = []
 
-    async def make(replicas: int = 1, **fields: object) -> tuple[str, object]:
+    async def make(replicas: int = 1, limits: ConnectionLimits | None = None,
+                   **fields: object) -> tuple[str, object]:
         h = await harness()
         await h.reconciler.apply_specs(
             {"h": endpoint("h", min_replicas=replicas, public=True, **fields)}, "config")
@@ -36,7 +37,7 @@ async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, obj
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         runners.append(runner)
-        site = GuardedSite(runner, "127.0.0.1", 0, ConnectionLimits())
+        site = GuardedSite(runner, "127.0.0.1", 0, limits or ConnectionLimits())
         await site.start()
         return f"127.0.0.1:{site.port}", pool
 
@@ -254,3 +255,21 @@ async def test_an_over_long_head_on_a_call_connection_gets_431(front):
     first, _, second = answer.partition(b"HTTP/1.1 431")
     assert first.startswith(b"HTTP/1.1 200") and second, answer[:300]
     assert b'"headers_too_large"' in second
+
+
+async def test_an_idle_call_connection_closes_after_the_keepalive_timeout(front):
+    address, _ = await front(limits=ConnectionLimits(header_timeout_s=5.0,
+                                                     keepalive_timeout_s=0.3))
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    loop = asyncio.get_running_loop()
+    for _ in range(3):  # calls 0.2 s apart keep it open
+        await asyncio.sleep(0.2)
+        writer.write(b"GET /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        (status, _), = await read_answers(reader, 1)
+        assert status == 200
+    answered = loop.time()
+    async with asyncio.timeout(2):
+        assert await reader.read() == b""  # then 0.3 s of nothing closes it
+    writer.close()
+    assert 0.25 <= loop.time() - answered < 1.5
