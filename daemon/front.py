@@ -48,6 +48,9 @@ BODY_HIGH = 256 * 1024  # request body bytes queued before the client's socket s
 PREFIX = b"/invoke/"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = frozenset({204, 304})
+# Request bytes to text as aiohttp decodes them, so that the proxy core's encoding back
+# (proxy._upstream_request) gives the replica exactly the bytes the client sent.
+AS_AIOHTTP = ("utf-8", "surrogateescape")
 
 
 class Mode(Enum):
@@ -375,8 +378,8 @@ class Front:
             return
         self._mode, self._raw = Mode.FRONT, None
         headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._fields)
-        request = FrontRequest(self, method, url.decode("latin-1"), headers,
+            (name.decode(*AS_AIOHTTP), value.decode(*AS_AIOHTTP)) for name, value in self._fields)
+        request = FrontRequest(self, method, url.decode(*AS_AIOHTTP), headers,
                                parser.should_keep_alive(), parser.get_http_version())
         self._current = request
         self._pending.append(request)

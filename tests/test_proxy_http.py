@@ -273,3 +273,14 @@ async def test_an_idle_call_connection_closes_after_the_keepalive_timeout(front)
         assert await reader.read() == b""  # then 0.3 s of nothing closes it
     writer.close()
     assert 0.25 <= loop.time() - answered < 1.5
+
+
+async def test_header_bytes_reach_the_replica_exactly(front):
+    address, _ = await front()
+    answer = await raw(address, b"GET /invoke/h/echo/caf%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"X-Name: caf\xc3\xa9 \xff\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    seen = bodies(answer)[0]
+    # the model server reads header bytes as latin-1: each byte one character
+    assert seen["headers"]["X-Name"] == "caf\xc3\xa9 \xff"
+    assert seen["raw_path"] == "/echo/caf%C3%A9"
