@@ -195,9 +195,15 @@ class GuardedConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._key = ""
         self._admitted = False  # counted by the guard, so to be released when it closes
+        # One deadline at a time: the current request's head (header_timeout_s), or, on a
+        # front connection between calls, keepalive_timeout_s; None while a request is served.
+        # The timer only checks it, never more than `_step` ahead, so moving the deadline on
+        # each call costs no timer of its own (calls on a kept-alive connection come fast).
+        self._deadline: float | None = None
+        self._idle = False  # the deadline is the idle one, not a request head's
         self._timer: asyncio.TimerHandle | None = None
         self._serving = False  # a request's handler is running: the clock is stopped
-        self._idle = False  # the timer is the idle one (keepalive), not a header deadline
+        self._awaiting = False  # between requests: the next byte starts a head's clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._loop = asyncio.get_running_loop()  # once: each ask is a getpid() on 3.11
@@ -210,7 +216,9 @@ class GuardedConnection(asyncio.Protocol):
             self._transport.close()
             return
         self._admitted = True
-        self._arm()
+        limits = self._guard.limits
+        self._step = min(limits.header_timeout_s, limits.keepalive_timeout_s)
+        self._set_deadline(limits.header_timeout_s, idle=False)
         if self._guard.app is not None:
             self._front = Front(self, self._guard.app, self._transport)
             self._guard.fronts.add(self._front)
@@ -231,7 +239,10 @@ class GuardedConnection(asyncio.Protocol):
         return handler
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         handler, self._handler = self._handler, None
         front, self._front = self._front, None
         try:
@@ -248,9 +259,9 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return  # refused and closing: whatever the client sent is dropped
-        if (self._timer is None or self._idle) and not self._serving:
-            self._disarm()
-            self._arm()  # first byte of the next request on a keep-alive connection
+        if self._awaiting and not self._serving:  # the next request's first byte
+            self._awaiting = False
+            self._set_deadline(self._guard.limits.header_timeout_s, idle=False)
         if self._front is not None:
             self._front.feed(data)
         elif self._handler is not None:
@@ -275,28 +286,33 @@ class GuardedConnection(asyncio.Protocol):
     def request_started(self) -> None:
         """A request's headers are complete and its handler runs: stop the clock."""
         self._serving = True
-        self._disarm()
+        self._deadline = None
 
     def request_finished(self) -> None:
         """The handler is done: the next request's clock starts at its first byte. A front
         connection left idle closes after keepalive_timeout_s (aiohttp's do so themselves)."""
         self._serving = False
-        if self._front is not None and self._front.idle and self._timer is None:
-            self._idle = True
-            self._timer = self._loop.call_later(self._guard.limits.keepalive_timeout_s,
-                                                self._expire)
+        self._awaiting = True
+        if self._front is not None and self._front.idle:
+            self._set_deadline(self._guard.limits.keepalive_timeout_s, idle=True)
+        else:
+            self._deadline = None
 
-    def _arm(self) -> None:
-        self._timer = self._loop.call_later(self._guard.limits.header_timeout_s, self._expire)
+    def _set_deadline(self, seconds: float, idle: bool) -> None:
+        now = self._loop.time()
+        self._deadline, self._idle = now + seconds, idle
+        if self._timer is None:
+            self._timer = self._loop.call_at(min(self._deadline, now + self._step), self._check)
 
-    def _disarm(self) -> None:
-        self._idle = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expire(self) -> None:
+    def _check(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # a request is being served: the next deadline arms the timer again
+        now = self._loop.time()
+        if now < deadline:
+            self._timer = self._loop.call_at(min(deadline, now + self._step), self._check)
+            return
         if self._transport is not None and not self._transport.is_closing():
             if self._idle:
                 log.debug("connections.idle_timeout", message="idle connection closed",
