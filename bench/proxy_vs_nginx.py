@@ -1,6 +1,6 @@
 """berth's data plane against a tuned nginx reverse proxy, on the same fast upstream, one run.
 
-    .venv/bin/python bench/proxy_vs_nginx.py        # about 2 min; Debian's nginx-light and wrk
+    .venv/bin/python bench/proxy_vs_nginx.py        # about 4 min; Debian's nginx-light and wrk
     .venv/bin/python bench/proxy_vs_nginx.py --profile   # also: where berthd's time goes (py-spy)
 
 The upstream is Debian's nginx itself, in an image built offline from the host's binary and the
@@ -8,8 +8,10 @@ libraries `ldd` names (no registry): it answers a small JSON at /echo and serves
 file at /big (from a host tmpfs file mounted into the container). It runs as a berth endpoint.
 A host nginx (1 worker, HTTP/1.1 with upstream keepalive, buffering off both ways) proxies to
 the same replica. Measured with wrk (a separate process) at 1 and 64 connections: direct, nginx
-and berth; SSE time to first event against the demo model's replica (python: nginx cannot
-stream events by itself); and bytes/s of the 1 GiB body through each, read by curl.
+and berth, each three times in turn (medians; the box is shared and drifts), with the CPU time
+the proxy process spent per call at 64 connections (from /proc); SSE time to first event
+against the demo model's replica (python: nginx cannot stream events by itself); and bytes/s
+of the 1 GiB body through each, read by curl.
 Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this command.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import signal
 import statistics
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import docker
@@ -35,6 +39,7 @@ import cpu_profile  # noqa: E402
 
 import build_image  # noqa: E402
 from data_plane import (  # noqa: E402
+    WRK_SECONDS,
     engine_with_image,
     free_port,
     print_table,
@@ -46,6 +51,7 @@ from data_plane import (  # noqa: E402
 NGINX = "/usr/sbin/nginx"
 IMAGE = "berth-bench/nginx-upstream:1"
 BIG = 1024 ** 3
+ROUNDS = 3
 UPSTREAM_CONF = """daemon off;
 worker_processes 1;
 pid /tmp/nginx.pid;
@@ -168,17 +174,50 @@ def row(name: str, values: dict[str, float], unit: str, note: str) -> str:
     return f"| {name} | {cells} | {note} |"
 
 
-async def measure(base: str, proxy: str) -> list[str]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_wrk(url: str, clients: int, pid: int | None) -> dict[str, float]:
+    """wrk, plus the CPU microseconds `pid` spent per request meanwhile."""
+    before = cpu_seconds(pid) if pid else 0.0
+    result = wrk(url, clients)
+    if pid:
+        result["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / (result["rps"] * WRK_SECONDS)
+    return result
+
+
+def alternated(urls: dict[str, str], clients: int, pids: dict[str, int]) -> dict[str, dict]:
+    """Each of `urls` ROUNDS times, in turn (the box is shared and drifts: alternating
+    spreads the drift over all); the run with the median req/s of each is kept."""
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
+    for _ in range(ROUNDS):
+        for k, u in urls.items():
+            runs[k].append(timed_wrk(f"{u}/echo", clients, pids.get(k)))
+    return {k: sorted(r, key=lambda x: x["rps"])[len(r) // 2] | {"all": [x["rps"] for x in r]}
+            for k, r in runs.items()}
+
+
+async def measure(base: str, proxy: str, pids: dict[str, int]) -> list[str]:
     fast = await wait_ready(base, "fast")
     sse = await wait_ready(base, "sse")
     urls = {"direct": f"http://{fast}", "nginx": f"{proxy}/fast", "berth": f"{base}/invoke/fast"}
     rows = []
     for clients in (1, 64):
-        runs = {k: wrk(f"{u}/echo", clients) for k, u in urls.items()}
+        runs = alternated(urls, clients, pids)
         rps = {k: r["rps"] for k, r in runs.items()}
+        each = ", ".join(f"{n:.0f}/{b:.0f}" for n, b in zip(runs["nginx"]["all"],
+                                                             runs["berth"]["all"], strict=True))
         rows.append(row(f"requests/s, {clients} connection(s)", rps, "/s",
                         f"berth / nginx = {rps['berth'] / rps['nginx']:.2f}x"
-                        + (" (target >= 0.5x)" if clients == 64 else "")))
+                        + (" (target >= 0.5x)" if clients == 64 else "")
+                        + f"; medians of {ROUNDS} alternated runs, nginx/berth: {each}"))
+        if clients == 64:
+            rows.append(f"| CPU per call, 64 connection(s) | | {runs['nginx']['cpu_us']:.1f} us "
+                        f"| {runs['berth']['cpu_us']:.1f} us | the proxy process's user + "
+                        "system time over its calls (nginx: its worker) |")
         for p in ("p50", "p99"):
             lat = {k: r[p] for k, r in runs.items()}
             target = " (target <= 0.15 ms)" if clients == 1 and p == "p50" else ""
@@ -227,7 +266,8 @@ def main() -> int:
             conf = tmp / "proxy.conf"
             conf.write_text(PROXY_CONF.format(tmp=tmp, fast=fast, sse=sse, port=proxy_port))
             nginx = subprocess.Popen([NGINX, "-c", str(conf), "-e", "stderr"])
-            rows = asyncio.run(measure(base, f"http://127.0.0.1:{proxy_port}"))
+            pids = {"berth": berthd.pid, "nginx": nginx_worker(nginx.pid)}
+            rows = asyncio.run(measure(base, f"http://127.0.0.1:{proxy_port}", pids))
             if "--profile" in sys.argv:
                 print(cpu_profile.record(berthd.pid, f"{base}/invoke/fast/echo"))
         finally:
@@ -241,6 +281,16 @@ def main() -> int:
     print_table("berth against a tuned nginx reverse proxy, same upstream replica",
                 ("direct", "nginx", "berth"), rows)
     return 0
+
+
+def nginx_worker(master: int) -> int:
+    """The pid of nginx's one worker (the master only forks it)."""
+    for _ in range(100):
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise SystemExit("nginx started no worker")
 
 
 async def both_ready(base: str) -> tuple[str, str]:
