@@ -1,5 +1,6 @@
-"""berth's own HTTP/1.1 front for model calls: `/invoke/...` parsed by llhttp (httptools) and
-answered on the connection's transport; every other request is aiohttp's.
+"""berth's own HTTP/1.1 front for model calls: `/invoke/...` and the OpenAI routes that carry
+their model in a JSON body (`POST /v1/chat/completions`, ...) are parsed by llhttp (httptools)
+and answered on the connection's transport; every other request is aiohttp's.
 
 Why: aiohttp's server side (request objects, middleware chain, router, response objects) cost
 more per call than everything berth itself does for one; a model call needs none of it.
@@ -33,6 +34,7 @@ from multidict import CIMultiDict
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import Answer, Headers
 from berth.daemon.keys import BROWSER
+from berth.daemon.openai_api import JSON_ROUTES, asked_json, serve_openai
 from berth.daemon.proxy import invoke_call
 from berth.scheduler.errors import SchedulerError
 
@@ -46,6 +48,8 @@ MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
 BODY_HIGH = 256 * 1024  # request body bytes queued before the client's socket stops being read
 PREFIX = b"/invoke/"
+# The OpenAI routes whose model is in a JSON body (the multipart ones stay aiohttp's)
+OPENAI_PATHS = frozenset(f"/v1/{path}".encode() for path in JSON_ROUTES)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = frozenset({204, 304})
 # Request bytes to text as aiohttp decodes them, so that the proxy core's encoding back
@@ -132,17 +136,20 @@ class FrontRequest:
 
     __slots__ = ("app", "body_exists", "content", "content_length", "expect_continue",
                  "head_only", "headers", "host", "keep_alive", "match_info", "method",
-                 "rel_url", "remote", "scheme", "version")
+                 "openai", "rel_url", "remote", "scheme", "version")
 
     def __init__(self, front: Front, method: str, url: str, headers: CIMultiDict[str],
-                 keep_alive: bool, version: str) -> None:
+                 keep_alive: bool, version: str, openai: bool) -> None:
         self.app = front.app
         self.method = method
         self.headers = headers
         self.rel_url = Target(url)
-        name, _, tail = self.rel_url.raw_path[len(PREFIX):].partition("/")
-        self.match_info = {"name": unquote(name) if "%" in name else name,
-                           "path": unquote(tail) if "%" in tail else tail}
+        self.openai = openai  # an OpenAI JSON route, else /invoke/{name}/{path}
+        self.match_info: dict[str, str] = {}
+        if not openai:
+            name, _, tail = self.rel_url.raw_path[len(PREFIX):].partition("/")
+            self.match_info = {"name": unquote(name) if "%" in name else name,
+                               "path": unquote(tail) if "%" in tail else tail}
         self.remote = front.remote
         self.scheme = "http"
         self.host = headers.get("Host", "")
@@ -373,14 +380,16 @@ class Front:
         url = bytes(self._url)
         if self._mode is Mode.HANDOFF:
             return  # aiohttp parses it all again from the raw bytes
-        if self._mode is Mode.SERIAL or not url.startswith(PREFIX) or parser.should_upgrade():
+        openai = method == "POST" and url.partition(b"?")[0] in OPENAI_PATHS
+        if self._mode is Mode.SERIAL or not (openai or url.startswith(PREFIX)) or \
+                parser.should_upgrade():
             self._serial_head(method, url)
             return
         self._mode, self._raw = Mode.FRONT, None
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode(*AS_AIOHTTP), value.decode(*AS_AIOHTTP)) for name, value in self._fields)
         request = FrontRequest(self, method, url.decode(*AS_AIOHTTP), headers,
-                               parser.should_keep_alive(), parser.get_http_version())
+                               parser.should_keep_alive(), parser.get_http_version(), openai)
         self._current = request
         self._pending.append(request)
         if self._task is None:
@@ -445,7 +454,10 @@ class Front:
             if request.expect_continue and request.version == "1.1":
                 self._transport.write(CONTINUE)
             self.app[BROWSER].check(request)
-            await invoke_call(request, replier)
+            if request.openai:
+                await serve_openai(request, asked_json, replier)
+            else:
+                await invoke_call(request, replier)
         except (ApiError, SchedulerError) as exc:
             self._error(replier, as_api_error(exc))
         except (ConnectionError, asyncio.CancelledError):

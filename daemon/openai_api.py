@@ -17,13 +17,14 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.http_types import Answer, CallRequest, Replier
 from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, REQUEST_IDS, ROUTER, USAGE
-from berth.daemon.models_api import ERROR_TYPES, openai_error, presented_key
+from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
 from berth.daemon.stream_wait import serve_streaming
@@ -34,6 +35,7 @@ from berth.scheduler.pool import EndpointPool
 JSON_ROUTES = ("chat/completions", "completions", "embeddings", "rerank", "responses",
                "moderations", "images/generations", "audio/speech")
 FORM_ROUTES = ("audio/transcriptions", "audio/translations")
+R = TypeVar("R", bound=CallRequest)  # aiohttp's request, or the front's (JSON routes)
 
 
 class OpenAIError(Exception):
@@ -45,14 +47,14 @@ class OpenAIError(Exception):
         self.status, self.code, self.message = status, code, message
         self.param, self.headers = param, headers or {}
 
-    def response(self) -> web.Response:
-        answer = openai_error(self.status, self.message, self.code,
-                              ERROR_TYPES.get(self.status, "server_error"), self.param)
-        answer.headers.update(self.headers)
-        return answer
+    def answer(self, reply: Replier) -> Answer:
+        error = {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
+                 "param": self.param, "code": self.code}
+        headers = [("Content-Type", "application/json; charset=utf-8"), *self.headers.items()]
+        return reply.whole(self.status, "", headers, json.dumps({"error": error}).encode())
 
 
-async def read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
+async def read_json(request: CallRequest) -> tuple[dict[str, Any], bytes]:
     """The body as a JSON object (and its bytes), read only up to daemon.max_body_bytes."""
     limit = request.app[LIMITS].max_body
     if request.content_length is not None and request.content_length > limit:
@@ -108,7 +110,7 @@ class Asked:
                 self.head[self.span.end:]
 
 
-async def asked_json(request: web.Request) -> Asked:
+async def asked_json(request: CallRequest) -> Asked:
     body, raw = await read_json(request)
     return Asked(body.get("model"), body.get("stream") is True, raw, json_body=body)
 
@@ -129,7 +131,7 @@ async def asked_form(request: web.Request) -> Asked:
     return Asked(model, False, head, span=span)
 
 
-def model_pool(request: web.Request, model: Any) -> tuple[str, EndpointPool]:
+def model_pool(request: CallRequest, model: Any) -> tuple[str, EndpointPool]:
     if not isinstance(model, str) or not model:
         raise OpenAIError(400, "missing_model", "`model` (a string) is required", "model")
     for pool in request.app[RECONCILER].live_pools():
@@ -139,7 +141,7 @@ def model_pool(request: web.Request, model: Any) -> tuple[str, EndpointPool]:
                       "do not have access to it.", "model")
 
 
-def check_any_key(request: web.Request) -> None:
+def check_any_key(request: CallRequest) -> None:
     """401 before the body is read, when no model could be called without a known key: an
     anonymous caller must not make berth read and parse a large body."""
     auth, key = request.app[AUTH], presented_key(request)
@@ -149,7 +151,7 @@ def check_any_key(request: web.Request) -> None:
         raise OpenAIError(401, "unauthorized", "missing, unknown or revoked API key")
 
 
-def check_key(request: web.Request, pool: EndpointPool) -> None:
+def check_key(request: CallRequest, pool: EndpointPool) -> None:
     auth, key = request.app[AUTH], presented_key(request)
     if auth.allows(key, pool.name, pool.spec.public):
         return
@@ -173,15 +175,18 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
 
 
 async def openai_call(request: web.Request) -> web.StreamResponse:
-    return await serve_openai(request, asked_json)
+    return cast(web.StreamResponse, await serve_openai(request, asked_json,
+                                                       AiohttpReplier(request)))
 
 
 async def openai_form_call(request: web.Request) -> web.StreamResponse:
-    return await serve_openai(request, asked_form)
+    return cast(web.StreamResponse, await serve_openai(request, asked_form,
+                                                       AiohttpReplier(request)))
 
 
-async def serve_openai(request: web.Request,
-                       read: Callable[[web.Request], Awaitable[Asked]]) -> web.StreamResponse:
+async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
+                       reply: Replier) -> Answer:
+    """An OpenAI call from aiohttp (any route) or from berth's own front (the JSON ones)."""
     started, outcome, call, cell = time.monotonic(), 499, None, None
     app = request.app
     try:
@@ -197,7 +202,7 @@ async def serve_openai(request: web.Request,
             asked.ask_usage()
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                     request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(),
-                    AiohttpReplier(request), openai=True,
+                    reply, openai=True,
                     meter=UsageMeter() if app[USAGE].enabled else None)
         upstream = pool.spec.upstream_model
         asked.into(call, upstream)
@@ -209,15 +214,15 @@ async def serve_openai(request: web.Request,
         else:
             response = await serve_call(app[ROUTER], call, None)
         outcome = call.failed_status or response.status
-        return cast(web.StreamResponse, response)  # OpenAI calls come through aiohttp
+        return response
     except OpenAIError as exc:
         outcome = exc.status
-        return exc.response()
+        return exc.answer(reply)
     except (ApiError, SchedulerError) as exc:
         error = as_api_error(exc)
         outcome = error.status
         return OpenAIError(error.status, error.code, error.message,
-                           headers=error.headers).response()
+                           headers=error.headers).answer(reply)
     finally:
         if cell is not None:
             app[METRICS].call_ended(cell[2], outcome, time.monotonic() - started)

@@ -213,3 +213,15 @@ async def test_a_large_answer_is_read_with_bounded_buffering():
         assert total == size
         pool.keep_or_close(conn)
         assert await call(pool, server.address) is not None and server.connections == 1
+
+
+async def test_a_connection_that_carried_an_event_stream_is_not_kept():
+    stream = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 11\r\n"
+              b"\r\ndata: x\r\n\r\n")
+    answers = iter([stream, OK, OK])
+    async with Scripted(lambda _: next(answers)) as server:
+        pool = UpstreamPool()
+        assert await call(pool, server.address) == (200, b"data: x\r\n\r\n")
+        assert await call(pool, server.address) == (200, b"ok")
+        assert await call(pool, server.address) == (200, b"ok")
+        assert server.connections == 2  # a new one after the stream, then kept
