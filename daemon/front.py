@@ -32,6 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.flow import FlowControl
 from berth.daemon.http_types import Answer, Headers
 from berth.daemon.keys import BROWSER
 from berth.daemon.openai_api import JSON_ROUTES, asked_json, serve_openai
@@ -268,7 +269,7 @@ def error_head_and_body(status: int, code: str, message: str,
             "\r\n").encode("latin-1", "replace") + body
 
 
-class Front:
+class Front(FlowControl):
     """The model-call side of one client connection (see the module's doc). Fed the
     connection's bytes; writes answers to its transport; calls `host` to hand over."""
 
@@ -277,7 +278,8 @@ class Front:
         self.loop = asyncio.get_running_loop()  # once: each call is a getpid() on 3.11
         self.close_after = False  # the connection closes once the current answer is out
         self._host = host
-        self._transport = transport
+        self._transport: asyncio.Transport | None = transport
+        self._client = transport  # the same, never None
         peer = transport.get_extra_info("peername")
         self.remote: str | None = peer[0] if isinstance(peer, tuple) else None
         self._parser = httptools.HttpRequestParser(self)
@@ -293,8 +295,6 @@ class Front:
         self._aiohttp: RequestHandler | None = None  # SERIAL mode's handler
         self._backlog: list[bytes] = []  # SERIAL bytes waiting for the front's calls
         self._serial_chunked = False
-        self._drain: asyncio.Future[None] | None = None
-        self._reading_paused = False
         self._lost = False
         self._error_later: bytes | None = None  # a refusal, written once the calls are done
 
@@ -351,8 +351,8 @@ class Front:
 
     def _finish_connection(self) -> None:
         if self._error_later is not None and not self._lost:
-            self._transport.write(self._error_later)
-        self._transport.close()
+            self._client.write(self._error_later)
+        self._client.close()
 
     # --- llhttp callbacks -------------------------------------------------------------
 
@@ -452,7 +452,7 @@ class Front:
         replier = FrontReplier(self, request)
         try:
             if request.expect_continue and request.version == "1.1":
-                self._transport.write(CONTINUE)
+                self._client.write(CONTINUE)
             self.app[BROWSER].check(request)
             if request.openai:
                 await serve_openai(request, asked_json, replier)
@@ -498,37 +498,18 @@ class Front:
     def write(self, data: bytes) -> None:
         if self._lost:
             raise ConnectionResetError("the client left")
-        self._transport.write(data)
+        self._client.write(data)
 
     def write_parts(self, parts: tuple[bytes, ...]) -> None:
         if self._lost:
             raise ConnectionResetError("the client left")
-        self._transport.writelines(parts)
+        self._client.writelines(parts)
 
     async def drain(self) -> None:
         if self._drain is not None:
             await self._drain
         if self._lost:
             raise ConnectionResetError("the client left")
-
-    def pause_writing(self) -> None:
-        if self._drain is None:
-            self._drain = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and not self._transport.is_closing():
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and not self._transport.is_closing():
-            self._reading_paused = False
-            self._transport.resume_reading()
 
     @property
     def idle(self) -> bool:
@@ -539,10 +520,10 @@ class Front:
         self.close_after = True
         self.pause_reading()
         if self.idle:
-            self._transport.close()
+            self._client.close()
 
     def abort(self) -> None:
-        self._transport.abort()
+        self._client.abort()
 
     def connection_lost(self) -> None:
         """The client left: its call is cancelled (which frees its slot at once)."""

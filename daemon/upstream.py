@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 import httptools
 from multidict import CIMultiDict
 
+from berth.daemon.flow import FlowControl
+
 HIGH_WATER = 256 * 1024  # answer bytes queued before the replica's socket stops being read
 LOW_WATER = 64 * 1024
 IDLE_S = 55.0  # an idle connection older than this is closed, not reused (under nginx's 60 s)
@@ -127,7 +129,7 @@ class UpstreamResponse:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(FlowControl, asyncio.Protocol):
     """One keep-alive connection to a replica, carrying one call at a time."""
 
     def __init__(self, address: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -146,8 +148,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._written = True  # the whole request went out
         self._expecting = False  # a request is out and its answer not yet whole
         self._fresh_parser = True  # after an answer to HEAD llhttp may still wait for a body
-        self._reading_paused = False
-        self._drain: asyncio.Future[None] | None = None
         self._lost = False
 
     # --- the call ------------------------------------------------------------------------
@@ -259,26 +259,6 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._broke(UpstreamUnanswered("the replica closed the connection before "
                                            "answering"))
-
-    def pause_writing(self) -> None:
-        if self._drain is None:
-            self._drain = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            if not self._transport.is_closing():
-                self._transport.resume_reading()
 
     # --- llhttp callbacks ----------------------------------------------------------------
 

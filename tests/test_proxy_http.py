@@ -187,20 +187,27 @@ async def read_answers(reader: asyncio.StreamReader, count: int) -> list[tuple[i
     return answers
 
 
+async def exchange(address: str, data: bytes, count: int) -> list[tuple[int, bytes]]:
+    """Send `data` on one connection and read `count` answers."""
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    try:
+        return await read_answers(reader, count)
+    finally:
+        writer.close()
+
+
 async def test_a_call_connection_then_carries_control_requests(front):
     # The first request puts the connection on the front; the next ones are aiohttp's
     # (handed over re-serialised, a chunked body included), answered in order.
     address, _ = await front()
-    host, port = address.split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /invoke/h/echo/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answers = await exchange(address, b"GET /invoke/h/echo/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                  b"GET /v1/endpoints/h HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                  b"PUT /v1/secrets/FRONT_TEST HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"5\r\n{\"val\r\n9\r\nue\": \"sec\r\n4\r\nret\"\r\n1\r\n}\r\n0\r\n\r\n"
-                 b"GET /invoke/h/echo/2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    answers = await read_answers(reader, 4)
-    writer.close()
+                 b"GET /invoke/h/echo/2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 4)
     assert [status for status, _ in answers] == [200, 200, 200, 200], answers
     assert json.loads(answers[0][1])["path"] == "/echo/1"
     assert json.loads(answers[1][1])["name"] == "h"
@@ -210,13 +217,9 @@ async def test_a_call_connection_then_carries_control_requests(front):
 
 async def test_a_control_connection_may_carry_calls(front):
     address, _ = await front()
-    host, port = address.split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                 b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n"
-                 b"\r\nabc")
-    (first, _), (second, body) = await read_answers(reader, 2)
-    writer.close()
+    (first, _), (second, body) = await exchange(
+        address, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc", 2)
     assert (first, second) == (200, 200) and json.loads(body)["body"] == "abc"
 
 
