@@ -197,7 +197,7 @@ class FrontAnswer:
         await self._front.drain()
 
     def force_close(self) -> None:
-        self._front.close_after = True
+        self._front.close_after = self._front.cutting = True
 
 
 class FrontReplier:
@@ -239,6 +239,8 @@ class FrontReplier:
                            self._request.head_only or status in NO_BODY)
 
     def _head(self, status: int, reason: str, headers: Headers, framing: str) -> bytes:
+        if not (reason.isascii() and reason.isprintable()):
+            reason = ""  # the replica's reason phrase, unless it holds control bytes
         lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}\r\n"]
         lines.extend(f"{key}: {value}\r\n" for key, value in headers)
         lines.append(framing)
@@ -277,6 +279,7 @@ class Front(FlowControl):
         self.app = app
         self.loop = asyncio.get_running_loop()  # once: each call is a getpid() on 3.11
         self.close_after = False  # the connection closes once the current answer is out
+        self.cutting = False  # the answer under way is being cut (timeout, replica failed)
         self._host = host
         self._transport: asyncio.Transport | None = transport
         self._client = transport  # the same, never None
@@ -301,6 +304,8 @@ class Front(FlowControl):
     # --- bytes in ---------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self._client.is_closing():
+            return  # closing (after Connection: close, a refusal): nothing more is answered
         if self._raw is not None:
             self._raw += data
         if self._in_head:
@@ -320,6 +325,9 @@ class Front(FlowControl):
         if self._mode is Mode.HANDOFF and self._raw is not None:
             raw, self._raw = bytes(self._raw), None
             self._host.to_aiohttp(raw)  # the connection is aiohttp's from here
+        elif self._mode is Mode.UNDECIDED and self._raw is not None and \
+                len(self._raw) > MAX_HEAD and not self._in_head:
+            self._client.close()  # this much and no request begun (blank lines): not a client
 
     def _refuse_parsed(self, exc: Exception) -> None:
         too_large = isinstance(exc, HeadTooLarge) or isinstance(exc.__context__, HeadTooLarge)
@@ -337,8 +345,11 @@ class Front(FlowControl):
         """A request llhttp refused (smuggling, not HTTP) or one over the limits."""
         log.debug("front.bad_request", client=self.remote, status=status, reason=reason)
         self.close_after = True
+        if self._current is not None:  # its body will never come whole
+            self._current.content.end(failed=True)
+            self._current = None
         if self._mode is Mode.SERIAL:
-            self._close_when_idle()
+            self.pause_reading()  # aiohttp finishes what it was given, then its keep-alive ends
             return
         message = f"malformed request: {reason.splitlines()[0][:200] if reason else code}"
         self._error_later = error_head_and_body(status, code, message, {"Connection": "close"})
@@ -346,8 +357,8 @@ class Front(FlowControl):
 
     def _close_when_idle(self) -> None:
         self.pause_reading()
-        if self._task is None and not self._pending:
-            self._finish_connection()
+        if self._mode is not Mode.SERIAL and self._task is None and not self._pending:
+            self._finish_connection()  # (in SERIAL mode aiohttp may be answering: its own close)
 
     def _finish_connection(self) -> None:
         if self._error_later is not None and not self._lost:
@@ -394,6 +405,8 @@ class Front(FlowControl):
         self._pending.append(request)
         if self._task is None:
             self._serve_next()
+        else:
+            self.pause_reading()  # pipelined: no more is read until the calls before are done
 
     def on_body(self, body: bytes) -> None:
         if self._mode is Mode.SERIAL:
@@ -458,6 +471,7 @@ class Front(FlowControl):
                 await serve_openai(request, asked_json, replier)
             else:
                 await invoke_call(request, replier)
+            await self.drain()  # a whole answer is written at once: the next waits for it
         except (ApiError, SchedulerError) as exc:
             self._error(replier, as_api_error(exc))
         except (ConnectionError, asyncio.CancelledError):
@@ -507,6 +521,9 @@ class Front(FlowControl):
 
     async def drain(self) -> None:
         if self._drain is not None:
+            if self.cutting:  # a call being cut: a client that reads nothing is dropped,
+                self._client.abort()  # not waited for (it would hold the slot for ever)
+                raise ConnectionResetError("the client stopped reading")
             await self._drain
         if self._lost:
             raise ConnectionResetError("the client left")
@@ -519,7 +536,7 @@ class Front(FlowControl):
         """berthd stops: close now if idle, else once the answer under way is out."""
         self.close_after = True
         self.pause_reading()
-        if self.idle:
+        if self.idle and self._mode is not Mode.SERIAL:  # aiohttp's server closes its own
             self._client.close()
 
     def abort(self) -> None:

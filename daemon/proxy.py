@@ -60,7 +60,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 # Client-supplied forwarding headers are dropped: berth sets them itself (forwarded_headers).
 FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
                         "x-forwarded-host", "x-real-ip"})
-REQUEST_ONLY = frozenset({"authorization", "x-berth-replica"}) | FORWARDING
+# X-Request-Id is set by berth from the client's or made (never sent twice)
+REQUEST_ONLY = frozenset({"authorization", "x-berth-replica", "x-request-id"}) | FORWARDING
 OPENAI_ONLY = REQUEST_ONLY | {"x-api-key"}  # berth's key on the OpenAI routes, as SDKs send it
 ANSWER_OWN = frozenset({"x-berth-replica", "x-request-id"})  # berth sets these on answers
 CHUNK = 64 * 1024

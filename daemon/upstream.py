@@ -26,6 +26,9 @@ HIGH_WATER = 256 * 1024  # answer bytes queued before the replica's socket stops
 LOW_WATER = 64 * 1024
 IDLE_S = 55.0  # an idle connection older than this is closed, not reused (under nginx's 60 s)
 NO_BODY = frozenset({204, 304})
+MAX_HEAD = 64 * 1024  # an answer's head (status line and headers), as the front's
+MAX_HEADERS = 128
+MAX_FIELD = 8190
 
 
 class UpstreamError(Exception):
@@ -61,8 +64,8 @@ class UpstreamResponse:
         self.chunked = False
         for name, value in fields:
             lower = name.lower()
-            if lower == "content-length":
-                self.content_length = int(value) if value.isdigit() else None
+            if lower == "content-length":  # llhttp checked it: digits, maybe padded
+                self.content_length = int(value.strip())
             elif lower == "content-type":
                 self.content_type = value.partition(";")[0].strip().lower()
             elif lower == "transfer-encoding":
@@ -141,6 +144,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._fields: list[tuple[str, str]] = []
+        self._head_bytes = 0  # bytes read while the answer's head is incomplete
         self._reason = b""
         self._head_only = False
         self._keep_alive = False
@@ -238,12 +242,16 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         if parser is None or not self._expecting or not self._clean:
             self.close()  # bytes nobody asked for: the stream can no longer be trusted
             return
+        if self._response is None:
+            self._head_bytes += len(data)
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+            if self._response is None and self._head_bytes > MAX_HEAD:
+                raise ValueError(f"an answer head over {MAX_HEAD} bytes")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, ValueError) as exc:
             self.close()
             self._broke(UpstreamError(f"the replica answered something that is not HTTP: "
-                                      f"{exc}"))
+                                      f"{exc!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -263,6 +271,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
     # --- llhttp callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._fields, self._reason, self._head_bytes = [], b"", 0
         if self._response is not None:  # a second answer to one request
             self._clean = False
 
@@ -270,6 +279,11 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            return  # a trailer after a chunked body: not passed on (nor kept for the next)
+        if len(self._fields) >= MAX_HEADERS or len(value) > MAX_FIELD:
+            raise ValueError(f"more than {MAX_HEADERS} header fields or one over {MAX_FIELD} "
+                             "bytes")
         self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:

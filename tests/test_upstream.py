@@ -225,3 +225,37 @@ async def test_a_connection_that_carried_an_event_stream_is_not_kept():
         assert await call(pool, server.address) == (200, b"ok")
         assert await call(pool, server.address) == (200, b"ok")
         assert server.connections == 2  # a new one after the stream, then kept
+
+
+async def test_trailers_are_not_passed_on_nor_kept_for_the_next_answer():
+    # A replica's trailer once leaked into the next call's answer on the same connection.
+    with_trailer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+                    b"X-Secret: for-client-a\r\n\r\n")
+    answers = iter([with_trailer, OK])
+    async with Scripted(lambda _: next(answers)) as server:
+        pool = UpstreamPool()
+        for _ in range(2):
+            conn = await pool.connect(server.address)
+            response = await conn.send(GET, None)
+            assert await response.read() == b"ok"
+            assert "X-Secret" not in dict(response.fields)
+            pool.keep_or_close(conn)
+        assert server.connections == 1
+
+
+async def test_a_padded_content_length_cut_short_is_an_error_not_a_whole_answer():
+    async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 100 \r\n\r\nonly ten..",
+                        close_after=True) as server:
+        with pytest.raises(UpstreamError, match="mid-answer"):
+            await call(UpstreamPool(), server.address)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * 200 + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+])
+async def test_what_is_not_a_plain_answer_is_an_error(answer):
+    async with Scripted(lambda _: answer) as server:
+        with pytest.raises(UpstreamError, match="not HTTP"):
+            await call(UpstreamPool(), server.address)
