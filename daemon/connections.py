@@ -36,6 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from yarl import URL
 
+from berth.daemon.errors import error_response
 from berth.daemon.front import Front
 from berth.daemon.keys import ROUTER
 
@@ -94,8 +95,7 @@ class BerthRequestHandler(RequestHandler):
         status, code = (431, "headers_too_large") if too_large else (400, "bad_request")
         text = str(exc.message).splitlines()[0][:200] if exc.message else "bad request"
         log.debug("connections.bad_request", client=request.remote, status=status, reason=text)
-        body = {"error": {"code": code, "message": f"malformed request: {text}"}}
-        response = web.json_response(body, status=status)
+        response = error_response(status, code, f"malformed request: {text}")
         response.force_close()  # the rest of the connection's bytes cannot be trusted
         return response
 

@@ -66,13 +66,19 @@ def storage_error(exc: Exception) -> ApiError:
                     headers={"Retry-After": "5"})
 
 
-def error_response(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None,
-                   details: list[dict[str, str]] | None = None) -> web.Response:
+def error_document(code: str, message: str,
+                   details: list[dict[str, str]] | None = None) -> dict[str, object]:
     error: dict[str, object] = {"code": code, "message": message}
     if details is not None:
         error["details"] = details
-    return web.json_response({"error": error}, status=status, headers=headers)
+    return {"error": error}
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None,
+                   details: list[dict[str, str]] | None = None) -> web.Response:
+    return web.json_response(error_document(code, message, details), status=status,
+                             headers=headers)
 
 
 MAX_JSON_DEPTH = 32  # far beyond any real spec; deeper documents are attacks on the parser

@@ -31,7 +31,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from berth.daemon.errors import ApiError, as_api_error
+from berth.daemon.errors import ApiError, as_api_error, error_document
 from berth.daemon.flow import FlowControl
 from berth.daemon.http_types import Answer, Headers
 from berth.daemon.keys import BROWSER
@@ -258,7 +258,7 @@ def _phrase(status: int) -> str:
 
 
 def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    return json.dumps(error_document(code, message)).encode()
 
 
 def error_head_and_body(status: int, code: str, message: str,

@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -217,20 +217,21 @@ def check_token(request: CallRequest, pool: EndpointPool) -> None:
     request.app[AUTH].require_endpoint(request, pool.name, pool.spec.public)
 
 
-def forward_headers(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    connection = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower not in drop and lower not in connection:
-            out.add(key, value)
-    return out
+def end_to_end(fields: Iterable[tuple[str, str]], drop: frozenset[str]) -> Headers:
+    """The header lines that belong to the call, in order: less the hop-by-hop ones, those
+    the message's Connection header names, and `drop` (lower-case names)."""
+    fields = list(fields)
+    for name, value in fields:
+        if name.lower() == "connection":
+            drop = drop | {h.strip().lower() for h in value.split(",")}
+    return [(name, value) for name, value in fields
+            if name.lower() not in HOP_BY_HOP and name.lower() not in drop]
 
 
-def forwarded_headers(request: web.Request) -> dict[str, str]:
+def forwarded_headers(request: CallRequest) -> Headers:
     """What berth tells the model about the caller: never what the caller claims itself."""
-    return {"X-Forwarded-For": request.remote or "", "X-Forwarded-Proto": request.scheme,
-            "X-Forwarded-Host": request.host}
+    return [("X-Forwarded-For", request.remote or ""), ("X-Forwarded-Proto", request.scheme),
+            ("X-Forwarded-Host", request.host)]
 
 
 def raw_tail(request: CallRequest) -> str:
@@ -332,18 +333,11 @@ def _upstream_request(call: Call, replica: Replica
     request = call.request
     target = request.rel_url.raw_query_string
     target = f"/{call.path}?{target}" if target else f"/{call.path}"
-    drop = OPENAI_ONLY if call.openai else REQUEST_ONLY
-    connection = request.headers.get("Connection")
-    if connection:  # headers the client named in Connection are hop-by-hop too
-        drop = drop | {h.strip().lower() for h in connection.split(",")}
+    fields = end_to_end(request.headers.items(), OPENAI_ONLY if call.openai else REQUEST_ONLY)
+    fields += forwarded_headers(request)
+    fields.append(("X-Request-Id", call.request_id))
     lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {replica.address}\r\n"]
-    for key, value in request.headers.items():
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower not in drop:
-            lines.append(f"{key}: {value}\r\n")
-    lines.append(f"X-Forwarded-For: {request.remote or ''}\r\nX-Forwarded-Proto: "
-                 f"{request.scheme}\r\nX-Forwarded-Host: {request.host}\r\n"
-                 f"X-Request-Id: {call.request_id}\r\n")
+    lines.extend(f"{key}: {value}\r\n" for key, value in fields)
     body: AsyncIterator[bytes] | bytes | None = None
     chunked = False
     if call.body is not None:  # held whole: a refused connection may still be retried
@@ -473,11 +467,7 @@ def _small(upstream: UpstreamResponse) -> bool:
 def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) -> Headers:
     """The replica's header lines less hop-by-hop ones (and any it named in Connection), and
     berth's own (X-Berth-Replica; X-Request-Id, the replica's own replaced)."""
-    drop = HOP_BY_HOP | ANSWER_OWN
-    for name, value in upstream.fields:
-        if name.lower() == "connection":
-            drop = drop | {h.strip().lower() for h in value.split(",")}
-    headers = [(name, value) for name, value in upstream.fields if name.lower() not in drop]
+    headers = end_to_end(upstream.fields, ANSWER_OWN)
     headers += (("X-Berth-Replica", replica.id), ("X-Request-Id", call.request_id))
     return headers
 

@@ -30,7 +30,7 @@ from berth.daemon.proxy import (
     REQUEST_ONLY,
     admit,
     check_token,
-    forward_headers,
+    end_to_end,
     forwarded_headers,
     raw_tail,
 )
@@ -134,8 +134,7 @@ async def submit(request: web.Request) -> web.Response:
     task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,
         path=raw_tail(request), query=request.rel_url.raw_query_string,
-        headers=[*forward_headers(request.headers, KEPT_OUT).items(),
-                 *forwarded_headers(request).items()],
+        headers=[*end_to_end(request.headers.items(), KEPT_OUT), *forwarded_headers(request)],
         created_at=time.time(), body=body, body_file=body_file, callback_url=url,
         callback_state="pending" if url else None, body_size=size)
     try:  # committed before the 202: durable from here
