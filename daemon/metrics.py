@@ -7,12 +7,18 @@ freed GPU disappears from the next scrape instead of lingering as a stale series
 
 from __future__ import annotations
 
+import bisect
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -42,11 +48,47 @@ class LiveState:
 
 
 class LiveCollector(Collector):
-    def __init__(self, state: LiveState) -> None:
+    def __init__(self, state: LiveState, calls: CallCounts) -> None:
         self.state = state
+        self.calls = calls
 
     def collect(self) -> Iterator[Metric]:
+        yield from self.calls.families()
         yield from self.state.families
+
+
+class CallCounts:
+    """Data-plane calls by endpoint and status, and their durations, as plain numbers: one
+    dict update and one list update per call (prometheus_client's labelled children take a
+    lock and several calls per update, on every model call). Read at scrape time."""
+
+    def __init__(self) -> None:
+        self.by_status: dict[tuple[str, int], int] = {}
+        # per endpoint: a count per bucket (the last is +Inf, not cumulative) and the sum
+        self.durations: dict[str, tuple[list[int], list[float]]] = {}
+
+    def ended(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+        histogram = self.durations.get(endpoint)
+        if histogram is None:
+            histogram = self.durations[endpoint] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+        histogram[0][bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        histogram[1][0] += seconds
+
+    def families(self) -> list[Metric]:
+        calls = CounterMetricFamily("berth_calls", "Data-plane calls that ended, by answer "
+                                    "status", labels=("endpoint", "code"))
+        for (endpoint, status), count in sorted(self.by_status.items()):
+            calls.add_metric((endpoint, str(status)), count)
+        durations = HistogramMetricFamily("berth_call_duration_seconds", "Time from a call's "
+                                          "arrival to its last byte", labels=("endpoint",))
+        bounds = [*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as prometheus_client
+        for endpoint, (counts, total) in sorted(self.durations.items()):
+            cumulative = [sum(counts[:i + 1]) for i in range(len(counts))]
+            durations.add_metric((endpoint,), list(zip(bounds, cumulative, strict=True)),
+                                 total[0])
+        return [calls, durations]
 
 
 class Metrics:
@@ -58,11 +100,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.calls = Counter("berth_calls", "Data-plane calls that ended, by answer status",
-                             ("endpoint", "code"), registry=self.registry)
-        self.call_seconds = Histogram(
-            "berth_call_duration_seconds", "Time from a call's arrival to its last byte",
-            ("endpoint",), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.calls = CallCounts()
         self.start_seconds = Histogram(
             "berth_replica_start_seconds", "Where replica starts go: pull, create, start "
             "(until the container runs), load (until readiness passes), total; and wakes from "
@@ -71,10 +109,10 @@ class Metrics:
         self.failures = Counter(
             "berth_replica_failures", "Replicas that crashed or failed to start (crash loops "
             "show as a rising rate)", ("endpoint", "kind"), registry=self.registry)
-        self._call_counters: dict[tuple[str, int], Counter] = {}
-        self._call_histograms: dict[str, Histogram] = {}
         self.live = LiveState()
-        self.registry.register(LiveCollector(self.live))
+        self.registry.register(LiveCollector(self.live, self.calls))
+        # every model call ends here: the bound method, looked up once
+        self.call_ended = self.calls.ended
 
     def event_observed(self, event: EventRecord) -> None:
         if event.kind in FAILURE_KINDS and event.endpoint is not None:
@@ -86,18 +124,6 @@ class Metrics:
     def start_observed(self, endpoint: str, phases: StartPhases) -> None:
         for phase in ("pull", "create", "start", "load", "total"):
             self.start_seconds.labels(endpoint, phase).observe(getattr(phases, f"{phase}_s"))
-
-    def call_ended(self, endpoint: str, status: int, seconds: float) -> None:
-        # The labelled children, looked up once: labels() costs more than the update itself
-        counter = self._call_counters.get((endpoint, status))
-        if counter is None:
-            counter = self._call_counters[(endpoint, status)] = \
-                self.calls.labels(endpoint, str(status))
-        histogram = self._call_histograms.get(endpoint)
-        if histogram is None:
-            histogram = self._call_histograms[endpoint] = self.call_seconds.labels(endpoint)
-        counter.inc()
-        histogram.observe(seconds)
 
 
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
