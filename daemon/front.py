@@ -187,6 +187,16 @@ class FrontAnswer:
             self._front.write(data)
         await self._front.drain()
 
+    def write_now(self, data: bytes) -> asyncio.Future[None] | None:
+        """`write` from a relay's callback: no waiting; the future to wait on while the
+        client's buffer is full (http_types.WritesNow)."""
+        if data and not self._head_only:
+            if self._chunked:
+                self._front.write_parts((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self._front.write(data)
+        return self._front.full
+
     async def write_eof(self, data: bytes = b"") -> None:
         if self.done:
             return
@@ -518,6 +528,11 @@ class Front(FlowControl):
         if self._lost:
             raise ConnectionResetError("the client left")
         self._client.writelines(parts)
+
+    @property
+    def full(self) -> asyncio.Future[None] | None:
+        """Done once the client's buffer has room again; None while it has."""
+        return self._drain
 
     async def drain(self) -> None:
         if self._drain is not None:

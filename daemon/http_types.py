@@ -4,6 +4,7 @@ core (daemon/proxy.py) serves calls arriving through aiohttp and through berth's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
@@ -77,6 +78,13 @@ class Answer(Protocol):
     async def write_eof(self, data: bytes = b"") -> None: ...
 
     def force_close(self) -> None: ...
+
+
+class WritesNow(Protocol):
+    """An answer that can take a chunk without waiting (berth's front): a streamed body is
+    then relayed from the replica connection's callback, with no task switch per chunk."""
+
+    def write_now(self, data: bytes) -> asyncio.Future[None] | None: ...
 
 
 class Replier(Protocol):

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.http_types import Answer, CallRequest, Headers, Replier
+from berth.daemon.http_types import Answer, CallRequest, Headers, Replier, WritesNow
 from berth.daemon.keys import (
     AUTH,
     LIMITS,
@@ -415,12 +415,24 @@ async def _relay(call: Call, upstream: UpstreamResponse,
     meter = call.meter
     if meter is not None:
         meter.sse = is_sse
-    async for chunk in upstream.chunks():
-        out = sse.feed(chunk) if sse is not None else chunk
-        if out:
-            await response.write(out)
-        if meter is not None:
-            meter.feed(chunk)
+    writer = cast(WritesNow | None, getattr(response, "write_now", None) and response)
+    if writer is not None:
+        write_now = writer.write_now
+
+        def sink(chunk: bytes) -> asyncio.Future[None] | None:
+            out = sse.feed(chunk) if sse is not None else chunk
+            full = write_now(out) if out else None
+            if meter is not None:
+                meter.feed(chunk)
+            return full
+        await upstream.relay(sink)
+    else:
+        async for chunk in upstream.chunks():
+            out = sse.feed(chunk) if sse is not None else chunk
+            if out:
+                await response.write(out)
+            if meter is not None:
+                meter.feed(chunk)
     if sse is not None and (rest := sse.flush()):
         await response.write(rest)
     if meter is not None:

@@ -287,3 +287,35 @@ async def test_header_bytes_reach_the_replica_exactly(front):
     # the model server reads header bytes as latin-1: each byte one character
     assert seen["headers"]["X-Name"] == "caf\xc3\xa9 \xff"
     assert seen["raw_path"] == "/echo/caf%C3%A9"
+
+
+def rss() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+async def test_a_streamed_answer_to_a_client_that_stops_reading_is_not_held(front):
+    # The front relays a streamed answer from the replica connection's callback: while the
+    # client reads nothing, the replica must not be read either (else berthd holds it all).
+    address, pool = await front()
+    host, port = address.split(":")
+    size = 256 * 1024 ** 2
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1024 ** 2)
+    before = rss()
+    writer.write(b"GET /invoke/h/bytes?n=%d HTTP/1.1\r\nHost: %s\r\n\r\n"
+                 % (size, address.encode()))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await asyncio.sleep(0.3)  # the replica writes hundreds of MB/s if let
+    held = rss() - before
+    total = 0
+    async with asyncio.timeout(30):
+        while total < size and (more := await reader.read(1024 ** 2)):
+            total += len(more)
+    writer.close()
+    assert held < 48 * 1024 ** 2, f"berthd grew by {held >> 20} MiB for a client not reading"
+    assert total == size
+    await wait_for(pool, lambda: next(iter(pool.replicas.values())).in_flight == 0,
+                   what="slot freed")
+

@@ -259,3 +259,64 @@ async def test_what_is_not_a_plain_answer_is_an_error(answer):
     async with Scripted(lambda _: answer) as server:
         with pytest.raises(UpstreamError, match="not HTTP"):
             await call(UpstreamPool(), server.address)
+
+
+def big_answer(size: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+
+
+async def test_a_relay_hands_on_every_byte_and_stops_reading_while_the_sink_is_full():
+    size = 8 * 1024 ** 2
+    async with Scripted(lambda _: big_answer(size)) as server:
+        pool = UpstreamPool()
+        conn = await pool.connect(server.address)
+        response = await conn.send(GET, None)
+        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        got: list[int] = []
+
+        def sink(chunk: bytes) -> asyncio.Future[None] | None:
+            got.append(len(chunk))
+            return None if room.done() else room  # full until the test makes room
+
+        relay = asyncio.create_task(response.relay(sink))
+        await asyncio.sleep(0.2)
+        assert 0 < sum(got) < 1024 ** 2  # the replica's socket is not read meanwhile
+        room.set_result(None)
+        await asyncio.wait_for(relay, 5)
+        assert sum(got) == size
+        pool.keep_or_close(conn)
+        assert await asyncio.wait_for(call(pool, server.address), 5) == (200, b"x" * size)
+        assert server.connections == 1
+
+
+async def test_a_connection_kept_after_a_relay_that_ended_full_reads_the_next_answer():
+    async with Scripted(lambda _: OK) as server:
+        pool = UpstreamPool()
+        conn = await pool.connect(server.address)
+        response = await conn.send(GET, None)
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(response.relay(lambda _: never), 2)  # the client never reads
+        pool.keep_or_close(conn)
+        assert await asyncio.wait_for(call(pool, server.address), 2) == (200, b"ok")
+        assert server.connections == 1
+
+
+async def test_a_sink_that_fails_ends_the_relay_and_the_connection():
+    async with Scripted(lambda _: big_answer(8 * 1024 ** 2)) as server:
+        pool = UpstreamPool()
+        conn = await pool.connect(server.address)
+        response = await conn.send(GET, None)
+        calls = 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal calls
+            calls += 1
+            raise ConnectionResetError("the client left")
+
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(response.relay(sink), 2)
+        await asyncio.sleep(0.05)
+        assert calls == 1  # nothing more reached it
+        pool.keep_or_close(conn)
+        await asyncio.wait_for(call(pool, server.address), 5)
+        assert server.connections == 2
