@@ -295,7 +295,9 @@ class Front(FlowControl):
         self._client = transport  # the same, never None
         peer = transport.get_extra_info("peername")
         self.remote: str | None = peer[0] if isinstance(peer, tuple) else None
-        self._parser = httptools.HttpRequestParser(self)
+        # None once the connection ended: the parser holds the front (its callbacks), and the
+        # cycle would leave every connection's objects to the cycle collector (see _ended)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._mode = Mode.UNDECIDED
         self._raw: bytearray | None = bytearray()  # all bytes, until the first head decides
         self._url = bytearray()
@@ -314,7 +316,7 @@ class Front(FlowControl):
     # --- bytes in ---------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        if self._client.is_closing():
+        if self._client.is_closing() or self._parser is None:
             return  # closing (after Connection: close, a refusal): nothing more is answered
         if self._raw is not None:
             self._raw += data
@@ -397,6 +399,7 @@ class Front(FlowControl):
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
+        assert parser is not None  # (it is what calls this)
         method = parser.get_method().decode("ascii")
         url = bytes(self._url)
         if self._mode is Mode.HANDOFF:
@@ -442,6 +445,7 @@ class Front(FlowControl):
         self._mode = Mode.SERIAL
         names = {name.lower() for name, _ in self._fields}
         self._serial_chunked = b"transfer-encoding" in names
+        assert self._parser is not None  # (it is what calls this)
         version = self._parser.get_http_version()
         lines = [method.encode(), b" ", url, b" HTTP/", version.encode(), b"\r\n"]
         for name, value in self._fields:
@@ -565,6 +569,10 @@ class Front(FlowControl):
             if request is not None and not request.content.done:
                 request.content.end(failed=True)
         self._pending.clear()
+        # Measured with 500 streamed calls: each ended connection left ~50 objects (parser,
+        # transport, call, answer...) to the cycle collector, whose pauses of 2-13 ms were
+        # most of the per-chunk p99. Refcounting frees them once the parser lets go.
+        self._parser = None
         if self._task is not None:
             self._task.cancel()
 

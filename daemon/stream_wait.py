@@ -95,3 +95,4 @@ async def serve_streaming(router: Router, call: Call, every: float) -> Answer:
         return waiting.response
     finally:
         waiting.abort()  # a no-op once stopped; a client that left cancels the writer here
+        call.on_lease = None  # the call and its keep-alive refer to each other: freed at once

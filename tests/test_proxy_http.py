@@ -6,6 +6,8 @@ what a hostile or unusual client sends."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -319,3 +321,43 @@ async def test_a_streamed_answer_to_a_client_that_stops_reading_is_not_held(fron
     await wait_for(pool, lambda: next(iter(pool.replicas.values())).in_flight == 0,
                    what="slot freed")
 
+
+async def whole_exchange(address: str, request: bytes) -> bytes:
+    """One request with Connection: close, read to the server's close."""
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    async with asyncio.timeout(5):
+        answer = await reader.read(-1)
+    writer.close()
+    return answer
+
+
+async def test_ended_connections_leave_nothing_to_the_cycle_collector(front):
+    # Measured with 500 streamed calls: objects left in reference cycles by each ended
+    # connection made the cycle collector pause for 2-13 ms, most of the per-chunk p99.
+    address, pool = await front()
+    head = f"Host: {address}\r\nConnection: close\r\n".encode()
+    chat = json.dumps({"model": "h", "stream": True, "messages": [
+        {"role": "user", "content": "a b"}]}).encode()
+    requests = [b"GET /invoke/h/echo HTTP/1.1\r\n" + head + b"\r\n",
+                b"GET /invoke/h/stream?n=2&interval=0.01 HTTP/1.1\r\n" + head + b"\r\n",
+                b"POST /v1/chat/completions HTTP/1.1\r\n" + head
+                + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(chat)
+                + chat]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept, to be looked at
+    try:
+        answers = [await whole_exchange(address, request) for request in requests]
+        replica = next(iter(pool.replicas.values()))
+        await wait_for(pool, lambda: replica.in_flight == 0, what="slots freed")
+        await asyncio.sleep(0.05)  # the connections' ends reach both protocols
+        gc.collect()
+        left = collections.Counter(type(o).__qualname__ for o in gc.garbage
+                                   if type(o).__module__.startswith("berth."))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert [a.split(b" ", 2)[1] for a in answers] == [b"200"] * 3
+    assert b"data: [DONE]" in answers[2] and answers[2].endswith(b"\r\n0\r\n\r\n")
+    assert not left, f"left in reference cycles: {dict(left)}"
