@@ -115,13 +115,19 @@ class EndpointPool:
     async def release(self, replica: Replica, now: float) -> None:
         """Give a slot back; the first waiters that can use it get it at once. Only a Lease
         calls this, once (router.Lease)."""
+        if self.give_back(replica, now):
+            await self.notify()
+
+    def give_back(self, replica: Replica, now: float) -> bool:
+        """`release` without the await every call would pay: True when a drain waits for
+        this slot, and the caller must `notify()`."""
         if replica.in_flight <= 0:
             raise RuntimeError(f"replica {replica.id}: a slot released that was not taken")
         replica.in_flight -= 1
         replica.last_call_at = now
-        self.dispatch()
-        if replica.in_flight == 0 and replica.state is ReplicaState.DRAINING:
-            await self.notify()  # a drain is waiting for this
+        if self.queue:
+            self.dispatch()
+        return replica.in_flight == 0 and replica.state is ReplicaState.DRAINING
 
     # --- replicas: added by the reconciler, forgotten by their lifecycle ---------------------
 

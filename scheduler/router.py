@@ -62,12 +62,18 @@ class Acquiring:
         self._lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
-        self._lease = await self._router.lease(self._pool, self._pinned, self._exclude)
+        router, pool = self._router, self._pool
+        replica = router.free_slot(pool, self._pinned, self._exclude)  # mostly: no await
+        self._lease = Lease(pool, replica, router.clock) if replica is not None else \
+            await router.lease(pool, self._pinned, self._exclude)
         return self._lease
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._lease is not None:
-            await self._lease.release()
+        lease = self._lease
+        if lease is not None and not lease.released:
+            lease.released = True
+            if lease.pool.give_back(lease.replica, lease.clock()):
+                await lease.pool.notify()  # a drain waits for this slot
 
 
 class Router:
@@ -101,14 +107,19 @@ class Router:
         holder that hands it on (the dispatcher's pump to the task's runner)."""
         return Lease(pool, await self._slot(pool, pinned, exclude), self.clock)
 
-    async def _slot(self, pool: EndpointPool, pinned: str | None,
-                    exclude: frozenset[str]) -> Replica:
-        spec = pool.spec
+    def free_slot(self, pool: EndpointPool, pinned: str | None,
+                  exclude: frozenset[str]) -> Replica | None:
+        """A slot taken at once, or None when the call must wait (see `_slot`)."""
         if pool.error:
             raise EndpointFailing(f"endpoint {pool.name} cannot run: {pool.error}")
         if pinned is not None and pinned not in pool.replicas:
             raise ReplicaNotFound(f"endpoint {pool.name} has no replica {pinned!r}")
-        replica = pool.take(pinned, exclude)
+        return pool.take(pinned, exclude)
+
+    async def _slot(self, pool: EndpointPool, pinned: str | None,
+                    exclude: frozenset[str]) -> Replica:
+        spec = pool.spec
+        replica = self.free_slot(pool, pinned, exclude)
         if replica is not None:
             return replica
         runtime = self.reconciler.runtime
