@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -26,6 +26,7 @@ from berth.daemon.http_types import HasHeaders
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CROSS_SITE = frozenset({"cross-site", "same-site"})  # Sec-Fetch-Site values of other origins
+SEEN_HOSTS = 64  # Host values found allowed, remembered (bounded: callers choose them)
 
 
 def host_part(host: str) -> str:
@@ -52,6 +53,8 @@ class BrowserGuard:
     listen_host: str
     allowed_hosts: frozenset[str] = frozenset({"localhost"})
     allowed_origins: frozenset[str] = frozenset()
+    # every call is checked, mostly with the same Host: its verdict is looked up, not redone
+    _allowed_seen: dict[str, None] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, listen_host: str, hosts: Iterable[str],
@@ -78,10 +81,13 @@ class BrowserGuard:
     def check(self, request: HasHeaders) -> None:
         """421 for a foreign Host, 403 for a foreign Origin; nothing for everything else."""
         host = request.headers.get("Host")
-        if host is not None and not self.host_allowed(host):
-            raise ApiError(421, "misdirected_request",
-                           f"this server does not answer to host {host_part(host)!r}; add "
-                           "it to daemon.allowed_hosts if it is a name of this machine")
+        if host is not None and host not in self._allowed_seen:
+            if not self.host_allowed(host):
+                raise ApiError(421, "misdirected_request",
+                               f"this server does not answer to host {host_part(host)!r}; "
+                               "add it to daemon.allowed_hosts if it is a name of this machine")
+            if len(self._allowed_seen) < SEEN_HOSTS:
+                self._allowed_seen[host] = None
         origin = request.headers.get("Origin")
         if origin is not None:
             if not self.origin_allowed(origin, host or ""):

@@ -85,7 +85,8 @@ class RequestIds:
 
 class CallDeadline:
     """`asyncio.timeout` for one call, given the loop: asyncio.timeout asks for the running
-    loop twice, and on Python 3.11 each ask is a getpid() system call."""
+    loop twice, and on Python 3.11 each ask is a getpid() system call. A plain context
+    manager: entering and leaving need no await."""
 
     __slots__ = ("_cancelling", "_handle", "_task", "expired")
 
@@ -101,11 +102,11 @@ class CallDeadline:
         self.expired = True
         self._task.cancel()
 
-    async def __aenter__(self) -> CallDeadline:
+    def __enter__(self) -> CallDeadline:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
         self._handle.cancel()
         if self.expired and exc_type is asyncio.CancelledError and \
                 self._task.uncancel() <= self._cancelling:
@@ -220,12 +221,18 @@ def check_token(request: CallRequest, pool: EndpointPool) -> None:
 def end_to_end(fields: Iterable[tuple[str, str]], drop: frozenset[str]) -> Headers:
     """The header lines that belong to the call, in order: less the hop-by-hop ones, those
     the message's Connection header names, and `drop` (lower-case names)."""
-    fields = list(fields)
-    for name, value in fields:
-        if name.lower() == "connection":
-            drop = drop | {h.strip().lower() for h in value.split(",")}
-    return [(name, value) for name, value in fields
-            if name.lower() not in HOP_BY_HOP and name.lower() not in drop]
+    kept: Headers = []
+    named: set[str] = set()  # what the Connection header lines name
+    for name, value in fields:  # one pass, one lower() a line: every call does this twice
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop:
+            if lower == "connection":
+                named.update(h.strip().lower() for h in value.split(","))
+        else:
+            kept.append((name, value))
+    if named:
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 def forwarded_headers(request: CallRequest) -> Headers:
@@ -360,7 +367,7 @@ async def _exchange(call: Call, replica: Replica) -> Answer:
     request, spec = call.request, call.pool.spec
     pool = request.app[UPSTREAM]
     try:
-        async with CallDeadline(pool.loop, spec.request_timeout_s):
+        with CallDeadline(pool.loop, spec.request_timeout_s):
             if replica.address is None:  # not started: the router never gives one out
                 raise UpstreamRefused(f"replica {replica.id} has no address yet")
             conn = await pool.connect(replica.address)

@@ -12,8 +12,9 @@ import stat
 import pytest
 from yarl import URL
 
-from berth.daemon.browser import BrowserGuard
+from berth.daemon.browser import SEEN_HOSTS, BrowserGuard
 from berth.daemon.config import ConfigError, parse_config
+from berth.daemon.errors import ApiError
 from berth.daemon.replica_logs import ReplicaLogs
 from berth.daemon.service import StartupError, callback_secret
 from helpers import body, endpoint, ready_count, wait_for
@@ -40,6 +41,25 @@ JSON = {"Content-Type": "application/json"}
 ])
 def test_host_table(listen, host, allowed):
     assert BrowserGuard.build(listen, ["localhost"], []).host_allowed(host) is allowed
+
+
+class Headers:
+    def __init__(self, **headers: str) -> None:
+        self.headers = headers
+
+
+def test_remembered_host_verdicts_are_bounded_and_never_a_refusal():
+    guard = BrowserGuard.build("127.0.0.1", ["localhost"], [])
+    for _ in range(2):  # the second time from memory: still refused
+        with pytest.raises(ApiError) as refused:
+            guard.check(Headers(Host="evil.example"))
+        assert refused.value.status == 421
+    for port in range(1000, 1200):  # callers choose Host values: memory must not grow with them
+        guard.check(Headers(Host=f"127.0.0.1:{port}"))
+    assert len(guard._allowed_seen) == SEEN_HOSTS
+    guard.check(Headers(Host="127.0.0.1:1100"))  # not remembered, still judged: allowed
+    with pytest.raises(ApiError):
+        guard.check(Headers(Host="localhost", Origin="http://evil.example"))  # Origin: always
 
 
 async def test_a_web_page_cannot_create_an_endpoint(api, docker_client):
