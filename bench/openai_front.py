@@ -2,6 +2,7 @@
 accounting on against off, and 500 concurrent streamed chats, in one run.
 
     .venv/bin/python bench/openai_front.py          # about 2 min on a 2-core machine
+    .venv/bin/python bench/openai_front.py --streams 5   # only the 500 streams, 5 rounds
 
 Starts (or reuses) a Docker engine, builds the demo image, runs two real berthds on free
 loopback ports (the second with daemon.usage_accounting = false; each with one replica of
@@ -174,8 +175,29 @@ async def measure(on: str, off: str, lua: str) -> list[str]:
     return rows
 
 
+async def stream_rounds(on: str, rounds: int) -> None:
+    """The 500 streams alone, through berth then direct, `rounds` times (one berthd, one
+    engine: the rounds show how much of the spread is the box's)."""
+    replica = await wait_ready(on, "llm")
+    for _ in range(rounds):
+        via = (await streams(f"{on}/v1/chat/completions"))[0]
+        direct = (await streams(f"http://{replica}/v1/chat/completions"))[0]
+        cuts = [statistics.quantiles(v, n=100) for v in (via, direct)]
+        print(" | ".join(f"p{q} {cuts[0][q - 1]:.1f}/{cuts[1][q - 1]:.1f}" for q in (50, 90, 99))
+              + f" ms (via/direct) | p99 added {cuts[0][98] - cuts[1][98]:.2f} ms", flush=True)
+
+
 def main() -> int:
     _, proc_engine = engine_with_image()
+    if "--streams" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            on, berthd = start_berthd(Path(tmp_name), "on", True)
+            try:
+                asyncio.run(stream_rounds(on, int(sys.argv[sys.argv.index("--streams") + 1])))
+            finally:
+                berthd.send_signal(signal.SIGTERM)
+                berthd.wait(timeout=60)
+        return 0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         lua = tmp / "chat.lua"

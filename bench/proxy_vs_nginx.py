@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/proxy_vs_nginx.py        # about 4 min; Debian's nginx-light and wrk
     .venv/bin/python bench/proxy_vs_nginx.py --profile   # also: where berthd's time goes (py-spy)
+    .venv/bin/python bench/proxy_vs_nginx.py --floor     # also: bench/floor_proxy.py alongside
 
 The upstream is Debian's nginx itself, in an image built offline from the host's binary and the
 libraries `ldd` names (no registry): it answers a small JSON at /echo and serves a 1 GiB sparse
@@ -200,13 +201,21 @@ def alternated(urls: dict[str, str], clients: int, pids: dict[str, int]) -> dict
             for k, r in runs.items()}
 
 
-async def measure(base: str, proxy: str, pids: dict[str, int]) -> list[str]:
+async def measure(base: str, proxy: str, pids: dict[str, int],
+                  floor: str | None = None) -> list[str]:
     fast = await wait_ready(base, "fast")
     sse = await wait_ready(base, "sse")
     urls = {"direct": f"http://{fast}", "nginx": f"{proxy}/fast", "berth": f"{base}/invoke/fast"}
     rows = []
     for clients in (1, 64):
-        runs = alternated(urls, clients, pids)
+        runs = alternated(urls | ({"floor": floor} if floor and clients == 64 else {}),
+                          clients, pids)
+        if "floor" in runs:
+            f = runs["floor"]
+            rows.append(f"| floor proxy (bench/floor_proxy.py), 64 connections | | "
+                        f"{f['rps']:.0f} /s, {f['cpu_us']:.1f} us/call | | floor / nginx = "
+                        f"{f['rps'] / runs['nginx']['rps']:.2f}x; runs: "
+                        f"{', '.join(f'{x:.0f}' for x in f['all'])} |")
         rps = {k: r["rps"] for k, r in runs.items()}
         each = ", ".join(f"{n:.0f}/{b:.0f}" for n, b in zip(runs["nginx"]["all"],
                                                              runs["berth"]["all"], strict=True))
@@ -259,7 +268,7 @@ def main() -> int:
         berthd = subprocess.Popen([sys.executable, "-m", "berth.daemon.main", "--config",
                                    str(config), "--stop-replicas-on-exit"], cwd=ROOT,
                                   stdout=subprocess.DEVNULL)
-        nginx = None
+        nginx = floor = None
         try:
             base = f"http://127.0.0.1:{port}"
             fast, sse = asyncio.run(both_ready(base))
@@ -267,10 +276,23 @@ def main() -> int:
             conf.write_text(PROXY_CONF.format(tmp=tmp, fast=fast, sse=sse, port=proxy_port))
             nginx = subprocess.Popen([NGINX, "-c", str(conf), "-e", "stderr"])
             pids = {"berth": berthd.pid, "nginx": nginx_worker(nginx.pid)}
-            rows = asyncio.run(measure(base, f"http://127.0.0.1:{proxy_port}", pids))
+            floor_url = None
+            if "--floor" in sys.argv:
+                floor_port = free_port()
+                host, _, port_text = fast.rpartition(":")
+                floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor_proxy.py"),
+                                          host, port_text, str(floor_port)])
+                pids["floor"] = floor.pid
+                floor_url = f"http://127.0.0.1:{floor_port}/invoke/fast"
+                time.sleep(0.5)
+            rows = asyncio.run(measure(base, f"http://127.0.0.1:{proxy_port}", pids,
+                                       floor_url))
             if "--profile" in sys.argv:
                 print(cpu_profile.record(berthd.pid, f"{base}/invoke/fast/echo"))
         finally:
+            if floor is not None:
+                floor.terminate()
+                floor.wait(timeout=30)
             if nginx is not None:
                 nginx.terminate()
                 nginx.wait(timeout=30)
