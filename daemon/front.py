@@ -536,14 +536,15 @@ class Front(FlowControl):
     @property
     def full(self) -> asyncio.Future[None] | None:
         """Done once the client's buffer has room again; None while it has."""
-        return self._drain
+        drain = self._drain
+        return drain if drain is not None and not drain.done() else None
 
     async def drain(self) -> None:
         if self._drain is not None:
             if self.cutting:  # a call being cut: a client that reads nothing is dropped,
                 self._client.abort()  # not waited for (it would hold the slot for ever)
                 raise ConnectionResetError("the client stopped reading")
-            await self._drain
+            await asyncio.shield(self._drain)  # shared: a writer cancelled must not cancel it
         if self._lost:
             raise ConnectionResetError("the client left")
 

@@ -518,6 +518,9 @@ async def _cut(call: Call, replica: Replica, response: Answer | None,
         raise ApiError(status, code, message)
     if call.committed is not None:
         call.failed_status = status
+    # First: the connection is not reused, and a client whose buffer is full is dropped
+    # rather than waited for by the last words below (it would hold the slot for ever).
+    response.force_close()
     if call.openai and response.content_type == "text/event-stream":
         await end_stream(response, error_object(status, code, message))
         return response
@@ -525,7 +528,6 @@ async def _cut(call: Call, replica: Replica, response: Answer | None,
         event = json.dumps({"error": {"code": code, "message": message}})
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write(f"event: error\ndata: {event}\n\n".encode())
-    response.force_close()  # the client sees the stream end; the connection is not reused
     with contextlib.suppress(ConnectionError, RuntimeError):
         await response.write_eof()
     return response

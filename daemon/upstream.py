@@ -138,13 +138,13 @@ class UpstreamResponse:
                 self._hand_on(chunk)
             if not self._sink_full and self._sink is not None:
                 self._conn.resume_reading()
-            while not self.complete:
-                if self._error is not None:
-                    raise self._error
+            while not self.complete and self._error is None:
                 self._waiter = self._conn.loop.create_future()
                 await self._waiter
-            if self._error is not None:  # the sink failed on the last chunk
-                raise self._error
+            if self._error is not None:  # (also: the sink failed on the last chunk)
+                # handed over, not kept: its traceback holds this frame, which holds self
+                error, self._error = self._error, None
+                raise error
         finally:
             self._sink = None
 
@@ -280,7 +280,10 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         """Ready for the next call; until then any byte from the replica closes it."""
         self._head = self._response = None
         self._expecting = False
-        self.resume_reading()  # a relay may have paused it for a client that read slowly
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
 
     def close(self) -> None:
         self._clean = False
@@ -422,7 +425,9 @@ class UpstreamPool:
         return conn
 
     def keep_or_close(self, conn: UpstreamConnection) -> None:
-        if self._closed or not conn.reusable or conn.streamed:
+        # A connection left unread (its answer ended while the client's buffer was full) may
+        # hold bytes the replica sent past its answer: closed, never read as the next answer
+        if self._closed or not conn.reusable or conn.streamed or conn.reading_paused:
             conn.close()
             return
         conn.idle_since = self.loop.time()

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import gc
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -361,3 +362,26 @@ async def test_ended_connections_leave_nothing_to_the_cycle_collector(front):
     assert [a.split(b" ", 2)[1] for a in answers] == [b"200"] * 3
     assert b"data: [DONE]" in answers[2] and answers[2].endswith(b"\r\n0\r\n\r\n")
     assert not left, f"left in reference cycles: {dict(left)}"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/invoke/h/v1/chat/completions"])
+async def test_a_timed_out_stream_to_a_client_that_stopped_reading_frees_its_slot(front, path):
+    # The cut's last words (an error event) once waited for such a client for ever, inside
+    # the call's slot (found in review). 40 events of 256 KiB fill every buffer before the
+    # deadline; the stream would go on past it.
+    address, pool = await front(request_timeout_s=0.6)
+    host, port = address.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    chat = json.dumps({"model": "h", "stream": True, "interval_s": 0.02, "messages": [
+        {"role": "user", "content": " ".join(["w" * 256 * 1024] * 40)}]}).encode()
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(chat)}\r\n\r\n".encode() + chat)
+    replica = next(iter(pool.replicas.values()))
+    try:
+        await wait_for(pool, lambda: replica.in_flight == 1, what="the call in flight")
+        await wait_for(pool, lambda: replica.in_flight == 0, timeout=5, what="the slot freed")
+    finally:
+        writer.close()  # (when it failed: the client leaving ends the call)

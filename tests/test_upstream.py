@@ -9,6 +9,7 @@ connection is reused only after a clean answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -289,16 +290,38 @@ async def test_a_relay_hands_on_every_byte_and_stops_reading_while_the_sink_is_f
         assert server.connections == 1
 
 
-async def test_a_connection_kept_after_a_relay_that_ended_full_reads_the_next_answer():
-    async with Scripted(lambda _: OK) as server:
+async def test_a_connection_left_unread_by_a_full_relay_is_not_reused():
+    # Bytes the replica sends past its answer while nothing reads must never be taken for
+    # the next call's answer (found in review: the next call got b"STALE").
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE"
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(OK)
+                if connections == 1:  # the first connection: an answer nobody asked for, later
+                    await asyncio.sleep(0.1)
+                    writer.write(stale)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
         pool = UpstreamPool()
-        conn = await pool.connect(server.address)
+        conn = await pool.connect(address)
         response = await conn.send(GET, None)
         never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await asyncio.wait_for(response.relay(lambda _: never), 2)  # the client never reads
+        await asyncio.sleep(0.2)  # the stale answer is in the socket, unread
+        assert conn.reading_paused
         pool.keep_or_close(conn)
-        assert await asyncio.wait_for(call(pool, server.address), 2) == (200, b"ok")
-        assert server.connections == 1
+        assert await asyncio.wait_for(call(pool, address), 2) == (200, b"ok")
+        assert connections == 2
+    finally:
+        server.close()
 
 
 async def test_a_sink_that_fails_ends_the_relay_and_the_connection():
