@@ -25,6 +25,10 @@ class FlowControl:
         if drain is not None and not drain.done():
             drain.set_result(None)
 
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
     def pause_reading(self) -> None:
         transport = self._transport
         if not self._reading_paused and transport is not None and not transport.is_closing():

@@ -179,13 +179,9 @@ class FrontAnswer:
         self.done = False
 
     async def write(self, data: bytes) -> None:
-        if not data or self._head_only:
-            return
-        if self._chunked:
-            self._front.write_parts((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            self._front.write(data)
-        await self._front.drain()
+        if data and not self._head_only:
+            self.write_now(data)
+            await self._front.drain()
 
     def write_now(self, data: bytes) -> asyncio.Future[None] | None:
         """`write` from a relay's callback: no waiting; the future to wait on while the

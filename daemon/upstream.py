@@ -281,10 +281,6 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         self._head = self._response = None
         self._expecting = False
 
-    @property
-    def reading_paused(self) -> bool:
-        return self._reading_paused
-
     def close(self) -> None:
         self._clean = False
         if self._transport is not None:

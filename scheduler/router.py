@@ -39,9 +39,16 @@ class Lease:
     released: bool = False
 
     async def release(self) -> None:
-        if not self.released:
-            self.released = True
-            await self.pool.release(self.replica, self.clock())
+        if self.give_back():
+            await self.pool.notify()
+
+    def give_back(self) -> bool:
+        """The slot back, once, without awaiting: True when a drain waits for it and
+        `pool.notify()` is owed."""
+        if self.released:
+            return False
+        self.released = True
+        return self.pool.give_back(self.replica, self.clock())
 
     async def __aenter__(self) -> Lease:
         return self
@@ -69,11 +76,8 @@ class Acquiring:
         return self._lease
 
     async def __aexit__(self, *exc: object) -> None:
-        lease = self._lease
-        if lease is not None and not lease.released:
-            lease.released = True
-            if lease.pool.give_back(lease.replica, lease.clock()):
-                await lease.pool.notify()  # a drain waits for this slot
+        if self._lease is not None and self._lease.give_back():
+            await self._lease.pool.notify()  # a drain waits for this slot
 
 
 class Router:
