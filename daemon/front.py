@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error, error_document
 from berth.daemon.flow import FlowControl
-from berth.daemon.http_types import Answer, Headers
+from berth.daemon.http_types import JSON_TYPE, Answer, Headers, as_lines
 from berth.daemon.keys import BROWSER
 from berth.daemon.openai_api import JSON_ROUTES, asked_json, serve_openai
 from berth.daemon.proxy import invoke_call
@@ -137,13 +137,16 @@ class FrontRequest:
 
     __slots__ = ("app", "body_exists", "content", "content_length", "expect_continue",
                  "head_only", "headers", "host", "keep_alive", "match_info", "method",
-                 "openai", "rel_url", "remote", "scheme", "version")
+                 "openai", "raw_headers", "rel_url", "remote", "scheme", "version")
 
-    def __init__(self, front: Front, method: str, url: str, headers: CIMultiDict[str],
-                 keep_alive: bool, version: str, openai: bool) -> None:
+    def __init__(self, front: Front, method: str, url: str,
+                 raw_headers: list[tuple[bytes, bytes]], keep_alive: bool, version: str,
+                 openai: bool) -> None:
         self.app = front.app
         self.method = method
-        self.headers = headers
+        self.raw_headers = raw_headers  # as they came: what goes on to the replica
+        headers = self.headers = CIMultiDict(
+            (name.decode(*AS_AIOHTTP), value.decode(*AS_AIOHTTP)) for name, value in raw_headers)
         self.rel_url = Target(url)
         self.openai = openai  # an OpenAI JSON route, else /invoke/{name}/{path}
         self.match_info: dict[str, str] = {}
@@ -217,7 +220,7 @@ class FrontReplier:
         self.answer: FrontAnswer | None = None
 
     def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer:
-        head = self._head(status, reason, headers, f"Content-Length: {len(body)}\r\n")
+        head = self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body))
         self._front.write(head if self._request.head_only else head + body)
         answer = self.answer = self._answer(status, headers, chunked=False)
         answer.done = True
@@ -229,9 +232,9 @@ class FrontReplier:
         chunked = length is None and not bodiless and self._request.version == "1.1"
         if length is None and not bodiless and not chunked:
             self._front.close_after = True  # an HTTP/1.0 client: the body ends at the close
-        framing = "Transfer-Encoding: chunked\r\n" if chunked else \
-            f"Content-Length: {length}\r\n" if length is not None and status not in NO_BODY \
-            else ""
+        framing = b"Transfer-Encoding: chunked\r\n" if chunked else \
+            b"Content-Length: %d\r\n" % length if length is not None and status not in NO_BODY \
+            else b""
         self._front.write(self._head(status, reason, headers, framing))
         self.answer = self._answer(status, headers, chunked)
         await self._front.drain()
@@ -239,21 +242,22 @@ class FrontReplier:
 
     def _answer(self, status: int, headers: Headers, chunked: bool) -> FrontAnswer:
         content_type = next((value for name, value in headers
-                             if name.lower() == "content-type"), "")
-        content_type = content_type.partition(";")[0].strip().lower()
-        return FrontAnswer(self._front, status, content_type, chunked,
+                             if name.lower() == b"content-type"), b"")
+        return FrontAnswer(self._front, status,
+                           content_type.partition(b";")[0].strip().lower().decode("latin-1"),
+                           chunked,
                            self._request.head_only or status in NO_BODY)
 
-    def _head(self, status: int, reason: str, headers: Headers, framing: str) -> bytes:
+    def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
         if not (reason.isascii() and reason.isprintable()):
             reason = ""  # the replica's reason phrase, unless it holds control bytes
-        lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}\r\n"]
-        lines.extend(f"{key}: {value}\r\n" for key, value in headers)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, (reason or _phrase(status)).encode())]
+        lines += [b"%s: %s\r\n" % line for line in headers]
         lines.append(framing)
         if not self._request.keep_alive:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1", "replace")
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
 
 def _phrase(status: int) -> str:
@@ -406,9 +410,7 @@ class Front(FlowControl):
             self._serial_head(method, url)
             return
         self._mode, self._raw = Mode.FRONT, None
-        headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode(*AS_AIOHTTP), value.decode(*AS_AIOHTTP)) for name, value in self._fields)
-        request = FrontRequest(self, method, url.decode(*AS_AIOHTTP), headers,
+        request = FrontRequest(self, method, url.decode(*AS_AIOHTTP), self._fields,
                                parser.should_keep_alive(), parser.get_http_version(), openai)
         self._current = request
         self._pending.append(request)
@@ -497,7 +499,7 @@ class Front(FlowControl):
         if replier.answer is not None:  # the head went out: only closing can tell
             self.close_after = True
             return
-        headers = [*error.headers.items(), ("Content-Type", "application/json; charset=utf-8")]
+        headers = [*as_lines(error.headers), JSON_TYPE]
         replier.whole(error.status, "", headers, error_body(error.code, error.message))
 
     def _served(self, request: FrontRequest, replier: FrontReplier) -> None:

@@ -5,12 +5,18 @@ core (daemon/proxy.py) serves calls arriving through aiohttp and through berth's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol
 
 from aiohttp import web
 
-Headers = list[tuple[str, str]]  # header lines in order, as they go out
+Headers = list[tuple[bytes, bytes]]  # header lines in order, as bytes on the wire
+JSON_TYPE = (b"Content-Type", b"application/json; charset=utf-8")
+
+
+def as_lines(headers: Mapping[str, str]) -> Headers:
+    """berth's own header lines (error answers: Retry-After, Allow) as Headers."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
 class Target(Protocol):
@@ -44,6 +50,9 @@ class CallRequest(HasHeaders, Protocol):
 
     @property
     def rel_url(self) -> Target: ...
+
+    @property
+    def raw_headers(self) -> Iterable[tuple[bytes, bytes]]: ...
 
     @property
     def remote(self) -> str | None: ...

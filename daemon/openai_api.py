@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
-from berth.daemon.http_types import Answer, CallRequest, Replier
+from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
 from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, REQUEST_IDS, ROUTER, USAGE
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
@@ -50,7 +50,7 @@ class OpenAIError(Exception):
     def answer(self, reply: Replier) -> Answer:
         error = {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
                  "param": self.param, "code": self.code}
-        headers = [("Content-Type", "application/json; charset=utf-8"), *self.headers.items()]
+        headers = [JSON_TYPE, *as_lines(self.headers)]
         return reply.whole(self.status, "", headers, json.dumps({"error": error}).encode())
 
 

@@ -52,18 +52,20 @@ from berth.scheduler.router import Router
 log = structlog.get_logger("berth.proxy")
 
 
+# Header names are compared as the bytes they came in (lower-cased): header lines cross berth
+# as bytes, never decoded and encoded again.
 # Headers that belong to one connection, not to the call (RFC 9110 7.6.1), plus the framing
 # berth sets itself. Expect too: berth answered it (100 Continue) on the client's connection.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
-                        "content-length", "expect"})
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"trailers",
+                        b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
 # Client-supplied forwarding headers are dropped: berth sets them itself (forwarded_headers).
-FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto",
-                        "x-forwarded-host", "x-real-ip"})
+FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
+                        b"x-forwarded-host", b"x-real-ip"})
 # X-Request-Id is set by berth from the client's or made (never sent twice)
-REQUEST_ONLY = frozenset({"authorization", "x-berth-replica", "x-request-id"}) | FORWARDING
-OPENAI_ONLY = REQUEST_ONLY | {"x-api-key"}  # berth's key on the OpenAI routes, as SDKs send it
-ANSWER_OWN = frozenset({"x-berth-replica", "x-request-id"})  # berth sets these on answers
+REQUEST_ONLY = frozenset({b"authorization", b"x-berth-replica", b"x-request-id"}) | FORWARDING
+OPENAI_ONLY = REQUEST_ONLY | {b"x-api-key"}  # berth's key on the OpenAI routes, as SDKs send it
+ANSWER_OWN = frozenset({b"x-berth-replica", b"x-request-id"})  # berth sets these on answers
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
 MAX_HELD = 1024 ** 2  # the most of one SSE line the rewriter holds back
@@ -159,13 +161,11 @@ class AiohttpReplier:
         self.request = request
 
     def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer:
-        return web.Response(status=status, reason=reason, body=body,
-                            headers=CIMultiDict(headers))
+        return web.Response(status=status, reason=reason, body=body, headers=_text(headers))
 
     async def start(self, status: int, reason: str, headers: Headers,
                     length: int | None) -> Answer:
-        response = web.StreamResponse(status=status, reason=reason,
-                                      headers=CIMultiDict(headers))
+        response = web.StreamResponse(status=status, reason=reason, headers=_text(headers))
         if length is not None:
             response.content_length = length
         await response.prepare(self.request)
@@ -218,16 +218,22 @@ def check_token(request: CallRequest, pool: EndpointPool) -> None:
     request.app[AUTH].require_endpoint(request, pool.name, pool.spec.public)
 
 
-def end_to_end(fields: Iterable[tuple[str, str]], drop: frozenset[str]) -> Headers:
+def _text(headers: Headers) -> CIMultiDict[str]:
+    """Header lines for aiohttp, which writes str (as the bytes they came in: latin-1)."""
+    return CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
+                       for name, value in headers)
+
+
+def end_to_end(fields: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
     """The header lines that belong to the call, in order: less the hop-by-hop ones, those
     the message's Connection header names, and `drop` (lower-case names)."""
     kept: Headers = []
-    named: set[str] = set()  # what the Connection header lines name
+    named: set[bytes] = set()  # what the Connection header lines name
     for name, value in fields:  # one pass, one lower() a line: every call does this twice
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in drop:
-            if lower == "connection":
-                named.update(h.strip().lower() for h in value.split(","))
+            if lower == b"connection":
+                named.update(h.strip().lower() for h in value.split(b","))
         else:
             kept.append((name, value))
     if named:
@@ -237,8 +243,9 @@ def end_to_end(fields: Iterable[tuple[str, str]], drop: frozenset[str]) -> Heade
 
 def forwarded_headers(request: CallRequest) -> Headers:
     """What berth tells the model about the caller: never what the caller claims itself."""
-    return [("X-Forwarded-For", request.remote or ""), ("X-Forwarded-Proto", request.scheme),
-            ("X-Forwarded-Host", request.host)]
+    return [(b"X-Forwarded-For", (request.remote or "").encode()),
+            (b"X-Forwarded-Proto", request.scheme.encode()),
+            (b"X-Forwarded-Host", request.host.encode("utf-8", "surrogateescape"))]
 
 
 def raw_tail(request: CallRequest) -> str:
@@ -338,28 +345,30 @@ def _upstream_request(call: Call, replica: Replica
     """The request head as it goes to `replica` (one buffer), its body, and whether the body
     goes chunk-framed (a client body of unknown length)."""
     request = call.request
-    target = request.rel_url.raw_query_string
-    target = f"/{call.path}?{target}" if target else f"/{call.path}"
-    fields = end_to_end(request.headers.items(), OPENAI_ONLY if call.openai else REQUEST_ONLY)
+    query = request.rel_url.raw_query_string
+    target = f"/{call.path}?{query}" if query else f"/{call.path}"
+    fields = end_to_end(request.raw_headers, OPENAI_ONLY if call.openai else REQUEST_ONLY)
     fields += forwarded_headers(request)
-    fields.append(("X-Request-Id", call.request_id))
-    lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {replica.address}\r\n"]
-    lines.extend(f"{key}: {value}\r\n" for key, value in fields)
+    fields.append((b"X-Request-Id", call.request_id.encode("utf-8", "surrogateescape")))
+    # aiohttp decoded the client's bytes as UTF-8 with surrogateescape: the same back.
+    lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {replica.address}\r\n".encode(
+        "utf-8", "surrogateescape")]
+    lines += [b"%s: %s\r\n" % line for line in fields]
     body: AsyncIterator[bytes] | bytes | None = None
     chunked = False
     if call.body is not None:  # held whole: a refused connection may still be retried
-        lines.append(f"Content-Length: {len(call.body)}\r\n")
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(call.body))
         body = call.body
     elif request.content_length is not None:
         length = request.content_length - call.replaces + len(call.prefix or b"")
-        lines.append(f"Content-Length: {length}\r\n")
+        lines.append(b"Content-Length: %d\r\n\r\n" % length)
         body = _body(call) if length else None
     elif request.body_exists:
-        lines.append("Transfer-Encoding: chunked\r\n")
+        lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
         body, chunked = _body(call), True
-    lines.append("\r\n")
-    # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: the same back.
-    return "".join(lines).encode("utf-8", "surrogateescape"), body, chunked
+    else:
+        lines.append(b"\r\n")
+    return b"".join(lines), body, chunked
 
 
 async def _exchange(call: Call, replica: Replica) -> Answer:
@@ -487,7 +496,8 @@ def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) 
     """The replica's header lines less hop-by-hop ones (and any it named in Connection), and
     berth's own (X-Berth-Replica; X-Request-Id, the replica's own replaced)."""
     headers = end_to_end(upstream.fields, ANSWER_OWN)
-    headers += (("X-Berth-Replica", replica.id), ("X-Request-Id", call.request_id))
+    headers += ((b"X-Berth-Replica", replica.id.encode()),
+                (b"X-Request-Id", call.request_id.encode("utf-8", "surrogateescape")))
     return headers
 
 

@@ -50,8 +50,8 @@ class KeepAlive:
                 await asyncio.wait_for(self._stopping.wait(), self.every)
 
     async def _commit(self) -> Answer:
-        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                   ("X-Request-Id", self.call.request_id)]
+        headers = [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache"),
+                   (b"X-Request-Id", self.call.request_id.encode("utf-8", "surrogateescape"))]
         response = await self.call.reply.start(200, "OK", headers, None)
         self.call.committed = response
         return response

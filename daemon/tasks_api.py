@@ -40,8 +40,16 @@ from berth.scheduler.egress import CallbackRefused, PolicyUnavailable
 from berth.store import TaskRecord
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-KEPT_OUT = REQUEST_ONLY | {"x-callback-url"}
+KEPT_OUT = REQUEST_ONLY | {b"x-callback-url"}
 ASYNC_RETRY_AFTER_S = 5
+
+
+def stored_headers(request: web.Request) -> list[tuple[str, str]]:
+    """The header lines a task keeps for its replica, as text for its row (decoded as
+    aiohttp decodes them, so that the dispatcher sends the bytes the client sent)."""
+    return [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in [*end_to_end(request.raw_headers, KEPT_OUT),
+                                *forwarded_headers(request)]]
 
 
 async def callback_url(request: web.Request) -> str | None:
@@ -134,7 +142,7 @@ async def submit(request: web.Request) -> web.Response:
     task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,
         path=raw_tail(request), query=request.rel_url.raw_query_string,
-        headers=[*end_to_end(request.headers.items(), KEPT_OUT), *forwarded_headers(request)],
+        headers=stored_headers(request),
         created_at=time.time(), body=body, body_file=body_file, callback_url=url,
         callback_state="pending" if url else None, body_size=size)
     try:  # committed before the 202: durable from here

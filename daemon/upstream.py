@@ -58,22 +58,22 @@ class UpstreamResponse:
                  "head_only", "reason", "status")
 
     def __init__(self, conn: UpstreamConnection, status: int, reason: str,
-                 fields: list[tuple[str, str]]) -> None:
+                 fields: list[tuple[bytes, bytes]]) -> None:
         self._conn = conn
         self.status = status
         self.reason = reason
-        self.fields = fields  # the header lines as sent, in order
+        self.fields = fields  # the header lines as the replica sent them (bytes), in order
         self.content_length: int | None = None
         self.content_type = ""
         self.chunked = False
         for name, value in fields:
             lower = name.lower()
-            if lower == "content-length":  # llhttp checked it: digits, maybe padded
-                self.content_length = int(value.strip())
-            elif lower == "content-type":
-                self.content_type = value.partition(";")[0].strip().lower()
-            elif lower == "transfer-encoding":
-                self.chunked = "chunked" in value.lower()
+            if lower == b"content-length":  # llhttp checked it: digits, maybe padded
+                self.content_length = int(value)
+            elif lower == b"content-type":
+                self.content_type = value.partition(b";")[0].strip().lower().decode("latin-1")
+            elif lower == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -173,7 +173,8 @@ class UpstreamResponse:
 
     @property
     def headers(self) -> CIMultiDict[str]:
-        return CIMultiDict(self.fields)
+        return CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
+                           for name, value in self.fields)
 
     async def read(self) -> bytes:
         if self.complete and len(self._chunks) <= 1:  # the common small answer: no await
@@ -197,7 +198,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
-        self._fields: list[tuple[str, str]] = []
+        self._fields: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # bytes read while the answer's head is incomplete
         self._reason = b""
         self._head_only = False
@@ -340,7 +341,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         if len(self._fields) >= MAX_HEADERS or len(value) > MAX_FIELD:
             raise ValueError(f"more than {MAX_HEADERS} header fields or one over {MAX_FIELD} "
                              "bytes")
-        self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
