@@ -275,7 +275,14 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         call.meter = UsageMeter()
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
-        response = await _invoke(request, router, call, principal)
+        check_token(request, pool)
+        admit(request, principal)
+        limit = request.app[LIMITS].max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, "payload_too_large",
+                           f"request body of {request.content_length} bytes is over the "
+                           f"limit of {limit} (daemon.max_body_bytes)")
+        response = await serve_call(router, call, request.headers.get("X-Berth-Replica"))
         outcome = response.status
         return response
     except (ApiError, SchedulerError) as exc:
@@ -288,17 +295,6 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         request.app[METRICS].call_ended(pool.name, outcome, time.monotonic() - started)
         account(request.app, (hour_of(time.time()), principal, pool.name,
                               pool.spec.model_names[0]), outcome, call.meter)
-
-
-async def _invoke(request: CallRequest, router: Router, call: Call, principal: str) -> Answer:
-    check_token(request, call.pool)
-    admit(request, principal)
-    limit = request.app[LIMITS].max_body
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "payload_too_large",
-                       f"request body of {request.content_length} bytes is over the "
-                       f"limit of {limit} (daemon.max_body_bytes)")
-    return await serve_call(router, call, request.headers.get("X-Berth-Replica"))
 
 
 def admit(request: CallRequest, principal: str) -> None:
@@ -379,11 +375,14 @@ async def _exchange(call: Call, replica: Replica) -> Answer:
         with CallDeadline(pool.loop, spec.request_timeout_s):
             if replica.address is None:  # not started: the router never gives one out
                 raise UpstreamRefused(f"replica {replica.id} has no address yet")
-            conn = await pool.connect(replica.address)
+            conn = pool.idle(replica.address) or await pool.connect(replica.address)
             try:
                 head, body, chunked = _upstream_request(call, replica)
                 upstream = await conn.send(head, body, chunked=chunked,
                                            head_only=request.method == "HEAD")
+                if call.committed is None and upstream.complete and _small(upstream):
+                    # the most common answer: whole already, sent with no await
+                    return _whole_answer(call, replica, upstream, upstream.body())
                 return await _answer(call, replica, upstream)
             finally:
                 pool.keep_or_close(conn)  # kept for the next call only if this one ended cleanly
@@ -414,10 +413,7 @@ async def _answer(call: Call, replica: Replica, upstream: UpstreamResponse) -> A
         await _into_committed(call, upstream, call.committed)
         return call.committed
     if _small(upstream):
-        body = await upstream.read()
-        if call.meter is not None:
-            call.meter.whole(body)
-        return _whole_response(call, replica, upstream, _rewritten(call, body))
+        return _whole_answer(call, replica, upstream, await upstream.read())
     response = call.response = await _start_response(call, replica, upstream)
     await _relay(call, upstream, response)
     return response
@@ -501,12 +497,13 @@ def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) 
     return headers
 
 
-def _rewritten(call: Call, body: bytes) -> bytes:
-    return call.rewrite(body) if call.rewrite is not None else body
-
-
-def _whole_response(call: Call, replica: Replica, upstream: UpstreamResponse,
-                    body: bytes) -> Answer:
+def _whole_answer(call: Call, replica: Replica, upstream: UpstreamResponse,
+                  body: bytes) -> Answer:
+    """A small answer read whole, in one write."""
+    if call.meter is not None:
+        call.meter.whole(body)
+    if call.rewrite is not None:
+        body = call.rewrite(body)
     return call.reply.whole(upstream.status, upstream.reason, _response_headers(
         call, replica, upstream), body)
 

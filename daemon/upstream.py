@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httptools
 from multidict import CIMultiDict
@@ -177,14 +177,21 @@ class UpstreamResponse:
                            for name, value in self.fields)
 
     async def read(self) -> bytes:
-        if self.complete and len(self._chunks) <= 1:  # the common small answer: no await
-            body = self._chunks.popleft() if self._chunks else b""
-            self._buffered = 0
-            return body
+        if self.complete:  # the common small answer: no await
+            return self.body()
         parts = []
         while chunk := await self.next_chunk():
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def body(self) -> bytes:
+        """The body, once `complete`: all of it, taken."""
+        assert self.complete
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
 
 
 class UpstreamConnection(FlowControl, asyncio.Protocol):
@@ -223,26 +230,30 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         return self.usable and self._clean and self._written and self._keep_alive and \
             response is not None and response.complete
 
-    async def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
-                   chunked: bool = False, head_only: bool = False) -> UpstreamResponse:
-        """Write one request and wait for its answer's head. `body` bytes go in the same write
-        as the head; an iterator is written as it yields (chunk-framed when `chunked`), while
-        the answer may already come."""
+    def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
+             chunked: bool = False, head_only: bool = False) -> Awaitable[UpstreamResponse]:
+        """Write one request; await the result for its answer's head. `body` bytes go in the
+        same write as the head; an iterator is written as it yields (chunk-framed when
+        `chunked`), while the answer may already come."""
         assert self._transport is not None and self._head is None
-        loop = self.loop
         if self._fresh_parser:
             self._parser = httptools.HttpResponseParser(self)
         self._fresh_parser = head_only
         self._expecting = True
-        head_future: asyncio.Future[UpstreamResponse] = loop.create_future()
+        head_future: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self._head = head_future
         self._response, self._head_only, self._keep_alive = None, head_only, False
         if body is None or isinstance(body, bytes):
             self._transport.write(head + body if body else head)
-            return await head_future
+            return head_future  # (the future itself: no coroutine around it)
         self._written = False
         self._transport.write(head)
-        writer = loop.create_task(self._write_body(body, chunked))
+        return self._answered_while_sending(head_future, body, chunked)
+
+    async def _answered_while_sending(self, head_future: asyncio.Future[UpstreamResponse],
+                                      body: AsyncIterator[bytes],
+                                      chunked: bool) -> UpstreamResponse:
+        writer = self.loop.create_task(self._write_body(body, chunked))
         try:
             return await head_future
         finally:
@@ -400,15 +411,22 @@ class UpstreamPool:
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._closed = False
 
-    async def connect(self, address: str) -> UpstreamConnection:
-        """A kept-alive connection to `address`, or a new one (UpstreamRefused if none)."""
-        loop = self.loop
+    def idle(self, address: str) -> UpstreamConnection | None:
+        """A kept-alive connection to `address`, if one is idle (no await: most calls)."""
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
-            if conn.usable and loop.time() - conn.idle_since < self.idle_s:
+            if conn.usable and self.loop.time() - conn.idle_since < self.idle_s:
                 return conn
             conn.close()  # closed by the replica meanwhile, or idle too long
+        return None
+
+    async def connect(self, address: str) -> UpstreamConnection:
+        """A kept-alive connection to `address`, or a new one (UpstreamRefused if none)."""
+        loop = self.loop
+        conn = self.idle(address)
+        if conn is not None:
+            return conn
         host, _, port = address.rpartition(":")
         try:
             async with asyncio.timeout(self.connect_timeout_s):
