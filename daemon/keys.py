@@ -41,6 +41,22 @@ class Limits:
     volume_prefixes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class DataPlane:
+    """What every model call uses, read with one lookup: each `app[KEY]` is a Python call,
+    and a call made a dozen of them. The same objects as under their own keys."""
+
+    router: Router
+    auth: Auth
+    quota: Quota
+    limits: Limits
+    upstream: UpstreamPool
+    metrics: Metrics
+    usage: UsageLedger
+    request_ids: RequestIds
+    browser: BrowserGuard
+
+
 STORE = web.AppKey("store", Store)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 RUNTIME = web.AppKey("runtime", DockerRuntime)
@@ -65,3 +81,4 @@ OPENAPI = web.AppKey("openapi", dict[str, Any])
 USAGE: web.AppKey[UsageLedger] = web.AppKey("usage")
 QUOTA: web.AppKey[Quota] = web.AppKey("quota")
 EVENTS: web.AppKey[EventFeed] = web.AppKey("events")
+DATA_PLANE = web.AppKey("data_plane", DataPlane)

@@ -226,7 +226,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
     finally:
         if cell is not None:
             app[METRICS].call_ended(cell[2], outcome, time.monotonic() - started)
-            account(app, cell, outcome, call.meter if call is not None else None)
+            account(app[USAGE], cell, outcome, call.meter if call is not None else None)
 
 
 def add_openai_api(app: web.Application) -> None:

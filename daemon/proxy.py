@@ -25,6 +25,8 @@ from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import Answer, CallRequest, Headers, Replier, WritesNow
 from berth.daemon.keys import (
     AUTH,
+    BROWSER,
+    DATA_PLANE,
     LIMITS,
     METRICS,
     QUOTA,
@@ -32,6 +34,7 @@ from berth.daemon.keys import (
     ROUTER,
     UPSTREAM,
     USAGE,
+    DataPlane,
 )
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.sse import LineBuffer
@@ -265,24 +268,25 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         raise ApiError(405, "method_not_allowed", f"{request.method} is not proxied",
                        headers={"Allow": ", ".join(sorted(METHODS))})
     started = time.monotonic()
-    router = request.app[ROUTER]
-    pool = router.pool(request.match_info["name"])
-    principal = request.app[AUTH].principal(presented_key(request))
+    plane = request.app[DATA_PLANE]
+    pool = plane.router.pool(request.match_info["name"])
+    auth, headers = plane.auth, request.headers
+    principal = auth.principal(presented_key(request))
     call = Call(request, pool, raw_tail(request),
-                request.headers.get("X-Request-Id") or request.app[REQUEST_IDS].next(), reply)
+                headers.get("X-Request-Id") or plane.request_ids.next(), reply)
     # An OpenAI-style route, as the model server will read the path (decoded: %76%31 is v1).
-    if request.match_info.get("path", "").startswith("v1/") and request.app[USAGE].enabled:
+    if plane.usage.enabled and request.match_info.get("path", "").startswith("v1/"):
         call.meter = UsageMeter()
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
-        check_token(request, pool)
-        admit(request, principal)
-        limit = request.app[LIMITS].max_body
+        auth.require_endpoint(request, pool.name, pool.spec.public)
+        plane.quota.admit(principal, auth.limits.get(principal), time.time(), started)
+        limit = plane.limits.max_body
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "payload_too_large",
                            f"request body of {request.content_length} bytes is over the "
                            f"limit of {limit} (daemon.max_body_bytes)")
-        response = await serve_call(router, call, request.headers.get("X-Berth-Replica"))
+        response = await serve_call(plane.router, call, headers.get("X-Berth-Replica"))
         outcome = response.status
         return response
     except (ApiError, SchedulerError) as exc:
@@ -292,9 +296,10 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         outcome = 500
         raise
     finally:
-        request.app[METRICS].call_ended(pool.name, outcome, time.monotonic() - started)
-        account(request.app, (hour_of(time.time()), principal, pool.name,
-                              pool.spec.model_names[0]), outcome, call.meter)
+        plane.metrics.call_ended(pool.name, outcome, time.monotonic() - started)
+        if plane.usage.enabled:
+            account(plane.usage, (hour_of(time.time()), principal, pool.name,
+                                  pool.spec.model_names[0]), outcome, call.meter)
 
 
 def admit(request: CallRequest, principal: str) -> None:
@@ -370,7 +375,7 @@ def _upstream_request(call: Call, replica: Replica
 async def _exchange(call: Call, replica: Replica) -> Answer:
     """Send the call to one replica and stream its answer back, under request_timeout_s."""
     request, spec = call.request, call.pool.spec
-    pool = request.app[UPSTREAM]
+    pool = request.app[DATA_PLANE].upstream
     try:
         with CallDeadline(pool.loop, spec.request_timeout_s):
             if replica.address is None:  # not started: the router never gives one out
@@ -544,6 +549,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the replica client lives as long as the app."""
     app[UPSTREAM] = UpstreamPool()
     app[REQUEST_IDS] = RequestIds()
+    app[DATA_PLANE] = DataPlane(app[ROUTER], app[AUTH], app[QUOTA], app[LIMITS], app[UPSTREAM],
+                                app[METRICS], app[USAGE], app[REQUEST_IDS], app[BROWSER])
     yield
     app[UPSTREAM].close()
 

@@ -209,9 +209,9 @@ class UsageLedger:
                 log.warning("usage.flush_failed", error=str(exc))
 
 
-def account(app: web.Application, cell: Cell, status: int, meter: UsageMeter | None) -> None:
+def account(ledger: UsageLedger, cell: Cell, status: int, meter: UsageMeter | None) -> None:
     """Count one ended call (status 499: the client left) in the ledger (and so /metrics)."""
-    app[USAGE].record(cell, status >= 400, meter.tokens if meter is not None else None)
+    ledger.record(cell, status >= 400, meter.tokens if meter is not None else None)
 
 
 @contextlib.asynccontextmanager
