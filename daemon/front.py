@@ -132,6 +132,24 @@ class RequestBody:
             yield chunk
 
 
+class NoBody:
+    """The body of a request that has none: already whole (one, shared: it never changes)."""
+
+    __slots__ = ()
+    done = True
+    failed = False
+
+    def end(self, failed: bool = False) -> None:
+        pass
+
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        return
+        yield b""  # (an async generator that yields nothing)
+
+
+EMPTY_BODY = NoBody()
+
+
 class FrontRequest:
     """A model call's request as the front parsed it (satisfies http_types.CallRequest)."""
 
@@ -146,7 +164,7 @@ class FrontRequest:
         self.method = method
         self.raw_headers = raw_headers  # as they came: what goes on to the replica
         headers = self.headers = CIMultiDict(
-            (name.decode(*AS_AIOHTTP), value.decode(*AS_AIOHTTP)) for name, value in raw_headers)
+            [(name.decode(*AS_AIOHTTP), value.decode(*AS_AIOHTTP)) for name, value in raw_headers])
         self.rel_url = Target(url)
         self.openai = openai  # an OpenAI JSON route, else /invoke/{name}/{path}
         self.match_info: dict[str, str] = {}
@@ -160,7 +178,8 @@ class FrontRequest:
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None else None
         self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
-        self.content = RequestBody(front)
+        self.content: RequestBody | NoBody = RequestBody(front) if self.body_exists else \
+            EMPTY_BODY
         self.keep_alive = keep_alive
         self.version = version
         self.head_only = method == "HEAD"
@@ -170,16 +189,23 @@ class FrontRequest:
 class FrontAnswer:
     """An answer written straight to the connection (satisfies http_types.Answer)."""
 
-    __slots__ = ("_chunked", "_front", "_head_only", "content_type", "done", "status")
+    __slots__ = ("_chunked", "_front", "_head_only", "_headers", "done", "status")
 
-    def __init__(self, front: Front, status: int, content_type: str, chunked: bool,
+    def __init__(self, front: Front, status: int, headers: Headers, chunked: bool,
                  head_only: bool) -> None:
         self._front = front
         self.status = status
-        self.content_type = content_type
+        self._headers = headers
         self._chunked = chunked
         self._head_only = head_only
         self.done = False
+
+    @property
+    def content_type(self) -> str:
+        """Its media type, lower-case (looked up when asked: most answers are never asked)."""
+        value = next((value for name, value in self._headers
+                      if name.lower() == b"content-type"), b"")
+        return value.partition(b";")[0].strip().lower().decode("latin-1")
 
     async def write(self, data: bytes) -> None:
         if data and not self._head_only:
@@ -241,11 +267,7 @@ class FrontReplier:
         return self.answer
 
     def _answer(self, status: int, headers: Headers, chunked: bool) -> FrontAnswer:
-        content_type = next((value for name, value in headers
-                             if name.lower() == b"content-type"), b"")
-        return FrontAnswer(self._front, status,
-                           content_type.partition(b";")[0].strip().lower().decode("latin-1"),
-                           chunked,
+        return FrontAnswer(self._front, status, headers, chunked,
                            self._request.head_only or status in NO_BODY)
 
     def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
@@ -304,7 +326,7 @@ class Front(FlowControl):
         self._fields: list[tuple[bytes, bytes]] = []
         self._in_head = False
         self._head_bytes = 0
-        self._current: FrontRequest | None = None  # the request whose body is arriving
+        self._arriving: RequestBody | None = None  # the body of a request, still arriving
         self._pending: deque[FrontRequest] = deque()  # parsed, to be served in order
         self._task: asyncio.Task[None] | None = None
         self._aiohttp: RequestHandler | None = None  # SERIAL mode's handler
@@ -357,9 +379,9 @@ class Front(FlowControl):
         """A request llhttp refused (smuggling, not HTTP) or one over the limits."""
         log.debug("front.bad_request", client=self.remote, status=status, reason=reason)
         self.close_after = True
-        if self._current is not None:  # its body will never come whole
-            self._current.content.end(failed=True)
-            self._current = None
+        if self._arriving is not None:  # it will never come whole
+            self._arriving.end(failed=True)
+            self._arriving = None
         if self._mode is Mode.SERIAL:
             self.pause_reading()  # aiohttp finishes what it was given, then its keep-alive ends
             return
@@ -412,7 +434,8 @@ class Front(FlowControl):
         self._mode, self._raw = Mode.FRONT, None
         request = FrontRequest(self, method, url.decode(*AS_AIOHTTP), self._fields,
                                parser.should_keep_alive(), parser.get_http_version(), openai)
-        self._current = request
+        content = request.content
+        self._arriving = content if isinstance(content, RequestBody) else None
         self._pending.append(request)
         if self._task is None:
             self._serve_next()
@@ -423,16 +446,16 @@ class Front(FlowControl):
         if self._mode is Mode.SERIAL:
             self._to_aiohttp(b"%x\r\n%s\r\n" % (len(body), body) if self._serial_chunked
                              else body)
-        elif self._current is not None:
-            self._current.content.feed(body)
+        elif self._arriving is not None:
+            self._arriving.feed(body)
 
     def on_message_complete(self) -> None:
         if self._mode is Mode.SERIAL:
             if self._serial_chunked:
                 self._to_aiohttp(b"0\r\n\r\n")
-        elif self._current is not None:
-            self._current.content.end()
-            self._current = None
+        elif self._arriving is not None:
+            self._arriving.end()
+            self._arriving = None
 
     # --- handing over to aiohttp ------------------------------------------------------
 
@@ -564,9 +587,10 @@ class Front(FlowControl):
         """The client left: its call is cancelled (which frees its slot at once)."""
         self._lost = True
         self.resume_writing()
-        for request in (self._current, *self._pending):
-            if request is not None and not request.content.done:
-                request.content.end(failed=True)
+        arriving = [self._arriving] if self._arriving is not None else []
+        for body in (*arriving, *(request.content for request in self._pending)):
+            if not body.done:
+                body.end(failed=True)
         self._pending.clear()
         # Measured with 500 streamed calls: each ended connection left ~50 objects (parser,
         # transport, call, answer...) to the cycle collector, whose pauses of 2-13 ms were

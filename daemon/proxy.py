@@ -270,7 +270,7 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
     started = time.monotonic()
     plane = request.app[DATA_PLANE]
     pool = plane.router.pool(request.match_info["name"])
-    auth, headers = plane.auth, request.headers
+    spec, auth, headers = pool.spec, plane.auth, request.headers  # (pool.spec: a property)
     principal = auth.principal(presented_key(request))
     call = Call(request, pool, raw_tail(request),
                 headers.get("X-Request-Id") or plane.request_ids.next(), reply)
@@ -279,7 +279,7 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         call.meter = UsageMeter()
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
-        auth.require_endpoint(request, pool.name, pool.spec.public)
+        auth.require_endpoint(request, spec.name, spec.public)
         plane.quota.admit(principal, auth.limits.get(principal), time.time(), started)
         limit = plane.limits.max_body
         if request.content_length is not None and request.content_length > limit:
@@ -296,10 +296,10 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         outcome = 500
         raise
     finally:
-        plane.metrics.call_ended(pool.name, outcome, time.monotonic() - started)
+        plane.metrics.call_ended(spec.name, outcome, time.monotonic() - started)
         if plane.usage.enabled:
-            account(plane.usage, (hour_of(time.time()), principal, pool.name,
-                                  pool.spec.model_names[0]), outcome, call.meter)
+            account(plane.usage, (hour_of(time.time()), principal, spec.name,
+                                  spec.model_names[0]), outcome, call.meter)
 
 
 def admit(request: CallRequest, principal: str) -> None:
