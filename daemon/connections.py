@@ -259,13 +259,17 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
             return  # refused and closing: whatever the client sent is dropped
-        if self._awaiting and not self._serving:  # the next request's first byte
+        first = self._awaiting and not self._serving  # the next request's first byte
+        if first:
             self._awaiting = False
-            self._set_deadline(self._guard.limits.header_timeout_s, idle=False)
         if self._front is not None:
             self._front.feed(data)
         elif self._handler is not None:
             self._handler.data_received(data)
+        # Its head's clock starts now, unless the head came whole and its call started (the
+        # most common: no clock to set at all); aiohttp's handler starts its own call later.
+        if first and not self._serving:
+            self._set_deadline(self._guard.limits.header_timeout_s, idle=False)
 
     def eof_received(self) -> None:
         if self._handler is not None:

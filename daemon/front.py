@@ -506,7 +506,8 @@ class Front(FlowControl):
                 await serve_openai(request, asked_json, replier)
             else:
                 await invoke_call(request, replier)
-            await self.drain()  # a whole answer is written at once: the next waits for it
+            if self._drain is not None or self._lost:
+                await self.drain()  # a whole answer is written at once: the next waits for it
         except (ApiError, SchedulerError) as exc:
             self._error(replier, as_api_error(exc))
         except (ConnectionError, asyncio.CancelledError):

@@ -231,12 +231,14 @@ def end_to_end(fields: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) ->
     """The header lines that belong to the call, in order: less the hop-by-hop ones, those
     the message's Connection header names, and `drop` (lower-case names)."""
     kept: Headers = []
-    named: set[bytes] = set()  # what the Connection header lines name
+    named: set[bytes] = set()  # what the Connection header lines name, beyond hop-by-hop
     for name, value in fields:  # one pass, one lower() a line: every call does this twice
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in drop:
-            if lower == b"connection":
-                named.update(h.strip().lower() for h in value.split(b","))
+            if lower == b"connection":  # mostly "keep-alive" or "close": nothing more to drop
+                for token in value.lower().split(b","):
+                    if (token := token.strip()) not in HOP_BY_HOP and token != b"close":
+                        named.add(token)
         else:
             kept.append((name, value))
     if named:

@@ -91,11 +91,13 @@ class UpstreamResponse:
         self._buffered += len(chunk)
         if self._buffered > HIGH_WATER:
             self._conn.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # (mostly none: the body came with its head)
+            self._wake()
 
     def finish(self) -> None:
         self.complete = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, error: UpstreamError) -> None:
         if not self.complete and self._error is None:
@@ -223,13 +225,6 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         return not self._lost and self._transport is not None and \
             not self._transport.is_closing()
 
-    @property
-    def reusable(self) -> bool:
-        """The last call ended cleanly and the connection may carry another."""
-        response = self._response
-        return self.usable and self._clean and self._written and self._keep_alive and \
-            response is not None and response.complete
-
     def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None, *,
              chunked: bool = False, head_only: bool = False) -> Awaitable[UpstreamResponse]:
         """Write one request; await the result for its answer's head. `body` bytes go in the
@@ -280,13 +275,19 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
             raise
 
     @property
-    def streamed(self) -> bool:
-        """The last answer was an event stream. Such a connection is not kept: measured with
-        500 concurrent streamed chats, streams on connections kept from earlier streams had
-        a per-event p99 of 70-100 ms against 11-23 ms on fresh ones (bench/RESULTS.md), and a
-        stream's own length dwarfs a connect."""
-        response = self._response
-        return response is not None and response.content_type == "text/event-stream"
+    def keepable(self) -> bool:
+        """Fit to carry another call (one test of all, as every call asks): the last call
+        ended cleanly, with keep-alive, its request written whole; and its answer
+        - was no event stream: measured with 500 concurrent streamed chats, streams on
+          connections kept from earlier streams had a per-event p99 of 70-100 ms against
+          11-23 ms on fresh ones (bench/RESULTS.md), and a stream dwarfs a connect;
+        - was not left unread (it ended while the client's buffer was full): bytes the
+          replica sent past it could be read as the next call's answer."""
+        response, transport = self._response, self._transport
+        return not self._lost and transport is not None and not transport.is_closing() and \
+            self._clean and self._written and self._keep_alive and response is not None and \
+            response.complete and response.content_type != "text/event-stream" and \
+            not self._reading_paused
 
     def reset(self) -> None:
         """Ready for the next call; until then any byte from the replica closes it."""
@@ -440,9 +441,7 @@ class UpstreamPool:
         return conn
 
     def keep_or_close(self, conn: UpstreamConnection) -> None:
-        # A connection left unread (its answer ended while the client's buffer was full) may
-        # hold bytes the replica sent past its answer: closed, never read as the next answer
-        if self._closed or not conn.reusable or conn.streamed or conn.reading_paused:
+        if self._closed or not conn.keepable:
             conn.close()
             return
         conn.idle_since = self.loop.time()
