@@ -122,7 +122,7 @@ class ReplicaRefused(Exception):
     """The replica refused the connection before any byte of the call was sent."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One data-plane call on its way to a replica."""
 

@@ -27,7 +27,7 @@ from berth.scheduler.reconciler import Reconciler
 from berth.scheduler.replica import Replica, ReplicaState
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """One call's slot on one replica, from acquire until release. Releasing twice is
     harmless (the second does nothing), so a slot can never be given back twice; as an
