@@ -24,6 +24,7 @@ from berth.store import Store
 if TYPE_CHECKING:
     from berth.daemon.auth import Auth
     from berth.daemon.browser import BrowserGuard
+    from berth.daemon.deadlines import Deadlines
     from berth.daemon.event_feed import EventFeed
     from berth.daemon.metrics import Metrics
     from berth.daemon.proxy import RequestIds
@@ -55,6 +56,7 @@ class DataPlane:
     usage: UsageLedger
     request_ids: RequestIds
     browser: BrowserGuard
+    deadlines: Deadlines
 
 
 STORE = web.AppKey("store", Store)

@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from berth.daemon.deadlines import CallDeadline, Deadlines
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import Answer, CallRequest, Headers, Replier, WritesNow
 from berth.daemon.keys import (
@@ -86,36 +87,6 @@ class RequestIds:
 
     def next(self) -> str:
         return f"{self._prefix}{next(self._counter):012x}"
-
-
-class CallDeadline:
-    """`asyncio.timeout` for one call, given the loop: asyncio.timeout asks for the running
-    loop twice, and on Python 3.11 each ask is a getpid() system call. A plain context
-    manager: entering and leaving need no await."""
-
-    __slots__ = ("_cancelling", "_handle", "_task", "expired")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        task = asyncio.current_task(loop)
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self.expired = False
-        self._handle = loop.call_later(seconds, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> CallDeadline:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        self._handle.cancel()
-        if self.expired and exc_type is asyncio.CancelledError and \
-                self._task.uncancel() <= self._cancelling:
-            raise TimeoutError("call deadline passed") from exc
 
 
 class ReplicaRefused(Exception):
@@ -377,9 +348,10 @@ def _upstream_request(call: Call, replica: Replica
 async def _exchange(call: Call, replica: Replica) -> Answer:
     """Send the call to one replica and stream its answer back, under request_timeout_s."""
     request, spec = call.request, call.pool.spec
-    pool = request.app[DATA_PLANE].upstream
+    plane = request.app[DATA_PLANE]
+    pool = plane.upstream
     try:
-        with CallDeadline(pool.loop, spec.request_timeout_s):
+        with CallDeadline(plane.deadlines, spec.request_timeout_s):
             if replica.address is None:  # not started: the router never gives one out
                 raise UpstreamRefused(f"replica {replica.id} has no address yet")
             conn = pool.idle(replica.address) or await pool.connect(replica.address)
@@ -552,7 +524,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = UpstreamPool()
     app[REQUEST_IDS] = RequestIds()
     app[DATA_PLANE] = DataPlane(app[ROUTER], app[AUTH], app[QUOTA], app[LIMITS], app[UPSTREAM],
-                                app[METRICS], app[USAGE], app[REQUEST_IDS], app[BROWSER])
+                                app[METRICS], app[USAGE], app[REQUEST_IDS], app[BROWSER],
+                                Deadlines(app[UPSTREAM].loop))
     yield
     app[UPSTREAM].close()
 
