@@ -20,9 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from aiohttp import web
 
-from berth.daemon.keys import USAGE
 from berth.daemon.sse import LineBuffer
 from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
 
