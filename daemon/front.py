@@ -356,11 +356,12 @@ class Front(FlowControl):
             else:
                 self._refuse_parsed(exc)
                 return
-        if self._mode is Mode.HANDOFF and self._raw is not None:
+        if self._raw is None:
+            return  # (decided: the front's, the most common; an Enum member costs 57 ns)
+        if self._mode is Mode.HANDOFF:
             raw, self._raw = bytes(self._raw), None
             self._host.to_aiohttp(raw)  # the connection is aiohttp's from here
-        elif self._mode is Mode.UNDECIDED and self._raw is not None and \
-                len(self._raw) > MAX_HEAD and not self._in_head:
+        elif self._mode is Mode.UNDECIDED and len(self._raw) > MAX_HEAD and not self._in_head:
             self._client.close()  # this much and no request begun (blank lines): not a client
 
     def _refuse_parsed(self, exc: Exception) -> None:
