@@ -8,7 +8,9 @@ loopback port, and measures side by side, in one run, on the same replicas:
     (a separate process; Debian package `wrk`), through berth and direct;
   - SSE: time to first event and time between events (aiohttp client), through berth and direct;
   - scale from zero: call to first byte through berth against the container's own
-    create-to-ready time (docker SDK create+start, then GET /health until 200).
+    create-to-ready time (docker SDK create+start, then GET /health until 200);
+  - a slow model: GET /sleep?s=0.1 (answers after 100 ms) from 16 clients at once for 3 s
+    (aiohttp; wrk gives no p95), p95 latency through berth against direct.
 Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this command.
 """
 
@@ -39,6 +41,8 @@ import engine  # noqa: E402
 WRK_SECONDS = 6
 ZERO_TRIALS = 5
 SSE_TRIALS = 15
+SLOW_CLIENTS = 16
+SLOW_SECONDS = 3.0
 NETWORK = "berth-bench"
 
 CONFIG = """
@@ -191,6 +195,11 @@ async def measure(base: str, client: docker.DockerClient, image: str) -> list[st
                     f"added {first_via - first_direct:.2f} ms (target <= 2 ms)"))
     rows.append(row("SSE time between events (sent every 20 ms)", gap_via, gap_direct, "ms",
                     f"added {gap_via - gap_direct:.2f} ms"))
+    slow_via = await slow_p95(f"{base}/invoke/echo/sleep?s=0.1")
+    slow_direct = await slow_p95(f"http://{echo}/sleep?s=0.1")
+    rows.append(row(f"p95 latency, 100 ms model, {SLOW_CLIENTS} clients", slow_via,
+                    slow_direct, "ms", f"through/direct = {slow_via / slow_direct:.3f}x "
+                    "(target <= 1.05x)"))
     via_zero, own = [], []
     for i in range(ZERO_TRIALS):
         own.append(await own_start_to_ready(client, image))
@@ -199,6 +208,24 @@ async def measure(base: str, client: docker.DockerClient, image: str) -> list[st
     rows.append(row("scale from zero: call to first byte vs container start-to-ready",
                     via_m, own_m, "ms", f"added {via_m - own_m:.0f} ms (target <= 250 ms)"))
     return rows
+
+
+async def slow_p95(url: str) -> float:
+    """p95 latency (ms) of SLOW_CLIENTS clients calling `url` in a loop for SLOW_SECONDS."""
+    latencies: list[float] = []
+    end = time.perf_counter() + SLOW_SECONDS
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            async with session.get(url) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+            latencies.append((time.perf_counter() - start) * 1000)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(client(session) for _ in range(SLOW_CLIENTS)))
+    return statistics.quantiles(latencies, n=20)[18]
 
 
 def engine_with_image() -> tuple[docker.DockerClient, subprocess.Popen[bytes] | None]:
