@@ -83,7 +83,8 @@ class Front(asyncio.Protocol):
         out += [b"%s: %s\r\n" % f for f in answer_fields
                 if f[0].lower() not in (b"connection", b"keep-alive")]
         out += [b"X-Berth-Replica: r1\r\n\r\n", body]
-        self.transport.write(b"".join(out))
+        if not self.transport.is_closing():  # (wrk closes its connections mid-call at its end)
+            self.transport.write(b"".join(out))
 
 
 def main() -> None:
