@@ -415,6 +415,8 @@ class Front(FlowControl):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
             raise HeadTooLarge(f"a header over {MAX_FIELD} bytes")
+        if not self._in_head:
+            return  # a trailer after a chunked body: never one of the request's headers
         if len(self._fields) >= MAX_HEADERS:
             raise HeadTooLarge(f"more than {MAX_HEADERS} headers")
         self._fields.append((name, value))

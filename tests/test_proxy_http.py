@@ -110,6 +110,20 @@ async def test_a_body_of_unknown_length_goes_chunked_and_whole(front):
     assert seen["headers"].get("Transfer-Encoding") == "chunked"
 
 
+async def test_a_chunked_requests_trailers_never_become_its_headers(front):
+    # Trailer lines once reached the replica as request headers (a second Content-Type, or
+    # any name at all) when they came in the same read as the head (RFC 9110 6.5.1).
+    address, _ = await front()
+    answer = await raw(address, b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+                       b"Connection: close\r\n\r\n2\r\nhi\r\n0\r\nX-Injected: 1\r\n"
+                       b"Content-Type: text/evil\r\n\r\n")
+    seen = bodies(answer)[0]
+    assert seen["body"] == "hi"
+    assert seen["headers"].get("Content-Type") == "text/plain"
+    assert "x-injected" not in {name.lower() for name in seen["headers"]}
+
+
 async def test_expect_100_continue(front):
     address, _ = await front()
     head = (b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
