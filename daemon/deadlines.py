@@ -12,6 +12,10 @@ from __future__ import annotations
 import asyncio
 import math
 
+# The least a timer is set ahead: uvloop's timers count whole milliseconds, so one set for a
+# time less than a millisecond away fires before it and would be set again at once (a spin).
+RESOLUTION_S = 0.001
+
 
 class Deadlines:
     """The deadlines of calls in flight, on one timer: `add` when a call's deadline starts,
@@ -46,7 +50,7 @@ class Deadlines:
             del self._pending[deadline]
             deadline.expire()
         if self._pending:
-            self._arm(min(d.at for d in self._pending))
+            self._arm(max(min(d.at for d in self._pending), now + RESOLUTION_S))
 
 
 class CallDeadline:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import uvloop
 
 from berth.daemon.deadlines import CallDeadline, Deadlines
 
@@ -56,6 +57,33 @@ async def test_later_deadlines_share_the_one_timer(monkeypatch: pytest.MonkeyPat
     assert len(deadlines) == 0
     await asyncio.sleep(0.25)  # the timer fires, finds nothing due, and is not set again
     assert len(armed) == 1
+
+
+def test_the_timer_does_not_spin_while_a_deadline_is_under_a_millisecond_away() -> None:
+    # uvloop (berthd's loop) rounds timers to whole milliseconds: set for 0.4 ms ahead, the
+    # timer fired early, found nothing due and was set again at once, dozens of times per
+    # deadline (found by a review). asyncio's own loop does not show it: uvloop runs this.
+    fired = 0
+
+    async def scenario() -> None:
+        nonlocal fired
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(loop)
+        fire = deadlines._fire
+
+        def counting() -> None:
+            nonlocal fired
+            fired += 1
+            fire()
+
+        deadlines._fire = counting  # type: ignore[method-assign]
+        calls = [loop.create_task(_call(deadlines, 0.0104 + i * 0.0003, 5)) for i in range(5)]
+        for call in calls:
+            with pytest.raises(TimeoutError):
+                await call
+
+    uvloop.run(scenario())
+    assert fired <= 10  # at most two a deadline
 
 
 async def test_a_call_cancelled_from_elsewhere_is_not_a_timeout() -> None:
