@@ -45,7 +45,8 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class DataPlane:
     """What every model call uses, read with one lookup: each `app[KEY]` is a Python call,
-    and a call made a dozen of them. The same objects as under their own keys."""
+    and a call made a dozen of them. The same objects as under their own keys (and the call
+    deadlines' shared timer, only here)."""
 
     router: Router
     auth: Auth
@@ -55,7 +56,6 @@ class DataPlane:
     metrics: Metrics
     usage: UsageLedger
     request_ids: RequestIds
-    browser: BrowserGuard
     deadlines: Deadlines
 
 

@@ -26,7 +26,6 @@ from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import Answer, CallRequest, Headers, Replier, WritesNow
 from berth.daemon.keys import (
     AUTH,
-    BROWSER,
     DATA_PLANE,
     LIMITS,
     METRICS,
@@ -193,9 +192,16 @@ def check_token(request: CallRequest, pool: EndpointPool) -> None:
 
 
 def _text(headers: Headers) -> CIMultiDict[str]:
-    """Header lines for aiohttp, which writes str (as the bytes they came in: latin-1)."""
-    return CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
-                       for name, value in headers)
+    """Header lines for aiohttp, which encodes str as UTF-8: UTF-8 lines go out as they came
+    (berth's own X-Request-Id among them); others, as latin-1 text, as they always did."""
+    return CIMultiDict((_as_text(name), _as_text(value)) for name, value in headers)
+
+
+def _as_text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def end_to_end(fields: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
@@ -524,7 +530,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = UpstreamPool()
     app[REQUEST_IDS] = RequestIds()
     app[DATA_PLANE] = DataPlane(app[ROUTER], app[AUTH], app[QUOTA], app[LIMITS], app[UPSTREAM],
-                                app[METRICS], app[USAGE], app[REQUEST_IDS], app[BROWSER],
+                                app[METRICS], app[USAGE], app[REQUEST_IDS],
                                 Deadlines(app[UPSTREAM].loop))
     yield
     app[UPSTREAM].close()

@@ -401,7 +401,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
 
 class UpstreamPool:
     """Kept-alive connections to replicas, by address. `connect` gives a connection for one
-    call; `keep_or_close` takes it back when the call is over, closing it unless it is reusable."""
+    call; `keep_or_close` takes it back when the call is over, closing it unless it is keepable."""
 
     def __init__(self, connect_timeout_s: float = 5.0, idle_s: float = IDLE_S) -> None:
         # Made in the running loop, and kept: on Python 3.11 each asyncio.get_running_loop()

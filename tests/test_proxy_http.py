@@ -124,6 +124,16 @@ async def test_a_chunked_requests_trailers_never_become_its_headers(front):
     assert "x-injected" not in {name.lower() for name in seen["headers"]}
 
 
+async def test_a_utf8_request_id_goes_back_as_sent_on_calls_aiohttp_serves(front):
+    # A connection whose first request was not a model call is aiohttp's: its model calls are
+    # answered by aiohttp's response objects, which once wrote berth's bytes twice encoded.
+    address, _ = await front()
+    answer = await raw(address, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                       b"GET /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"X-Request-Id: caf\xc3\xa9\r\nConnection: close\r\n\r\n", until=2)
+    assert b"\r\nX-Request-Id: caf\xc3\xa9\r\n" in answer.split(b"HTTP/1.1 ")[2]
+
+
 async def test_expect_100_continue(front):
     address, _ = await front()
     head = (b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
