@@ -9,7 +9,7 @@ libraries `ldd` names (no registry): it answers a small JSON at /echo and serves
 file at /big (from a host tmpfs file mounted into the container). It runs as a berth endpoint.
 A host nginx (1 worker, HTTP/1.1 with upstream keepalive, buffering off both ways) proxies to
 the same replica. Measured with wrk (a separate process) at 1 and 64 connections: direct, nginx
-and berth, each three times in turn (medians; the box is shared and drifts), with the CPU time
+and berth, each five times in turn (medians; the box is shared and drifts), with the CPU time
 the proxy process spent per call at 64 connections (from /proc); SSE time to first event
 against the demo model's replica (python: nginx cannot stream events by itself); and bytes/s
 of the 1 GiB body through each, read by curl.
@@ -52,7 +52,7 @@ from data_plane import (  # noqa: E402
 NGINX = "/usr/sbin/nginx"
 IMAGE = "berth-bench/nginx-upstream:1"
 BIG = 1024 ** 3
-ROUNDS = 3
+ROUNDS = 5  # alternations per side: this shared box drifts by tens of % within minutes
 UPSTREAM_CONF = """daemon off;
 worker_processes 1;
 pid /tmp/nginx.pid;
