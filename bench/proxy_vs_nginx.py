@@ -217,12 +217,16 @@ async def measure(base: str, proxy: str, pids: dict[str, int],
                         f"{f['rps'] / runs['nginx']['rps']:.2f}x; runs: "
                         f"{', '.join(f'{x:.0f}' for x in f['all'])} |")
         rps = {k: r["rps"] for k, r in runs.items()}
-        each = ", ".join(f"{n:.0f}/{b:.0f}" for n, b in zip(runs["nginx"]["all"],
-                                                             runs["berth"]["all"], strict=True))
+        pairs = list(zip(runs["nginx"]["all"], runs["berth"]["all"], strict=True))
+        each = ", ".join(f"{n:.0f}/{b:.0f}" for n, b in pairs)
+        # each round's berth against the nginx run just before it: the box drifts between
+        # rounds, so the ratio within a round is the steadier figure
+        by_round = statistics.median(b / n for n, b in pairs)
         rows.append(row(f"requests/s, {clients} connection(s)", rps, "/s",
                         f"berth / nginx = {rps['berth'] / rps['nginx']:.2f}x"
                         + (" (target >= 0.5x)" if clients == 64 else "")
-                        + f"; medians of {ROUNDS} alternated runs, nginx/berth: {each}"))
+                        + f"; medians of {ROUNDS} alternated runs, nginx/berth: {each}; "
+                        f"median of the rounds' own ratios {by_round:.2f}x"))
         if clients == 64:
             rows.append(f"| CPU per call, 64 connection(s) | | {runs['nginx']['cpu_us']:.1f} us "
                         f"| {runs['berth']['cpu_us']:.1f} us | the proxy process's user + "
