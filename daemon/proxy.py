@@ -259,7 +259,9 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
         auth.require_endpoint(request, spec.name, spec.public)
-        plane.quota.admit(principal, auth.limits.get(principal), time.time(), started)
+        limits = auth.limits.get(principal)
+        if limits is not None:  # (most callers have none: public, admin, open mode)
+            plane.quota.admit(principal, limits, time.time(), started)
         limit = plane.limits.max_body
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "payload_too_large",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from berth.scheduler.replica import Replica, ReplicaState
@@ -102,7 +102,7 @@ def plan_wakes(replicas: Sequence[Replica], waking: frozenset[str], waiting: int
     return [r.id for r in asleep[:max(0, needed)]]
 
 
-def pick_replica(replicas: Sequence[Replica], concurrency: int, turn: int,
+def pick_replica(replicas: Iterable[Replica], concurrency: int, turn: int,
                  exclude: frozenset[str] = frozenset()) -> Replica | None:
     """Round-robin: the first ready replica with a free slot, starting at position `turn`."""
     ready = [r for r in replicas if r.state is ReplicaState.READY and r.id not in exclude]

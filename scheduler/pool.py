@@ -104,7 +104,7 @@ class EndpointPool:
                     or replica.in_flight >= self.spec.concurrency):
                 return None
         else:
-            replica = pick_replica(list(self.replicas.values()), self.spec.concurrency,
+            replica = pick_replica(self.replicas.values(), self.spec.concurrency,
                                    self.turn, exclude)
             if replica is None:
                 return None
