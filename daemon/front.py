@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 
 from berth.daemon.errors import ApiError, as_api_error, error_document
 from berth.daemon.flow import FlowControl
-from berth.daemon.http_types import JSON_TYPE, Answer, Headers, as_lines
+from berth.daemon.http_types import JSON_TYPE, Answer, Headers, as_lines, media_type
 from berth.daemon.keys import BROWSER
 from berth.daemon.openai_api import JSON_ROUTES, asked_json, serve_openai
 from berth.daemon.proxy import invoke_call
@@ -203,9 +203,8 @@ class FrontAnswer:
     @property
     def content_type(self) -> str:
         """Its media type, lower-case (looked up when asked: most answers are never asked)."""
-        value = next((value for name, value in self._headers
-                      if name.lower() == b"content-type"), b"")
-        return value.partition(b";")[0].strip().lower().decode("latin-1")
+        return media_type(next((value for name, value in self._headers
+                                if name.lower() == b"content-type"), b""))
 
     async def write(self, data: bytes) -> None:
         if data and not self._head_only:

@@ -14,6 +14,11 @@ Headers = list[tuple[bytes, bytes]]  # header lines in order, as bytes on the wi
 JSON_TYPE = (b"Content-Type", b"application/json; charset=utf-8")
 
 
+def media_type(value: bytes) -> str:
+    """A Content-Type value's media type, lower-case, without its parameters."""
+    return value.partition(b";")[0].strip().lower().decode("latin-1")
+
+
 def as_lines(headers: Mapping[str, str]) -> Headers:
     """berth's own header lines (error answers: Retry-After, Allow) as Headers."""
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]

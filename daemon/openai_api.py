@@ -23,7 +23,16 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
-from berth.daemon.keys import AUTH, LIMITS, METRICS, RECONCILER, REQUEST_IDS, ROUTER, USAGE
+from berth.daemon.keys import (
+    AUTH,
+    DATA_PLANE,
+    LIMITS,
+    METRICS,
+    RECONCILER,
+    REQUEST_IDS,
+    ROUTER,
+    USAGE,
+)
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
@@ -196,7 +205,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
         principal = app[AUTH].principal(presented_key(request))
         cell = (hour_of(time.time()), principal, pool.name, model)
         check_key(request, pool)
-        admit(request, principal)
+        admit(app[DATA_PLANE], principal, time.monotonic())
         limits = app[AUTH].limits.get(principal)
         if asked.stream and limits is not None and limits.tokens_per_day is not None:
             asked.ask_usage()

@@ -21,6 +21,8 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from berth.daemon.auth import Auth
+from berth.daemon.config import EndpointSpec
 from berth.daemon.deadlines import CallDeadline, Deadlines
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import Answer, CallRequest, Headers, Replier, WritesNow
@@ -187,8 +189,8 @@ class SseRewriter:
         return b"data: " + self.rewrite(payload) + ending
 
 
-def check_token(request: CallRequest, pool: EndpointPool) -> None:
-    request.app[AUTH].require_endpoint(request, pool.name, pool.spec.public)
+def check_token(auth: Auth, request: CallRequest, spec: EndpointSpec) -> None:
+    auth.require_endpoint(request, spec.name, spec.public)
 
 
 def _text(headers: Headers) -> CIMultiDict[str]:
@@ -258,10 +260,8 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         call.meter = UsageMeter()
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
-        auth.require_endpoint(request, spec.name, spec.public)
-        limits = auth.limits.get(principal)
-        if limits is not None:  # (most callers have none: public, admin, open mode)
-            plane.quota.admit(principal, limits, time.time(), started)
+        check_token(auth, request, spec)
+        admit(plane, principal, started)
         limit = plane.limits.max_body
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "payload_too_large",
@@ -283,11 +283,12 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
                                   spec.model_names[0]), outcome, call.meter)
 
 
-def admit(request: CallRequest, principal: str) -> None:
-    """429 when the caller's token is over its requests_per_minute or tokens_per_day."""
-    app = request.app
-    app[QUOTA].admit(principal, app[AUTH].limits.get(principal), time.time(),
-                     time.monotonic())
+def admit(plane: DataPlane, principal: str, tick: float) -> None:
+    """429 when the caller's token is over its requests_per_minute or tokens_per_day (`tick`:
+    the monotonic clock now). Most callers have no limits (public, admin, open mode)."""
+    limits = plane.auth.limits.get(principal)
+    if limits is not None:
+        plane.quota.admit(principal, limits, time.time(), tick)
 
 
 async def serve_call(router: Router, call: Call, pinned: str | None) -> Answer:

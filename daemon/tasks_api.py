@@ -18,6 +18,7 @@ from berth.daemon.errors import ApiError, storage_error
 from berth.daemon.keys import (
     AUTH,
     CALLBACK_POLICY,
+    DATA_PLANE,
     DISPATCHER,
     LIMITS,
     RECONCILER,
@@ -128,8 +129,9 @@ async def read_body(request: web.Request, task_id: str,
 async def submit(request: web.Request) -> web.Response:
     router, dispatcher = request.app[ROUTER], request.app[DISPATCHER]
     pool = router.pool(request.match_info["name"])
-    check_token(request, pool)
-    admit(request, request.app[AUTH].principal(presented_key(request)))
+    check_token(request.app[AUTH], request, pool.spec)
+    admit(request.app[DATA_PLANE], request.app[AUTH].principal(presented_key(request)),
+          time.monotonic())
     url = await callback_url(request)
     spec, tasks = pool.spec, request.app[STORE].tasks
     expected = request.content_length or 0
@@ -167,7 +169,7 @@ async def _task(request: web.Request) -> TaskRecord:
         raise ApiError(404, "task_not_found", f"no task {task_id!r}")
     pool = request.app[RECONCILER].pool(task.endpoint)
     if pool is not None:
-        check_token(request, pool)
+        check_token(request.app[AUTH], request, pool.spec)
     else:  # endpoint gone: only the admin token may look
         request.app[AUTH].require_admin(request)
     return task

@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httptools
-from multidict import CIMultiDict
 
 from berth.daemon.flow import FlowControl
+from berth.daemon.http_types import media_type
 
 # A relay's consumer: takes one body chunk; returns a future while it can take no more
 Sink = Callable[[bytes], "asyncio.Future[None] | None"]
@@ -71,7 +71,7 @@ class UpstreamResponse:
             if lower == b"content-length":  # llhttp checked it: digits, maybe padded
                 self.content_length = int(value)
             elif lower == b"content-type":
-                self.content_type = value.partition(b";")[0].strip().lower().decode("latin-1")
+                self.content_type = media_type(value)
             elif lower == b"transfer-encoding":
                 self.chunked = b"chunked" in value.lower()
         self._chunks: deque[bytes] = deque()
@@ -172,11 +172,6 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.next_chunk():
             yield chunk
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        return CIMultiDict((name.decode("latin-1"), value.decode("latin-1"))
-                           for name, value in self.fields)
 
     async def read(self) -> bytes:
         if self.complete:  # the common small answer: no await
@@ -283,11 +278,10 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
           11-23 ms on fresh ones (bench/RESULTS.md), and a stream dwarfs a connect;
         - was not left unread (it ended while the client's buffer was full): bytes the
           replica sent past it could be read as the next call's answer."""
-        response, transport = self._response, self._transport
-        return not self._lost and transport is not None and not transport.is_closing() and \
-            self._clean and self._written and self._keep_alive and response is not None and \
-            response.complete and response.content_type != "text/event-stream" and \
-            not self._reading_paused
+        response = self._response
+        return self.usable and self._clean and self._written and self._keep_alive and \
+            response is not None and response.complete and \
+            response.content_type != "text/event-stream" and not self._reading_paused
 
     def reset(self) -> None:
         """Ready for the next call; until then any byte from the replica closes it."""
