@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Protocol
 
 # The least a timer is set ahead: uvloop's timers count whole milliseconds, so one set for a
 # time less than a millisecond away fires before it and would be set again at once (a spin).
 RESOLUTION_S = 0.001
+
+
+class Due(Protocol):
+    """A call's deadline as Deadlines keeps it: when (on the loop's clock), and what ends it."""
+
+    at: float
+
+    def expire(self) -> None: ...
 
 
 class Deadlines:
@@ -23,19 +32,19 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._pending: dict[CallDeadline, None] = {}  # (an ordered set)
+        self._pending: dict[Due, None] = {}  # (an ordered set)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, deadline: CallDeadline) -> None:
+    def add(self, deadline: Due) -> None:
         self._pending[deadline] = None
         if deadline.at < self._timer_at:  # (rare: a shorter timeout than those in flight)
             self._arm(deadline.at)
 
-    def discard(self, deadline: CallDeadline) -> None:
+    def discard(self, deadline: Due) -> None:
         self._pending.pop(deadline, None)
 
     def _arm(self, at: float) -> None:

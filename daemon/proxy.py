@@ -42,6 +42,7 @@ from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.sse import LineBuffer
 from berth.daemon.upstream import (
     NO_BODY,
+    UpstreamConnection,
     UpstreamError,
     UpstreamPool,
     UpstreamRefused,
@@ -52,7 +53,7 @@ from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
-from berth.scheduler.router import Router
+from berth.scheduler.router import Lease, Router
 
 log = structlog.get_logger("berth.proxy")
 
@@ -107,6 +108,8 @@ class Call:
     body_too_large: bool = False
     # Set by the OpenAI routes, which read the (bounded) JSON body to route it: sent as is.
     body: bytes | None = None
+    # The client's body, whole already (the fast path's): framed as the client framed it.
+    whole: bytes | None = None
     # The multipart OpenAI routes read only the body's first bytes (`replaces` of them, maybe
     # rewritten into `prefix`): those go first, the rest streams from the client.
     prefix: bytes | None = None
@@ -125,6 +128,19 @@ class Call:
     failed_status: int | None = None
     # The answer once its head went out (a failure after that can only end the stream).
     response: Answer | None = None
+    started: float = 0.0  # time.monotonic() when it came
+    principal: str = "public"  # whom its usage counts for (Auth.principal)
+
+
+@dataclass(slots=True)
+class Sent:
+    """Where the fast path handed a call on (resume_call): the replica connection it went
+    out on and its answer's head to come (both None: no connection was idle, nothing sent),
+    and the call's deadline, on the event loop's clock."""
+
+    conn: UpstreamConnection | None
+    answer: Awaitable[UpstreamResponse] | None
+    at: float
 
 
 class AiohttpReplier:
@@ -245,29 +261,49 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 
 async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
     """`ANY /invoke/{name}/{path}` on a request from aiohttp or from berth's own front."""
+    plane = request.app[DATA_PLANE]
+    call = open_call(plane, request, reply)
+    return await accounted(plane, call, _checked(plane, call,
+                                                 request.headers.get("X-Berth-Replica")))
+
+
+def open_call(plane: DataPlane, request: CallRequest, reply: Replier) -> Call:
+    """The call a request makes (405 for a method never proxied, 404 for no endpoint)."""
     if request.method not in METHODS:  # TRACE and friends never reach a model
         raise ApiError(405, "method_not_allowed", f"{request.method} is not proxied",
                        headers={"Allow": ", ".join(sorted(METHODS))})
-    started = time.monotonic()
-    plane = request.app[DATA_PLANE]
     pool = plane.router.pool(request.match_info["name"])
-    spec, auth, headers = pool.spec, plane.auth, request.headers  # (pool.spec: a property)
-    principal = auth.principal(presented_key(request))
     call = Call(request, pool, raw_tail(request),
-                headers.get("X-Request-Id") or plane.request_ids.next(), reply)
+                request.headers.get("X-Request-Id") or plane.request_ids.next(), reply,
+                started=time.monotonic(), principal=plane.auth.principal(presented_key(request)))
     # An OpenAI-style route, as the model server will read the path (decoded: %76%31 is v1).
     if plane.usage.enabled and request.match_info.get("path", "").startswith("v1/"):
         call.meter = UsageMeter()
+    return call
+
+
+def check_call(plane: DataPlane, call: Call) -> None:
+    """What refuses a call before it takes a slot: its token, its limits, its body's size."""
+    request = call.request
+    check_token(plane.auth, request, call.pool.spec)
+    admit(plane, call.principal, call.started)
+    limit = plane.limits.max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large",
+                       f"request body of {request.content_length} bytes is over the "
+                       f"limit of {limit} (daemon.max_body_bytes)")
+
+
+async def _checked(plane: DataPlane, call: Call, pinned: str | None) -> Answer:
+    check_call(plane, call)
+    return await serve_call(plane.router, call, pinned)
+
+
+async def accounted(plane: DataPlane, call: Call, work: Awaitable[Answer]) -> Answer:
+    """The call's answer from `work`, its outcome counted (metrics, usage) however it ends."""
     outcome = 499  # the client left (the handler was cancelled), unless set below
     try:
-        check_token(auth, request, spec)
-        admit(plane, principal, started)
-        limit = plane.limits.max_body
-        if request.content_length is not None and request.content_length > limit:
-            raise ApiError(413, "payload_too_large",
-                           f"request body of {request.content_length} bytes is over the "
-                           f"limit of {limit} (daemon.max_body_bytes)")
-        response = await serve_call(plane.router, call, headers.get("X-Berth-Replica"))
+        response = await work
         outcome = response.status
         return response
     except (ApiError, SchedulerError) as exc:
@@ -277,10 +313,15 @@ async def invoke_call(request: CallRequest, reply: Replier) -> Answer:
         outcome = 500
         raise
     finally:
-        plane.metrics.call_ended(spec.name, outcome, time.monotonic() - started)
-        if plane.usage.enabled:
-            account(plane.usage, (hour_of(time.time()), principal, spec.name,
-                                  spec.model_names[0]), outcome, call.meter)
+        end_call(plane, call, outcome)
+
+
+def end_call(plane: DataPlane, call: Call, outcome: int) -> None:
+    spec = call.pool.spec
+    plane.metrics.call_ended(spec.name, outcome, time.monotonic() - call.started)
+    if plane.usage.enabled:
+        account(plane.usage, (hour_of(time.time()), call.principal, spec.name,
+                              spec.model_names[0]), outcome, call.meter)
 
 
 def admit(plane: DataPlane, principal: str, tick: float) -> None:
@@ -291,11 +332,13 @@ def admit(plane: DataPlane, principal: str, tick: float) -> None:
         plane.quota.admit(principal, limits, time.time(), tick)
 
 
-async def serve_call(router: Router, call: Call, pinned: str | None) -> Answer:
-    """Run the call on a replica; a refused connection is retried once on another one. The
-    slot is held for the whole exchange, streamed answer included, and released on exit."""
-    refused: list[str] = []
-    for _ in range(1 if pinned else 2):
+async def serve_call(router: Router, call: Call, pinned: str | None,
+                     refused: list[str] | None = None) -> Answer:
+    """Run the call on a replica; a refused connection is retried once on another one (not
+    on those `refused` already). The slot is held for the whole exchange, streamed answer
+    included, and released on exit."""
+    refused = refused or []
+    while len(refused) < (1 if pinned else 2):
         async with router.acquire(call.pool, pinned, frozenset(refused)) as lease:
             if call.on_lease is not None:
                 await call.on_lease()
@@ -306,6 +349,17 @@ async def serve_call(router: Router, call: Call, pinned: str | None) -> Answer:
                 refused.append(lease.replica.id)
     raise ApiError(502, "replica_unreachable", f"{' and '.join(refused)} refused the "
                    "connection")
+
+
+async def resume_call(plane: DataPlane, call: Call, lease: Lease, sent: Sent) -> Answer:
+    """The rest of a call that the fast path (daemon/fast_call.py) began in the connection's
+    callbacks and could not end there, from where it stands, by the code every call runs."""
+    try:
+        async with lease:
+            return await _exchange(call, lease.replica, sent)
+    except ReplicaRefused:
+        plane.router.refused(lease.replica)
+        return await serve_call(plane.router, call, None, [lease.replica.id])
 
 
 async def _body(call: Call) -> AsyncIterator[bytes]:
@@ -323,7 +377,7 @@ async def _body(call: Call) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _upstream_request(call: Call, replica: Replica
+def upstream_request(call: Call, replica: Replica
                       ) -> tuple[bytes, AsyncIterator[bytes] | bytes | None, bool]:
     """The request head as it goes to `replica` (one buffer), its body, and whether the body
     goes chunk-framed (a client body of unknown length)."""
@@ -342,6 +396,14 @@ def _upstream_request(call: Call, replica: Replica
     if call.body is not None:  # held whole: a refused connection may still be retried
         lines.append(b"Content-Length: %d\r\n\r\n" % len(call.body))
         body = call.body
+    elif call.whole is not None:  # (held too)
+        if request.content_length is not None:
+            lines.append(b"Content-Length: %d\r\n\r\n" % len(call.whole))
+            body = call.whole
+        else:
+            lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(call.whole), call.whole) if call.whole \
+                else b"0\r\n\r\n"
     elif request.content_length is not None:
         length = request.content_length - call.replaces + len(call.prefix or b"")
         lines.append(b"Content-Length: %d\r\n\r\n" % length)
@@ -354,23 +416,29 @@ def _upstream_request(call: Call, replica: Replica
     return b"".join(lines), body, chunked
 
 
-async def _exchange(call: Call, replica: Replica) -> Answer:
-    """Send the call to one replica and stream its answer back, under request_timeout_s."""
+async def _exchange(call: Call, replica: Replica, sent: Sent | None = None) -> Answer:
+    """Send the call to one replica and stream its answer back, under request_timeout_s
+    (or go on from where the fast path left it: `sent`)."""
     request, spec = call.request, call.pool.spec
     plane = request.app[DATA_PLANE]
     pool = plane.upstream
+    seconds = spec.request_timeout_s if sent is None else sent.at - pool.loop.time()
     try:
-        with CallDeadline(plane.deadlines, spec.request_timeout_s):
-            if replica.address is None:  # not started: the router never gives one out
-                raise UpstreamRefused(f"replica {replica.id} has no address yet")
-            conn = pool.idle(replica.address) or await pool.connect(replica.address)
+        with CallDeadline(plane.deadlines, seconds):
+            conn, answer = (sent.conn, sent.answer) if sent is not None else (None, None)
+            if conn is None:
+                if replica.address is None:  # not started: the router never gives one out
+                    raise UpstreamRefused(f"replica {replica.id} has no address yet")
+                conn = pool.idle(replica.address) or await pool.connect(replica.address)
             try:
-                head, body, chunked = _upstream_request(call, replica)
-                upstream = await conn.send(head, body, chunked=chunked,
-                                           head_only=request.method == "HEAD")
-                if call.committed is None and upstream.complete and _small(upstream):
+                if answer is None:
+                    head, body, chunked = upstream_request(call, replica)
+                    answer = conn.send(head, body, chunked=chunked,
+                                       head_only=request.method == "HEAD")
+                upstream = await answer
+                if call.committed is None and upstream.complete and small(upstream):
                     # the most common answer: whole already, sent with no await
-                    return _whole_answer(call, replica, upstream, upstream.body())
+                    return whole_answer(call, replica, upstream, upstream.body())
                 return await _answer(call, replica, upstream)
             finally:
                 pool.keep_or_close(conn)  # kept for the next call only if this one ended cleanly
@@ -400,8 +468,8 @@ async def _answer(call: Call, replica: Replica, upstream: UpstreamResponse) -> A
         call.response = call.committed
         await _into_committed(call, upstream, call.committed)
         return call.committed
-    if _small(upstream):
-        return _whole_answer(call, replica, upstream, await upstream.read())
+    if small(upstream):
+        return whole_answer(call, replica, upstream, await upstream.read())
     response = call.response = await _start_response(call, replica, upstream)
     await _relay(call, upstream, response)
     return response
@@ -469,7 +537,7 @@ async def end_stream(response: Answer, error: object) -> None:
         await response.write_eof()
 
 
-def _small(upstream: UpstreamResponse) -> bool:
+def small(upstream: UpstreamResponse) -> bool:
     length = upstream.content_length
     return length is not None and length <= SMALL_BODY and \
         upstream.content_type != "text/event-stream" and upstream.status not in NO_BODY and \
@@ -485,7 +553,7 @@ def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) 
     return headers
 
 
-def _whole_answer(call: Call, replica: Replica, upstream: UpstreamResponse,
+def whole_answer(call: Call, replica: Replica, upstream: UpstreamResponse,
                   body: bytes) -> Answer:
     """A small answer read whole, in one write."""
     if call.meter is not None:

@@ -190,6 +190,11 @@ class UpstreamResponse:
         self._buffered = 0
         return body
 
+    @property
+    def failed(self) -> bool:
+        """The replica broke off before the body's end."""
+        return self._error is not None
+
 
 class UpstreamConnection(FlowControl, asyncio.Protocol):
     """One keep-alive connection to a replica, carrying one call at a time."""
@@ -212,6 +217,9 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         self._expecting = False  # a request is out and its answer not yet whole
         self._fresh_parser = True  # after an answer to HEAD llhttp may still wait for a body
         self._lost = False
+        # Told after each read and at the connection's end, once the parser is done with
+        # what came (the fast path's call: daemon/fast_call.py); None for calls in a task.
+        self.listener: Callable[[], None] | None = None
 
     # --- the call ------------------------------------------------------------------------
 
@@ -285,7 +293,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
 
     def reset(self) -> None:
         """Ready for the next call; until then any byte from the replica closes it."""
-        self._head = self._response = None
+        self._head = self._response = self.listener = None
         self._expecting = False
 
     def close(self) -> None:
@@ -313,6 +321,8 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
             self.close()
             self._broke(UpstreamError(f"the replica answered something that is not HTTP: "
                                       f"{exc!r}"))
+        if self.listener is not None:
+            self.listener()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -327,6 +337,9 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         else:
             self._broke(UpstreamUnanswered("the replica closed the connection before "
                                            "answering"))
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener()
         # The parser and the answer refer back to this connection: let refcounting free
         # them all now rather than the cycle collector later (a pause under load; front.py)
         self._parser = self._head = self._response = None

@@ -16,7 +16,10 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+from aiohttp import web
 
+from berth.daemon.app import build_app
+from berth.daemon.connections import ConnectionLimits, GuardedSite, header_deadline
 from berth.gpu import Gpu
 from helpers import (
     IMAGE,
@@ -26,8 +29,11 @@ from helpers import (
     Harness,
     PrivateEngine,
     build_image,
+    endpoint,
     engine,
+    ready_count,
     static_gpus,
+    wait_for,
 )
 
 
@@ -152,3 +158,29 @@ def private_engine(docker_client: docker.DockerClient, model_image: str
     _remove_test_containers(private.host)
     private.stop()
     shutil.rmtree(private.base, ignore_errors=True)
+
+
+@pytest.fixture
+async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, object]]]]:
+    """berth's app behind the listener berthd uses, on a loopback port; endpoint "h" ready."""
+    runners: list[web.AppRunner] = []
+
+    async def make(replicas: int = 1, limits: ConnectionLimits | None = None,
+                   **fields: object) -> tuple[str, object]:
+        h = await harness()
+        await h.reconciler.apply_specs(
+            {"h": endpoint("h", min_replicas=replicas, public=True, **fields)}, "config")
+        pool = h.reconciler.pool("h")
+        await wait_for(pool, lambda: ready_count(pool) == replicas, what="ready")
+        app = build_app(h.reconciler, h.reconciler.allocator)
+        app.middlewares.insert(0, header_deadline)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = GuardedSite(runner, "127.0.0.1", 0, limits or ConnectionLimits())
+        await site.start()
+        return f"127.0.0.1:{site.port}", pool
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()

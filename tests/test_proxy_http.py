@@ -14,39 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from berth.daemon.app import build_app
-from berth.daemon.connections import ConnectionLimits, GuardedSite, header_deadline
-from helpers import endpoint, ready_count, wait_for
+from berth.daemon.connections import ConnectionLimits
+from helpers import wait_for
 
 Raw = Callable[[bytes], Awaitable[bytes]]
-
-
-@pytest.fixture
-async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, object]]]]:
-    """berth's app behind the listener berthd uses, on a loopback port; endpoint "h" ready."""
-    runners: list[web.AppRunner] = []
-
-    async def make(replicas: int = 1, limits: ConnectionLimits | None = None,
-                   **fields: object) -> tuple[str, object]:
-        h = await harness()
-        await h.reconciler.apply_specs(
-            {"h": endpoint("h", min_replicas=replicas, public=True, **fields)}, "config")
-        pool = h.reconciler.pool("h")
-        await wait_for(pool, lambda: ready_count(pool) == replicas, what="ready")
-        app = build_app(h.reconciler, h.reconciler.allocator)
-        app.middlewares.insert(0, header_deadline)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = GuardedSite(runner, "127.0.0.1", 0, limits or ConnectionLimits())
-        await site.start()
-        return f"127.0.0.1:{site.port}", pool
-
-    yield make
-    for runner in runners:
-        await runner.cleanup()
 
 
 async def raw(address: str, data: bytes, *, until: int = 1) -> bytes:

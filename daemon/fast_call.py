@@ -1,0 +1,197 @@
+"""The common model call, served from the connections' callbacks: no task, no coroutine.
+
+Why: a call on the task path goes through a task and five coroutines, each resumed twice, on
+top of what it does; that machinery was a third of berth's Python per proxied call
+(bench/RESULTS.md). The common call needs none of it: its request is whole, a slot is free, a
+connection to the replica is idle, and the replica's small answer comes whole in one read.
+
+`serve_fast` takes a call only when all of that holds up to the slot: `/invoke`, no pin, not
+HEAD, no `Expect`, its body (if any) whole in what was read, the browser and token checks
+passed, the caller without token limits. Anything else goes the task's way untouched. Once it
+holds a slot the call is the fast path's: its request goes out on an idle connection, and
+each read of that connection steps it on (`FastCall.step`). A small whole answer is written
+to the client from there; anything else (no idle connection, a big or streamed answer, a
+broken connection, the deadline) hands the call on to a task that goes on from where the call
+stands with the proxy's own code (proxy.resume_call), so each rule of the data plane lives
+in one place. A client that leaves meanwhile ends it as a cancelled task would (499, slot
+back, the connection to the replica closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from berth.daemon.errors import ApiError
+from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane
+from berth.daemon.proxy import (
+    Call,
+    Sent,
+    accounted,
+    check_call,
+    end_call,
+    open_call,
+    resume_call,
+    small,
+    upstream_request,
+    whole_answer,
+)
+from berth.daemon.upstream import UpstreamConnection, UpstreamResponse
+from berth.scheduler.errors import SchedulerError
+from berth.scheduler.router import Lease
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from berth.daemon.front import FrontReplier, FrontRequest
+    from berth.daemon.http_types import Answer
+
+log = structlog.get_logger("berth.fast_call")
+
+
+class Front(Protocol):
+    """What a fast call needs of the client connection it serves (front.Front)."""
+
+    def fast_served(self, call: FastCall) -> None: ...
+
+    def go_on_in_task(self, call: FastCall, work: Awaitable[Answer]) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def serve_fast(front: Front, request: FrontRequest, replier: FrontReplier) -> FastCall | None:
+    """Begin `request` on the fast path if it can take it (see the module's doc); None: it
+    goes the task's way, and nothing was done."""
+    content = request.content
+    if request.openai or request.expect_continue or request.head_only or not content.done:
+        return None
+    app = request.app
+    plane = app[DATA_PLANE]
+    try:
+        if "X-Berth-Replica" in request.headers:
+            return None
+        app[BROWSER].check(request)
+        call = open_call(plane, request, replier)
+        if call.pool.error or plane.auth.limits.get(call.principal) is not None:
+            return None  # (a quota counts each call: the task's way would count it again)
+        check_call(plane, call)
+    except (ApiError, SchedulerError):
+        return None  # the task's way refuses it again, and says why
+    if content.size > plane.limits.max_body:
+        return None  # (a chunked body, whole: the task's way refuses it as it streams)
+    replica = call.pool.take()
+    if replica is None:
+        return None  # it must wait for a slot
+    # From here the call holds a slot: it is the fast path's, to its end.
+    if request.body_exists:
+        call.whole = content.whole()
+    fast = FastCall(front, plane, call, Lease(call.pool, replica, plane.router.clock))
+    fast.send()
+    return fast
+
+
+class FastCall:
+    """One call on the fast path, from its slot to its end (see the module's doc). Steps on
+    when the replica's connection was read; at most one of its ends happens: `_finish`
+    (answered here), `_hand_on` (to a task) or `abandon` (the client left)."""
+
+    __slots__ = ("answer", "at", "call", "conn", "front", "lease", "plane")
+
+    def __init__(self, front: Front, plane: DataPlane, call: Call, lease: Lease) -> None:
+        self.front = front
+        self.plane = plane
+        self.call = call
+        self.lease = lease
+        self.at = plane.upstream.loop.time() + call.pool.spec.request_timeout_s
+        self.conn: UpstreamConnection | None = None
+        self.answer: asyncio.Future[UpstreamResponse] | None = None
+
+    @property
+    def request(self) -> FrontRequest:
+        return self.call.request  # type: ignore[return-value]
+
+    @property
+    def replier(self) -> FrontReplier:
+        return self.call.reply  # type: ignore[return-value]
+
+    def send(self) -> None:
+        """The request out on an idle connection to the replica, if there is one."""
+        replica, upstream = self.lease.replica, self.plane.upstream
+        conn = upstream.idle(replica.address) if replica.address is not None else None
+        if conn is None:
+            self._hand_on()  # connecting takes an await: the task's way does it
+            return
+        head, body, _ = upstream_request(self.call, replica)  # (a body here is whole)
+        self.conn = conn
+        self.answer = conn.send(head, body)  # type: ignore[assignment]
+        conn.listener = self.step
+        self.plane.deadlines.add(self)
+
+    def step(self) -> None:
+        """The replica's connection was read, or lost: end the call here if its answer is
+        whole and small, hand it on if the answer is anything else."""
+        answer = self.answer
+        assert answer is not None
+        if not answer.done():
+            return  # its head is still to come
+        if answer.exception() is not None:
+            self._hand_on()  # the task's way tells it as every call's (502, a retry)
+            return
+        upstream = answer.result()
+        if not small(upstream):
+            self._hand_on()  # streamed, big, bodiless: the task's way relays it
+        elif upstream.complete:
+            self._finish(upstream)
+        elif upstream.failed:
+            self._hand_on()
+
+    def expire(self) -> None:
+        """Deadlines: request_timeout_s passed. The task's own deadline, passed too, ends
+        the call as every call's (504)."""
+        self._hand_on()
+
+    def abandon(self, outcome: int = 499) -> None:
+        """The client left: what a cancelled call's task does on its way out."""
+        if self.lease.released:
+            return  # (ended already)
+        self._stop_listening()
+        if self.answer is not None and not self.answer.done():
+            self.answer.cancel()  # (its connection's end would set an error nobody reads)
+        if self.conn is not None:
+            self.conn.close()  # the answer comes to nobody: the connection is not reused
+        self._slot_back()
+        end_call(self.plane, self.call, outcome)
+
+    def _finish(self, upstream: UpstreamResponse) -> None:
+        self._stop_listening()
+        conn, call = self.conn, self.call
+        assert conn is not None
+        try:
+            status = whole_answer(call, self.lease.replica, upstream, upstream.body()).status
+        except Exception:
+            log.exception("fast_call.unhandled_error", endpoint=call.pool.name)
+            self.abandon(500)
+            self.front.abort()  # what went out is unknown: the client is told by the close
+            return
+        self.plane.upstream.keep_or_close(conn)
+        self._slot_back()
+        end_call(self.plane, call, status)
+        self.front.fast_served(self)
+
+    def _hand_on(self) -> None:
+        self._stop_listening()
+        sent = Sent(self.conn, self.answer, self.at)
+        self.front.go_on_in_task(self, accounted(
+            self.plane, self.call, resume_call(self.plane, self.call, self.lease, sent)))
+
+    def _stop_listening(self) -> None:
+        if self.conn is not None:
+            self.conn.listener = None
+            self.plane.deadlines.discard(self)
+
+    def _slot_back(self) -> None:
+        if self.lease.give_back():  # a drain waits for this slot (rare): tell it
+            self.plane.upstream.loop.create_task(self.lease.pool.notify())
+

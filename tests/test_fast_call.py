@@ -1,0 +1,203 @@
+"""The fast path (daemon/fast_call.py): the common call served from the connections'
+callbacks, and every other outcome handed on to the task's way. Each test makes its calls on a
+connection to the replica that is already kept alive (what the fast path needs), on one
+kept-alive client connection, and tells by the tasks the front starts which way a call went."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import aiohttp
+
+SERVE = "Front._serve"  # the task of a call that goes the task's way
+
+
+@contextlib.contextmanager
+def tasks_started() -> Iterator[list[str]]:
+    """The qualified names of the coroutines of the tasks started meanwhile."""
+    loop = asyncio.get_running_loop()
+    names: list[str] = []
+    before = loop.get_task_factory()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
+                **kwargs: Any) -> asyncio.Task[Any]:
+        names.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    try:
+        yield names
+    finally:
+        loop.set_task_factory(before)
+
+
+class Client:
+    """One kept-alive connection, one request at a time, answers read by Content-Length or
+    chunks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def call(self, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        self.writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        return await self.answer(head_only=head.startswith("HEAD "))
+
+    async def answer(self, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        status_line = await self.reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        if head_only:
+            answer = b""
+        elif "content-length" in headers:
+            answer = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            answer = b""
+            while size := int((await self.reader.readline()).strip(), 16):
+                answer += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readline()
+        else:
+            answer = b""
+        return int(status_line.split()[1]), headers, answer
+
+
+@contextlib.asynccontextmanager
+async def client(address: str) -> Any:
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield Client(reader, writer)
+    finally:
+        writer.close()
+
+
+async def warm(c: Client) -> None:
+    """One call, so that a connection to the replica is kept alive for the next."""
+    status, _, _ = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+    assert status == 200
+
+
+async def test_common_calls_take_no_task_and_the_rest_go_the_tasks_way(front):
+    address, pool = await front()
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            for i in range(5):
+                status, headers, body = await c.call(f"GET /invoke/h/echo?i={i} HTTP/1.1\n"
+                                                     "Host: 127.0.0.1\nX-Request-Id: r{i}\n")
+                assert status == 200 and json.loads(body)["query"] == {"i": str(i)}
+                assert headers["x-berth-replica"] == next(iter(pool.replicas))
+                sent = b'{"n": %d}' % i
+                status, _, body = await c.call(
+                    f"POST /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\nContent-Length: {len(sent)}\n", sent)
+                assert status == 200 and json.loads(body)["body"] == sent.decode()
+                status, _, body = await c.call(
+                    "POST /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\nTransfer-Encoding: chunked\n",
+                    b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                seen = json.loads(body)
+                assert status == 200 and seen["body"] == "abcde"
+                assert seen["headers"]["Transfer-Encoding"] == "chunked"
+        assert started.count(SERVE) == 0, started  # 15 calls, none in a task
+        with tasks_started() as started:
+            replica = next(iter(pool.replicas))
+            status, headers, _ = await c.call(
+                f"GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\nX-Berth-Replica: {replica}\n")
+            assert status == 200 and headers["x-berth-replica"] == replica
+            status, _, _ = await c.call("HEAD /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+            assert status == 200
+        assert started.count(SERVE) == 2, started  # a pin and a HEAD go the task's way
+
+
+async def test_answers_not_small_and_whole_are_handed_on_and_arrive_whole(front):
+    address, pool = await front()
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            status, _, body = await c.call("GET /invoke/h/bytes?n=300000 HTTP/1.1\nHost: 127.0.0.1\n")
+            assert status == 200 and len(body) == 300000
+            status, headers, body = await c.call(
+                "GET /invoke/h/stream?n=3&interval=0.01 HTTP/1.1\nHost: 127.0.0.1\n")
+            assert status == 200 and headers["content-type"] == "text/event-stream"
+            assert [json.loads(e[5:])["i"] for e in body.split(b"\n\n") if e] == [0, 1, 2]
+            status, headers, body = await c.call("GET /invoke/h/status/204 HTTP/1.1\nHost: 127.0.0.1\n")
+            assert status == 204 and body == b""
+            status, _, body = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+            assert status == 200  # and the connection goes on
+        assert started.count(SERVE) == 3, started
+    assert next(iter(pool.replicas.values())).in_flight == 0
+
+
+async def test_a_fast_call_past_its_deadline_gets_504_and_frees_its_slot(front):
+    address, pool = await front(request_timeout_s=0.3)
+    [replica] = pool.replicas.values()
+    async with client(address) as c:
+        await warm(c)
+        began = time.monotonic()
+        status, _, body = await c.call("GET /invoke/h/sleep?s=3 HTTP/1.1\nHost: 127.0.0.1\n")
+        assert status == 504 and time.monotonic() - began < 2
+        assert json.loads(body)["error"] == {
+            "code": "timeout", "message": "call exceeded request_timeout_s=0.3"}
+        assert replica.in_flight == 0
+        status, _, _ = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+        assert status == 200  # on a fresh connection to the replica: the cut one was closed
+
+
+async def test_a_client_leaving_a_fast_call_frees_its_slot_and_counts_499(front):
+    address, pool = await front()
+    [replica] = pool.replicas.values()
+    async with client(address) as c:
+        await warm(c)
+        c.writer.write(b"GET /invoke/h/sleep?s=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for _ in range(100):
+            if replica.in_flight == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert replica.in_flight == 1
+    began = time.monotonic()
+    while replica.in_flight and time.monotonic() - began < 2:
+        await asyncio.sleep(0.01)
+    assert replica.in_flight == 0 and time.monotonic() - began < 1
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}/metrics") as r:
+        metrics = await r.text()
+    assert re.search(r'berth_calls_total\{code="499",endpoint="h"\} 1\.0', metrics), metrics
+    async with client(address) as c:
+        status, _, _ = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+        assert status == 200  # the slot is free for the next one
+
+
+async def test_a_replica_breaking_off_a_fast_call_gives_502_and_frees_its_slot(front):
+    address, pool = await front()
+    [replica] = pool.replicas.values()
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            status, _, body = await c.call(
+                "POST /invoke/h/crash HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 2\n", b"{}")
+        assert status == 502 and json.loads(body)["error"]["code"] == "replica_failed"
+        assert started.count(SERVE) == 1  # began fast, handed on when the replica broke off
+    assert replica.in_flight == 0
+
+
+async def test_pipelined_fast_calls_to_a_client_that_reads_late_arrive_whole_in_order(front):
+    address, _ = await front()
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=2 ** 20)
+    try:
+        await warm(Client(reader, writer))
+        count = 600  # ~450 KB of answers: more than the front's write buffer holds
+        writer.write(b"".join(b"GET /invoke/h/echo?i=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i
+                              for i in range(count)))
+        await asyncio.sleep(0.3)  # not read meanwhile: the front's writes back up
+        c = Client(reader, writer)
+        for i in range(count):
+            status, _, body = await asyncio.wait_for(c.answer(), 5)
+            assert status == 200 and json.loads(body)["query"] == {"i": str(i)}
+    finally:
+        writer.close()
