@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 SERVE = "Front._serve"  # the task of a call that goes the task's way
+HTTP = " HTTP/1.1\nHost: 127.0.0.1\n"
 
 
 @contextlib.contextmanager
@@ -80,7 +81,7 @@ async def client(address: str) -> Any:
 
 async def warm(c: Client) -> None:
     """One call, so that a connection to the replica is kept alive for the next."""
-    status, _, _ = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+    status, _, _ = await c.call("GET /invoke/h/echo" + HTTP)
     assert status == 200
 
 
@@ -90,16 +91,16 @@ async def test_common_calls_take_no_task_and_the_rest_go_the_tasks_way(front):
         await warm(c)
         with tasks_started() as started:
             for i in range(5):
-                status, headers, body = await c.call(f"GET /invoke/h/echo?i={i} HTTP/1.1\n"
-                                                     "Host: 127.0.0.1\nX-Request-Id: r{i}\n")
+                status, headers, body = await c.call(f"GET /invoke/h/echo?i={i}" + HTTP +
+                                                     f"X-Request-Id: r{i}\n")
                 assert status == 200 and json.loads(body)["query"] == {"i": str(i)}
                 assert headers["x-berth-replica"] == next(iter(pool.replicas))
                 sent = b'{"n": %d}' % i
                 status, _, body = await c.call(
-                    f"POST /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\nContent-Length: {len(sent)}\n", sent)
+                    "POST /invoke/h/echo" + HTTP + f"Content-Length: {len(sent)}\n", sent)
                 assert status == 200 and json.loads(body)["body"] == sent.decode()
                 status, _, body = await c.call(
-                    "POST /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\nTransfer-Encoding: chunked\n",
+                    "POST /invoke/h/echo" + HTTP + "Transfer-Encoding: chunked\n",
                     b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
                 seen = json.loads(body)
                 assert status == 200 and seen["body"] == "abcde"
@@ -108,9 +109,9 @@ async def test_common_calls_take_no_task_and_the_rest_go_the_tasks_way(front):
         with tasks_started() as started:
             replica = next(iter(pool.replicas))
             status, headers, _ = await c.call(
-                f"GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\nX-Berth-Replica: {replica}\n")
+                "GET /invoke/h/echo" + HTTP + f"X-Berth-Replica: {replica}\n")
             assert status == 200 and headers["x-berth-replica"] == replica
-            status, _, _ = await c.call("HEAD /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+            status, _, _ = await c.call("HEAD /invoke/h/echo" + HTTP)
             assert status == 200
         assert started.count(SERVE) == 2, started  # a pin and a HEAD go the task's way
 
@@ -120,15 +121,15 @@ async def test_answers_not_small_and_whole_are_handed_on_and_arrive_whole(front)
     async with client(address) as c:
         await warm(c)
         with tasks_started() as started:
-            status, _, body = await c.call("GET /invoke/h/bytes?n=300000 HTTP/1.1\nHost: 127.0.0.1\n")
+            status, _, body = await c.call("GET /invoke/h/bytes?n=300000" + HTTP)
             assert status == 200 and len(body) == 300000
             status, headers, body = await c.call(
-                "GET /invoke/h/stream?n=3&interval=0.01 HTTP/1.1\nHost: 127.0.0.1\n")
+                "GET /invoke/h/stream?n=3&interval=0.01" + HTTP)
             assert status == 200 and headers["content-type"] == "text/event-stream"
             assert [json.loads(e[5:])["i"] for e in body.split(b"\n\n") if e] == [0, 1, 2]
-            status, headers, body = await c.call("GET /invoke/h/status/204 HTTP/1.1\nHost: 127.0.0.1\n")
+            status, headers, body = await c.call("GET /invoke/h/status/204" + HTTP)
             assert status == 204 and body == b""
-            status, _, body = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+            status, _, body = await c.call("GET /invoke/h/echo" + HTTP)
             assert status == 200  # and the connection goes on
         assert started.count(SERVE) == 3, started
     assert next(iter(pool.replicas.values())).in_flight == 0
@@ -140,12 +141,12 @@ async def test_a_fast_call_past_its_deadline_gets_504_and_frees_its_slot(front):
     async with client(address) as c:
         await warm(c)
         began = time.monotonic()
-        status, _, body = await c.call("GET /invoke/h/sleep?s=3 HTTP/1.1\nHost: 127.0.0.1\n")
+        status, _, body = await c.call("GET /invoke/h/sleep?s=3" + HTTP)
         assert status == 504 and time.monotonic() - began < 2
         assert json.loads(body)["error"] == {
             "code": "timeout", "message": "call exceeded request_timeout_s=0.3"}
         assert replica.in_flight == 0
-        status, _, _ = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+        status, _, _ = await c.call("GET /invoke/h/echo" + HTTP)
         assert status == 200  # on a fresh connection to the replica: the cut one was closed
 
 
@@ -168,7 +169,7 @@ async def test_a_client_leaving_a_fast_call_frees_its_slot_and_counts_499(front)
         metrics = await r.text()
     assert re.search(r'berth_calls_total\{code="499",endpoint="h"\} 1\.0', metrics), metrics
     async with client(address) as c:
-        status, _, _ = await c.call("GET /invoke/h/echo HTTP/1.1\nHost: 127.0.0.1\n")
+        status, _, _ = await c.call("GET /invoke/h/echo" + HTTP)
         assert status == 200  # the slot is free for the next one
 
 
@@ -179,7 +180,7 @@ async def test_a_replica_breaking_off_a_fast_call_gives_502_and_frees_its_slot(f
         await warm(c)
         with tasks_started() as started:
             status, _, body = await c.call(
-                "POST /invoke/h/crash HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 2\n", b"{}")
+                "POST /invoke/h/crash" + HTTP + "Content-Length: 2\n", b"{}")
         assert status == 502 and json.loads(body)["error"]["code"] == "replica_failed"
         assert started.count(SERVE) == 1  # began fast, handed on when the replica broke off
     assert replica.in_flight == 0
