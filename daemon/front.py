@@ -49,6 +49,7 @@ MAX_FIELD = 8190
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
 BODY_HIGH = 256 * 1024  # request body bytes queued before the client's socket stops being read
+WAIT_BODY = 64 * 1024  # a body up to this long is waited for one read before its call starts
 PREFIX = b"/invoke/"
 # The OpenAI routes whose model is in a JSON body (the multipart ones stay aiohttp's)
 OPENAI_PATHS = frozenset(f"/v1/{path}".encode() for path in JSON_ROUTES)
@@ -349,6 +350,7 @@ class Front(FlowControl):
         self._task: asyncio.Task[None] | None = None
         self._fast: FastCall | None = None  # a call on the fast path (daemon/fast_call.py)
         self._starting = False  # a request's head came: its call starts once the read is parsed
+        self._waited = False  # ... or the next read, for the rest of a small body (WAIT_BODY)
         self._aiohttp: RequestHandler | None = None  # SERIAL mode's handler
         self._backlog: list[bytes] = []  # SERIAL bytes waiting for the front's calls
         self._serial_chunked = False
@@ -375,8 +377,8 @@ class Front(FlowControl):
                 self._mode = Mode.HANDOFF  # aiohttp's parser finds it too, and answers it
             else:
                 self._refuse_parsed(exc)
-        if self._starting:  # now, with all of its body that came in this read
-            self._starting = False
+        if self._starting and not self._wait_for_body():
+            self._starting = False  # now, with all of its body that came in this read
             self._start_next()
         if self._raw is None:
             return  # (decided: the front's, the most common; an Enum member costs 57 ns)
@@ -385,6 +387,19 @@ class Front(FlowControl):
             self._host.to_aiohttp(raw)  # the connection is aiohttp's from here
         elif self._mode is Mode.UNDECIDED and len(self._raw) > MAX_HEAD and not self._in_head:
             self._client.close()  # this much and no request begun (blank lines): not a client
+
+    def _wait_for_body(self) -> bool:
+        """Whether the call waits one more read for the rest of its small body: clients
+        (httpx, so the openai SDK) write a head and its body apart, and a call whose body
+        is whole takes the fast path (daemon/fast_call.py)."""
+        if self._waited or self.close_after:
+            self._waited = False
+            return False
+        request = self._pending[0]
+        length = request.content_length
+        self._waited = not request.content.done and length is not None and \
+            length <= WAIT_BODY and not request.expect_continue
+        return self._waited
 
     def _refuse_parsed(self, exc: Exception) -> None:
         too_large = isinstance(exc, HeadTooLarge) or isinstance(exc.__context__, HeadTooLarge)
@@ -620,6 +635,9 @@ class Front(FlowControl):
     def shutdown(self) -> None:
         """berthd stops: close now if idle, else once the answer under way is out."""
         self.close_after = True
+        if self._starting:  # no more is read: its call starts with what it has
+            self._starting = self._waited = False
+            self._start_next()
         self.pause_reading()
         if self.idle and self._mode is not Mode.SERIAL:  # aiohttp's server closes its own
             self._client.close()

@@ -202,3 +202,25 @@ async def test_pipelined_fast_calls_to_a_client_that_reads_late_arrive_whole_in_
             assert status == 200 and json.loads(body)["query"] == {"i": str(i)}
     finally:
         writer.close()
+
+
+async def test_a_small_body_written_apart_from_its_head_is_waited_for_one_read(front):
+    address, _ = await front()
+    sent = b'{"input": "a body the client wrote after its head"}'
+    head = ("POST /invoke/h/echo" + HTTP + f"Content-Length: {len(sent)}\n\n").replace(
+        "\n", "\r\n").encode()
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            c.writer.write(head)  # as httpx (the openai SDK) writes: head, then body
+            await asyncio.sleep(0.05)
+            c.writer.write(sent)
+            status, _, body = await c.answer()
+            assert status == 200 and json.loads(body)["body"] == sent.decode()
+            assert started.count(SERVE) == 0  # whole after one more read: the fast path
+            for piece in (head, sent[:5], sent[5:]):  # whole only after two more reads
+                c.writer.write(piece)
+                await asyncio.sleep(0.05)
+            status, _, body = await c.answer()
+            assert status == 200 and json.loads(body)["body"] == sent.decode()
+        assert started.count(SERVE) == 1  # started at the second read, the task's way
