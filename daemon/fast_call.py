@@ -29,7 +29,6 @@ from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane
 from berth.daemon.proxy import (
     Call,
     Sent,
-    accounted,
     check_call,
     end_call,
     open_call,
@@ -43,10 +42,9 @@ from berth.scheduler.errors import SchedulerError
 from berth.scheduler.router import Lease
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Coroutine
 
     from berth.daemon.front import FrontReplier, FrontRequest
-    from berth.daemon.http_types import Answer
 
 log = structlog.get_logger("berth.fast_call")
 
@@ -56,7 +54,7 @@ class Front(Protocol):
 
     def fast_served(self, call: FastCall) -> None: ...
 
-    def go_on_in_task(self, call: FastCall, work: Awaitable[Answer]) -> None: ...
+    def go_on_in_task(self, call: FastCall, work: Coroutine[object, None, object]) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -157,8 +155,11 @@ class FastCall:
         if self.lease.released:
             return  # (ended already)
         self._stop_listening()
-        if self.answer is not None and not self.answer.done():
-            self.answer.cancel()  # (its connection's end would set an error nobody reads)
+        answer = self.answer
+        if answer is not None and not answer.done():
+            answer.cancel()  # (its connection's end would set an error nobody reads)
+        elif answer is not None and not answer.cancelled():
+            answer.exception()  # (read: an error nobody reads is logged)
         if self.conn is not None:
             self.conn.close()  # the answer comes to nobody: the connection is not reused
         self._slot_back()
@@ -177,14 +178,15 @@ class FastCall:
             return
         self.plane.upstream.keep_or_close(conn)
         self._slot_back()
-        end_call(self.plane, call, status)
-        self.front.fast_served(self)
+        try:
+            end_call(self.plane, call, status)
+        finally:  # (the client's next request must not hang on a fault in the counting)
+            self.front.fast_served(self)
 
     def _hand_on(self) -> None:
         self._stop_listening()
         sent = Sent(self.conn, self.answer, self.at)
-        self.front.go_on_in_task(self, accounted(
-            self.plane, self.call, resume_call(self.plane, self.call, self.lease, sent)))
+        self.front.go_on_in_task(self, resume_call(self.plane, self.call, self.lease, sent))
 
     def _stop_listening(self) -> None:
         if self.conn is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from enum import Enum
 from http import HTTPStatus
 from typing import Protocol
@@ -121,8 +121,9 @@ class RequestBody:
         """The body, once `done`: all of it, taken (the fast path's; daemon/fast_call.py)."""
         assert self.done
         chunks, self._chunks = self._chunks, deque()
+        if self._size > BODY_HIGH:  # (paused for it; a pause for other reasons stays)
+            self._front.resume_reading()
         self._size = 0
-        self._front.resume_reading()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _wake(self) -> None:
@@ -299,6 +300,15 @@ class FrontReplier:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
+
+
+def _never_started(task: asyncio.Task[None], call: FastCall,
+                   work: Coroutine[object, None, object]) -> None:
+    """A fast call's task cancelled before its first step (the client left in the same
+    pass of the loop) ran none of its code: the call ends as the client's leaving ends it."""
+    if task.cancelled():
+        work.close()  # (never awaited: closed, or Python warns)
+        call.abandon()  # (nothing, when the task's own code gave the slot back)
 
 
 def _phrase(status: int) -> str:
@@ -535,7 +545,14 @@ class Front(FlowControl):
         request = self._pending.popleft()
         self._host.request_started()
         replier = FrontReplier(self, request)
-        fast = serve_fast(self, request, replier)
+        try:
+            fast = serve_fast(self, request, replier)
+        except Exception:  # (a bug: the call is answered as the task's way answers one)
+            log.exception("front.unhandled_error", method=request.method,
+                          path=request.rel_url.raw_path)
+            self._error(replier, ApiError(500, "internal", "internal error; see the berthd log"))
+            self._served(request, replier)
+            return
         if fast is None:
             self._task = self.loop.create_task(self._serve(request, replier))
         elif self._task is None:  # (else it went on in a task at once: go_on_in_task)
@@ -549,10 +566,11 @@ class Front(FlowControl):
         else:
             self._served(call.request, call.replier)
 
-    def go_on_in_task(self, call: FastCall, work: Awaitable[object]) -> None:
+    def go_on_in_task(self, call: FastCall, work: Coroutine[object, None, object]) -> None:
         """A fast call's rest, in a task as every other call's."""
         self._fast = None
-        self._task = self.loop.create_task(self._serve(call.request, call.replier, work))
+        task = self._task = self.loop.create_task(self._serve(call.request, call.replier, work))
+        task.add_done_callback(lambda done: _never_started(done, call, work))
 
     async def _serve(self, request: FrontRequest, replier: FrontReplier,
                      work: Awaitable[object] | None = None) -> None:
@@ -635,9 +653,8 @@ class Front(FlowControl):
     def shutdown(self) -> None:
         """berthd stops: close now if idle, else once the answer under way is out."""
         self.close_after = True
-        if self._starting:  # no more is read: its call starts with what it has
-            self._starting = self._waited = False
-            self._start_next()
+        if self._arriving is not None:
+            return  # a body still coming is read on: its call needs it (then the close)
         self.pause_reading()
         if self.idle and self._mode is not Mode.SERIAL:  # aiohttp's server closes its own
             self._client.close()

@@ -353,7 +353,12 @@ async def serve_call(router: Router, call: Call, pinned: str | None,
 
 async def resume_call(plane: DataPlane, call: Call, lease: Lease, sent: Sent) -> Answer:
     """The rest of a call that the fast path (daemon/fast_call.py) began in the connection's
-    callbacks and could not end there, from where it stands, by the code every call runs."""
+    callbacks and could not end there, from where it stands, by the code every call runs
+    (its outcome counted)."""
+    return await accounted(plane, call, _resumed(plane, call, lease, sent))
+
+
+async def _resumed(plane: DataPlane, call: Call, lease: Lease, sent: Sent) -> Answer:
     try:
         async with lease:
             return await _exchange(call, lease.replica, sent)

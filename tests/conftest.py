@@ -179,8 +179,10 @@ async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, obj
         runners.append(runner)
         site = GuardedSite(runner, "127.0.0.1", 0, limits or ConnectionLimits())
         await site.start()
+        make.sites.append(site)  # type: ignore[attr-defined]
         return f"127.0.0.1:{site.port}", pool
 
+    make.sites = []  # type: ignore[attr-defined]  (the listeners, for tests that stop them)
     yield make
     for runner in runners:
         await runner.cleanup()

@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from berth.daemon.fast_call import FastCall
+
 SERVE = "Front._serve"  # the task of a call that goes the task's way
 HTTP = " HTTP/1.1\nHost: 127.0.0.1\n"
 
@@ -224,3 +226,41 @@ async def test_a_small_body_written_apart_from_its_head_is_waited_for_one_read(f
             status, _, body = await c.answer()
             assert status == 200 and json.loads(body)["body"] == sent.decode()
         assert started.count(SERVE) == 1  # started at the second read, the task's way
+
+
+async def test_a_client_gone_in_the_pass_its_call_is_handed_on_leaves_no_slot_taken(
+        front, monkeypatch):
+    address, pool = await front(request_timeout_s=0.3)
+    [replica] = pool.replicas.values()
+    expire = FastCall.expire
+
+    def client_leaves_first(call: FastCall) -> None:
+        call.front.abort()  # its end is told in this pass, before the task's first step
+        expire(call)
+
+    monkeypatch.setattr(FastCall, "expire", client_leaves_first)
+    async with client(address) as c:
+        await warm(c)
+        c.writer.write(b"GET /invoke/h/sleep?s=2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert await c.reader.read() == b""  # cut at the deadline, unanswered
+    assert replica.in_flight == 0
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}/metrics") as r:
+        assert 'berth_calls_total{code="499",endpoint="h"} 1.0' in await r.text()
+
+
+async def test_a_body_still_coming_at_shutdown_is_read_and_its_call_answered(front):
+    address, _ = await front()
+    [site] = front.sites
+    for sent in (b'{"small": "waited for"}', b"x" * 200_000):  # the fast path's, the task's
+        head = ("POST /invoke/h/echo" + HTTP + f"Content-Length: {len(sent)}\n\n").replace(
+            "\n", "\r\n").encode()
+        async with client(address) as c:
+            await warm(c)
+            c.writer.write(head + sent[:10])
+            await asyncio.sleep(0.05)
+            for f in list(site.guard.fronts):
+                f.shutdown()  # berthd stops
+            c.writer.write(sent[10:])
+            status, _, body = await asyncio.wait_for(c.answer(), 5)
+            assert status == 200 and json.loads(body)["body"] == sent.decode()
+            assert await c.reader.read() == b""  # and then the connection closes
