@@ -44,7 +44,7 @@ from berth.scheduler.router import Lease
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-    from berth.daemon.front import FrontReplier, FrontRequest
+    from berth.daemon.front_messages import FrontReplier, FrontRequest
 
 log = structlog.get_logger("berth.fast_call")
 

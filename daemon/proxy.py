@@ -39,7 +39,7 @@ from berth.daemon.keys import (
     DataPlane,
 )
 from berth.daemon.models_api import error_object, presented_key
-from berth.daemon.sse import LineBuffer
+from berth.daemon.sse import SseRewriter
 from berth.daemon.upstream import (
     NO_BODY,
     UpstreamConnection,
@@ -74,7 +74,6 @@ OPENAI_ONLY = REQUEST_ONLY | {b"x-api-key"}  # berth's key on the OpenAI routes,
 ANSWER_OWN = frozenset({b"x-berth-replica", b"x-request-id"})  # berth sets these on answers
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # answers of known length up to this go out in one write
-MAX_HELD = 1024 ** 2  # the most of one SSE line the rewriter holds back
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # retried elsewhere if left unanswered
 
@@ -161,48 +160,6 @@ class AiohttpReplier:
             response.content_length = length
         await response.prepare(self.request)
         return response
-
-
-class SseRewriter:
-    """Rewrites each complete `data:` line of an SSE stream with `rewrite` (JSON bytes in,
-    JSON bytes out); everything else passes as it comes. Only a line's unfinished end is held
-    until its newline arrives, and SSE events end in a blank line, so no event waits. A line
-    longer than MAX_HELD is passed on unrewritten rather than held (memory is bounded)."""
-
-    def __init__(self, rewrite: Callable[[bytes], bytes]) -> None:
-        self.rewrite = rewrite
-        self.lines = LineBuffer(MAX_HELD)
-        self.passing = False  # inside an over-long line: pass it until its end
-
-    @property
-    def tail(self) -> bytes:
-        return bytes(self.lines.held)
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.passing:  # the rest of an over-long line goes as it comes
-            end = chunk.find(b"\n") + 1
-            if not end:
-                return chunk
-            self.passing = False
-            return chunk[:end] + self.feed(chunk[end:])
-        done = self.lines.feed(chunk)
-        out = b"".join(self._line(line) for line in done.splitlines(keepends=True))
-        if self.lines.overflowing:
-            out, self.passing = out + self.lines.take(), True
-        return out
-
-    def flush(self) -> bytes:
-        tail = self.lines.take()
-        return tail if self.passing else self._line(tail) if tail else b""
-
-    def _line(self, line: bytes) -> bytes:
-        if not line.startswith(b"data:"):
-            return line
-        payload = line[5:].strip()
-        if not payload.startswith(b"{"):
-            return line  # [DONE] and anything that is not a JSON object
-        ending = line[len(line.rstrip(b"\r\n")):]
-        return b"data: " + self.rewrite(payload) + ending
 
 
 def check_token(auth: Auth, request: CallRequest, spec: EndpointSpec) -> None:

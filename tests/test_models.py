@@ -239,7 +239,7 @@ async def test_a_streamed_chat_carries_the_clients_model_name_in_every_chunk(api
 
 def test_sse_rewriter_keeps_the_stream_as_it_comes():
     from berth.daemon.openai_api import renamer
-    from berth.daemon.proxy import SseRewriter
+    from berth.daemon.sse import SseRewriter
 
     sse = SseRewriter(renamer("llama", "/m"))
     out = sse.feed(b'data: {"model": "/m", "i": 1}\n\nda')
@@ -253,7 +253,7 @@ def test_sse_rewriter_keeps_the_stream_as_it_comes():
 
 def test_sse_rewriter_holds_at_most_a_bounded_line():
     from berth.daemon.openai_api import renamer
-    from berth.daemon.proxy import MAX_HELD, SseRewriter
+    from berth.daemon.sse import MAX_HELD, SseRewriter
 
     sse = SseRewriter(renamer("llama", "/m"))
     long = b'data: {"model": "/m", "x": "' + b"a" * MAX_HELD

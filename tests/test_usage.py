@@ -260,7 +260,7 @@ def test_the_sse_meter_and_rewriter_take_a_long_line_in_tiny_pieces_in_linear_ti
     import time
 
     from berth.daemon.openai_api import renamer
-    from berth.daemon.proxy import SseRewriter
+    from berth.daemon.sse import SseRewriter
 
     line = b'data: {"model": "/m", "usage": {"prompt_tokens": 1}, "x": "' + b"a" * 500_000
     meter, sse = UsageMeter(), SseRewriter(renamer("llama", "/m"))
