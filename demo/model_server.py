@@ -99,10 +99,12 @@ class Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 time.sleep(min(0.02, max(0, end - time.monotonic())))
-            return self._send(200, {"slept": seconds, "active": active})
         finally:
             with LOCK:
                 STATS["active"] -= 1
+        # Answered once it no longer counts as active: a caller that has the whole answer
+        # may call again at once, and must not find this call still counted.
+        return self._send(200, {"slept": seconds, "active": active})
 
     def _upload(self):
         digest, size = hashlib.sha256(), 0
