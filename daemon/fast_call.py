@@ -121,9 +121,14 @@ class FastCall:
         if conn is None:
             self._hand_on()  # connecting takes an await: the task's way does it
             return
-        head, body, _ = upstream_request(self.call, replica)  # (a body here is whole)
+        try:
+            head, body, _ = upstream_request(self.call, replica)  # (a body here is whole)
+            self.answer = conn.send(head, body)  # type: ignore[assignment]
+        except Exception:  # (a fault: answered 500 by the front; nothing is left taken)
+            conn.close()
+            self.abandon(500)
+            raise
         self.conn = conn
-        self.answer = conn.send(head, body)  # type: ignore[assignment]
         conn.listener = self.step
         self.plane.deadlines.add(self)
 

@@ -264,3 +264,24 @@ async def test_a_body_still_coming_at_shutdown_is_read_and_its_call_answered(fro
             status, _, body = await asyncio.wait_for(c.answer(), 5)
             assert status == 200 and json.loads(body)["body"] == sent.decode()
             assert await c.reader.read() == b""  # and then the connection closes
+
+
+async def test_a_fault_on_the_fast_path_answers_500_and_leaves_nothing_taken(front, monkeypatch):
+    address, pool = await front()
+    [replica] = pool.replicas.values()
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a fault in building the request")
+
+    async with client(address) as c:
+        await warm(c)
+        monkeypatch.setattr("berth.daemon.fast_call.upstream_request", broken)
+        status, _, body = await c.call("GET /invoke/h/echo" + HTTP)
+        assert status == 500 and json.loads(body)["error"]["code"] == "internal"
+        assert replica.in_flight == 0
+    monkeypatch.undo()
+    async with client(address) as c:
+        status, _, _ = await c.call("GET /invoke/h/echo" + HTTP)
+        assert status == 200
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}/metrics") as r:
+        assert 'berth_calls_total{code="500",endpoint="h"} 1.0' in await r.text()
