@@ -175,18 +175,23 @@ def row(name: str, values: dict[str, float], unit: str, note: str) -> str:
     return f"| {name} | {cells} | {note} |"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def timed_wrk(url: str, clients: int, pid: int | None) -> dict[str, float]:
-    """wrk, plus the CPU microseconds `pid` spent per request meanwhile."""
-    before = cpu_seconds(pid) if pid else 0.0
+    """wrk, plus the CPU microseconds `pid` spent per request meanwhile: in all, and its
+    user part apart (the proxy's own work; the system part is mostly the same four system
+    calls per call for every proxy, and swings with the box)."""
+    before = cpu_seconds(pid) if pid else (0.0, 0.0)
     result = wrk(url, clients)
     if pid:
-        result["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / (result["rps"] * WRK_SECONDS)
+        after, calls = cpu_seconds(pid), result["rps"] * WRK_SECONDS
+        result["user_us"] = (after[0] - before[0]) * 1e6 / calls
+        result["cpu_us"] = result["user_us"] + (after[1] - before[1]) * 1e6 / calls
     return result
 
 
@@ -214,7 +219,8 @@ async def measure(base: str, proxy: str, pids: dict[str, int],
             f = runs["floor"]
             rows.append(f"| floor proxy (bench/floor_proxy.py), 64 connections | | "
                         f"{f['rps']:.0f} /s, {f['cpu_us']:.1f} us/call | | floor / nginx = "
-                        f"{f['rps'] / runs['nginx']['rps']:.2f}x; runs: "
+                        f"{f['rps'] / runs['nginx']['rps']:.2f}x; user {f['user_us']:.1f} "
+                        "us/call; runs: "
                         f"{', '.join(f'{x:.0f}' for x in f['all'])} |")
         rps = {k: r["rps"] for k, r in runs.items()}
         pairs = list(zip(runs["nginx"]["all"], runs["berth"]["all"], strict=True))
@@ -230,7 +236,9 @@ async def measure(base: str, proxy: str, pids: dict[str, int],
         if clients == 64:
             rows.append(f"| CPU per call, 64 connection(s) | | {runs['nginx']['cpu_us']:.1f} us "
                         f"| {runs['berth']['cpu_us']:.1f} us | the proxy process's user + "
-                        "system time over its calls (nginx: its worker) |")
+                        "system time over its calls (nginx: its worker); user alone: nginx "
+                        f"{runs['nginx']['user_us']:.1f} us, berth {runs['berth']['user_us']:.1f}"
+                        " us |")
         for p in ("p50", "p99"):
             lat = {k: r[p] for k, r in runs.items()}
             target = " (target <= 0.15 ms)" if clients == 1 and p == "p50" else ""
