@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from berth.daemon.front_messages import FrontReplier, FrontRequest
 
 log = structlog.get_logger("berth.fast_call")
+NO_EXCLUDE: frozenset[str] = frozenset()
 
 
 class Front(Protocol):
@@ -72,14 +73,14 @@ def serve_fast(front: Front, request: FrontRequest, replier: FrontReplier) -> Fa
             return None
         app[BROWSER].check(request)
         call = open_call(plane, request, replier)
-        if call.pool.error or plane.auth.limits.get(call.principal) is not None:
+        if plane.auth.limits.get(call.principal) is not None:
             return None  # (a quota counts each call: the task's way would count it again)
         check_call(plane, call)
+        if content.size > plane.limits.max_body:
+            return None  # (a chunked body, whole: the task's way refuses it as it streams)
+        replica = plane.router.free_slot(call.pool, None, NO_EXCLUDE)
     except (ApiError, SchedulerError):
         return None  # the task's way refuses it again, and says why
-    if content.size > plane.limits.max_body:
-        return None  # (a chunked body, whole: the task's way refuses it as it streams)
-    replica = call.pool.take()
     if replica is None:
         return None  # it must wait for a slot
     # From here the call holds a slot: it is the fast path's, to its end.

@@ -340,7 +340,7 @@ async def _body(call: Call) -> AsyncIterator[bytes]:
 
 
 def upstream_request(call: Call, replica: Replica
-                      ) -> tuple[bytes, AsyncIterator[bytes] | bytes | None, bool]:
+                     ) -> tuple[bytes, AsyncIterator[bytes] | bytes | None, bool]:
     """The request head as it goes to `replica` (one buffer), its body, and whether the body
     goes chunk-framed (a client body of unknown length)."""
     request = call.request
@@ -516,7 +516,7 @@ def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) 
 
 
 def whole_answer(call: Call, replica: Replica, upstream: UpstreamResponse,
-                  body: bytes) -> Answer:
+                 body: bytes) -> Answer:
     """A small answer read whole, in one write."""
     if call.meter is not None:
         call.meter.whole(body)
