@@ -241,8 +241,20 @@ class ReplicaLifecycle:
                                              probe.timeout_s)
             failed = 0 if ok else failed + 1
             if failed >= probe.failure_threshold:
-                await self.fail(f"liveness failed {failed} times in a row")
+                await self.fail(await self._liveness_reason(failed))
                 return
+
+    async def _liveness_reason(self, failed: int) -> str:
+        """Why liveness failed: a model that exited says so (its probe only saw a refused
+        connection), whichever of the probe and the reconciler's pass noticed first."""
+        reason = f"liveness failed {failed} times in a row"
+        if self.replica.container_id is None:
+            return reason
+        try:
+            ended = await self.ctx.runtime.exit_status(self.replica.container_id)
+        except DockerUnavailable:
+            return reason
+        return reason if ended is None else f"container exited ({ended}); {reason}"
 
     # --- sleeping and waking (the endpoint's sleep tier) ---------------------------------------
 

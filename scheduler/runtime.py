@@ -464,6 +464,20 @@ class DockerRuntime:
                 running=row.get("State") == "running", status=row.get("Status", ""), ip=ip))
         return result
 
+    async def exit_status(self, container_id: str) -> str | None:
+        """None while the container runs; else how it ended ("exited with code 3", "gone")."""
+        def inspect() -> str | None:
+            try:
+                state = self.client.api.inspect_container(container_id).get("State", {})
+            except docker.errors.NotFound:
+                return "gone"
+            except docker.errors.APIError:
+                return None  # the engine could not say: not known to have ended
+            if state.get("Running"):
+                return None
+            return f"{state.get('Status', 'exited')} with code {state.get('ExitCode', '?')}"
+        return await self._call(inspect)
+
     async def logs_tail(self, container_id: str, lines: int = 20) -> str:
         """The container's last log lines ('' if it is gone)."""
         def tail() -> str:

@@ -107,6 +107,11 @@ class Harness:
             await asyncio.sleep(0.1)
             await self.reconciler.run_pass()
 
+    def pause_passes(self) -> None:
+        """No more timed reconcile passes (a kick still runs one)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+
     async def stop(self, stop_replicas: bool = True) -> None:
         if self.stopped:
             return

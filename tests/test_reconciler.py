@@ -124,6 +124,19 @@ async def test_failed_liveness_replaces_the_replica(harness):
     assert first.id not in pool.replicas
 
 
+async def test_a_model_that_exits_is_failed_as_exited_when_liveness_notices_first(
+        harness, docker_client):
+    h = await harness()
+    await h.reconciler.apply_specs({"gone": endpoint("gone", min_replicas=1)}, "config")
+    pool = h.reconciler.pool("gone")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    replica = next(iter(pool.replicas.values()))
+    h.pause_passes()  # only the liveness probe can see the exit now
+    docker_client.api.kill(replica.container_id)
+    await wait_for(pool, lambda: replica.state is S.FAILED, what="the exit noticed")
+    assert "container exited (exited with code 137); liveness failed 2 times" in replica.reason
+
+
 async def test_missing_image_is_an_endpoint_error_and_others_keep_running(harness):
     h = await harness()
     specs = {"good": endpoint("good", min_replicas=1),
