@@ -126,7 +126,8 @@ class ConnectionGuard:
         """At shutdown, with the listener closed: idle front connections close now, busy
         ones after their answer; whatever still runs after `grace_s` is cut."""
         for front in list(self.fronts):
-            front.shutdown()
+            if not front.shutdown():
+                self.forget_front(front)  # (aiohttp's to close, next)
         if self.fronts:
             self._fronts_gone.clear()
             with contextlib.suppress(TimeoutError):

@@ -407,14 +407,20 @@ class Front(FlowControl):
     def idle(self) -> bool:
         return self._task is None and self._fast is None and not self._pending
 
-    def shutdown(self) -> None:
-        """berthd stops: close now if idle, else once the answer under way is out."""
+    def shutdown(self) -> bool:
+        """berthd stops: close now if idle, else once the answer under way is out. False:
+        nothing of the front's is left to wait for; the connection is aiohttp's (SERIAL),
+        whose server closes it next (runner.cleanup), gracefully as its own."""
         self.close_after = True
         if self._arriving is not None:
-            return  # a body still coming is read on: its call needs it (then the close)
+            return True  # a body still coming is read on: its call needs it (then the close)
         self.pause_reading()
-        if self.idle and self._mode is not Mode.SERIAL:  # aiohttp's server closes its own
-            self._client.close()
+        if not self.idle:
+            return True  # closed once the answer under way is out (_served)
+        if self._mode is Mode.SERIAL:
+            return False
+        self._client.close()
+        return True
 
     def abort(self) -> None:
         self._client.abort()

@@ -214,6 +214,23 @@ async def test_a_call_connection_then_carries_control_requests(front):
     assert json.loads(answers[3][1])["path"] == "/echo/2"  # aiohttp's route, same answer
 
 
+async def test_a_connection_carried_on_by_aiohttp_closes_at_once_at_shutdown(front):
+    # Stopping the listener waits for the front's connections: one that aiohttp carries on
+    # (SERIAL), idle between requests, must close then, not at its keep-alive timeout.
+    address, _ = await front(limits=ConnectionLimits(keepalive_timeout_s=60))
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert [status for status, _ in await read_answers(reader, 2)] == [200, 200]
+    [site] = front.sites
+    runner = site._runner
+    async with asyncio.timeout(10):  # (before the fix: the keep-alive timeout, 60 s)
+        await runner.cleanup()  # as berthd stops: the listeners, then aiohttp's connections
+        assert await reader.read() == b""  # closed by berth
+    writer.close()
+
+
 async def test_a_control_connection_may_carry_calls(front):
     address, _ = await front()
     (first, _), (second, body) = await exchange(
