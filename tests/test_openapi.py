@@ -127,13 +127,13 @@ labels = {{ "berth.test" = "{SESSION}" }}
         control = subprocess.run(
             [*common, "--include-tag", "control", "--include-tag", "health", "--checks",
              "all", "--exclude-checks", "positive_data_acceptance", "-n", "20",
-             "--max-time", "60"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+             "--max-time", "30"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         # Data plane: 502/503/504 are answers berth gives on purpose (replica failure, no
         # capacity, timeout), so "no 5xx" does not apply there; no 500 is checked below.
         data = subprocess.run(
             [common[0], "--config-file", str(pinned), *common[1:], "--include-tag",
              "data plane", "--checks", "all", "--exclude-checks",
-             "positive_data_acceptance,not_a_server_error", "-n", "10", "--max-time", "45"],
+             "positive_data_acceptance,not_a_server_error", "-n", "10", "--max-time", "20"],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     finally:
         d.signal(15)
