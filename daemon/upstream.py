@@ -208,7 +208,9 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._fields: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0  # bytes read while the answer's head is incomplete
+        # Bytes read while the answer's head is incomplete, then (the trailer's guard) since
+        # a read last carried body bytes: llhttp holds a header or trailer line until its end
+        self._head_bytes = 0
         self._reason = b""
         self._head_only = False
         self._keep_alive = False
@@ -311,12 +313,11 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         if parser is None or not self._expecting or not self._clean:
             self.close()  # bytes nobody asked for: the stream can no longer be trusted
             return
-        if self._response is None:
-            self._head_bytes += len(data)
+        self._head_bytes += len(data)  # (body bytes set it back to 0: on_body)
         try:
             parser.feed_data(data)
-            if self._response is None and self._head_bytes > MAX_HEAD:
-                raise ValueError(f"an answer head over {MAX_HEAD} bytes")
+            if self._head_bytes > MAX_HEAD:
+                raise ValueError(f"an answer head or trailer over {MAX_HEAD} bytes")
         except (httptools.HttpParserError, httptools.HttpParserUpgrade, ValueError) as exc:
             self.close()
             self._broke(UpstreamError(f"the replica answered something that is not HTTP: "
@@ -383,6 +384,7 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         if response is None or response.complete:
             self._clean = False  # a body where none may be (HEAD, 204): not to be trusted
         else:
+            self._head_bytes = 0
             response.feed(chunk)
 
     def on_message_complete(self) -> None:

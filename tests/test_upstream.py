@@ -244,6 +244,38 @@ async def test_trailers_are_not_passed_on_nor_kept_for_the_next_answer():
         assert server.connections == 1
 
 
+async def test_an_endless_trailer_is_cut_not_held():
+    # A trailer line is held by llhttp until its end: one that never ends would fill memory.
+    written, served = 0, asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(256):  # 16 MiB in all, unless berth stops reading it
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                written += 1
+        writer.close()
+        served.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        conn = await UpstreamPool().connect(address)
+        response = await conn.send(GET, None)
+        with pytest.raises(UpstreamError, match="trailer over"):
+            await response.read()
+        assert conn._transport.is_closing()
+        async with asyncio.timeout(10):
+            await served.wait()
+        assert written < 256  # the rest was refused: the connection closed
+    finally:
+        server.close()
+
+
 async def test_a_padded_content_length_cut_short_is_an_error_not_a_whole_answer():
     async with Scripted(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 100 \r\n\r\nonly ten..",
                         close_after=True) as server:
