@@ -181,7 +181,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
               guard: BrowserGuard | None = None, min_free_disk: int = 0,
               volume_prefixes: tuple[str, ...] = (),
               usage: UsageLedger | None = None,
-              gpu_readings: GpuReadings | None = None) -> web.Application:
+              gpu_readings: GpuReadings | None = None,
+              body_timeout_s: float = 60.0) -> web.Application:
     """The whole HTTP surface, every shared object on its key (daemon/keys.py). Control
     bodies are small (1 MiB); call bodies stream. `guard` defaults to a loopback listener
     answering to 127.0.0.1 and localhost."""
@@ -211,7 +212,8 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     reconciler.start_listeners.append(app[METRICS].start_observed)
     reconciler.wake_listeners.append(app[METRICS].wake_observed)
     reconciler.event_listeners.append(app[METRICS].event_observed)
-    app[LIMITS] = Limits(max_body_bytes, max_async_body_bytes, min_free_disk, volume_prefixes)
+    app[LIMITS] = Limits(max_body_bytes, max_async_body_bytes, min_free_disk, volume_prefixes,
+                         body_timeout_s)
     app[ADMIN_ROUTES] = set()
     app.router.add_get("/healthz", healthz)
     add_admin_route(app, "GET", "/metrics", metrics)

@@ -241,6 +241,8 @@ class DaemonSettings(Strict):
     # Below this much free space in state_dir new async tasks are refused (507).
     min_free_disk: Size = Field(2 * 1024 ** 3, ge=0)
     header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    # The body of an OpenAI call is read whole before its model is known: it must come in time.
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
     keepalive_timeout_s: float = Field(15.0, gt=0, le=3600)
     max_connections: Int = Field(4096, ge=1)
     max_connections_per_client: Int = Field(256, ge=1)

@@ -40,6 +40,7 @@ class Limits:
     max_async_body: int = 1024 ** 3
     min_free_disk: int = 0
     volume_prefixes: tuple[str, ...] = ()
+    body_timeout_s: float = 60.0  # an OpenAI call's body, read before routing, must come in this
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,13 +166,13 @@ async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, obj
     runners: list[web.AppRunner] = []
 
     async def make(replicas: int = 1, limits: ConnectionLimits | None = None,
-                   **fields: object) -> tuple[str, object]:
+                   body_timeout_s: float = 60.0, **fields: object) -> tuple[str, object]:
         h = await harness()
         await h.reconciler.apply_specs(
             {"h": endpoint("h", min_replicas=replicas, public=True, **fields)}, "config")
         pool = h.reconciler.pool("h")
         await wait_for(pool, lambda: ready_count(pool) == replicas, what="ready")
-        app = build_app(h.reconciler, h.reconciler.allocator)
+        app = build_app(h.reconciler, h.reconciler.allocator, body_timeout_s=body_timeout_s)
         app.middlewares.insert(0, header_deadline)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()

@@ -231,6 +231,26 @@ async def test_a_connection_carried_on_by_aiohttp_closes_at_once_at_shutdown(fro
     writer.close()
 
 
+async def test_an_openai_body_that_does_not_come_in_time_gets_408_and_the_connection_closes(
+        front):
+    # Its model is in the body: until the body is whole no call deadline runs, so its own does.
+    # (Over 64 KiB: the call starts at its head. A smaller body is waited for one read, within
+    # the header clock.)
+    address, pool = await front(body_timeout_s=0.3)
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                 b'{"model": "h", "mess')  # and no more
+    async with asyncio.timeout(5):
+        [(status, body)] = await read_answers(reader, 1)
+        assert await reader.read() == b""  # closed: the rest of the body is never read
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert all(replica.in_flight == 0 for replica in pool.replicas.values())
+    writer.close()
+
+
 async def test_a_control_connection_may_carry_calls(front):
     address, _ = await front()
     (first, _), (second, body) = await exchange(
