@@ -13,7 +13,6 @@ Content-Length or a second answer nobody asked for close it instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -254,13 +253,15 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
                                       body: AsyncIterator[bytes],
                                       chunked: bool) -> UpstreamResponse:
         writer = self.loop.create_task(self._write_body(body, chunked))
+        writer.add_done_callback(_read_out)
         try:
             return await head_future
         finally:
             if not writer.done():
                 writer.cancel()  # answered early: the rest of the body is not wanted
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+                # Waited for, not awaited: this call's own cancel (its deadline, its client
+                # gone) arriving meanwhile must propagate, not be taken for the writer's.
+                await asyncio.wait((writer,))
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         assert self._transport is not None
@@ -406,6 +407,12 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
             head.set_exception(error)
         elif self._response is not None:
             self._response.fail(error)
+
+
+def _read_out(writer: asyncio.Task[None]) -> None:
+    """A body writer's end, read: its error was told to the call already (_broke)."""
+    if not writer.cancelled():
+        writer.exception()
 
 
 class UpstreamPool:

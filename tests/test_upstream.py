@@ -244,6 +244,40 @@ async def test_trailers_are_not_passed_on_nor_kept_for_the_next_answer():
         assert server.connections == 1
 
 
+async def test_a_cancel_while_the_body_writer_winds_down_is_not_swallowed():
+    # A call's deadline (or its client leaving) cancels its task; arriving while the request
+    # body's writer was being stopped, it was once taken for the writer's own and lost.
+    async def answer_at_once(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    winding_down = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b"x"
+            await asyncio.Event().wait()  # the rest never comes: the answer comes first
+        finally:
+            winding_down.set()
+            await asyncio.sleep(0.2)  # a body source slow to stop
+
+    server = await asyncio.start_server(answer_at_once, "127.0.0.1", 0)
+    try:
+        conn = await UpstreamPool().connect(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        head = b"POST /x HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+        call = asyncio.ensure_future(conn.send(head, body(), chunked=True))
+        await winding_down.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    finally:
+        server.close()
+
+
 async def test_an_endless_trailer_is_cut_not_held():
     # A trailer line is held by llhttp until its end: one that never ends would fill memory.
     written, served = 0, asyncio.Event()
