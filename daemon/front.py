@@ -32,6 +32,9 @@ from berth.daemon.fast_call import FastCall, serve_fast
 from berth.daemon.flow import FlowControl
 from berth.daemon.front_messages import (
     AS_AIOHTTP,
+    HOLD_BACKLOG,
+    HOLD_CLOSING,
+    HOLD_PIPELINED,
     PREFIX,
     FrontReplier,
     FrontRequest,
@@ -54,6 +57,7 @@ MAX_FIELD = 8190
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024
 WAIT_BODY = 64 * 1024  # a body up to this long is waited for one read before its call starts
+MAX_PIPELINED = 32  # requests parsed ahead of the one being served (beyond: 503, then closed)
 # The OpenAI routes whose model is in a JSON body (the multipart ones stay aiohttp's)
 OPENAI_PATHS = frozenset(f"/v1/{path}".encode() for path in JSON_ROUTES)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -76,8 +80,22 @@ class Host(Protocol):
     def to_aiohttp(self, raw: bytes | None) -> RequestHandler: ...
 
 
-class HeadTooLarge(Exception):
-    """A request head over the limits: answered 431."""
+class Refused(Exception):
+    """A request the front will not take: answered with `status` and `code`, then closed."""
+
+    status, code = 400, "bad_request"
+
+
+class HeadTooLarge(Refused):
+    """A request head over the limits."""
+
+    status, code = 431, "headers_too_large"
+
+
+class TooManyPipelined(Refused):
+    """More requests sent ahead than the front holds (llhttp parses a whole read at once)."""
+
+    status, code = 503, "too_many_pipelined"
 
 
 def _never_started(task: asyncio.Task[None], call: FastCall,
@@ -123,6 +141,7 @@ class Front(FlowControl):
         self._serial_chunked = False
         self._lost = False
         self._error_later: bytes | None = None  # a refusal, written once the calls are done
+        self._holds = 0  # why the client is not read (front_messages.HOLD_*): 0, it is
 
     # --- bytes in ---------------------------------------------------------------------
 
@@ -139,7 +158,7 @@ class Front(FlowControl):
                 raise HeadTooLarge(f"request head over {MAX_HEAD} bytes")
         except httptools.HttpParserUpgrade:
             self._not_a_call()
-        except (httptools.HttpParserError, HeadTooLarge) as exc:
+        except (httptools.HttpParserError, Refused) as exc:
             if self._mode in (Mode.UNDECIDED, Mode.HANDOFF):
                 self._mode = Mode.HANDOFF  # aiohttp's parser finds it too, and answers it
             else:
@@ -169,9 +188,10 @@ class Front(FlowControl):
         return self._waited
 
     def _refuse_parsed(self, exc: Exception) -> None:
-        too_large = isinstance(exc, HeadTooLarge) or isinstance(exc.__context__, HeadTooLarge)
-        self._refuse(*((431, "headers_too_large") if too_large else (400, "bad_request")),
-                     str(exc.__context__ or exc))
+        cause = exc if isinstance(exc, Refused) else exc.__context__
+        refused = cause if isinstance(cause, Refused) else Refused()
+        self._refuse(refused.status, refused.code, str(exc.__context__ or exc),
+                     after_pending=isinstance(refused, TooManyPipelined))
 
     def _not_a_call(self) -> None:
         if self._mode in (Mode.UNDECIDED, Mode.HANDOFF):
@@ -180,22 +200,25 @@ class Front(FlowControl):
             self.close_after = True  # an upgrade later on: not for the front to carry
             self._close_when_idle()
 
-    def _refuse(self, status: int, code: str, reason: str) -> None:
-        """A request llhttp refused (smuggling, not HTTP) or one over the limits."""
+    def _refuse(self, status: int, code: str, reason: str, after_pending: bool = False) -> None:
+        """A request llhttp refused (smuggling, not HTTP) or one over the limits: answered
+        after the current one (`after_pending`: after those parsed before it), then closed."""
         log.debug("front.bad_request", client=self.remote, status=status, reason=reason)
-        self.close_after = True
+        self.close_after = not after_pending
         if self._arriving is not None:  # it will never come whole
             self._arriving.end(failed=True)
             self._arriving = None
         if self._mode is Mode.SERIAL:
-            self.pause_reading()  # aiohttp finishes what it was given, then its keep-alive ends
+            self.hold(HOLD_CLOSING)  # aiohttp finishes what it was given, then its keep-alive ends
             return
-        message = f"malformed request: {reason.splitlines()[0][:200] if reason else code}"
+        message = reason.splitlines()[0][:200] if reason else code
+        if not after_pending:
+            message = f"malformed request: {message}"
         self._error_later = error_head_and_body(status, code, message, {"Connection": "close"})
         self._close_when_idle()
 
     def _close_when_idle(self) -> None:
-        self.pause_reading()
+        self.hold(HOLD_CLOSING)
         if self._mode is not Mode.SERIAL and self.idle:
             self._finish_connection()  # (in SERIAL mode aiohttp may be answering: its own close)
 
@@ -238,6 +261,8 @@ class Front(FlowControl):
                 parser.should_upgrade():
             self._serial_head(method, url)
             return
+        if len(self._pending) >= MAX_PIPELINED:  # (each costs far more held than sent)
+            raise TooManyPipelined(f"more than {MAX_PIPELINED} requests sent ahead")
         self._mode, self._raw = Mode.FRONT, None
         request = FrontRequest(self, method, url.decode(*AS_AIOHTTP), self._fields,
                                parser.should_keep_alive(), parser.get_http_version(), openai)
@@ -247,7 +272,7 @@ class Front(FlowControl):
         if self._task is None and self._fast is None and not self._starting:
             self._starting = True
         else:
-            self.pause_reading()  # pipelined: no more is read until the calls before are done
+            self.hold(HOLD_PIPELINED)  # no more is read until the calls before are done
 
     def on_body(self, body: bytes) -> None:
         if self._mode is Mode.SERIAL:
@@ -284,7 +309,7 @@ class Front(FlowControl):
     def _to_aiohttp(self, data: bytes) -> None:
         if not self.idle:
             self._backlog.append(data)  # after the model calls before it are answered
-            self.pause_reading()
+            self.hold(HOLD_BACKLOG)
             return
         if self._aiohttp is None:
             self._aiohttp = self._host.to_aiohttp(None)
@@ -294,12 +319,14 @@ class Front(FlowControl):
         backlog, self._backlog = self._backlog, []
         for data in backlog:
             self._to_aiohttp(data)
-        self.resume_reading()
+        self.release(HOLD_BACKLOG)
 
     # --- serving ----------------------------------------------------------------------
 
     def _start_next(self) -> None:
         request = self._pending.popleft()
+        if not self._pending:  # its body may still be to come: read on (a next head holds)
+            self.release(HOLD_PIPELINED)
         self._host.request_started()
         replier = FrontReplier(self, request)
         try:
@@ -371,12 +398,25 @@ class Front(FlowControl):
             return
         if self._pending:
             self._start_next()
+        elif self._error_later is not None:  # a refusal after the requests before it
+            self._finish_connection()
         elif self._backlog:
             self._flush_backlog()
         else:
-            self.resume_reading()
+            self.release(HOLD_PIPELINED)
 
     # --- bytes out and flow control ---------------------------------------------------
+
+    def hold(self, why: int) -> None:
+        """Stop reading the client for this reason (front_messages.HOLD_*)."""
+        self._holds |= why
+        self.pause_reading()
+
+    def release(self, why: int) -> None:
+        """This reason is over: read on, unless another holds."""
+        holds = self._holds = self._holds & ~why
+        if not holds:
+            self.resume_reading()
 
     def write(self, data: bytes) -> None:
         if self._lost:
@@ -414,7 +454,7 @@ class Front(FlowControl):
         self.close_after = True
         if self._arriving is not None:
             return True  # a body still coming is read on: its call needs it (then the close)
-        self.pause_reading()
+        self.hold(HOLD_CLOSING)
         if not self.idle:
             return True  # closed once the answer under way is out (_served)
         if self._mode is Mode.SERIAL:

@@ -20,6 +20,12 @@ from berth.daemon.errors import error_document
 from berth.daemon.http_types import Answer, Headers, media_type
 
 BODY_HIGH = 256 * 1024  # request body bytes queued before the client's socket stops being read
+# Why the client's socket is not read (Connection.hold / release): it is read again only once
+# no reason is left, so that the end of one (a body taken) does not undo another.
+HOLD_BODY = 1  # a request body queued past BODY_HIGH
+HOLD_PIPELINED = 2  # requests parsed and waiting for the calls before them
+HOLD_BACKLOG = 4  # bytes for aiohttp waiting for the front's calls before them
+HOLD_CLOSING = 8  # the connection ends once its answer is out: nothing more is read
 PREFIX = b"/invoke/"
 NO_BODY = frozenset({204, 304})
 # Request bytes to text as aiohttp decodes them, so that the proxy core's encoding back
@@ -45,9 +51,9 @@ class Connection(Protocol):
 
     async def drain(self) -> None: ...
 
-    def pause_reading(self) -> None: ...
+    def hold(self, why: int) -> None: ...
 
-    def resume_reading(self) -> None: ...
+    def release(self, why: int) -> None: ...
 
 
 class Target:
@@ -74,7 +80,7 @@ class RequestBody:
         self._chunks.append(chunk)
         self._size += len(chunk)
         if self._size > BODY_HIGH:
-            self._front.pause_reading()
+            self._front.hold(HOLD_BODY)
         self._wake()
 
     def end(self, failed: bool = False) -> None:
@@ -90,8 +96,8 @@ class RequestBody:
         """The body, once `done`: all of it, taken (the fast path's; daemon/fast_call.py)."""
         assert self.done
         chunks, self._chunks = self._chunks, deque()
-        if self._size > BODY_HIGH:  # (paused for it; a pause for other reasons stays)
-            self._front.resume_reading()
+        if self._size > BODY_HIGH:  # (held for it)
+            self._front.release(HOLD_BODY)
         self._size = 0
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -113,7 +119,7 @@ class RequestBody:
             chunk = self._chunks.popleft()
             self._size -= len(chunk)
             if self._size <= BODY_HIGH:
-                self._front.resume_reading()
+                self._front.release(HOLD_BODY)
             yield chunk
 
 

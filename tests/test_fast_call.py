@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from berth.daemon.fast_call import FastCall
+from berth.daemon.front import MAX_PIPELINED
 
 SERVE = "Front._serve"  # the task of a call that goes the task's way
 HTTP = " HTTP/1.1\nHost: 127.0.0.1\n"
@@ -194,14 +195,15 @@ async def test_pipelined_fast_calls_to_a_client_that_reads_late_arrive_whole_in_
     reader, writer = await asyncio.open_connection(host, int(port), limit=2 ** 20)
     try:
         await warm(Client(reader, writer))
-        count = 600  # ~450 KB of answers: more than the front's write buffer holds
-        writer.write(b"".join(b"GET /invoke/h/echo?i=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i
-                              for i in range(count)))
+        count = MAX_PIPELINED  # as many as the front holds ahead; ~220 KB of answers: more
+        pad = b"p" * 7000  # than the front's write buffer holds
+        writer.write(b"".join(b"GET /invoke/h/echo?i=%d&pad=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"\r\n" % (i, pad) for i in range(count)))
         await asyncio.sleep(0.3)  # not read meanwhile: the front's writes back up
         c = Client(reader, writer)
         for i in range(count):
             status, _, body = await asyncio.wait_for(c.answer(), 5)
-            assert status == 200 and json.loads(body)["query"] == {"i": str(i)}
+            assert status == 200 and json.loads(body)["query"]["i"] == str(i)
     finally:
         writer.close()
 

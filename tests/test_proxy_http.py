@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from berth.daemon.connections import ConnectionLimits
+from berth.daemon.front import MAX_PIPELINED
 from helpers import wait_for
 
 Raw = Callable[[bytes], Awaitable[bytes]]
@@ -128,6 +129,40 @@ async def test_pipelined_requests_are_answered_in_order(front):
     one = b"GET /invoke/h/echo/%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     answer = await raw(address, one % 1 + one % 2 + one % 3, until=3)
     assert [b["path"] for b in bodies(answer)] == ["/echo/1", "/echo/2", "/echo/3"]
+
+
+async def test_more_requests_sent_ahead_than_the_front_holds_get_503_after_those_it_holds(
+        front):
+    # llhttp parses a whole read at once: a small request queued costs far more than it
+    # took to send, so the queue is bounded rather than grown with what a client sends.
+    address, _ = await front()
+    one = b"GET /invoke/h/echo/%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answers = await exchange(address, b"".join(one % i for i in range(MAX_PIPELINED + 10)),
+                             MAX_PIPELINED + 1)
+    assert [status for status, _ in answers] == [200] * MAX_PIPELINED + [503]
+    assert [json.loads(body)["path"] for _, body in answers[:-1]] == [
+        f"/echo/{i}" for i in range(MAX_PIPELINED)]
+    assert json.loads(answers[-1][1])["error"]["code"] == "too_many_pipelined"
+
+
+async def test_a_pipelined_request_whose_body_comes_later_is_read_and_answered(front):
+    # Its head came while the call before it ran: reading stopped until that call was done,
+    # and must go on for its body (else it waited for its deadline, holding a slot).
+    address, pool = await front()
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /invoke/h/echo/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        async with asyncio.timeout(5):
+            [(first, _)] = await read_answers(reader, 1)
+            writer.write(b"hello")
+            [(second, body)] = await read_answers(reader, 1)
+        assert (first, second) == (200, 200) and json.loads(body)["body"] == "hello"
+        assert all(replica.in_flight == 0 for replica in pool.replicas.values())
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("framing", [
