@@ -325,6 +325,10 @@ class Front(FlowControl):
 
     def _start_next(self) -> None:
         request = self._pending.popleft()
+        if request.content.failed and self._error_later is not None:
+            self._pending.clear()  # its body was refused as it came: that refusal answers it
+            self._finish_connection()  # (and nothing of it goes to a replica)
+            return
         if not self._pending:  # its body may still be to come: read on (a next head holds)
             self.release(HOLD_PIPELINED)
         self._host.request_started()
@@ -383,6 +387,8 @@ class Front(FlowControl):
         if replier.answer is not None:  # the head went out: only closing can tell
             self.close_after = True
             return
+        if replier.request.content.failed and self._error_later is not None:
+            return  # its body was refused as it came: that refusal, at the close, answers it
         headers = [*as_lines(error.headers), JSON_TYPE]
         replier.whole(error.status, "", headers, error_body(error.code, error.message))
 

@@ -233,24 +233,24 @@ class FrontAnswer:
 class FrontReplier:
     """Makes one call's answer on the front (satisfies http_types.Replier)."""
 
-    __slots__ = ("_front", "_request", "answer")
+    __slots__ = ("_front", "answer", "request")
 
     def __init__(self, front: Connection, request: FrontRequest) -> None:
         self._front = front
-        self._request = request
+        self.request = request
         self.answer: FrontAnswer | None = None
 
     def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer:
         head = self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body))
-        self._front.write(head if self._request.head_only else head + body)
+        self._front.write(head if self.request.head_only else head + body)
         answer = self.answer = self._answer(status, headers, chunked=False)
         answer.done = True
         return answer
 
     async def start(self, status: int, reason: str, headers: Headers,
                     length: int | None) -> Answer:
-        bodiless = self._request.head_only or status in NO_BODY
-        chunked = length is None and not bodiless and self._request.version == "1.1"
+        bodiless = self.request.head_only or status in NO_BODY
+        chunked = length is None and not bodiless and self.request.version == "1.1"
         if length is None and not bodiless and not chunked:
             self._front.close_after = True  # an HTTP/1.0 client: the body ends at the close
         framing = b"Transfer-Encoding: chunked\r\n" if chunked else \
@@ -263,7 +263,7 @@ class FrontReplier:
 
     def _answer(self, status: int, headers: Headers, chunked: bool) -> FrontAnswer:
         return FrontAnswer(self._front, status, headers, chunked,
-                           self._request.head_only or status in NO_BODY)
+                           self.request.head_only or status in NO_BODY)
 
     def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
         if not (reason.isascii() and reason.isprintable()):
@@ -271,7 +271,7 @@ class FrontReplier:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, (reason or _phrase(status)).encode())]
         lines += [b"%s: %s\r\n" % line for line in headers]
         lines.append(framing)
-        if not self._request.keep_alive:
+        if not self.request.keep_alive:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)

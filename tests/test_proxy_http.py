@@ -165,6 +165,35 @@ async def test_a_pipelined_request_whose_body_comes_later_is_read_and_answered(f
         writer.close()
 
 
+@pytest.mark.parametrize("later", [False, True])
+async def test_a_malformed_body_is_answered_400_once_and_not_blamed_on_the_replica(front, later):
+    # A chunk size that is not hex: refused by llhttp with the call's head already parsed
+    # (with the same read, or `later`, once the call runs). One answer, the 400; no 502.
+    address, pool = await front()
+    before = await calls_seen(pool)
+    head = (b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        if later:
+            writer.write(head + b"5\r\nhello\r\n")
+            await asyncio.sleep(0.1)  # the call runs, its body streaming to the replica
+            writer.write(b"zz\r\n")
+        else:
+            writer.write(head + b"zz\r\n")
+        async with asyncio.timeout(5):
+            answer = await reader.read(-1)  # to the close
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"replica_failed" not in answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+    if not later:
+        assert await calls_seen(pool) == before  # nothing of it reached the replica
+    assert all(replica.in_flight == 0 for replica in pool.replicas.values())
+
+
 @pytest.mark.parametrize("framing", [
     b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
