@@ -129,6 +129,10 @@ class Front(FlowControl):
         self._url = bytearray()
         self._fields: list[tuple[bytes, bytes]] = []
         self._in_head = False
+        self._in_message = False
+        # Bytes of the message being parsed that llhttp may hold (a head, a trailer, in parts):
+        # read since its start or its last body bytes; and the head's lines llhttp handed over
+        self._held_bytes = 0
         self._head_bytes = 0
         self._arriving: RequestBody | None = None  # the body of a request, still arriving
         self._pending: deque[FrontRequest] = deque()  # parsed, to be served in order
@@ -150,16 +154,17 @@ class Front(FlowControl):
             return  # closing (after Connection: close, a refusal): nothing more is answered
         if self._raw is not None:
             self._raw += data
-        if self._in_head:
-            self._head_bytes += len(data)
+        if self._in_message:
+            self._held_bytes += len(data)
         try:
             self._parser.feed_data(data)
-            if self._in_head and self._head_bytes > MAX_HEAD:
-                raise HeadTooLarge(f"request head over {MAX_HEAD} bytes")
+            if self._in_message and self._held_bytes > MAX_HEAD:
+                raise HeadTooLarge(f"request head or trailer over {MAX_HEAD} bytes")
         except httptools.HttpParserUpgrade:
             self._not_a_call()
         except (httptools.HttpParserError, Refused) as exc:
-            if self._mode in (Mode.UNDECIDED, Mode.HANDOFF):
+            ours = isinstance(exc, Refused) or isinstance(exc.__context__, Refused)
+            if self._mode is Mode.HANDOFF or (self._mode is Mode.UNDECIDED and not ours):
                 self._mode = Mode.HANDOFF  # aiohttp's parser finds it too, and answers it
             else:
                 self._refuse_parsed(exc)
@@ -232,7 +237,8 @@ class Front(FlowControl):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._fields = []
-        self._in_head, self._head_bytes = True, 0
+        self._in_head = self._in_message = True
+        self._held_bytes = self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -246,6 +252,9 @@ class Front(FlowControl):
             return  # a trailer after a chunked body: never one of the request's headers
         if len(self._fields) >= MAX_HEADERS:
             raise HeadTooLarge(f"more than {MAX_HEADERS} headers")
+        self._head_bytes += len(name) + len(value) + 4  # (a head that came in one read too)
+        if self._head_bytes + len(self._url) > MAX_HEAD:
+            raise HeadTooLarge(f"request head over {MAX_HEAD} bytes")
         self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -275,6 +284,7 @@ class Front(FlowControl):
             self.hold(HOLD_PIPELINED)  # no more is read until the calls before are done
 
     def on_body(self, body: bytes) -> None:
+        self._held_bytes = 0
         if self._mode is Mode.SERIAL:
             self._to_aiohttp(b"%x\r\n%s\r\n" % (len(body), body) if self._serial_chunked
                              else body)
@@ -282,6 +292,7 @@ class Front(FlowControl):
             self._arriving.feed(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._mode is Mode.SERIAL:
             if self._serial_chunked:
                 self._to_aiohttp(b"0\r\n\r\n")
