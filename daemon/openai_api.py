@@ -188,7 +188,7 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
     def rewrite(body: bytes) -> bytes:
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (the replica's bytes: anything, nested at will)
             return body
         if isinstance(answer, dict) and answer.get("model") == upstream:
             answer["model"] = asked

@@ -76,7 +76,7 @@ def usage_in_tail(data: bytes) -> tuple[int, int] | None:
         return None
     try:
         value, _ = json.JSONDecoder().raw_decode(data[matches[-1].end():].decode(errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # (the replica's bytes: anything, nested at will)
         return None
     return tokens_of(value)
 

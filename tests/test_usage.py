@@ -32,6 +32,20 @@ def test_tokens_of_a_usage_object(usage, tokens):
     assert tokens_of(usage) == tokens
 
 
+def test_a_replicas_deeply_nested_json_is_passed_on_not_a_fault():
+    from berth.daemon.openai_api import renamer
+    from berth.daemon.sse import SseRewriter
+
+    deep = b"[" * 5000 + b"]" * 5000  # past the JSON decoder's recursion limit
+    assert renamer("llama", "/m")(deep) == deep
+    assert SseRewriter(renamer("llama", "/m")).feed(b"data: {\"x\": " + deep + b"}\n") == \
+        b"data: {\"x\": " + deep + b"}\n"
+    meter = UsageMeter()
+    meter.feed(b'{"usage": ' + deep)  # a large answer's tail, read when it ends
+    meter.end()
+    assert meter.tokens is None
+
+
 def sse(*objects: object) -> bytes:
     return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objects) + \
         b"data: [DONE]\n\n"
