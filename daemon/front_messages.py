@@ -229,6 +229,9 @@ class FrontAnswer:
     def force_close(self) -> None:
         self._front.close_after = self._front.cutting = True
 
+    def cut(self) -> None:
+        self.force_close()  # (not done: the connection closes once what was written is out)
+
 
 class FrontReplier:
     """Makes one call's answer on the front (satisfies http_types.Replier)."""

@@ -93,6 +93,10 @@ class Answer(Protocol):
 
     def force_close(self) -> None: ...
 
+    def cut(self) -> None:
+        """End it so that the client sees it incomplete: no end of body is written (a
+        chunked one would read as whole), and the connection closes."""
+
 
 class WritesNow(Protocol):
     """An answer that can take a chunk without waiting (berth's front): a streamed body is

@@ -142,6 +142,28 @@ class Sent:
     at: float
 
 
+def _cut_aiohttps(response: web.StreamResponse) -> None:
+    response.force_close()
+    request = response._req  # (aiohttp keeps no other way to its connection on an answer)
+    transport = request.transport if request is not None else None
+    if transport is not None:  # closed first: aiohttp's own end of body finds it closing
+        transport.close()
+
+
+class CuttableResponse(web.StreamResponse):
+    """aiohttp's streamed answer, with `cut` (http_types.Answer)."""
+
+    def cut(self) -> None:
+        _cut_aiohttps(self)
+
+
+class WholeResponse(web.Response):
+    """aiohttp's whole answer, with `cut` (http_types.Answer)."""
+
+    def cut(self) -> None:
+        _cut_aiohttps(self)
+
+
 class AiohttpReplier:
     """Answers made as aiohttp's response objects, for requests aiohttp serves."""
 
@@ -151,11 +173,11 @@ class AiohttpReplier:
         self.request = request
 
     def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> Answer:
-        return web.Response(status=status, reason=reason, body=body, headers=_text(headers))
+        return WholeResponse(status=status, reason=reason, body=body, headers=_text(headers))
 
     async def start(self, status: int, reason: str, headers: Headers,
                     length: int | None) -> Answer:
-        response = web.StreamResponse(status=status, reason=reason, headers=_text(headers))
+        response = CuttableResponse(status=status, reason=reason, headers=_text(headers))
         if length is not None:
             response.content_length = length
         await response.prepare(self.request)
@@ -549,11 +571,12 @@ async def _cut(call: Call, replica: Replica, response: Answer | None,
     if call.openai and response.content_type == "text/event-stream":
         await end_stream(response, error_object(status, code, message))
         return response
-    if response.content_type == "text/event-stream":
-        event = json.dumps({"error": {"code": code, "message": message}})
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(f"event: error\ndata: {event}\n\n".encode())
+    if response.content_type != "text/event-stream":
+        response.cut()  # its end must not read as whole (a chunked one would)
+        return response
+    event = json.dumps({"error": {"code": code, "message": message}})
     with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write(f"event: error\ndata: {event}\n\n".encode())
         await response.write_eof()
     return response
 

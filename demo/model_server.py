@@ -217,7 +217,8 @@ class Handler(BaseHTTPRequestHandler):
             threading.Thread(target=SERVER[0].shutdown).start()
             return self._send(200, {"listening": False})
         if path == "/stream":
-            return self._stream(int(query.get("n", "5")), float(query.get("interval", "0.1")))
+            return self._stream(int(query.get("n", "5")), float(query.get("interval", "0.1")),
+                                query.get("type", "text/event-stream"))
         if path == "/fail-health":
             STATE["healthy"] = False
             return self._send(200, {"healthy": False})
@@ -229,9 +230,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(int(path.rsplit("/", 1)[1]), {"status": path.rsplit("/", 1)[1]})
         return self._send(404, {"error": "no such path", "path": path})
 
-    def _stream(self, count, interval):
+    def _stream(self, count, interval, media_type):
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", media_type)
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()

@@ -489,6 +489,29 @@ async def test_ended_connections_leave_nothing_to_the_cycle_collector(front):
     assert not left, f"left in reference cycles: {dict(left)}"
 
 
+@pytest.mark.parametrize("after_control", [False, True])  # berth's front, or aiohttp's
+async def test_a_chunked_answer_cut_at_its_deadline_does_not_read_as_whole(front,
+                                                                           after_control):
+    # A valid last chunk after a cut told the client it had the whole answer.
+    address, _ = await front(request_timeout_s=0.5)
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" if after_control else b""
+    writer.write(first + b"GET /invoke/h/stream?n=3&interval=5&type=application/x-ndjson "
+                 b"HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        if after_control:
+            assert [status for status, _ in await read_answers(reader, 1)] == [200]
+        async with asyncio.timeout(5):
+            answer = await reader.read(-1)  # to the close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower(), head
+    assert b'"i": 0' in body  # what came before the cut came
+    assert not body.endswith(b"0\r\n\r\n"), body  # and no end of body after it
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/invoke/h/v1/chat/completions"])
 async def test_a_timed_out_stream_to_a_client_that_stopped_reading_frees_its_slot(front, path):
     # The cut's last words (an error event) once waited for such a client for ever, inside
