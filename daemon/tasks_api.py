@@ -59,11 +59,11 @@ async def callback_url(request: web.Request) -> str | None:
     url = request.headers.get("X-Callback-Url")
     if url is None:
         return None
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         host = URL(url).host  # the parser aiohttp connects with
-    except ValueError:
-        host = None
+    except ValueError:  # (e.g. "http://[::1": an unclosed IPv6 address)
+        parts, host = urlsplit(""), None
     if parts.scheme not in ("http", "https") or not parts.netloc or not host:
         raise ApiError(422, "invalid_callback_url",
                        f"X-Callback-Url must be an http or https URL, got {url!r}")

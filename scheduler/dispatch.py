@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections import deque
@@ -103,6 +104,7 @@ class Dispatcher:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._excluded: dict[str, frozenset[str]] = {}
         self._cancelling: set[str] = set()
+        self._finishing: set[str] = set()  # tasks whose end is being written
         self._session: aiohttp.ClientSession | None = None
 
     # --- life ----------------------------------------------------------------------------
@@ -180,8 +182,18 @@ class Dispatcher:
             if queued:
                 queue.popleft()
                 self._update_backlog(endpoint)
-            self._running[task_id] = asyncio.get_running_loop().create_task(
-                self._run(lease, task_id, queued), name=f"task:{task_id}")
+            job = asyncio.get_running_loop().create_task(self._run(lease, task_id, queued),
+                                                         name=f"task:{task_id}")
+            job.add_done_callback(functools.partial(self._job_ended, lease, task_id))
+            self._running[task_id] = job
+
+    def _job_ended(self, lease: Lease, task_id: str, job: asyncio.Task[None]) -> None:
+        """A job cancelled before its first step ran none of its code (a cancel in the same
+        pass of the loop as its slot came): its slot is given back here, not leaked."""
+        if lease.give_back():  # (nothing, when the job's own `async with` gave it back)
+            asyncio.get_running_loop().create_task(lease.pool.notify())
+        if self._running.get(task_id) is job:
+            del self._running[task_id]
 
     def _avoid(self, pool: EndpointPool, task_id: str) -> frozenset[str]:
         """Replicas a retried task failed on, as long as another ready one can take it (an
@@ -212,8 +224,10 @@ class Dispatcher:
             if retry_for is not None:
                 await self._retry(task, lease.replica, retry_for)
             else:
+                self._finishing.add(task_id)  # a cancel now waits for its end (cancel())
                 await self._finish(task)
         finally:
+            self._finishing.discard(task_id)
             self._running.pop(task_id, None)
 
     async def _begin(self, lease: Lease, task_id: str) -> TaskRecord | None:
@@ -225,8 +239,13 @@ class Dispatcher:
         task.status, task.replica = "running", lease.replica.id
         task.started_at = self.clock()
         task.attempts += 1
-        await self.store.tasks.update(task, "status", "replica", "started_at", "attempts")
+        await self._store(task, "status", "replica", "started_at", "attempts")
         return task
+
+    async def _store(self, task: TaskRecord, *fields: str) -> None:
+        """A task's change, written until it is: a full or failing disk stalls the task
+        rather than leaving it half moved (running in SQLite, in no queue in memory)."""
+        await self.router.reconciler.durably(self.store.tasks.update, task, *fields)
 
     async def _attempt(self, lease: Lease, task: TaskRecord) -> str | None:
         """Run the call; its outcome goes into `task`, or the error of a failure that earns
@@ -247,12 +266,14 @@ class Dispatcher:
             if task.id not in self._cancelling:
                 raise  # berthd stopping: the store still says running; requeued at start
             task.status, task.error = "cancelled", "cancelled by request"
+        except OSError as exc:  # berth's own files: its body gone, no room for its result
+            task.status, task.error = "failed", f"berth could not run the task: {exc}"
         return None
 
     async def _retry(self, task: TaskRecord, replica: Replica, error: str) -> None:
         """Back to the front of the queue after a backoff, avoiding the replica that failed."""
         task.status, task.error, task.replica = "queued", error, None
-        await self.store.tasks.update(task, "status", "error", "replica")
+        await self._store(task, "status", "error", "replica")
         self._excluded[task.id] = self._excluded.get(task.id, frozenset()) | {replica.id}
         self.router.refused(replica)  # let the reconciler look at that replica now
         delay = self.settings.retry_backoff_s * 2 ** (task.attempts - 1)
@@ -265,7 +286,7 @@ class Dispatcher:
         task.finished_at = self.clock()
         self._excluded.pop(task.id, None)
         self._cancelling.discard(task.id)
-        await self.store.tasks.update(task)
+        await self._store(task)
         log.info(f"task.{task.status}", task=task.id, endpoint=task.endpoint,
                  replica=task.replica, attempts=task.attempts, error=task.error)
         if task.callback_url:
@@ -283,9 +304,10 @@ class Dispatcher:
             async with self._client().request(task.method, URL(url, encoded=True),
                                               headers=headers, data=data,
                                               allow_redirects=False) as resp:
+                await self._keep_result(task, resp)
+                # (only now: an answer cut off, timed out or cancelled has no result)
                 task.result_status = resp.status
                 task.result_type = resp.headers.get("Content-Type")
-                await self._keep_result(task, resp)
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise ReplicaFailed(f"{replica.id}: {exc!r}") from exc
 
@@ -322,6 +344,9 @@ class Dispatcher:
         if task.finished:
             raise TaskFinished(f"task {task_id} already {task.status}")
         running = self._running.get(task_id)
+        if running is not None and task_id in self._finishing:  # its end is being written
+            await asyncio.wait((running,))  # (waited, not awaited: a cancel of ours stays ours)
+            raise TaskFinished(f"task {task_id} already finished")
         if running is not None:  # on a replica, or waiting out a retry backoff
             self._cancelling.add(task_id)
             running.cancel()

@@ -271,3 +271,72 @@ async def test_metrics_count_tasks_by_status(aplane):
     assert 'berth_tasks{endpoint="echo",status="succeeded"} 3.0' in text.splitlines()
     counts = (await (await client.get("/v1/tasks/counts")).json())["counts"]
     assert counts == [{"endpoint": "echo", "status": "succeeded", "count": 3}]
+
+
+class CancelledAtOnce(dict):
+    """Dispatcher._running that cancels each job as it is put in: the cancel of a DELETE
+    landing in the same pass of the loop as the job's slot, before the job's first step."""
+
+    def __setitem__(self, task_id: str, job: asyncio.Task[None]) -> None:
+        job.cancel()
+        super().__setitem__(task_id, job)
+
+
+async def test_a_job_cancelled_before_its_first_step_gives_its_slot_back(aplane):
+    h, client, dispatcher = await aplane({"k": endpoint("k", min_replicas=1)})
+    pool = h.reconciler.pool("k")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [replica] = pool.replicas.values()
+    dispatcher._running = CancelledAtOnce()
+    await client.post("/async/k/echo")
+    await wait_for(pool, lambda: replica.in_flight == 0 and not dispatcher._running,
+                   timeout=5, what="the slot given back")
+    assert (await client.get("/invoke/k/echo")).status == 200  # the slot serves calls again
+
+
+async def test_a_cancel_while_the_end_is_written_waits_for_it_and_says_finished(aplane):
+    h, client, dispatcher = await aplane({"f": endpoint("f", min_replicas=1)})
+    writing, go_on = asyncio.Event(), asyncio.Event()
+    store = dispatcher._store
+
+    async def slow_end(task, *fields):
+        if task.status == "succeeded":
+            writing.set()
+            await go_on.wait()
+        await store(task, *fields)
+    dispatcher._store = slow_end
+    task = await (await client.post("/async/f/echo")).json()
+    await writing.wait()
+    cancel = asyncio.ensure_future(client.delete(f"/tasks/{task['id']}"))
+    await asyncio.sleep(0.1)  # the DELETE is waiting on the end being written
+    go_on.set()
+    resp = await cancel
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "task_finished"
+    assert (await finished(client, task["id"]))["status"] == "succeeded"
+
+
+async def test_a_task_whose_body_file_is_gone_fails_instead_of_running_forever(aplane,
+                                                                               tmp_path):
+    h, client, _ = await aplane({"g": endpoint("g", min_replicas=0)})
+    task = await (await client.post("/async/g/upload", data=b"b" * 100_000)).json()
+    for spooled in (tmp_path / "tasks").iterdir():  # (over 64 KiB: kept in a file)
+        spooled.unlink()  # as a restore without state_dir/tasks leaves it
+    done = await finished(client, task["id"])
+    assert done["status"] == "failed" and "berth could not run the task" in done["error"]
+
+
+async def test_a_task_cut_mid_answer_has_no_result(aplane):
+    h, client, _ = await aplane({"m": endpoint("m", min_replicas=1, async_timeout_s=0.5)})
+    task = await (await client.post("/async/m/stream?n=5&interval=1")).json()
+    done = await finished(client, task["id"])
+    assert done["status"] == "failed" and "async_timeout_s" in done["error"]
+    assert done.get("result") in (None, {}), done  # no "status": 200 beside "failed"
+    resp = await client.get(f"/tasks/{task['id']}/result")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "no_result"
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[abc]/", "http://x]y/"])
+async def test_a_malformed_callback_url_is_422_not_500(aplane, url):
+    h, client, _ = await aplane({"u": endpoint("u", min_replicas=0)})
+    resp = await client.post("/async/u/echo", headers={"X-Callback-Url": url})
+    assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_callback_url"
