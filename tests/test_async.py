@@ -295,7 +295,7 @@ async def test_a_job_cancelled_before_its_first_step_gives_its_slot_back(aplane)
 
 
 async def test_a_cancel_while_the_end_is_written_waits_for_it_and_says_finished(aplane):
-    h, client, dispatcher = await aplane({"f": endpoint("f", min_replicas=1)})
+    _h, client, dispatcher = await aplane({"f": endpoint("f", min_replicas=1)})
     writing, go_on = asyncio.Event(), asyncio.Event()
     store = dispatcher._store
 
@@ -317,7 +317,7 @@ async def test_a_cancel_while_the_end_is_written_waits_for_it_and_says_finished(
 
 async def test_a_task_whose_body_file_is_gone_fails_instead_of_running_forever(aplane,
                                                                                tmp_path):
-    h, client, _ = await aplane({"g": endpoint("g", min_replicas=0)})
+    _h, client, _ = await aplane({"g": endpoint("g", min_replicas=0)})
     task = await (await client.post("/async/g/upload", data=b"b" * 100_000)).json()
     for spooled in (tmp_path / "tasks").iterdir():  # (over 64 KiB: kept in a file)
         spooled.unlink()  # as a restore without state_dir/tasks leaves it
@@ -326,7 +326,7 @@ async def test_a_task_whose_body_file_is_gone_fails_instead_of_running_forever(a
 
 
 async def test_a_task_cut_mid_answer_has_no_result(aplane):
-    h, client, _ = await aplane({"m": endpoint("m", min_replicas=1, async_timeout_s=0.5)})
+    _h, client, _ = await aplane({"m": endpoint("m", min_replicas=1, async_timeout_s=0.5)})
     task = await (await client.post("/async/m/stream?n=5&interval=1")).json()
     done = await finished(client, task["id"])
     assert done["status"] == "failed" and "async_timeout_s" in done["error"]
@@ -337,6 +337,6 @@ async def test_a_task_cut_mid_answer_has_no_result(aplane):
 
 @pytest.mark.parametrize("url", ["http://[::1", "http://[abc]/", "http://x]y/"])
 async def test_a_malformed_callback_url_is_422_not_500(aplane, url):
-    h, client, _ = await aplane({"u": endpoint("u", min_replicas=0)})
+    _h, client, _ = await aplane({"u": endpoint("u", min_replicas=0)})
     resp = await client.post("/async/u/echo", headers={"X-Callback-Url": url})
     assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_callback_url"
