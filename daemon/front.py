@@ -209,7 +209,8 @@ class Front(FlowControl):
         """A request llhttp refused (smuggling, not HTTP) or one over the limits: answered
         after the current one (`after_pending`: after those parsed before it), then closed."""
         log.debug("front.bad_request", client=self.remote, status=status, reason=reason)
-        self.close_after = not after_pending
+        if not after_pending:
+            self.close_after = True
         if self._arriving is not None:  # it will never come whole
             self._arriving.end(failed=True)
             self._arriving = None
@@ -227,8 +228,8 @@ class Front(FlowControl):
         if self._mode is not Mode.SERIAL and self.idle:
             self._finish_connection()  # (in SERIAL mode aiohttp may be answering: its own close)
 
-    def _finish_connection(self) -> None:
-        if self._error_later is not None and not self._lost:
+    def _finish_connection(self, refusal: bool = True) -> None:
+        if refusal and self._error_later is not None and not self._lost:
             self._client.write(self._error_later)
         self._client.close()
 
@@ -406,12 +407,15 @@ class Front(FlowControl):
     def _served(self, request: FrontRequest, replier: FrontReplier) -> None:
         self._task = None
         self._host.request_finished()
+        request.content.discard()  # a call answered without reading its body releases it
         if self._lost:
             return
-        unfinished = replier.answer is None or not replier.answer.done
-        if self.close_after or unfinished or not request.keep_alive or \
+        cut = replier.answer is not None and not replier.answer.done
+        if self.close_after or cut or replier.answer is None or not request.keep_alive or \
                 not request.content.done:
-            self._finish_connection()  # an unread body or a cut answer ends the connection
+            # An unread body or a cut answer ends the connection; a refusal is written
+            # only after a whole answer (after a cut one its bytes would end that body).
+            self._finish_connection(refusal=not cut)
             return
         if self._pending:
             self._start_next()

@@ -101,6 +101,13 @@ class RequestBody:
         self._size = 0
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def discard(self) -> None:
+        """Its call is over: what arrived of it and was not taken goes (and so its hold)."""
+        if self._size > BODY_HIGH:
+            self._front.release(HOLD_BODY)
+        self._chunks.clear()
+        self._size = 0
+
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
@@ -134,6 +141,9 @@ class NoBody:
         pass
 
     size = 0
+
+    def discard(self) -> None:
+        pass
 
     def whole(self) -> bytes:
         return b""

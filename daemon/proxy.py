@@ -105,6 +105,7 @@ class Call:
     reply: Replier
     body_sent: bool = False
     body_too_large: bool = False
+    body_failed: bool = False  # the client's body could not be read (malformed, or it left)
     # Set by the OpenAI routes, which read the (bounded) JSON body to route it: sent as is.
     body: bytes | None = None
     # The client's body, whole already (the fast path's): framed as the client framed it.
@@ -352,7 +353,15 @@ async def _body(call: Call) -> AsyncIterator[bytes]:
     limit, total = call.request.app[LIMITS].max_body, call.replaces
     if call.prefix:
         yield call.prefix
-    async for chunk in call.request.content.iter_chunked(CHUNK):
+    chunks = aiter(call.request.content.iter_chunked(CHUNK))
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except ConnectionResetError:
+            call.body_failed = True  # the client's doing, not the replica's
+            raise
         total += len(chunk)
         if total > limit:
             call.body_too_large = True
@@ -441,6 +450,9 @@ async def _exchange(call: Call, replica: Replica, sent: Sent | None = None) -> A
             limit = request.app[LIMITS].max_body
             raise ApiError(413, "payload_too_large", "request body is over the limit of "
                            f"{limit} bytes (daemon.max_body_bytes)") from None
+        if call.body_failed and call.response is None:
+            raise ApiError(400, "bad_request", "the request body could not be read whole "
+                           "(malformed, or the client stopped sending it)") from None
         return await _cut(call, replica, call.response, 502, "replica_failed",
                           f"replica {replica.id} failed mid-call: {exc}")
 
@@ -507,7 +519,7 @@ async def _into_committed(call: Call, upstream: UpstreamResponse,
     call.failed_status = upstream.status if upstream.status >= 400 else 502
     try:
         error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         error = error_object(502, "upstream_error", f"the model answered {upstream.status}: "
                              f"{body[:500].decode(errors='replace')}")
     await end_stream(response, error)

@@ -250,9 +250,11 @@ class ReplicaLifecycle:
         reason = f"liveness failed {failed} times in a row"
         if self.replica.container_id is None:
             return reason
-        try:
-            ended = await self.ctx.runtime.exit_status(self.replica.container_id)
-        except DockerUnavailable:
+        try:  # (not long: a dead replica must not stay ready behind a busy or hung engine)
+            ended = await asyncio.wait_for(
+                self.ctx.runtime.exit_status(self.replica.container_id),
+                self.pool.spec.liveness.timeout_s)
+        except (DockerUnavailable, TimeoutError):
             return reason
         return reason if ended is None else f"container exited ({ended}); {reason}"
 

@@ -146,6 +146,28 @@ async def test_more_requests_sent_ahead_than_the_front_holds_get_503_after_those
     assert json.loads(answers[-1][1])["error"]["code"] == "too_many_pipelined"
 
 
+async def test_a_call_answered_without_reading_its_large_body_leaves_the_connection_read(
+        front):
+    # A body queued past 256 KiB stops reading; a call that never took it (here: its cold
+    # start failed) once left the kept-alive connection unread, its next request unanswered.
+    address, _ = await front(replicas=0, startup_timeout_s=0.5,
+                             env={"MODEL_FAIL_HEALTH": "1"})
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b"b" * (256 * 1024 + 1)
+    try:
+        writer.write(b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        async with asyncio.timeout(10):
+            [(status, _)] = await read_answers(reader, 1)
+            assert status >= 500
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            [(status, _)] = await read_answers(reader, 1)
+        assert status == 200
+    finally:
+        writer.close()
+
+
 async def test_a_pipelined_request_whose_body_comes_later_is_read_and_answered(front):
     # Its head came while the call before it ran: reading stopped until that call was done,
     # and must go on for its body (else it waited for its deadline, holding a slot).
