@@ -278,6 +278,8 @@ async def create_token(request: web.Request) -> web.Response:
     created = await request.app[STORE].add_token(token_id, name, digest(token),
                                                  limits.get("requests_per_minute"),
                                                  limits.get("tokens_per_day"))
+    if created is None:  # removed while its body was read
+        raise ApiError(404, "endpoint_not_found", f"endpoint {name} was removed")
     request.app[AUTH].remember(token, name, token_id, TokenLimits(**limits))
     await request.app[RECONCILER].event("token_created", f"token {token_id} created", name)
     return web.json_response({**token_view({"id": token_id, "endpoint": name,

@@ -243,13 +243,16 @@ class Store:
     # --- access tokens ---------------------------------------------------------------------
 
     async def add_token(self, token_id: str, endpoint: str, digest: str,
-                        rpm: int | None = None, tpd: int | None = None) -> float:
+                        rpm: int | None = None, tpd: int | None = None) -> float | None:
+        """The token's creation time; None if its endpoint is gone (checked in the same
+        statement: an endpoint deleted meanwhile took its tokens, and would miss this one)."""
         now = time.time()
-        await self._db.execute(
+        cur = await self._db.execute(
             "INSERT INTO tokens (id, endpoint, hash, created_at, requests_per_minute,"
-            " tokens_per_day) VALUES (?, ?, ?, ?, ?, ?)",
-            (token_id, endpoint, digest, now, rpm, tpd))
-        return now
+            " tokens_per_day) SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS"
+            " (SELECT 1 FROM endpoints WHERE name = ?)",
+            (token_id, endpoint, digest, now, rpm, tpd, endpoint))
+        return now if cur.rowcount == 1 else None
 
     async def set_token_limits(self, endpoint: str, token_id: str, limits: dict[str, Any]
                                ) -> bool:

@@ -114,3 +114,17 @@ async def test_task_backlog_counts_follow_every_change(tmp_path):
     assert await tasks.backlog("e") == (3, 90)
     assert await tasks.backlog("other") == (0, 0)
     await store.close()
+
+
+async def test_a_token_for_an_endpoint_gone_is_not_stored(tmp_path):
+    # A token created as its endpoint was deleted outlived it as an orphan row (found by
+    # test_disconnects, seed 3995): the insert checks the endpoint in the same statement.
+    store = await Store.open(tmp_path)
+    await store.save_endpoint(EndpointRecord(name="a", spec={"image": "x"}, source="api",
+                                             generation=1))
+    assert await store.add_token("tok_1", "a", "hash-1") is not None
+    await store.delete_endpoint("a")  # its tokens go with it
+    assert await store.add_token("tok_2", "a", "hash-2") is None
+    assert await store.add_token("tok_3", "never", "hash-3") is None
+    assert await store.tokens("a") == [] and await store.tokens("never") == []
+    await store.close()
