@@ -26,6 +26,8 @@ log = structlog.get_logger("berth.callbacks")
 MAX_BACKOFF_S = 300.0
 REFUSED = "refused by policy"  # final: not retried
 FAILED = "delivery failed"  # no connect/timeout/TLS distinction: that would scan the network
+PER_ENDPOINT = 8  # deliveries under way at once for one endpoint's tasks (the others wait)
+ATTEMPT_S = 30.0
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -59,7 +61,9 @@ def refused(exc: BaseException) -> bool:
 
 class CallbackSender:
     """Delivers each finished task's callback once it succeeds, or gives up after retry_for_s
-    (at once when the policy refuses the receiver)."""
+    (at once when the policy refuses the receiver). Each endpoint's tasks deliver in their
+    own lane of PER_ENDPOINT at a time: a receiver that never answers stalls only the
+    callbacks of the endpoint whose callers chose it."""
 
     def __init__(self, store: Store, secret: bytes, retry_for_s: float, backoff_s: float,
                  policy: CallbackPolicy, clock: Callable[[], float] = time.time) -> None:
@@ -71,6 +75,7 @@ class CallbackSender:
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._lanes: dict[str, asyncio.Semaphore] = {}
 
     def schedule(self, task_id: str) -> None:
         job = asyncio.get_running_loop().create_task(self._deliver(task_id))
@@ -82,10 +87,13 @@ class CallbackSender:
         if task is None or not task.callback_url:
             return
         body = json.dumps(describe_task(task)).encode()
+        task.body = task.result_body = None  # (not needed here, where it may wait an hour)
+        lane = self._lanes.setdefault(task.endpoint, asyncio.Semaphore(PER_ENDPOINT))
         deadline, delay = self.clock() + self.retry_for_s, self.backoff_s
         while True:
             task.callback_attempts += 1
-            task.callback_error = await self._post(task.callback_url, body)
+            async with lane:
+                task.callback_error = await self._post(task.callback_url, body)
             if task.callback_error is None:
                 task.callback_state = "delivered"
             elif task.callback_error == REFUSED or self.clock() + delay > deadline:
@@ -104,10 +112,11 @@ class CallbackSender:
         included) or FAILED; the details go to berth's log only."""
         if self._session is None:
             # No DNS cache and no kept connections: each delivery is resolved and judged anew.
-            connector = aiohttp.TCPConnector(resolver=self.policy.resolver(),
+            # No pool limit: the lanes bound deliveries, so an attempt's time is all its own.
+            connector = aiohttp.TCPConnector(resolver=self.policy.resolver(), limit=0,
                                              use_dns_cache=False, force_close=True)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=30))
+                connector=connector, timeout=aiohttp.ClientTimeout(total=ATTEMPT_S))
         headers = {"Content-Type": "application/json", "X-Berth-Signature": sign(self.secret, body)}
         try:
             await self.policy.check_literal(URL(url).host or "")

@@ -323,3 +323,39 @@ async def test_replicas_on_berths_network_stay_refused(plane, docker_client) -> 
     # Listing that very network lets it in (an operator's explicit choice).
     exact = CallbackPolicy([bridge], h.runtime.network_subnets)
     await exact.check(replica.address.rsplit(":", 1)[0])
+
+
+async def test_a_receiver_that_never_answers_stalls_only_its_endpoints_callbacks(
+        tmp_path, aiohttp_server) -> None:
+    # 110 callbacks of one endpoint to a receiver that hangs once held every connection
+    # berth had for callbacks (aiohttp's 100), so another endpoint's waited 30 s and failed.
+    hung, answered = asyncio.Event(), Receiver()
+
+    async def hang(request: web.Request) -> web.Response:
+        await hung.wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hang", hang)
+    app.router.add_post("/hook", answered.handle)
+    server = await aiohttp_server(app)
+    store = await Store.open(tmp_path / "state")
+    sender = CallbackSender(store, b"k", 60, 0.05, CallbackPolicy(["127.0.0.0/8"]))
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        for i, (endpoint, path) in enumerate([("slow", "/hang")] * 110 + [("fast", "/hook")]):
+            task = TaskRecord(id=f"t{i}", endpoint=endpoint, method="POST", path="",
+                              created_at=time.time(), status="succeeded",
+                              finished_at=time.time(), callback_url=base + path,
+                              callback_state="pending")
+            await store.tasks.add(task)
+            sender.schedule(task.id)
+        async with asyncio.timeout(5):
+            while (done := await store.tasks.get("t110")) is None or \
+                    done.callback_state != "delivered":
+                await asyncio.sleep(0.02)
+        assert done.callback_attempts == 1 and answered.hits == 1
+    finally:
+        hung.set()
+        await sender.close()
+        await store.close()
