@@ -38,7 +38,7 @@ from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
 from berth.daemon.stream_wait import serve_streaming
-from berth.daemon.usage import UsageMeter, account, hour_of
+from berth.daemon.usage import UsageMeter, account, ask_usage, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 
@@ -100,12 +100,7 @@ class Asked:
     def ask_usage(self) -> None:
         """Have a streamed answer end with its usage (a token with a daily budget must be
         counted even when its client did not ask for the usage chunk)."""
-        if self.json_body is None:
-            return
-        options = self.json_body.get("stream_options")
-        options = dict(options) if isinstance(options, dict) else {}
-        if options.get("include_usage") is not True:
-            self.json_body["stream_options"] = {**options, "include_usage": True}
+        if self.json_body is not None and ask_usage(self.json_body):
             self.changed = True
 
     def into(self, call: Call, upstream: str | None) -> None:

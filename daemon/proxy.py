@@ -49,7 +49,7 @@ from berth.daemon.upstream import (
     UpstreamResponse,
     UpstreamUnanswered,
 )
-from berth.daemon.usage import UsageMeter, account, hour_of
+from berth.daemon.usage import UsageMeter, account, ask_usage, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
@@ -276,7 +276,37 @@ def check_call(plane: DataPlane, call: Call) -> None:
 
 async def _checked(plane: DataPlane, call: Call, pinned: str | None) -> Answer:
     check_call(plane, call)
+    limits = plane.auth.limits.get(call.principal)
+    if limits is not None and limits.tokens_per_day is not None and call.meter is not None:
+        await _budgeted_body(plane, call)
     return await serve_call(plane.router, call, pinned)
+
+
+async def _budgeted_body(plane: DataPlane, call: Call) -> None:
+    """The body of a call on an OpenAI path by a token with a daily budget, read whole
+    (bounded, in time) so that a streamed call asks for its usage: without it the model may
+    send none, and the budget would count nothing (the OpenAI routes do the same)."""
+    request, limit = call.request, plane.limits.max_body
+    if request.method != "POST" or not request.body_exists:
+        return
+    raw = bytearray()
+    try:
+        with CallDeadline(plane.deadlines, plane.limits.body_timeout_s):
+            async for chunk in request.content.iter_chunked(CHUNK):
+                raw += chunk
+                if len(raw) > limit:
+                    raise ApiError(413, "payload_too_large", "request body is over the limit "
+                                   f"of {limit} bytes (daemon.max_body_bytes)")
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", "the request body did not arrive within "
+                       f"daemon.body_timeout_s={plane.limits.body_timeout_s:g}") from None
+    call.body = bytes(raw)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return  # not JSON: it goes as it came
+    if isinstance(body, dict) and body.get("stream") is True and ask_usage(body):
+        call.body = json.dumps(body).encode()
 
 
 async def accounted(plane: DataPlane, call: Call, work: Awaitable[Answer]) -> Answer:

@@ -69,6 +69,17 @@ def usage_in_object(answer: Any) -> tuple[int, int] | None:
     return found
 
 
+def ask_usage(body: dict[str, Any]) -> bool:
+    """Have a streamed OpenAI answer end with its usage (`stream_options.include_usage`): a
+    token with a daily budget is counted even when its client did not ask. True if changed."""
+    options = body.get("stream_options")
+    options = dict(options) if isinstance(options, dict) else {}
+    if options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**options, "include_usage": True}
+    return True
+
+
 def usage_in_tail(data: bytes) -> tuple[int, int] | None:
     """The last `"usage": {...}` object in the tail of a JSON text too large to parse whole."""
     matches = list(USAGE_KEY.finditer(data))

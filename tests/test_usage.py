@@ -268,6 +268,14 @@ async def test_a_budgeted_tokens_streams_are_counted_even_without_include_usage(
     assert resp.status == 200
     usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
     assert usage["total"]["prompt_tokens"] == 4
+    # ... and a streamed one there asks for its usage too (else the budget counted nothing).
+    resp = await client.post("/invoke/llm/v1/chat/completions", headers={
+        "Authorization": f"Bearer {token['token']}", "Content-Type": "application/json"},
+        data=json.dumps({"model": "llama", "stream": True,
+                         "messages": [{"role": "user", "content": "y z"}]}))
+    assert resp.status == 200 and b'"usage"' in await resp.read()
+    usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
+    assert usage["total"]["prompt_tokens"] == 6
 
 
 def test_the_sse_meter_and_rewriter_take_a_long_line_in_tiny_pieces_in_linear_time():
