@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import shutil
 import sqlite3
@@ -24,6 +25,7 @@ from berth.daemon.keys import (
     RECONCILER,
     ROUTER,
     STORE,
+    USAGE,
 )
 from berth.daemon.models_api import presented_key
 from berth.daemon.params import bad_query, query_limit
@@ -35,6 +37,7 @@ from berth.daemon.proxy import (
     forwarded_headers,
     raw_tail,
 )
+from berth.daemon.usage import UsageMeter, account, hour_of
 from berth.scheduler.callbacks import describe_task
 from berth.scheduler.dispatch import Dispatcher, Spool, TaskFinished
 from berth.scheduler.egress import CallbackRefused, PolicyUnavailable
@@ -130,8 +133,8 @@ async def submit(request: web.Request) -> web.Response:
     router, dispatcher = request.app[ROUTER], request.app[DISPATCHER]
     pool = router.pool(request.match_info["name"])
     check_token(request.app[AUTH], request, pool.spec)
-    admit(request.app[DATA_PLANE], request.app[AUTH].principal(presented_key(request)),
-          time.monotonic())
+    principal = request.app[AUTH].principal(presented_key(request))
+    admit(request.app[DATA_PLANE], principal, time.monotonic())
     url = await callback_url(request)
     spec, tasks = pool.spec, request.app[STORE].tasks
     expected = request.content_length or 0
@@ -146,7 +149,7 @@ async def submit(request: web.Request) -> web.Response:
         path=raw_tail(request), query=request.rel_url.raw_query_string,
         headers=stored_headers(request),
         created_at=time.time(), body=body, body_file=body_file, callback_url=url,
-        callback_state="pending" if url else None, body_size=size)
+        callback_state="pending" if url else None, body_size=size, principal=principal)
     try:  # committed before the 202: durable from here
         stored = await tasks.add_within(task, spec.async_queue_limit, spec.async_queue_max_bytes)
     except sqlite3.Error as exc:
@@ -227,8 +230,22 @@ async def count_tasks(request: web.Request) -> web.Response:
                                          for e, s, n in counts]})
 
 
+def account_task(app: web.Application, task: TaskRecord, meter: UsageMeter | None) -> None:
+    """An ended task counted as a call of its principal, with the tokens its answer said
+    (so a daily budget holds on /async as on /invoke)."""
+    pool = app[RECONCILER].pool(task.endpoint)
+    if pool is None:
+        return
+    status = task.result_status if task.status == "succeeded" and task.result_status else \
+        499 if task.status == "cancelled" else 504 if "async_timeout_s" in (task.error or "") \
+        else 502
+    account(app[USAGE], (hour_of(task.finished_at or time.time()), task.principal,
+                         task.endpoint, pool.spec.model_names[0]), status, meter)
+
+
 def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
     app[DISPATCHER] = dispatcher
+    dispatcher.finished_listeners.append(functools.partial(account_task, app))
     app[CALLBACK_POLICY] = dispatcher.callbacks.policy  # wiring, once: handlers read the key
     app.router.add_post("/async/{name}", submit)
     app.router.add_post("/async/{name}/{path:.*}", submit)

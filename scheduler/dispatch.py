@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from berth.daemon.usage import UsageMeter
 from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
@@ -105,6 +106,8 @@ class Dispatcher:
         self._excluded: dict[str, frozenset[str]] = {}
         self._cancelling: set[str] = set()
         self._finishing: set[str] = set()  # tasks whose end is being written
+        # Told each task that ended here, with what its answer said of usage (if looked at)
+        self.finished_listeners: list[Callable[[TaskRecord, UsageMeter | None], None]] = []
         self._session: aiohttp.ClientSession | None = None
 
     # --- life ----------------------------------------------------------------------------
@@ -220,12 +223,14 @@ class Dispatcher:
                 task = await self._begin(lease, task_id) if queued else None
                 if task is None:
                     return
-                retry_for = await self._attempt(lease, task)
+                # An OpenAI-style path: its answer's usage is read as it is kept
+                meter = UsageMeter() if task.path.startswith("v1/") else None
+                retry_for = await self._attempt(lease, task, meter)
             if retry_for is not None:
                 await self._retry(task, lease.replica, retry_for)
             else:
                 self._finishing.add(task_id)  # a cancel now waits for its end (cancel())
-                await self._finish(task)
+                await self._finish(task, meter)
         finally:
             self._finishing.discard(task_id)
             self._running.pop(task_id, None)
@@ -247,13 +252,14 @@ class Dispatcher:
         rather than leaving it half moved (running in SQLite, in no queue in memory)."""
         await self.router.reconciler.durably(self.store.tasks.update, task, *fields)
 
-    async def _attempt(self, lease: Lease, task: TaskRecord) -> str | None:
+    async def _attempt(self, lease: Lease, task: TaskRecord,
+                       meter: UsageMeter | None = None) -> str | None:
         """Run the call; its outcome goes into `task`, or the error of a failure that earns
         another attempt is returned."""
         timeout, replica = lease.pool.spec.async_timeout_s, lease.replica
         try:
             async with asyncio.timeout(timeout):
-                await self._call(replica, task)
+                await self._call(replica, task, meter)
             task.status, task.error = "succeeded", None
         except TimeoutError:
             task.status, task.error = "failed", f"task exceeded async_timeout_s={timeout:g}"
@@ -282,17 +288,20 @@ class Dispatcher:
         await asyncio.sleep(delay)
         self._enqueue(task.endpoint, task.id, front=True)
 
-    async def _finish(self, task: TaskRecord) -> None:
+    async def _finish(self, task: TaskRecord, meter: UsageMeter | None = None) -> None:
         task.finished_at = self.clock()
         self._excluded.pop(task.id, None)
         self._cancelling.discard(task.id)
         await self._store(task)
+        for listener in self.finished_listeners:
+            listener(task, meter if task.status == "succeeded" else None)
         log.info(f"task.{task.status}", task=task.id, endpoint=task.endpoint,
                  replica=task.replica, attempts=task.attempts, error=task.error)
         if task.callback_url:
             self.callbacks.schedule(task.id)
 
-    async def _call(self, replica: Replica, task: TaskRecord) -> None:
+    async def _call(self, replica: Replica, task: TaskRecord,
+                    meter: UsageMeter | None = None) -> None:
         """One HTTP exchange with the replica; the result goes to the task (and a file)."""
         url = f"http://{replica.address}/{task.path}" + (f"?{task.query}" if task.query else "")
         headers = [*task.headers, ("X-Request-Id", task.id)]
@@ -304,22 +313,29 @@ class Dispatcher:
             async with self._client().request(task.method, URL(url, encoded=True),
                                               headers=headers, data=data,
                                               allow_redirects=False) as resp:
-                await self._keep_result(task, resp)
+                await self._keep_result(task, resp, meter)
                 # (only now: an answer cut off, timed out or cancelled has no result)
                 task.result_status = resp.status
                 task.result_type = resp.headers.get("Content-Type")
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise ReplicaFailed(f"{replica.id}: {exc!r}") from exc
 
-    async def _keep_result(self, task: TaskRecord, resp: aiohttp.ClientResponse) -> None:
+    async def _keep_result(self, task: TaskRecord, resp: aiohttp.ClientResponse,
+                           meter: UsageMeter | None = None) -> None:
         spool = Spool(self.files, f"{task.id}.result")
+        if meter is not None:
+            meter.sse = resp.content_type == "text/event-stream"
         try:
             async for chunk in resp.content.iter_chunked(CHUNK):
                 spool.write(chunk)
+                if meter is not None:
+                    meter.feed(chunk)
         except BaseException:
             spool.discard()
             raise
         task.result_body, task.result_file = spool.close()
+        if meter is not None:
+            meter.end()
 
     async def _read_file(self, name: str) -> AsyncIterator[bytes]:
         with open(self.file(name), "rb") as f:  # noqa: ASYNC230 - 64 KiB page-cache reads

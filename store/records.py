@@ -64,6 +64,7 @@ class TaskRecord:
     callback_error: str | None = None
     purged_at: float | None = None
     body_size: int = 0  # bytes of the request body, inline or in its file
+    principal: str = "public"  # whom its usage counts for (auth.Auth.principal)
 
     @property
     def finished(self) -> bool:

@@ -234,6 +234,10 @@ MIGRATIONS: list[str] = [
         since     REAL NOT NULL
     );
     """,
+    # 12: whom a task's usage counts for (its token id, "admin" or "public"), as a call's.
+    """
+    ALTER TABLE tasks ADD COLUMN principal TEXT NOT NULL DEFAULT 'public';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -3,6 +3,7 @@ what survives a restart, and what a limited token is told."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
 
@@ -296,3 +297,26 @@ def test_the_sse_meter_and_rewriter_take_a_long_line_in_tiny_pieces_in_linear_ti
     out += sse.feed(b'"}\n\n')
     assert time.perf_counter() - started < 2.0
     assert meter.tokens == (1, 0) and out.startswith(b'data: {"model": "llama"')
+
+
+async def test_a_budgeted_tokens_async_calls_are_counted_and_held_to_its_budget(api):
+    # A task's answer was never metered: /async let a token with a daily budget spend freely.
+    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
+    pool = h.reconciler.pool("llm")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
+                                     json={"tokens_per_day": 5})).json()
+    auth = {"Authorization": f"Bearer {token['token']}"}
+    chat = {"model": "llama", "messages": [{"role": "user", "content": "a b c"}]}
+    task = await (await client.post("/async/llm/v1/chat/completions", headers=auth,
+                                    json=chat)).json()
+    for _ in range(500):
+        done = await (await client.get(f"/tasks/{task['id']}", headers=auth)).json()
+        if done["status"] == "succeeded":
+            break
+        await asyncio.sleep(0.02)
+    assert done["status"] == "succeeded"
+    usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
+    assert (usage["total"]["prompt_tokens"], usage["total"]["completion_tokens"]) == (3, 4)
+    resp = await client.post("/async/llm/v1/chat/completions", headers=auth, json=chat)
+    assert resp.status == 429  # 7 tokens of 5 spent: the next is refused
