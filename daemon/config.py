@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 VOLUME_PATTERN = re.compile(r"^(/[^:]*):(/[^:]*)(:(ro|rw))?$")
@@ -28,6 +36,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 CAPABILITY = re.compile(r"^(CAP_)?[A-Z_]{2,32}$")
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 30 * 86400.0  # timers beyond 30 days overflow uvloop
+MAX_SIZE = 2 ** 53  # bytes: past this a size overflows floats, SQLite's integers and timers
 
 
 def _whole_number(value: Any) -> Any:
@@ -39,15 +48,24 @@ Int = Annotated[int, BeforeValidator(_whole_number)]
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in a size such as "512m", "10g" or 4096 (already checked by SIZE_PATTERN)."""
+    """Bytes in a size such as "512m", "10g" or 4096 (already checked by SIZE_PATTERN);
+    one too large to count (hundreds of digits) is MAX_SIZE + 1, refused by `_bounded`."""
     if isinstance(text, int):
         return text
     unit = text[-1].lower() if text[-1].isalpha() else ""
-    return int(float(text[:len(text) - len(unit)]) * SIZE_UNITS[unit])
+    number = float(text[:len(text) - len(unit)]) * SIZE_UNITS[unit]
+    return int(number) if number <= MAX_SIZE else MAX_SIZE + 1
+
+
+def _bounded(size: int) -> int:
+    if not 0 <= size <= MAX_SIZE:
+        raise ValueError(f"a size of at most {MAX_SIZE} bytes (2^53)")
+    return size
 
 
 Size = Annotated[int, BeforeValidator(lambda v: parse_size(v)
-                                      if isinstance(v, str) and SIZE_PATTERN.match(v) else v)]
+                                      if isinstance(v, str) and SIZE_PATTERN.match(v) else v),
+                 AfterValidator(_bounded)]
 
 # Fields whose change alters what a replica runs: a change to any of them rolls the replicas.
 RUNTIME_FIELDS = frozenset(
@@ -182,6 +200,8 @@ class EndpointFields(Strict):
     def _size(cls, value: str | None) -> str | None:
         if value is not None and not SIZE_PATTERN.match(value):
             raise ValueError(f"{value!r} is not a size such as \"512m\" or \"16g\"")
+        if value is not None:
+            _bounded(parse_size(value))
         return value
 
     @field_validator("env")
@@ -226,7 +246,7 @@ class DaemonSettings(Strict):
     task_max_attempts: Int = Field(3, ge=1, le=100)
     task_retry_backoff_s: float = Field(1.0, gt=0)
     result_ttl_s: float = Field(86400.0, gt=0)
-    purge_interval_s: float = Field(60.0, gt=0)
+    purge_interval_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
     callback_secret_file: str | None = None
     callback_retry_s: float = Field(3600.0, ge=0)
     callback_backoff_s: float = Field(1.0, gt=0)
@@ -254,7 +274,7 @@ class DaemonSettings(Strict):
     events_ttl_s: float = Field(30 * 86400.0, gt=0)
     audit_ttl_s: float = Field(365 * 86400.0, gt=0)
     finished_tasks_ttl_s: float = Field(30 * 86400.0, gt=0)
-    prune_interval_s: float = Field(3600.0, gt=0)
+    prune_interval_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S)
 
     @field_validator("callback_allow")
     @classmethod
@@ -321,7 +341,7 @@ class GpuDevice(Strict):
 class GpuSettings(Strict):
     source: Literal["nvml", "static", "none"] = "nvml"
     devices: list[GpuDevice] = Field(default_factory=list)
-    sample_interval_s: float = Field(10.0, gt=0)
+    sample_interval_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
     # Memory of each GPU that shared replicas (gpu_memory) never get: the driver's and CUDA
     # contexts' own.
     reserve_memory: str = Field("1g", json_schema_extra=SIZE_SCHEMA)
@@ -502,10 +522,16 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue("", f"{path} is not UTF-8 text: byte {exc.start} "
+                                           f"is {exc.object[exc.start:exc.start + 1]!r}")]
+                          ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"{path} is not valid TOML: {exc}")]) from exc
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", f"{path} nests too deeply")]) from None
     return parse_config(data)
 
 

@@ -134,6 +134,10 @@ async def _reload(berth: Berth, config_path: str) -> None:
         await berth.reconciler.event("reload_refused", f"config does not validate: {exc}")
         await berth.audit_reload(config_path, f"refused: {len(exc.issues)} error(s)")
         return
+    except Exception:  # (a bug, or the store failing mid-way: berthd serves on regardless)
+        log.exception("config.reload_failed", message="reload failed; berthd serves on")
+        await berth.audit_reload(config_path, "failed: see the berthd log")
+        return
     log.info("config.reloaded", summary=summary_text(summary))
     await berth.audit_reload(config_path, "ok")
 

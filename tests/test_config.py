@@ -190,3 +190,24 @@ def _nvml_present() -> bool:
         return False
     pynvml.nvmlShutdown()
     return True
+
+
+@pytest.mark.parametrize(("text", "where", "says"), [
+    (b"# caf\xe9\n[daemon]\n", "", "not UTF-8"),
+    (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "", "nests too deeply"),
+    (b'[daemon]\nmin_free_disk = "' + b"9" * 400 + b'g"\n', "daemon.min_free_disk", "2^53"),
+    (b"[daemon]\nmin_free_disk = " + b"9" * 30 + b"\n", "daemon.min_free_disk", "2^53"),
+    (b'[endpoints.a]\nimage = "x"\ngpus = 1\ngpu_memory = "' + b"9" * 400 + b'g"\n',
+     "endpoints.a.gpu_memory", "2^53"),
+    (b"[daemon]\nprune_interval_s = inf\n", "daemon.prune_interval_s", ""),
+    (b"[gpu]\nsample_interval_s = 1e15\n", "gpu.sample_interval_s", ""),
+])
+def test_a_file_that_once_crashed_berthd_is_a_config_error(tmp_path, text, where, says):
+    # Each raised something other than ConfigError: a reload (SIGHUP) stopped the daemon,
+    # and systemd restarted it into the same crash.
+    path = tmp_path / "berth.toml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    issue = caught.value.issues[0]
+    assert issue.path == where and says in issue.message, caught.value.issues
