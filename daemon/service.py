@@ -80,6 +80,11 @@ def read_admin_token(config: Config) -> str:
         except OSError as exc:
             raise StartupError(f"daemon.admin_token_file: cannot read {path}: {exc.strerror}",
                                EXIT_CONFIG) from exc
+        if not token:  # a file meant to protect the API must not leave it open
+            raise StartupError(f"daemon.admin_token_file: {path} is empty", EXIT_CONFIG)
+    if not token:
+        log.warning("berthd.open_mode", message="no admin token: the control API is open to "
+                    "every local user (daemon.admin_token_file or BERTH_ADMIN_TOKEN)")
     return token
 
 

@@ -16,7 +16,7 @@ from berth.daemon.browser import SEEN_HOSTS, BrowserGuard
 from berth.daemon.config import ConfigError, parse_config
 from berth.daemon.errors import ApiError
 from berth.daemon.replica_logs import ReplicaLogs
-from berth.daemon.service import StartupError, callback_secret
+from berth.daemon.service import StartupError, callback_secret, read_admin_token
 from helpers import body, endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -221,6 +221,19 @@ def test_callback_key_is_written_whole_and_never_empty(tmp_path):
     empty.write_text("")
     with pytest.raises(StartupError, match="empty"):
         callback_secret(parse_config({"daemon": {"callback_secret_file": str(empty)}}))
+
+
+def test_an_empty_admin_token_file_is_refused_not_an_open_api(tmp_path, monkeypatch):
+    # An empty first line read as "no token": every control route open, and nothing said.
+    monkeypatch.delenv("BERTH_ADMIN_TOKEN", raising=False)
+    path = tmp_path / "admin-token"
+    for text in ("", "\nsecret\n"):
+        path.write_text(text)
+        with pytest.raises(StartupError, match=r"admin_token_file: .* is empty"):
+            read_admin_token(parse_config({"daemon": {"admin_token_file": str(path)}}))
+    path.write_text("secret\n")
+    assert read_admin_token(parse_config({"daemon": {"admin_token_file": str(path)}})) == \
+        "secret"
 
 
 class EndlessLogs:
