@@ -111,8 +111,8 @@ async def json_body(request: web.Request) -> dict[str, Any]:
                        "Content-Type: application/json")
     too_deep = ApiError(400, "bad_json", f"the request body nests deeper than "
                         f"{MAX_JSON_DEPTH} levels")
-    try:
-        body = json.loads(await request.text())
+    try:  # (bytes: JSON is UTF-8, and a charset nobody knows must not be a 500)
+        body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
     except RecursionError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from berth.scheduler.replica import ReplicaState
 from helpers import CallsInFlight, body, containers, endpoint, ready_count, wait_for
 
@@ -80,6 +82,18 @@ async def test_bad_bodies_get_422_naming_every_wrong_field(api):
     resp = await client.put("/v1/endpoints/a", headers=ADMIN, json={"name": "b", "image": "x"})
     assert resp.status == 422
     assert (await client.patch("/v1/endpoints/none", headers=ADMIN, json={})).status == 404
+
+
+@pytest.mark.parametrize("charset", ["nope", "hex", "utf-8"])
+async def test_a_json_body_with_any_charset_is_read_as_json_not_a_500(api, charset):
+    _h, client = await api()
+    resp = await client.put("/v1/secrets/CHARSET_TEST", headers={
+        **ADMIN, "Content-Type": f"application/json; charset={charset}"},
+        data=b'{"value": "v"}')
+    assert resp.status == 200, await resp.text()
+    resp = await client.put("/v1/secrets/CHARSET_TEST", headers={
+        **ADMIN, "Content-Type": f"application/json; charset={charset}"}, data=b"\xff{")
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_json"
 
 
 async def test_config_owned_endpoints_refuse_api_writes(api):
