@@ -38,7 +38,7 @@ from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
 from berth.daemon.stream_wait import serve_streaming
-from berth.daemon.usage import UsageMeter, account, ask_usage, hour_of
+from berth.daemon.usage import UsageMeter, account, ask_usage, asks_to_stream, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 
@@ -117,7 +117,7 @@ class Asked:
 
 async def asked_json(request: CallRequest) -> Asked:
     body, raw = await read_json(request)
-    return Asked(body.get("model"), body.get("stream") is True, raw, json_body=body)
+    return Asked(body.get("model"), asks_to_stream(body), raw, json_body=body)
 
 
 async def asked_form(request: web.Request) -> Asked:

@@ -19,6 +19,7 @@ from typing import cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
 from berth.daemon.auth import Auth
@@ -49,7 +50,7 @@ from berth.daemon.upstream import (
     UpstreamResponse,
     UpstreamUnanswered,
 )
-from berth.daemon.usage import UsageMeter, account, ask_usage, hour_of
+from berth.daemon.usage import UsageMeter, account, ask_usage, asks_to_stream, hour_of
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
@@ -300,12 +301,15 @@ async def _budgeted_body(plane: DataPlane, call: Call) -> None:
     except TimeoutError:
         raise ApiError(408, "request_timeout", "the request body did not arrive within "
                        f"daemon.body_timeout_s={plane.limits.body_timeout_s:g}") from None
+    except (ConnectionResetError, BadHttpMessage):  # (the front's, and aiohttp's)
+        raise ApiError(400, "bad_request", "the request body could not be read whole "
+                       "(malformed, or the client stopped sending it)") from None
     call.body = bytes(raw)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         return  # not JSON: it goes as it came
-    if isinstance(body, dict) and body.get("stream") is True and ask_usage(body):
+    if isinstance(body, dict) and asks_to_stream(body) and ask_usage(body):
         call.body = json.dumps(body).encode()
 
 

@@ -69,6 +69,18 @@ def usage_in_object(answer: Any) -> tuple[int, int] | None:
     return found
 
 
+STREAM_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})  # as model servers' parsers
+
+
+def asks_to_stream(body: dict[str, Any]) -> bool:
+    """Whether a model server will stream its answer: `stream` as lax parsers (pydantic's,
+    vLLM's) read it, not only JSON's true, or a budget would miss `"stream": 1`."""
+    value = body.get("stream")
+    if isinstance(value, str):
+        return value.strip().lower() in STREAM_WORDS
+    return value is True or (not isinstance(value, bool) and value == 1)
+
+
 def ask_usage(body: dict[str, Any]) -> bool:
     """Have a streamed OpenAI answer end with its usage (`stream_options.include_usage`): a
     token with a daily budget is counted even when its client did not ask. True if changed."""

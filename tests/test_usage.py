@@ -47,6 +47,17 @@ def test_a_replicas_deeply_nested_json_is_passed_on_not_a_fault():
     assert meter.tokens is None
 
 
+@pytest.mark.parametrize(("stream", "streams"), [
+    (True, True), (1, True), (1.0, True), ("true", True), ("Yes", True), (" on ", True),
+    (False, False), (0, False), ("false", False), ("no", False), (None, False), (2, False),
+    ([1], False), ({}, False),
+])
+def test_a_stream_is_told_as_model_servers_parse_it(stream, streams):
+    from berth.daemon.usage import asks_to_stream
+
+    assert asks_to_stream({"stream": stream}) is streams
+
+
 def sse(*objects: object) -> bytes:
     return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objects) + \
         b"data: [DONE]\n\n"
@@ -272,7 +283,7 @@ async def test_a_budgeted_tokens_streams_are_counted_even_without_include_usage(
     # ... and a streamed one there asks for its usage too (else the budget counted nothing).
     resp = await client.post("/invoke/llm/v1/chat/completions", headers={
         "Authorization": f"Bearer {token['token']}", "Content-Type": "application/json"},
-        data=json.dumps({"model": "llama", "stream": True,
+        data=json.dumps({"model": "llama", "stream": 1,  # (a model server's parser: true)
                          "messages": [{"role": "user", "content": "y z"}]}))
     assert resp.status == 200 and b'"usage"' in await resp.read()
     usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
