@@ -50,7 +50,7 @@ from berth.daemon.upstream import (
     UpstreamResponse,
     UpstreamUnanswered,
 )
-from berth.daemon.usage import UsageMeter, account, ask_usage, asks_to_stream, hour_of
+from berth.daemon.usage import UsageMeter, account, hour_of, usage_asked
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
@@ -304,13 +304,7 @@ async def _budgeted_body(plane: DataPlane, call: Call) -> None:
     except (ConnectionResetError, BadHttpMessage):  # (the front's, and aiohttp's)
         raise ApiError(400, "bad_request", "the request body could not be read whole "
                        "(malformed, or the client stopped sending it)") from None
-    call.body = bytes(raw)
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        return  # not JSON: it goes as it came
-    if isinstance(body, dict) and asks_to_stream(body) and ask_usage(body):
-        call.body = json.dumps(body).encode()
+    call.body = usage_asked(bytes(raw))
 
 
 async def accounted(plane: DataPlane, call: Call, work: Awaitable[Answer]) -> Answer:

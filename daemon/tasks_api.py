@@ -8,7 +8,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 from yarl import URL
@@ -37,7 +37,7 @@ from berth.daemon.proxy import (
     forwarded_headers,
     raw_tail,
 )
-from berth.daemon.usage import UsageMeter, account, hour_of
+from berth.daemon.usage import UsageMeter, account, hour_of, usage_asked
 from berth.scheduler.callbacks import describe_task
 from berth.scheduler.dispatch import Dispatcher, Spool, TaskFinished
 from berth.scheduler.egress import CallbackRefused, PolicyUnavailable
@@ -144,6 +144,11 @@ async def submit(request: web.Request) -> web.Response:
         raise refusal
     task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"
     body, body_file, size = await read_body(request, task_id, dispatcher.files)
+    limits = request.app[AUTH].limits.get(principal)
+    if body is not None and limits is not None and limits.tokens_per_day is not None and \
+            unquote(raw_tail(request)).startswith("v1/"):  # (as /invoke: the budget counts it)
+        body = usage_asked(body)
+        size = len(body)
     task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,
         path=raw_tail(request), query=request.rel_url.raw_query_string,

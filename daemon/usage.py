@@ -92,6 +92,17 @@ def ask_usage(body: dict[str, Any]) -> bool:
     return True
 
 
+def usage_asked(raw: bytes) -> bytes:
+    """A JSON request body that streams, asking for its usage (`raw` unchanged otherwise)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw  # not JSON: it goes as it came
+    if isinstance(body, dict) and asks_to_stream(body) and ask_usage(body):
+        return json.dumps(body).encode()
+    return raw
+
+
 def usage_in_tail(data: bytes) -> tuple[int, int] | None:
     """The last `"usage": {...}` object in the tail of a JSON text too large to parse whole."""
     matches = list(USAGE_KEY.finditer(data))

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import unquote
 
 import aiohttp
 import structlog
@@ -224,7 +225,7 @@ class Dispatcher:
                 if task is None:
                     return
                 # An OpenAI-style path: its answer's usage is read as it is kept
-                meter = UsageMeter() if task.path.startswith("v1/") else None
+                meter = UsageMeter() if unquote(task.path).startswith("v1/") else None
                 retry_for = await self._attempt(lease, task, meter)
             if retry_for is not None:
                 await self._retry(task, lease.replica, retry_for)
@@ -334,7 +335,9 @@ class Dispatcher:
             spool.discard()
             raise
         task.result_body, task.result_file = spool.close()
-        if meter is not None:
+        if meter is not None and task.result_body is not None and not meter.sse:
+            meter.whole(task.result_body)  # (all of a small answer, not only its tail)
+        elif meter is not None:
             meter.end()
 
     async def _read_file(self, name: str) -> AsyncIterator[bytes]:
@@ -371,12 +374,21 @@ class Dispatcher:
             task = await self.store.tasks.get(task_id)
             if task is None or task.finished:
                 return task
+        # Read again: another cancel may have ended it meanwhile, or be ending it now. From
+        # this check to taking it (_finishing) there is no await: one cancel ends a task.
+        task = await self.store.tasks.get(task_id)
+        if task is None or task.finished or task_id in self._finishing:
+            raise TaskFinished(f"task {task_id} already ended")
+        self._finishing.add(task_id)
         queue = self.queues.get(task.endpoint)
         if queue is not None and task_id in queue:
             queue.remove(task_id)
             self._update_backlog(task.endpoint)
         task.status, task.error = "cancelled", "cancelled by request"
-        await self._finish(task)
+        try:
+            await self._finish(task)
+        finally:
+            self._finishing.discard(task_id)
         return task
 
     async def purge(self, ttl_s: float) -> int:

@@ -340,3 +340,15 @@ async def test_a_malformed_callback_url_is_422_not_500(aplane, url):
     _h, client, _ = await aplane({"u": endpoint("u", min_replicas=0)})
     resp = await client.post("/async/u/echo", headers={"X-Callback-Url": url})
     assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_callback_url"
+
+
+async def test_two_cancels_at_once_end_a_task_once(aplane):
+    # Both read it queued; both ended it: counted twice, called back twice.
+    _h, client, dispatcher = await aplane({"q": endpoint("q", min_replicas=0,
+                                                          env={"MODEL_FAIL_HEALTH": "1"})})
+    ended: list[str] = []
+    dispatcher.finished_listeners.append(lambda task, meter: ended.append(task.id))
+    task = await (await client.post("/async/q/echo")).json()  # queued while its start fails
+    answers = await asyncio.gather(*(client.delete(f"/tasks/{task['id']}") for _ in range(2)))
+    assert sorted(answer.status for answer in answers) == [200, 409]
+    assert ended == [task["id"]]
