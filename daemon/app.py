@@ -44,6 +44,7 @@ from berth.daemon.openai_api import add_openai_api
 from berth.daemon.openapi import add_openapi
 from berth.daemon.proxy import add_data_plane
 from berth.daemon.quota import Quota
+from berth.daemon.replica_logs import track_log_streams
 from berth.daemon.tasks_api import add_async_plane
 from berth.daemon.ui_page import add_ui
 from berth.daemon.usage import UsageLedger, flushing
@@ -205,6 +206,7 @@ def build_app(reconciler: Reconciler, allocator: GpuAllocator, admin_token: str 
     reconciler.removal_listeners.append(app[AUTH].forget_endpoint)
     app[EVENTS] = EventFeed()
     app.on_shutdown.append(end_followers)
+    track_log_streams(app)
     reconciler.event_listeners.append(app[EVENTS].publish)
     app[GPU_SAMPLES] = gpu_samples if gpu_samples is not None else {}
     app[GPU_READINGS] = gpu_readings or GpuReadings()

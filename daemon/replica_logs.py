@@ -37,10 +37,13 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     tail = int(tail_text) if is_count(tail_text) else "all"
     for replica in replicas:
         logs.add(replica.id, str(replica.container_id), tail)
+    streams = request.app[LOG_STREAMS]
+    streams.add(logs)
     try:
         async for line in logs.lines(pool, wanted):
             await response.write(line)
     finally:
+        streams.discard(logs)
         logs.close()
     await response.write_eof()
     return response
@@ -52,6 +55,7 @@ class ReplicaLogs:
 
     RESCAN_S = 1.0
     MAX_BEHIND = 10_000  # lines a slow client may fall behind before its stream is cut
+    MAX_LINE = 64 * 1024  # bytes of one line held: a longer one is passed on in pieces
 
     def __init__(self, runtime: DockerRuntime, follow: bool,
                  max_behind: int = MAX_BEHIND) -> None:
@@ -68,14 +72,21 @@ class ReplicaLogs:
             self._read(replica_id, container_id, tail))
 
     async def _read(self, replica_id: str, container_id: str, tail: int | str) -> None:
-        prefix, buffer = f"[{replica_id}] ".encode(), b""
+        prefix, held = f"[{replica_id}] ".encode(), bytearray()
         try:
             async for chunk in self.runtime.stream_logs(container_id, tail, self.follow):
-                *whole, buffer = (buffer + chunk).split(b"\n")
-                for line in whole:
-                    self._put(prefix + line + b"\n")
-            if buffer:
-                self._put(prefix + buffer + b"\n")
+                if b"\n" in chunk:  # (else only appended: no rescan of what is held)
+                    *whole, rest = (bytes(held) + chunk).split(b"\n")
+                    for line in whole:
+                        self._put(prefix + line + b"\n")
+                    held[:] = rest
+                else:
+                    held += chunk
+                if len(held) > self.MAX_LINE:
+                    self._put(prefix + bytes(held) + b"\n")
+                    held.clear()
+            if held:
+                self._put(prefix + bytes(held) + b"\n")
         except asyncio.QueueFull:
             self.cut = True  # never buffer without bound for a client that does not read
         finally:
@@ -108,3 +119,23 @@ class ReplicaLogs:
     def close(self) -> None:
         for reader in self.readers.values():
             reader.cancel()
+
+    def end(self) -> None:
+        """berthd is stopping: the stream ends with what was read (a follow would not)."""
+        self.follow = False
+        self.close()
+
+
+LOG_STREAMS: web.AppKey[set[ReplicaLogs]] = web.AppKey("log_streams")
+
+
+def track_log_streams(app: web.Application) -> None:
+    """Followed log streams end when berthd stops (an open status page must not hold up
+    a stop: aiohttp waits for a running handler, twice its shutdown timeout)."""
+    app[LOG_STREAMS] = set()
+
+    async def end_all(app: web.Application) -> None:
+        streams: set[ReplicaLogs] = app[LOG_STREAMS]
+        for logs in list(streams):
+            logs.end()
+    app.on_shutdown.append(end_all)

@@ -264,6 +264,43 @@ async def test_a_slow_log_reader_is_cut_not_buffered():
     assert lines[-1].startswith(b"[berth] log stream cut") and len(lines) <= 51
 
 
+class UnendingLine:
+    """A log stream of 2 MiB with no newline, in 4 KiB writes."""
+
+    async def stream_logs(self, container_id: str, tail: object, follow: bool):
+        for _ in range(512):
+            yield b"a" * 4096
+            await asyncio.sleep(0)
+
+
+async def test_a_log_line_that_never_ends_is_passed_on_in_bounded_pieces():
+    # It was held whole (and rescanned at each write: quadratic) until the stream's end.
+    logs = ReplicaLogs(UnendingLine(), follow=False)  # type: ignore[arg-type]
+    logs.add("r1", "c1", "all")
+
+    class Pool:
+        replicas: dict = {}
+
+    lines = [line async for line in logs.lines(Pool(), None)]  # type: ignore[arg-type]
+    logs.close()
+    assert sum(len(line) - len(b"[r1] \n") for line in lines) == 512 * 4096
+    assert len(lines) > 1 and max(map(len, lines)) <= ReplicaLogs.MAX_LINE + 4096 + 6
+
+
+async def test_a_followed_log_stream_ends_when_berthd_stops(api):
+    # An open status page follows logs: it once held a stop for twice aiohttp's shutdown
+    # timeout, until systemd's SIGKILL cut the last usage flush and the store's close.
+    h, client = await api({"lg": endpoint("lg", min_replicas=1)})
+    pool = h.reconciler.pool("lg")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    resp = await client.get("/v1/endpoints/lg/logs?follow=true",
+                            headers={"Authorization": "Bearer admin-secret"})
+    assert resp.status == 200
+    await client.app.shutdown()  # (what runner.cleanup does first)
+    async with asyncio.timeout(5):
+        await resp.read()  # the stream ended
+
+
 # --- 8. isolation and least privilege ---------------------------------------------------------
 
 CONNECT = ("import socket,sys\n"
