@@ -50,7 +50,7 @@ def copy_database(source: Path, dest: Path) -> None:
     """A consistent copy of the database at `source` into `dest` (0600, fsynced)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    src = sqlite3.connect(_read_only(source), uri=True)
     out = sqlite3.connect(dest)
     try:
         src.backup(out)  # all pages in one step: one snapshot
@@ -74,10 +74,16 @@ def keep_premigration_copy(db: Path, version: int) -> Path:
     return dest
 
 
+def _read_only(path: Path) -> str:
+    """A read-only SQLite URI of `path`, encoded: a '#' or '?' in a name would cut it short
+    (so one file would be checked and another restored)."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
+
+
 def backup_version(file: Path) -> int:
     """The schema version of a berth database file; BackupError if it is not one berth can use."""
     try:
-        conn = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+        conn = sqlite3.connect(_read_only(file), uri=True)
     except sqlite3.Error as exc:
         raise BackupError(f"{file} cannot be opened: {exc}") from exc
     try:
@@ -113,6 +119,7 @@ def restore(file: Path, state_dir: Path) -> Path | None:
         os.chmod(incoming, 0o600)
         with open(incoming, "rb") as f:
             os.fsync(f.fileno())
+        backup_version(incoming)  # what is restored is what was checked (the file may change)
         db = state_dir / DB_NAME
         old = [s for s in ("", "-wal", "-shm") if Path(f"{db}{s}").exists()]
         aside = state_dir / f"{DB_NAME}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"

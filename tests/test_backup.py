@@ -134,7 +134,12 @@ def test_restore_refuses_what_berth_cannot_use(tmp_path, config):
     conn = sqlite3.connect(newer)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
+    good = tmp_path / "good"  # a berth database, and beside it a file that is not one whose
+    schema_db(good, SCHEMA_VERSION)  # name, cut at '#' in a URI, is the good one's
+    tricky = tmp_path / "good#evil.db"
+    tricky.write_bytes(os.urandom(4096))
     for file, message in ((junk, "not an SQLite database"), (other, "not berth's"),
+                          (tricky, "not an SQLite database"),
                           (newer, "newer than this berthd supports"),
                           (tmp_path / "missing.db", "cannot be opened")):
         out = berthd_restore(file, config)
