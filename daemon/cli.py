@@ -56,6 +56,9 @@ class Client:
         try:
             with urllib.request.urlopen(self._request(method, path, body), timeout=60) as resp:
                 return json.loads(resp.read() or b"null")
+        except ValueError as err:  # (JSONDecodeError, UnicodeDecodeError)
+            raise CliError(f"error: {self.url} did not answer as berthd does (not JSON): is "
+                           "--url right?", EXIT_API) from err
         except urllib.error.HTTPError as err:
             raise CliError(f"error: {_api_error(err)}", EXIT_API) from err
         except (urllib.error.URLError, OSError) as err:
@@ -548,6 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(exc, file=sys.stderr)
         return exc.code
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # an answer not berthd's
+        print(f"error: an answer berth cannot read ({type(exc).__name__}: {exc}): is --url "
+              "a berthd of this version?", file=sys.stderr)
+        return EXIT_API
     except KeyboardInterrupt:
         return 130
 

@@ -4,12 +4,14 @@ a real berthd: every command group, exit codes, persistence."""
 from __future__ import annotations
 
 import argparse
+import http.server
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -365,3 +367,33 @@ def test_usage_table_has_a_row_per_group_and_a_total() -> None:
     assert lines[0].split() == ["ENDPOINT", "MODEL", "CALLS", "ERRORS", "PROMPT", "COMPLETION"]
     assert lines[1].split() == ["llm", "llama", "4", "1", "20", "40"]
     assert lines[-1].split() == ["total", "5", "1", "30", "40"]
+
+
+class OddServer(http.server.BaseHTTPRequestHandler):
+    """Answers 200 with what berthd never sends: a login page, nulls, an empty object."""
+
+    ANSWERS = {"/v1/gpus": b"<html>please log in</html>", "/v1/endpoints": b'{"endpoints": null}',
+               "/v1/endpoints/m": b"{}"}
+
+    def do_GET(self) -> None:
+        body = self.ANSWERS.get(self.path, b"{}")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("argv", [["gpus"], ["endpoints", "ls"], ["endpoints", "get", "m"]])
+def test_an_answer_that_is_not_berthds_is_an_error_not_a_traceback(argv, capsys) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OddServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code = cli.main([*argv, "--url", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_API and err.startswith("error: ") and "--url" in err, err
