@@ -22,6 +22,7 @@ from berth.daemon.keys import (
     DATA_PLANE,
     DISPATCHER,
     LIMITS,
+    QUOTA,
     RECONCILER,
     ROUTER,
     STORE,
@@ -235,15 +236,32 @@ async def count_tasks(request: web.Request) -> web.Response:
                                          for e, s, n in counts]})
 
 
+OVER_BUDGET = "over its token's daily budget"
+
+
+def budget_refusal(app: web.Application, task: TaskRecord) -> str | None:
+    """Why a task may not start now: its token spent today's budget since it was submitted
+    (a burst of tasks is admitted before any of them is counted)."""
+    limits = app[AUTH].limits.get(task.principal)
+    if limits is None or limits.tokens_per_day is None:
+        return None
+    used = app[QUOTA].ledger.tokens_today(task.principal, time.time())
+    if used < limits.tokens_per_day:
+        return None
+    return (f"{OVER_BUDGET}: token {task.principal} used {used} of its "
+            f"{limits.tokens_per_day} model tokens of today (UTC) before the task could start")
+
+
 def account_task(app: web.Application, task: TaskRecord, meter: UsageMeter | None) -> None:
     """An ended task counted as a call of its principal, with the tokens its answer said
     (so a daily budget holds on /async as on /invoke)."""
     pool = app[RECONCILER].pool(task.endpoint)
     if pool is None:
         return
+    error = task.error or ""
     status = task.result_status if task.status == "succeeded" and task.result_status else \
-        499 if task.status == "cancelled" else 504 if "async_timeout_s" in (task.error or "") \
-        else 502
+        499 if task.status == "cancelled" else 429 if error.startswith(OVER_BUDGET) else \
+        504 if "async_timeout_s" in error else 502
     account(app[USAGE], (hour_of(task.finished_at or time.time()), task.principal,
                          task.endpoint, pool.spec.model_names[0]), status, meter)
 
@@ -251,6 +269,7 @@ def account_task(app: web.Application, task: TaskRecord, meter: UsageMeter | Non
 def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
     app[DISPATCHER] = dispatcher
     dispatcher.finished_listeners.append(functools.partial(account_task, app))
+    dispatcher.start_checks.append(functools.partial(budget_refusal, app))
     app[CALLBACK_POLICY] = dispatcher.callbacks.policy  # wiring, once: handlers read the key
     app.router.add_post("/async/{name}", submit)
     app.router.add_post("/async/{name}/{path:.*}", submit)

@@ -109,6 +109,8 @@ class Dispatcher:
         self._finishing: set[str] = set()  # tasks whose end is being written
         # Told each task that ended here, with what its answer said of usage (if looked at)
         self.finished_listeners: list[Callable[[TaskRecord, UsageMeter | None], None]] = []
+        # Asked as each task gets its slot: a reason not to run it now (it then fails with it)
+        self.start_checks: list[Callable[[TaskRecord], str | None]] = []
         self._session: aiohttp.ClientSession | None = None
 
     # --- life ----------------------------------------------------------------------------
@@ -224,9 +226,14 @@ class Dispatcher:
                 task = await self._begin(lease, task_id) if queued else None
                 if task is None:
                     return
+                refusal = next((why for check in self.start_checks
+                                if (why := check(task)) is not None), None)
                 # An OpenAI-style path: its answer's usage is read as it is kept
                 meter = UsageMeter() if unquote(task.path).startswith("v1/") else None
-                retry_for = await self._attempt(lease, task, meter)
+                if refusal is not None:
+                    task.status, task.error, meter, retry_for = "failed", refusal, None, None
+                else:
+                    retry_for = await self._attempt(lease, task, meter)
             if retry_for is not None:
                 await self._retry(task, lease.replica, retry_for)
             else:

@@ -332,3 +332,29 @@ async def test_a_budgeted_tokens_async_calls_are_counted_and_held_to_its_budget(
     assert (usage["total"]["prompt_tokens"], usage["total"]["completion_tokens"]) == (3, 4)
     resp = await client.post("/async/llm/v1/chat/completions", headers=auth, json=chat)
     assert resp.status == 429  # 7 tokens of 5 spent: the next is refused
+
+
+async def test_a_budgeted_tokens_tasks_queued_in_a_burst_stop_when_the_budget_is_spent(api):
+    # Each was admitted at submit, when nothing was counted yet: all of them ran.
+    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
+    pool = h.reconciler.pool("llm")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
+    token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
+                                     json={"tokens_per_day": 5})).json()
+    auth = {"Authorization": f"Bearer {token['token']}"}
+    # (the model takes 0.5 s: all three are submitted while the first runs, none counted)
+    chat = {"model": "llama", "sleep_s": 0.5, "messages": [{"role": "user", "content": "a b c"}]}
+    ids = [(await (await client.post("/async/llm/v1/chat/completions", headers=auth,
+                                     json=chat)).json())["id"] for _ in range(3)]
+    done = []
+    for task_id in ids:
+        for _ in range(500):
+            task = await (await client.get(f"/tasks/{task_id}", headers=auth)).json()
+            if task["status"] in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.02)
+        done.append(task)
+    assert [t["status"] for t in done] == ["succeeded", "failed", "failed"]
+    assert all("daily budget" in t["error"] for t in done[1:])
+    usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
+    assert usage["total"]["prompt_tokens"] == 3  # one call's worth, not three
