@@ -22,6 +22,9 @@ from berth.scheduler.errors import EndpointFailing
 from berth.scheduler.policy import pick_replica
 from berth.scheduler.replica import Replica, ReplicaState
 
+# States whose owner waits for the calls still in flight to end (drain, sleep)
+WAITS_FOR_CALLS = frozenset({ReplicaState.DRAINING, ReplicaState.SLEEPING})
+
 
 @dataclass(eq=False)
 class Waiter:
@@ -119,15 +122,15 @@ class EndpointPool:
             await self.notify()
 
     def give_back(self, replica: Replica, now: float) -> bool:
-        """`release` without the await every call would pay: True when a drain waits for
-        this slot, and the caller must `notify()`."""
+        """`release` without the await every call would pay: True when a drain or a sleep
+        waits for this slot (the last call out), and the caller must `notify()`."""
         if replica.in_flight <= 0:
             raise RuntimeError(f"replica {replica.id}: a slot released that was not taken")
         replica.in_flight -= 1
         replica.last_call_at = now
         if self.queue:
             self.dispatch()
-        return replica.in_flight == 0 and replica.state is ReplicaState.DRAINING
+        return replica.in_flight == 0 and replica.state in WAITS_FOR_CALLS
 
     # --- replicas: added by the reconciler, forgotten by their lifecycle ---------------------
 

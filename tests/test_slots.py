@@ -46,6 +46,18 @@ def test_take(states, concurrency, pinned, takes):
     assert pool.demand() == sum(1 for t in takes if t)
 
 
+@pytest.mark.parametrize(("state", "owed"), [
+    (S.READY, False), (S.DRAINING, True),
+    (S.SLEEPING, True),  # a call that slipped in as it went to sleep: the sleep waits for it
+])
+def test_the_last_call_out_is_told_to_whoever_waits_for_it(state, owed):
+    pool = pool_of([S.READY])
+    replica = pool.take(None)
+    assert replica is not None
+    replica.state = state
+    assert pool.give_back(replica, 1.0) is owed
+
+
 async def test_a_released_slot_goes_to_the_oldest_waiter_that_can_use_it():
     pool = pool_of([S.READY, S.READY])
     first, second = pool.take(), pool.take()
