@@ -113,8 +113,10 @@ class Router:
 
     def free_slot(self, pool: EndpointPool, pinned: str | None,
                   exclude: frozenset[str]) -> Replica | None:
-        """A slot taken at once, or None when the call must wait (see `_slot`)."""
-        if pool.error:
+        """A slot taken at once, or None when the call must wait (see `_slot`). A start
+        error fails calls only when no replica is ready to serve them (a roll to a bad image
+        leaves the old ones serving)."""
+        if pool.error and not pool.count(ReplicaState.READY):
             raise EndpointFailing(f"endpoint {pool.name} cannot run: {pool.error}")
         if pinned is not None and pinned not in pool.replicas:
             raise ReplicaNotFound(f"endpoint {pool.name} has no replica {pinned!r}")

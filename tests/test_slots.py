@@ -122,3 +122,21 @@ def test_the_pool_reads_its_endpoint_and_cannot_change_it():
             setattr(pool, name, value)
     pool.endpoint.count_failure(None, 100.0)
     assert (pool.failures, pool.next_start_at) == (1, 101.0)
+
+
+@pytest.mark.parametrize(("states", "serves"), [
+    ([S.READY, S.FAILED], True),  # a roll to a bad image: the old replica still serves
+    ([S.FAILED], False),
+    ([], False),
+])
+def test_a_start_error_fails_calls_only_when_no_replica_is_ready(states, serves):
+    from berth.scheduler.router import Router
+
+    pool = pool_of(states)
+    pool.endpoint.error = "image x:2 not found"
+    router = Router(reconciler=None)  # type: ignore[arg-type]  (free_slot reads the pool)
+    if serves:
+        assert router.free_slot(pool, None, frozenset()) is not None
+    else:
+        with pytest.raises(EndpointFailing, match="not found"):
+            router.free_slot(pool, None, frozenset())
