@@ -450,6 +450,10 @@ class Reconciler(GpuMoves):
                 self._stop_soon(pool, replica, self._stop_reason(pool, replica))
         if spec.sleep is not None and not pool.removed:
             self._sleep_and_wake(pool, spec.sleep.after_s, now)
+        elif spec.sleep is None:  # its sleep tier removed in place: nothing would wake them
+            for replica in pool.replicas.values():
+                if replica.state is S.SLEEPING and not self._life(pool, replica).stopping:
+                    self._stop_soon(pool, replica, "sleep tier removed: stopped, not woken")
         for _ in range(plan.start):
             await self._add_replica(pool)
         self._retry_cleanups(pool)

@@ -116,6 +116,20 @@ async def test_idle_timeout_still_stops_a_sleeper(api):
     assert h.reconciler.allocator.owners() == {}
 
 
+async def test_a_sleeper_is_stopped_when_its_sleep_tier_is_removed(api):
+    # The change applies in place (no roll): nothing would ever wake it, and, counted as
+    # capacity, it kept a replacement from starting.
+    h, _client = await api({"llm": endpoint("llm", min_replicas=1, sleep={"after_s": 0.2})})
+    pool = h.reconciler.pool("llm")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="ready")
+    [replica] = pool.replicas.values()
+    await wait_for(pool, lambda: replica.state is S.SLEEPING, what="asleep")
+    await h.reconciler.apply_specs({"llm": endpoint("llm", min_replicas=1)}, "config")
+    await wait_for(pool, lambda: replica.state is S.STOPPED, what="the sleeper stopped")
+    assert "sleep tier removed" in (replica.reason or "")
+    await wait_for(pool, lambda: ready_count(pool) == 1, timeout=20, what="a replacement")
+
+
 async def test_a_wake_that_hangs_is_cut_at_wake_timeout_and_the_call_still_served(api):
     h, client = await api({"llm": endpoint(
         "llm", min_replicas=1, idle_timeout_s=60,
