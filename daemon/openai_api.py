@@ -21,7 +21,6 @@ from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
-from berth.daemon.deadlines import CallDeadline
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
 from berth.daemon.keys import (
@@ -36,7 +35,7 @@ from berth.daemon.keys import (
 )
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
-from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call
+from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call, within_body_time
 from berth.daemon.stream_wait import serve_streaming
 from berth.daemon.usage import UsageMeter, account, ask_usage, asks_to_stream, hour_of
 from berth.scheduler.errors import SchedulerError
@@ -136,19 +135,6 @@ async def asked_form(request: web.Request) -> Asked:
     return Asked(model, False, head, span=span)
 
 
-async def read_in_time(request: R, read: Callable[[R], Awaitable[Asked]]) -> Asked:
-    """What the call asks for, read from a body that must come within daemon.body_timeout_s
-    (408): until its model is known no call deadline runs, and a client sending its body
-    slowly, or never, would hold its connection and what it sent for ever."""
-    seconds = request.app[LIMITS].body_timeout_s
-    try:
-        with CallDeadline(request.app[DATA_PLANE].deadlines, seconds):
-            return await read(request)
-    except TimeoutError:
-        raise OpenAIError(408, "request_timeout", "the request body did not arrive within "
-                          f"daemon.body_timeout_s={seconds:g}") from None
-
-
 def model_pool(request: CallRequest, model: Any) -> tuple[str, EndpointPool]:
     if not isinstance(model, str) or not model:
         raise OpenAIError(400, "missing_model", "`model` (a string) is required", "model")
@@ -209,7 +195,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
     app = request.app
     try:
         check_any_key(request)
-        asked = await read_in_time(request, read)
+        asked = await within_body_time(request, read(request))  # (its model is inside)
         model, pool = model_pool(request, asked.model)
         principal = app[AUTH].principal(presented_key(request))
         cell = (hour_of(time.time()), principal, pool.name, model)

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -57,6 +57,7 @@ from berth.scheduler.replica import Replica
 from berth.scheduler.router import Lease, Router
 
 log = structlog.get_logger("berth.proxy")
+T = TypeVar("T")
 
 
 # Header names are compared as the bytes they came in (lower-cased): header lines cross berth
@@ -287,24 +288,38 @@ async def _budgeted_body(plane: DataPlane, call: Call) -> None:
     """The body of a call on an OpenAI path by a token with a daily budget, read whole
     (bounded, in time) so that a streamed call asks for its usage: without it the model may
     send none, and the budget would count nothing (the OpenAI routes do the same)."""
-    request, limit = call.request, plane.limits.max_body
+    request = call.request
     if request.method != "POST" or not request.body_exists:
         return
+    call.body = usage_asked(await within_body_time(request, _whole_body(request,
+                                                                       plane.limits.max_body)))
+
+
+async def _whole_body(request: CallRequest, limit: int) -> bytes:
     raw = bytearray()
     try:
-        with CallDeadline(plane.deadlines, plane.limits.body_timeout_s):
-            async for chunk in request.content.iter_chunked(CHUNK):
-                raw += chunk
-                if len(raw) > limit:
-                    raise ApiError(413, "payload_too_large", "request body is over the limit "
-                                   f"of {limit} bytes (daemon.max_body_bytes)")
-    except TimeoutError:
-        raise ApiError(408, "request_timeout", "the request body did not arrive within "
-                       f"daemon.body_timeout_s={plane.limits.body_timeout_s:g}") from None
+        async for chunk in request.content.iter_chunked(CHUNK):
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(413, "payload_too_large", "request body is over the limit "
+                               f"of {limit} bytes (daemon.max_body_bytes)")
     except (ConnectionResetError, BadHttpMessage):  # (the front's, and aiohttp's)
         raise ApiError(400, "bad_request", "the request body could not be read whole "
                        "(malformed, or the client stopped sending it)") from None
-    call.body = usage_asked(bytes(raw))
+    return bytes(raw)
+
+
+async def within_body_time(request: CallRequest, read: Awaitable[T]) -> T:
+    """`read` of a body that must come within daemon.body_timeout_s (408): a body read whole
+    before the call is routed runs under no call deadline yet, and a client sending it
+    slowly, or never, would hold its connection and what it sent for ever."""
+    plane = request.app[DATA_PLANE]
+    try:
+        with CallDeadline(plane.deadlines, plane.limits.body_timeout_s):
+            return await read
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", "the request body did not arrive within "
+                       f"daemon.body_timeout_s={plane.limits.body_timeout_s:g}") from None
 
 
 async def accounted(plane: DataPlane, call: Call, work: Awaitable[Answer]) -> Answer:
