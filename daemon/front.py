@@ -81,9 +81,10 @@ class Host(Protocol):
 
 
 class Refused(Exception):
-    """A request the front will not take: answered with `status` and `code`, then closed."""
+    """A request the front will not take: answered with `status` and `code`, then closed
+    (`after_pending`: once the requests parsed before it are answered)."""
 
-    status, code = 400, "bad_request"
+    status, code, after_pending = 400, "bad_request", False
 
 
 class HeadTooLarge(Refused):
@@ -95,7 +96,7 @@ class HeadTooLarge(Refused):
 class TooManyPipelined(Refused):
     """More requests sent ahead than the front holds (llhttp parses a whole read at once)."""
 
-    status, code = 503, "too_many_pipelined"
+    status, code, after_pending = 503, "too_many_pipelined", True
 
 
 def _never_started(task: asyncio.Task[None], call: FastCall,
@@ -196,7 +197,7 @@ class Front(FlowControl):
         cause = exc if isinstance(exc, Refused) else exc.__context__
         refused = cause if isinstance(cause, Refused) else Refused()
         self._refuse(refused.status, refused.code, str(exc.__context__ or exc),
-                     after_pending=isinstance(refused, TooManyPipelined))
+                     refused.after_pending)
 
     def _not_a_call(self) -> None:
         if self._mode in (Mode.UNDECIDED, Mode.HANDOFF):
@@ -341,8 +342,8 @@ class Front(FlowControl):
             self._pending.clear()  # its body was refused as it came: that refusal answers it
             self._finish_connection()  # (and nothing of it goes to a replica)
             return
-        if not self._pending:  # its body may still be to come: read on (a next head holds)
-            self.release(HOLD_PIPELINED)
+        if self._holds & HOLD_PIPELINED and not self._pending:  # its body may be to come:
+            self.release(HOLD_PIPELINED)  # read on (a next head holds again)
         self._host.request_started()
         replier = FrontReplier(self, request)
         try:
