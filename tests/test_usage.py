@@ -310,24 +310,33 @@ def test_the_sse_meter_and_rewriter_take_a_long_line_in_tiny_pieces_in_linear_ti
     assert meter.tokens == (1, 0) and out.startswith(b'data: {"model": "llama"')
 
 
-async def test_a_budgeted_tokens_async_calls_are_counted_and_held_to_its_budget(api):
-    # A task's answer was never metered: /async let a token with a daily budget spend freely.
+async def budgeted_llm(api, tokens_per_day: int) -> tuple[object, dict, dict]:
+    """A ready "llm" endpoint and a token of it with a daily budget: (client, token, auth)."""
     h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
     pool = h.reconciler.pool("llm")
     await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
     token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
-                                     json={"tokens_per_day": 5})).json()
-    auth = {"Authorization": f"Bearer {token['token']}"}
+                                     json={"tokens_per_day": tokens_per_day})).json()
+    return client, token, {"Authorization": f"Bearer {token['token']}"}
+
+
+async def task_ended(client, task_id: str, auth: dict) -> dict:
+    for _ in range(500):
+        task = await (await client.get(f"/tasks/{task_id}", headers=auth)).json()
+        if task["status"] in ("succeeded", "failed", "cancelled"):
+            return task
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"task {task_id} did not end: {task}")
+
+
+async def test_a_budgeted_tokens_async_calls_are_counted_and_held_to_its_budget(api):
+    # A task's answer was never metered: /async let a token with a daily budget spend freely.
+    client, token, auth = await budgeted_llm(api, 5)
     chat = {"model": "llama", "messages": [{"role": "user", "content": "a b c"}]}
     # Streamed, with no usage asked for, at the path as a client may encode it: still counted
     task = await (await client.post("/async/llm/%76%31/chat/completions", headers=auth,
                                     json={**chat, "stream": True})).json()
-    for _ in range(500):
-        done = await (await client.get(f"/tasks/{task['id']}", headers=auth)).json()
-        if done["status"] == "succeeded":
-            break
-        await asyncio.sleep(0.02)
-    assert done["status"] == "succeeded"
+    assert (await task_ended(client, task["id"], auth))["status"] == "succeeded"
     usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
     assert (usage["total"]["prompt_tokens"], usage["total"]["completion_tokens"]) == (3, 4)
     resp = await client.post("/async/llm/v1/chat/completions", headers=auth, json=chat)
@@ -336,24 +345,12 @@ async def test_a_budgeted_tokens_async_calls_are_counted_and_held_to_its_budget(
 
 async def test_a_budgeted_tokens_tasks_queued_in_a_burst_stop_when_the_budget_is_spent(api):
     # Each was admitted at submit, when nothing was counted yet: all of them ran.
-    h, client = await api({"llm": endpoint("llm", min_replicas=1, models=["llama"])})
-    pool = h.reconciler.pool("llm")
-    await wait_for(pool, lambda: ready_count(pool) == 1, what="llm ready")
-    token = await (await client.post("/v1/endpoints/llm/tokens", headers=ADMIN,
-                                     json={"tokens_per_day": 5})).json()
-    auth = {"Authorization": f"Bearer {token['token']}"}
+    client, token, auth = await budgeted_llm(api, 5)
     # (the model takes 0.5 s: all three are submitted while the first runs, none counted)
     chat = {"model": "llama", "sleep_s": 0.5, "messages": [{"role": "user", "content": "a b c"}]}
     ids = [(await (await client.post("/async/llm/v1/chat/completions", headers=auth,
                                      json=chat)).json())["id"] for _ in range(3)]
-    done = []
-    for task_id in ids:
-        for _ in range(500):
-            task = await (await client.get(f"/tasks/{task_id}", headers=auth)).json()
-            if task["status"] in ("succeeded", "failed"):
-                break
-            await asyncio.sleep(0.02)
-        done.append(task)
+    done = [await task_ended(client, task_id, auth) for task_id in ids]
     assert [t["status"] for t in done] == ["succeeded", "failed", "failed"]
     assert all("daily budget" in t["error"] for t in done[1:])
     usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
