@@ -43,7 +43,7 @@ from berth.daemon.front_messages import (
     error_head_and_body,
 )
 from berth.daemon.http_types import JSON_TYPE, as_lines
-from berth.daemon.keys import BROWSER
+from berth.daemon.keys import BROWSER, DATA_PLANE
 from berth.daemon.openai_api import JSON_ROUTES, asked_json, serve_openai
 from berth.daemon.proxy import invoke_call
 from berth.scheduler.errors import SchedulerError
@@ -377,6 +377,9 @@ class Front(FlowControl):
                      work: Awaitable[object] | None = None) -> None:
         try:
             if work is None:
+                turn = self.app[DATA_PLANE].pacer.turn()
+                if turn is not None:
+                    await turn  # a burst of new calls: running streams are relayed first
                 if request.expect_continue and request.version == "1.1":
                     self._client.write(CONTINUE)
                 self.app[BROWSER].check(request)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from berth.daemon.deadlines import Deadlines
     from berth.daemon.event_feed import EventFeed
     from berth.daemon.metrics import Metrics
+    from berth.daemon.pacing import CallPacer
     from berth.daemon.proxy import RequestIds
     from berth.daemon.quota import Quota
     from berth.daemon.usage import UsageLedger
@@ -58,6 +59,7 @@ class DataPlane:
     usage: UsageLedger
     request_ids: RequestIds
     deadlines: Deadlines
+    pacer: CallPacer  # new calls on berth's front begin a few per pass of the loop
 
 
 STORE = web.AppKey("store", Store)

@@ -40,6 +40,7 @@ from berth.daemon.keys import (
     DataPlane,
 )
 from berth.daemon.models_api import error_object, presented_key
+from berth.daemon.pacing import CallPacer
 from berth.daemon.sse import SseRewriter
 from berth.daemon.upstream import (
     NO_BODY,
@@ -642,7 +643,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REQUEST_IDS] = RequestIds()
     app[DATA_PLANE] = DataPlane(app[ROUTER], app[AUTH], app[QUOTA], app[LIMITS], app[UPSTREAM],
                                 app[METRICS], app[USAGE], app[REQUEST_IDS],
-                                Deadlines(app[UPSTREAM].loop))
+                                Deadlines(app[UPSTREAM].loop), CallPacer(app[UPSTREAM].loop))
     yield
     app[UPSTREAM].close()
 
