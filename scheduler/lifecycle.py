@@ -30,6 +30,7 @@ from berth.scheduler.runtime import (
     LABEL_GENERATION,
     LABEL_MANAGED,
     LABEL_REPLICA,
+    ContainerInfo,
     ContainerNotRemoved,
     ContainerSpec,
     ContainerStartError,
@@ -87,6 +88,9 @@ class ReplicaLifecycle:
         self.replica = replica
         self.task: asyncio.Task[None] | None = None
         self.stopping = False  # a stop is under way: the pass does not start another
+        # The engine's create of the container: it runs in the runtime's thread, which a
+        # cancelled start cannot stop, so a stop that follows waits for it (_created)
+        self._creating: asyncio.Future[ContainerInfo] | None = None
 
     @property
     def busy(self) -> bool:
@@ -151,7 +155,10 @@ class ReplicaLifecycle:
             await self.ctx.images.settled(pool.spec.image)  # a pre-pull under way: wait for it
             await runtime.ensure_image(pool.spec.image)
             pulled = time.monotonic() - began
-            info = await runtime.run(await self.container_spec())
+            creating = asyncio.ensure_future(runtime.run(await self.container_spec()))
+            self._creating = creating
+            info = await asyncio.shield(creating)
+            self._creating = None
         except (ImageUnavailable, ContainerStartError, SecretMissing) as exc:
             await self.ctx.set_error(pool, str(exc))
             await self.fail(str(exc), kind="start_failed")
@@ -332,6 +339,7 @@ class ReplicaLifecycle:
         GPUs and forget it. With the engine unreachable the replica stays, failed and holding
         its GPUs, until a later pass finds the container gone and calls this again."""
         pool, replica, ctx = self.pool, self.replica, self.ctx
+        await self._created()
         container = replica.container_id or f"berth-{replica.id}"  # a start cut short
         try:
             if replica.container_id:
@@ -356,8 +364,23 @@ class ReplicaLifecycle:
         finally:
             self.stopping = False
 
+    async def _created(self) -> None:
+        """A start cut short while the engine created its container: that create goes on in
+        the runtime's thread; wait for it, so that its container is removed before the GPUs
+        it was given go to another replica."""
+        creating, self._creating = self._creating, None
+        if creating is None:
+            return
+        try:
+            info = await asyncio.shield(creating)
+        except Exception:  # (the start's own error; runtime.run leaves no container behind)
+            return
+        if self.replica.container_id is None:
+            self.replica.container_id = info.id
+
     async def _drain_and_remove(self, reason: str) -> None:
         pool, replica, ctx = self.pool, self.replica, self.ctx
+        await self._created()
         if replica.state in (S.STARTING, S.READY, S.SLEEPING):
             await self.transition(S.DRAINING, reason, "drain")
         if replica.state is S.DRAINING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import aiohttp
 import pytest
@@ -250,6 +251,35 @@ async def test_removed_endpoint_stops_its_replicas_and_frees_gpus(harness, docke
     assert rec.allocator.owners() == {}
     assert not containers(docker_client, id=replica.container_id)
     assert "bye" not in [e.name for e in await h.store.endpoints()]
+
+
+async def test_a_replica_removed_while_its_container_is_created_holds_its_gpus_until_removed(
+        harness, docker_client):
+    # The engine creates a container in the runtime's thread, which no cancel stops. A stop
+    # landing then used to free the GPUs at once (no container id yet) while the container
+    # came up with them: two replicas on one GPU.
+    h = await harness(gpus=1)
+    rec = h.reconciler
+    create, entered, go_on = h.runtime._run, threading.Event(), threading.Event()
+
+    def slow_create(spec):  # this engine takes its time over the create
+        entered.set()
+        go_on.wait(10)
+        return create(spec)
+
+    h.runtime._run = slow_create
+    await rec.apply_specs({"slow": endpoint("slow", gpus=1, min_replicas=1)}, "config")
+    assert await asyncio.to_thread(entered.wait, 10)
+    pool = rec.pool("slow")
+    (replica,) = pool.replicas.values()
+    await rec.apply_specs({}, "config")  # removed mid-create
+    await asyncio.sleep(0.3)  # (a few reconcile passes)
+    assert list(rec.allocator.owners().values()) == [replica.id]  # held: the create goes on
+    assert rec.holds("slow")
+    go_on.set()
+    await wait_for(pool, lambda: not rec.holds("slow"), what="stopped and forgotten")
+    assert rec.allocator.owners() == {}
+    assert not containers(docker_client, name=f"berth-{replica.id}")
 
 
 async def test_replica_waits_pending_while_gpus_are_taken(harness):
