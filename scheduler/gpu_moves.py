@@ -13,6 +13,7 @@ from berth.scheduler.policy import (
     CoTenant,
     EvictionCandidate,
     LendableGpu,
+    lending_partners,
     pick_evictions,
     pick_loan,
     plan_reclaim,
@@ -102,13 +103,14 @@ class GpuMoves:
         return [g for g in self.allocator.gpus if g.uuid in picked]
 
     def _gpus_given_back(self, sleeper: Replica) -> bool:
-        """Whether the sleeper may wake now: every other replica on its GPUs (a borrower, or
-        the lender it borrowed from) is asleep. If not, idle ones are put to sleep (or
-        stopped) now and the wake waits for a later pass."""
-        mine = set(sleeper.gpus)
+        """Whether the sleeper may wake now: every replica it lent its GPUs to or borrowed
+        them from (lending_partners; not those sharing a GPU's memory with it) is asleep. If
+        not, idle ones are put to sleep (or stopped) now and the wake waits for a later pass."""
+        partners = lending_partners(sleeper.id, sleeper.gpus, self.allocator.owners(),
+                                    self.allocator.loans())
+        # (a pending partner holds the GPU already: its container is being created)
         cotenants = [(p, r) for p in self._pools.values() for r in p.replicas.values()
-                     if r is not sleeper and mine & set(r.gpus)
-                     and r.state not in (S.STOPPED, S.FAILED, S.PENDING)]
+                     if r.id in partners and r.state not in (S.STOPPED, S.FAILED)]
         plan = plan_reclaim([CoTenant(r.id, r.state, r.in_flight, self._settling(p, r),
                                       p.spec.sleep is not None) for p, r in cotenants])
         for p, r in cotenants:

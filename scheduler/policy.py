@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from berth.scheduler.replica import Replica, ReplicaState
@@ -167,6 +167,18 @@ def pick_loan(lendable: Sequence[LendableGpu], count: int, gpu_type: str | None,
                      and kind in g.name.lower()),
                     key=lambda g: (g.owner_priority, g.owner_idle_since, g.index))
     return [g.uuid for g in usable[:count]] if 0 < count <= len(usable) else None
+
+
+def lending_partners(sleeper: str, gpus: Iterable[str], owners: Mapping[str, str],
+                     loans: Mapping[str, str]) -> set[str]:
+    """Whom a sleeper must get its GPUs back from to wake: the borrower of a GPU it holds,
+    or the holder of one it borrowed (`owners` and `loans`: GPU uuid -> replica id). A
+    replica sharing a GPU's memory with it is neither: shares are never lent, and sharers run
+    side by side."""
+    partners = {rid for uuid in gpus for rid in (owners.get(uuid), loans.get(uuid))
+                if rid is not None}
+    partners.discard(sleeper)
+    return partners
 
 
 @dataclass(frozen=True)

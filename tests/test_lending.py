@@ -6,10 +6,18 @@ Pure decisions in tables; a real switch between two endpoints on one GPU, by sle
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from berth.scheduler.policy import CoTenant, LendableGpu, Reclaim, pick_loan, plan_reclaim
+from berth.scheduler.policy import (
+    CoTenant,
+    LendableGpu,
+    Reclaim,
+    lending_partners,
+    pick_loan,
+    plan_reclaim,
+)
 from berth.scheduler.replica import ReplicaState
 from helpers import endpoint, ready_count, wait_for
 
@@ -53,6 +61,17 @@ def tenant(rid: str, state: ReplicaState, in_flight: int = 0, busy: bool = False
 ])
 def test_plan_reclaim(cotenants, plan):
     assert plan_reclaim(cotenants) == plan
+
+
+@pytest.mark.parametrize(("gpus", "owners", "loans", "partners"), [
+    (["g"], {"g": "s"}, {}, set()),                                    # its own, not lent
+    (["g"], {"g": "s"}, {"g": "b"}, {"b"}),                            # lent to b
+    (["g"], {"g": "o"}, {"g": "s"}, {"o"}),                            # borrowed from o
+    (["g", "h"], {"g": "s", "h": "s"}, {"g": "b", "h": "c"}, {"b", "c"}),
+    (["g"], {}, {}, set()),  # a memory share: sharers of g run side by side, none lent
+])
+def test_lending_partners(gpus, owners, loans, partners):
+    assert lending_partners("s", gpus, owners, loans) == partners
 
 
 SLEEPY = {"sleep": {"after_s": 0.3, "wake_timeout_s": 5}, "idle_timeout_s": 60,
@@ -113,3 +132,55 @@ async def test_a_borrower_with_a_call_in_flight_is_waited_for(api):
     resp = await client.get("/invoke/a/echo", headers=ADMIN)  # waits for b's call to end
     assert resp.status == 200 and (await slow).status == 200
     assert resp.headers["X-Berth-Replica"] == ra.id
+
+
+async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):
+    # Sharers of one GPU's memory run side by side: waking one never puts the other to sleep
+    # (it used to, as if the other had borrowed the GPU).
+    awake = {**SLEEPY, "sleep": {"after_s": 30, "wake_timeout_s": 5}}
+    h, client = await api({"a": endpoint("a", min_replicas=1, gpu_memory="400m", **SLEEPY),
+                           "b": endpoint("b", min_replicas=1, gpu_memory="400m", **awake)},
+                          gpus=1)
+    pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
+    await wait_for(pb, lambda: ready_count(pb) == 1, what="b loaded")
+    await wait_for(pa, lambda: any(r.state is S.SLEEPING for r in pa.replicas.values()),
+                   what="a asleep")
+    [ra], [rb] = pa.replicas.values(), pb.replicas.values()
+    assert ra.gpus == rb.gpus  # one GPU, shared
+    await asyncio.sleep(0.3)  # a's sleep call has gone out: it is settled
+    resp = await client.get("/invoke/a/echo", headers=ADMIN)
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
+    assert rb.state is S.READY
+    assert "gpu_reclaim" not in [e.kind for e in await h.store.events()]
+
+
+async def test_a_borrower_still_being_created_is_waited_for(api):
+    # A borrower holds the lent GPU from the moment it is given it, while the engine still
+    # creates its container: the lender must not wake on that GPU meanwhile.
+    h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
+                           "b": endpoint("b", min_replicas=0, **SLEEPY)}, gpus=1)
+    pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
+    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
+    [ra] = pa.replicas.values()
+    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
+    await asyncio.sleep(0.3)
+    create, entered, go_on = h.runtime._run, threading.Event(), threading.Event()
+
+    def slow_create(spec):  # this engine takes its time over b's create
+        entered.set()
+        go_on.wait(10)
+        return create(spec)
+
+    h.runtime._run = slow_create
+    call_b = asyncio.create_task(client.get("/invoke/b/echo", headers=ADMIN))
+    assert await asyncio.to_thread(entered.wait, 10)
+    [rb] = pb.replicas.values()
+    assert rb.state is S.PENDING and h.reconciler.allocator.loans() == {ra.gpus[0]: rb.id}
+    call_a = asyncio.create_task(client.get("/invoke/a/echo", headers=ADMIN))
+    await asyncio.sleep(0.5)  # (passes run every 0.1 s)
+    assert ra.state is S.SLEEPING  # not woken beside b's container coming up
+    go_on.set()
+    assert (await call_b).status == 200
+    resp = await call_a
+    assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
+    assert rb.state is S.SLEEPING
