@@ -381,18 +381,21 @@ class Dispatcher:
             task = await self.store.tasks.get(task_id)
             if task is None or task.finished:
                 return task
-        # Read again: another cancel may have ended it meanwhile, or be ending it now. From
-        # this check to taking it (_finishing) there is no await: one cancel ends a task.
-        task = await self.store.tasks.get(task_id)
-        if task is None or task.finished or task_id in self._finishing:
+        # Another cancel may have ended it meanwhile, or be ending it now: one cancel ends a
+        # task. Its end is taken (_finishing) before it is read again, for a read may come
+        # back after another cancel's write that it missed (aiosqlite answers from its thread).
+        if task_id in self._finishing:
             raise TaskFinished(f"task {task_id} already ended")
         self._finishing.add(task_id)
-        queue = self.queues.get(task.endpoint)
-        if queue is not None and task_id in queue:
-            queue.remove(task_id)
-            self._update_backlog(task.endpoint)
-        task.status, task.error = "cancelled", "cancelled by request"
         try:
+            task = await self.store.tasks.get(task_id)
+            if task is None or task.finished:
+                raise TaskFinished(f"task {task_id} already ended")
+            queue = self.queues.get(task.endpoint)
+            if queue is not None and task_id in queue:
+                queue.remove(task_id)
+                self._update_backlog(task.endpoint)
+            task.status, task.error = "cancelled", "cancelled by request"
             await self._finish(task)
         finally:
             self._finishing.discard(task_id)
