@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets
 import shutil
@@ -130,6 +131,26 @@ async def read_body(request: web.Request, task_id: str,
     return (body if request.body_exists else None), name, size
 
 
+async def usage_asked_in_file(path: Path) -> int:
+    """usage_asked for a body spilled to a file (up to daemon.max_body_bytes, as /invoke reads
+    one whole): the file rewritten if it changed, and its size."""
+    def rewrite() -> int:
+        try:
+            raw = path.read_bytes()
+            asked = usage_asked(raw)
+            if asked is not raw:
+                path.write_bytes(asked)
+        except OSError:
+            path.unlink(missing_ok=True)  # (a task never stored: nothing else refers to it)
+            raise
+        return len(asked)
+
+    try:
+        return await asyncio.to_thread(rewrite)
+    except OSError as exc:
+        raise storage_error(exc) from None
+
+
 async def submit(request: web.Request) -> web.Response:
     router, dispatcher = request.app[ROUTER], request.app[DISPATCHER]
     pool = router.pool(request.match_info["name"])
@@ -146,10 +167,13 @@ async def submit(request: web.Request) -> web.Response:
     task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"
     body, body_file, size = await read_body(request, task_id, dispatcher.files)
     limits = request.app[AUTH].limits.get(principal)
-    if body is not None and limits is not None and limits.tokens_per_day is not None and \
+    if limits is not None and limits.tokens_per_day is not None and \
             unquote(raw_tail(request)).startswith("v1/"):  # (as /invoke: the budget counts it)
-        body = usage_asked(body)
-        size = len(body)
+        if body is not None:
+            body = usage_asked(body)
+            size = len(body)
+        elif body_file is not None and size <= request.app[LIMITS].max_body:
+            size = await usage_asked_in_file(dispatcher.file(body_file))
     task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,
         path=raw_tail(request), query=request.rel_url.raw_query_string,

@@ -343,6 +343,19 @@ async def test_a_budgeted_tokens_async_calls_are_counted_and_held_to_its_budget(
     assert resp.status == 429  # 7 tokens of 5 spent: the next is refused
 
 
+async def test_a_budgeted_tokens_streamed_task_with_a_body_kept_in_a_file_asks_for_usage(api):
+    # A body over 64 KiB is kept in a file, not in SQLite: it was stored unread, so a streamed
+    # task asked for no usage and the budget counted nothing.
+    client, token, auth = await budgeted_llm(api, 1000)
+    chat = {"model": "llama", "stream": True,
+            "messages": [{"role": "user", "content": "x" * 70_000}]}  # one word, 70 KB
+    task = await (await client.post("/async/llm/v1/chat/completions", headers=auth,
+                                    json=chat)).json()
+    assert (await task_ended(client, task["id"], auth))["status"] == "succeeded"
+    usage = await (await client.get(f"/v1/usage?token={token['id']}", headers=ADMIN)).json()
+    assert (usage["total"]["prompt_tokens"], usage["total"]["completion_tokens"]) == (1, 2)
+
+
 async def test_a_budgeted_tokens_tasks_queued_in_a_burst_stop_when_the_budget_is_spent(api):
     # Each was admitted at submit, when nothing was counted yet: all of them ran.
     client, token, auth = await budgeted_llm(api, 5)
