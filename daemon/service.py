@@ -9,9 +9,11 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -134,6 +136,35 @@ def write_private(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
+class PeriodicJobs:
+    """berthd's timed jobs (APScheduler, at most one run of each at a time). `stop` cancels
+    the runs under way, and those end quietly: APScheduler logs a cancelled run as an error,
+    and a SIGTERM landing during a reconcile pass did just that."""
+
+    def __init__(self) -> None:
+        self.scheduler = AsyncIOScheduler()
+        self.stopping = False
+
+    def add(self, work: Callable[[], Awaitable[None]], name: str, seconds: float,
+            **options: Any) -> None:
+        self.scheduler.add_job(self.quiet_at_stop(work), "interval", seconds=seconds, id=name,
+                               max_instances=1, coalesce=True, **options)
+
+    def quiet_at_stop(self, work: Callable[[], Awaitable[None]]
+                      ) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run() -> None:
+            try:
+                await work()
+            except asyncio.CancelledError:
+                if not self.stopping:
+                    raise
+        return run
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.scheduler.shutdown(wait=False)
+
+
 @dataclass
 class Berth:
     """A started berthd: every part on one AsyncExitStack, none optional. `start` builds it
@@ -195,22 +226,19 @@ class Berth:
         return berth
 
     def _start_jobs(self) -> None:
-        jobs, daemon = AsyncIOScheduler(), self.config.daemon
-        jobs.add_job(self.reconciler.run_pass, "interval", seconds=daemon.reconcile_interval_s,
-                     max_instances=1, coalesce=True, id="reconcile")
+        jobs, daemon = PeriodicJobs(), self.config.daemon
+        jobs.add(self.reconciler.run_pass, "reconcile", daemon.reconcile_interval_s)
         if isinstance(self.core.inventory, NvmlInventory):
-            jobs.add_job(self._sample_gpus, "interval", seconds=self.config.gpu.sample_interval_s,
-                         max_instances=1, coalesce=True, id="gpu-sample", next_run_time=_now())
+            jobs.add(self._sample_gpus, "gpu-sample", self.config.gpu.sample_interval_s,
+                     next_run_time=_now())
             watch = GpuHealthWatch(self.core.inventory.nvml, self.core.inventory.handles,
                                    on_loop(asyncio.get_running_loop(), self.reconciler.gpu_sick))
             watch.start()
             self.stack.callback(watch.stop)
-        jobs.add_job(self._prune, "interval", seconds=daemon.prune_interval_s, id="prune",
-                     max_instances=1, coalesce=True)
-        jobs.add_job(self._purge_results, "interval", id="purge-results",
-                     seconds=daemon.purge_interval_s, max_instances=1, coalesce=True)
-        jobs.start()
-        self.stack.callback(jobs.shutdown, wait=False)
+        jobs.add(self._prune, "prune", daemon.prune_interval_s)
+        jobs.add(self._purge_results, "purge-results", daemon.purge_interval_s)
+        jobs.scheduler.start()
+        self.stack.callback(jobs.stop)
 
     async def _sample_gpus(self) -> None:
         samples = await asyncio.get_running_loop().run_in_executor(
