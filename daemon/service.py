@@ -265,11 +265,14 @@ class Berth:
 
     async def reload(self, config: Config) -> ChangeSummary:
         """Apply a new, already validated config; ConfigError if it cannot apply here."""
-        issues = gpu_issues(config.endpoints, list(self.core.inventory.gpus),
-                            config.gpu.reserve_mib)
-        issues += model_issues_with_api(config, self.reconciler)
-        if issues:
-            raise ConfigError(issues)
+        def check() -> None:  # (with the API's endpoint writes held off: see apply_specs)
+            issues = gpu_issues(config.endpoints, list(self.core.inventory.gpus),
+                                config.gpu.reserve_mib)
+            issues += model_issues_with_api(config, self.reconciler)
+            if issues:
+                raise ConfigError(issues)
+
+        summary = await self.reconciler.apply_specs(config.endpoints, "config", check)
         for section in ("daemon", "docker", "gpu"):
             if getattr(config, section) != getattr(self.config, section):
                 log.warning("config.needs_restart", section=section,
@@ -277,7 +280,6 @@ class Berth:
         self.config = config.model_copy(update={"daemon": self.config.daemon,
                                                 "docker": self.config.docker,
                                                 "gpu": self.config.gpu})
-        summary = await self.reconciler.apply_specs(config.endpoints, "config")
         await self.reconciler.event("reload", f"config reloaded: {summary_text(summary)}")
         return summary
 

@@ -191,10 +191,15 @@ class Reconciler(GpuMoves):
             self._pools[rec.name] = EndpointPool(Endpoint(
                 spec, rec.source, rec.generation, rec.error, created_at=rec.created_at))
 
-    async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str) -> ChangeSummary:
-        """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes."""
+    async def apply_specs(self, specs: Mapping[str, EndpointSpec], source: str,
+                          check: Callable[[], None] | None = None) -> ChangeSummary:
+        """Make the endpoints of `source` exactly `specs`; replicas follow in the next passes.
+        `check` (it raises to refuse) runs first, under the same lock as the API's endpoint
+        writes: none lands between it and the change (a reload's model-name check)."""
         summary = ChangeSummary()
         async with self.endpoint_writes:
+            if check is not None:
+                check()
             for spec in specs.values():
                 await self._apply_one(spec, source, summary)
             for name, pool in list(self._pools.items()):

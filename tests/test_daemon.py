@@ -385,3 +385,37 @@ def test_cdi_on_this_engine_is_refused_with_a_clear_message_or_accepted(write_co
     said = result.stdout + result.stderr
     assert "needs Docker 25 or newer" in said and f"(API {api})" in said
     assert "docker.gpu_mode" in said and "Traceback" not in said
+
+
+async def test_a_reload_racing_an_api_create_refuses_a_model_name_clash(tmp_path, network,
+                                                                       model_image,
+                                                                       docker_host):
+    # The reload checked model names before waiting for the API's endpoint writes: a create
+    # that held them then served "m" beside the file's endpoint serving "m" too.
+    import asyncio
+
+    from berth.daemon.config import ConfigError, parse_config
+    from berth.daemon.service import Berth
+    from helpers import endpoint
+
+    def config(endpoints: dict) -> object:
+        return parse_config({"daemon": {"listen": "127.0.0.1:0",
+                                        "state_dir": str(tmp_path / "state")},
+                             "docker": {"network": network, "stop_timeout_s": 0.5},
+                             "gpu": {"source": "none"}, "endpoints": endpoints})
+
+    berth = await Berth.start(config({}))
+    try:
+        reconciler = berth.reconciler
+        async with reconciler.endpoint_writes:  # an API create under way holds these
+            reload = asyncio.create_task(berth.reload(config(
+                {"file": {"image": model_image, "models": ["m"]}})))
+            for _ in range(5):
+                await asyncio.sleep(0)  # the reload runs as far as it can
+            await reconciler.put_endpoint(endpoint("api", models=["m"]), "api")
+        with pytest.raises(ConfigError) as refused:
+            await reload
+        assert "'m'" in str(refused.value)
+        assert [p.name for p in reconciler.live_pools()] == ["api"]
+    finally:
+        await berth.stop()
