@@ -210,8 +210,15 @@ class Dispatcher:
         return failed if others else frozenset()
 
     async def _cancel_all(self, endpoint: str, reason: str) -> None:
+        """The endpoint is gone: its queued tasks end cancelled. A task queued while the store
+        cancelled the others stays queued here, for the pump's next turn to cancel."""
+        queue = self.queues[endpoint]
+        seen = set(queue)
         ids = await self.store.tasks.cancel_queued_of(endpoint, self.clock(), reason)
-        self.queues[endpoint].clear()
+        gone = seen.union(ids)
+        kept = [task_id for task_id in queue if task_id not in gone]
+        queue.clear()
+        queue.extend(kept)
         for task_id in ids:
             self.callbacks.schedule(task_id)
 

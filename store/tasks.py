@@ -117,15 +117,13 @@ class TaskStore:
             " result_file = NULL WHERE id = ?", (when, task_id))
 
     async def cancel_queued_of(self, endpoint: str, when: float, reason: str) -> list[str]:
-        """Cancel every queued task of an endpoint (it was deleted); their ids."""
+        """Cancel every queued task of an endpoint (it was deleted); their ids. One statement:
+        a task stored between a read and the update would be cancelled unnamed (no callback)."""
         async with self._db.execute(
-                "SELECT id FROM tasks WHERE endpoint = ? AND status = 'queued'",
-                (endpoint,)) as cur:
-            ids = [str(r[0]) for r in await cur.fetchall()]
-        await self._db.execute(
-            "UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ? "
-            "WHERE endpoint = ? AND status = 'queued'", (when, reason, endpoint))
-        return ids
+                "UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ? "
+                "WHERE endpoint = ? AND status = 'queued' RETURNING id",
+                (when, reason, endpoint)) as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
 
 
 def _row(task: TaskRecord) -> dict[str, Any]:

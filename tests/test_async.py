@@ -352,3 +352,35 @@ async def test_two_cancels_at_once_end_a_task_once(aplane):
     answers = await asyncio.gather(*(client.delete(f"/tasks/{task['id']}") for _ in range(2)))
     assert sorted(answer.status for answer in answers) == [200, 409]
     assert ended == [task["id"]]
+
+
+async def test_a_task_queued_while_its_removed_endpoints_tasks_are_cancelled_is_cancelled_too(
+        aplane):
+    # A submit that passed its endpoint check before the endpoint went may queue its task
+    # while the store cancels the others: the dispatcher's queue was then cleared whole, and
+    # that task stayed queued in SQLite, run by nobody, until berthd restarted.
+    from berth.store.records import TaskRecord
+
+    h, client, dispatcher = await aplane({"q": endpoint("q", min_replicas=0,
+                                                        env={"MODEL_FAIL_HEALTH": "1"})})
+    first = (await (await client.post("/async/q/echo")).json())["id"]  # queued: q never starts
+    tasks, cancel_queued = h.store.tasks, h.store.tasks.cancel_queued_of
+    late = TaskRecord(id="late-task", endpoint="q", method="GET", path="echo",
+                      created_at=time.time())
+
+    async def racing_submit(*args):
+        ids = await cancel_queued(*args)
+        if not await tasks.get(late.id):  # (once) stored and queued just after the cancel
+            assert await tasks.add_within(late, 100, 1 << 30)
+            dispatcher.submit(late)
+        return ids
+
+    tasks.cancel_queued_of = racing_submit
+    await h.reconciler.remove_endpoint("q")
+    for _ in range(100):
+        ended = [await tasks.get(task_id) for task_id in (first, late.id)]
+        if all(t.status == "cancelled" for t in ended):
+            break
+        await asyncio.sleep(0.05)
+    assert [t.status for t in ended] == ["cancelled", "cancelled"]
+    assert not dispatcher.queues["q"]
