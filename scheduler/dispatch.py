@@ -254,8 +254,8 @@ class Dispatcher:
         """The task, marked running on the lease's replica; None if it is no longer queued
         (cancelled while it waited for the slot)."""
         task = await self.store.tasks.get(task_id)
-        if task is None or task.status != "queued":
-            return None
+        if task is None or task.status != "queued" or task_id in self._finishing:
+            return None  # (in _finishing: a cancel that read it queued is ending it)
         task.status, task.replica = "running", lease.replica.id
         task.started_at = self.clock()
         task.attempts += 1
