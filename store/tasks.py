@@ -117,12 +117,15 @@ class TaskStore:
             " result_file = NULL WHERE id = ?", (when, task_id))
 
     async def cancel_queued_of(self, endpoint: str, when: float, reason: str) -> list[str]:
-        """Cancel every queued task of an endpoint (it was deleted); their ids. One statement:
-        a task stored between a read and the update would be cancelled unnamed (no callback)."""
+        """Cancel every queued task of an endpoint (it was deleted); their ids. Updated first,
+        then named by what the update wrote: a task stored between a read and the update
+        would be cancelled unnamed (no callback). (No RETURNING: SQLite 3.35 and later only.)"""
+        await self._db.execute(
+            "UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ? "
+            "WHERE endpoint = ? AND status = 'queued'", (when, reason, endpoint))
         async with self._db.execute(
-                "UPDATE tasks SET status = 'cancelled', finished_at = ?, error = ? "
-                "WHERE endpoint = ? AND status = 'queued' RETURNING id",
-                (when, reason, endpoint)) as cur:
+                "SELECT id FROM tasks WHERE endpoint = ? AND status = 'cancelled' "
+                "AND finished_at = ? AND error = ?", (endpoint, when, reason)) as cur:
             return [str(r[0]) for r in await cur.fetchall()]
 
 
