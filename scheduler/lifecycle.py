@@ -368,13 +368,15 @@ class ReplicaLifecycle:
         """A start cut short while the engine created its container: that create goes on in
         the runtime's thread; wait for it, so that its container is removed before the GPUs
         it was given go to another replica."""
-        creating, self._creating = self._creating, None
+        creating = self._creating
         if creating is None:
             return
         try:
-            info = await asyncio.shield(creating)
+            info = await asyncio.shield(creating)  # (a stop cancelled here leaves it to the next)
         except Exception:  # (the start's own error; runtime.run leaves no container behind)
+            self._creating = None
             return
+        self._creating = None
         if self.replica.container_id is None:
             self.replica.container_id = info.id
 
