@@ -166,63 +166,33 @@ async def submit(request: web.Request) -> web.Response:
         raise refusal
     task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"
     body, body_file, size = await read_body(request, task_id, dispatcher.files)
-    # The body is all here: the task is kept (or refused) whole even if the client leaves
-    # now (handler_cancellation), never a body file without its task, or a stored task
-    # that no queue holds.
-    keeping = asyncio.ensure_future(_keep(request, TaskRecord(
+    limits = request.app[AUTH].limits.get(principal)
+    if limits is not None and limits.tokens_per_day is not None and \
+            unquote(raw_tail(request)).startswith("v1/"):  # (as /invoke: the budget counts it)
+        if body is not None:
+            body = usage_asked(body)
+            size = len(body)
+        elif body_file is not None and size <= request.app[LIMITS].max_body:
+            size = await usage_asked_in_file(dispatcher.file(body_file))
+    task = TaskRecord(
         id=task_id, endpoint=pool.name, method=request.method,
         path=raw_tail(request), query=request.rel_url.raw_query_string,
         headers=stored_headers(request),
         created_at=time.time(), body=body, body_file=body_file, callback_url=url,
-        callback_state="pending" if url else None, body_size=size, principal=principal), spec))
-    keeping.add_done_callback(_seen)
-    task = await asyncio.shield(keeping)
+        callback_state="pending" if url else None, body_size=size, principal=principal)
+    try:  # committed before the 202: durable from here
+        stored = await tasks.add_within(task, spec.async_queue_limit, spec.async_queue_max_bytes)
+    except sqlite3.Error as exc:
+        stored = False
+        refusal = storage_error(exc)
+    if not stored:
+        if body_file is not None:
+            dispatcher.file(body_file).unlink(missing_ok=True)
+        raise refusal or queue_full(pool.name, *await tasks.backlog(pool.name), size,
+                                    spec) or storage_error(sqlite3.Error("not stored"))
+    dispatcher.submit(task)
     return web.json_response(describe_task(task), status=202,
                              headers={"Location": f"/tasks/{task_id}"})
-
-
-def _seen(keeping: asyncio.Future[TaskRecord]) -> None:
-    if not keeping.cancelled():
-        keeping.exception()  # (told to the client, or to nobody when it left)
-
-
-async def _keep(request: web.Request, task: TaskRecord, spec: EndpointSpec) -> TaskRecord:
-    """A received task, stored and queued; its body file goes when it is refused."""
-    dispatcher, tasks = request.app[DISPATCHER], request.app[STORE].tasks
-    try:
-        await _ask_usage(request, task)
-        # committed before the 202: durable from here
-        stored = await tasks.add_within(task, spec.async_queue_limit, spec.async_queue_max_bytes)
-        refusal = None
-    except sqlite3.Error as exc:
-        stored, refusal = False, storage_error(exc)
-    except BaseException:
-        stored, refusal = False, None
-        raise
-    finally:
-        if not stored and task.body_file is not None:
-            dispatcher.file(task.body_file).unlink(missing_ok=True)
-    if not stored:
-        raise refusal or queue_full(task.endpoint, *await tasks.backlog(task.endpoint),
-                                    task.body_size, spec) or \
-            storage_error(sqlite3.Error("not stored"))
-    dispatcher.submit(task)
-    return task
-
-
-async def _ask_usage(request: web.Request, task: TaskRecord) -> None:
-    """A budgeted token's streamed call on an OpenAI path asks for its usage, as on /invoke:
-    without it the model may send none, and the budget would count nothing."""
-    limits = request.app[AUTH].limits.get(task.principal)
-    if limits is None or limits.tokens_per_day is None or \
-            not unquote(task.path).startswith("v1/"):
-        return
-    if task.body is not None:
-        task.body = usage_asked(task.body)
-        task.body_size = len(task.body)
-    elif task.body_file is not None and task.body_size <= request.app[LIMITS].max_body:
-        task.body_size = await usage_asked_in_file(
-            request.app[DISPATCHER].file(task.body_file))
 
 
 async def _task(request: web.Request) -> TaskRecord:
