@@ -49,6 +49,11 @@ class Auth:
         self.limits = {t["id"]: TokenLimits(t["requests_per_minute"], t["tokens_per_day"])
                        for t in tokens}
 
+    def daily_budget(self, principal: str) -> int | None:
+        """The principal's tokens_per_day; None when it has no daily budget (most callers)."""
+        limits = self.limits.get(principal)
+        return limits.tokens_per_day if limits is not None else None
+
     def remember(self, token: str, endpoint: str, token_id: str,
                  limits: TokenLimits | None = None) -> None:
         """A token just stored: it authenticates from now on."""

@@ -201,8 +201,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
         cell = (hour_of(time.time()), principal, pool.name, model)
         check_key(request, pool)
         admit(app[DATA_PLANE], principal, time.monotonic())
-        limits = app[AUTH].limits.get(principal)
-        if asked.stream and limits is not None and limits.tokens_per_day is not None:
+        if asked.stream and app[AUTH].daily_budget(principal) is not None:
             asked.ask_usage()
         call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                     request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(),

@@ -279,8 +279,7 @@ def check_call(plane: DataPlane, call: Call) -> None:
 
 async def _checked(plane: DataPlane, call: Call, pinned: str | None) -> Answer:
     check_call(plane, call)
-    limits = plane.auth.limits.get(call.principal)
-    if limits is not None and limits.tokens_per_day is not None and call.meter is not None:
+    if call.meter is not None and plane.auth.daily_budget(call.principal) is not None:
         await _budgeted_body(plane, call)
     return await serve_call(plane.router, call, pinned)
 

@@ -166,8 +166,7 @@ async def submit(request: web.Request) -> web.Response:
         raise refusal
     task_id = secrets.token_hex(16)  # 128 random bits: unguessable, and never starts with "-"
     body, body_file, size = await read_body(request, task_id, dispatcher.files)
-    limits = request.app[AUTH].limits.get(principal)
-    if limits is not None and limits.tokens_per_day is not None and \
+    if request.app[AUTH].daily_budget(principal) is not None and \
             unquote(raw_tail(request)).startswith("v1/"):  # (as /invoke: the budget counts it)
         if body is not None:
             body = usage_asked(body)
@@ -266,14 +265,14 @@ OVER_BUDGET = "over its token's daily budget"
 def budget_refusal(app: web.Application, task: TaskRecord) -> str | None:
     """Why a task may not start now: its token spent today's budget since it was submitted
     (a burst of tasks is admitted before any of them is counted)."""
-    limits = app[AUTH].limits.get(task.principal)
-    if limits is None or limits.tokens_per_day is None:
+    budget = app[AUTH].daily_budget(task.principal)
+    if budget is None:
         return None
     used = app[QUOTA].ledger.tokens_today(task.principal, time.time())
-    if used < limits.tokens_per_day:
+    if used < budget:
         return None
     return (f"{OVER_BUDGET}: token {task.principal} used {used} of its "
-            f"{limits.tokens_per_day} model tokens of today (UTC) before the task could start")
+            f"{budget} model tokens of today (UTC) before the task could start")
 
 
 def account_task(app: web.Application, task: TaskRecord, meter: UsageMeter | None) -> None:
