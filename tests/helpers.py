@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -120,6 +121,24 @@ class Harness:
             self._ticker.cancel()
         self._stop_replicas = stop_replicas
         await self._stack.aclose()
+
+
+class SlowCreates:
+    """The engine taking its time over container creates: each waits in the runtime's own
+    thread (where a cancel cannot reach it) until `go_on` is set. `entered()`: one began."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._create, self._entered, self.go_on = runtime._run, threading.Event(), \
+            threading.Event()
+        runtime._run = self._slow
+
+    def _slow(self, spec: Any) -> Any:
+        self._entered.set()
+        self.go_on.wait(10)
+        return self._create(spec)
+
+    async def entered(self) -> bool:
+        return await asyncio.to_thread(self._entered.wait, 10)
 
 
 async def wait_for(pool: EndpointPool, predicate: Callable[[], bool], timeout: float = 15.0,

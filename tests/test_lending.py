@@ -6,7 +6,6 @@ Pure decisions in tables; a real switch between two endpoints on one GPU, by sle
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -19,7 +18,7 @@ from berth.scheduler.policy import (
     plan_reclaim,
 )
 from berth.scheduler.replica import ReplicaState
-from helpers import endpoint, ready_count, wait_for
+from helpers import SlowCreates, endpoint, ready_count, wait_for
 
 S = ReplicaState
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -76,17 +75,24 @@ def test_lending_partners(gpus, owners, loans, partners):
 
 SLEEPY = {"sleep": {"after_s": 0.3, "wake_timeout_s": 5}, "idle_timeout_s": 60,
           "gpus": 1, "env": {"LOAD_S": "1", "WAKE_S": "0.2"}}
+AWAKE = {**SLEEPY, "sleep": {"after_s": 30, "wake_timeout_s": 5}}  # sleeps only when asked
 
 
-async def test_two_endpoints_switch_one_gpu_by_sleep_and_lending(api):
-    awake = {**SLEEPY, "sleep": {"after_s": 30, "wake_timeout_s": 5}}  # b sleeps when asked
+async def lender_asleep(api, borrower: dict):
+    """One GPU: "a" loaded and settled asleep (a lender), "b" (`borrower`'s fields) with no
+    replica yet: (harness, client, b's pool, a's replica)."""
     h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
-                           "b": endpoint("b", min_replicas=0, **awake)}, gpus=1)
+                           "b": endpoint("b", min_replicas=0, **borrower)}, gpus=1)
     pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
     await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
     [ra] = pa.replicas.values()
     await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
     await asyncio.sleep(0.3)  # a's sleep call has gone out: it is settled
+    return h, client, pb, ra
+
+
+async def test_two_endpoints_switch_one_gpu_by_sleep_and_lending(api):
+    h, client, pb, ra = await lender_asleep(api, AWAKE)  # b sleeps when asked
     # b has no GPU free: it borrows a's instead of stopping a.
     resp = await client.get("/invoke/b/echo", headers=ADMIN)
     assert resp.status == 200
@@ -118,15 +124,8 @@ async def test_two_endpoints_switch_one_gpu_by_sleep_and_lending(api):
 
 
 async def test_a_borrower_with_a_call_in_flight_is_waited_for(api):
-    h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
-                           "b": endpoint("b", min_replicas=0, **SLEEPY)}, gpus=1)
-    pa = h.reconciler.pool("a")
-    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
-    [ra] = pa.replicas.values()
-    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
-    await asyncio.sleep(0.3)
+    _, client, pb, ra = await lender_asleep(api, SLEEPY)
     slow = asyncio.create_task(client.get("/invoke/b/sleep?s=1.0", headers=ADMIN))
-    pb = h.reconciler.pool("b")
     await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
                    what="b busy on the lent GPU")
     resp = await client.get("/invoke/a/echo", headers=ADMIN)  # waits for b's call to end
@@ -137,9 +136,8 @@ async def test_a_borrower_with_a_call_in_flight_is_waited_for(api):
 async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):
     # Sharers of one GPU's memory run side by side: waking one never puts the other to sleep
     # (it used to, as if the other had borrowed the GPU).
-    awake = {**SLEEPY, "sleep": {"after_s": 30, "wake_timeout_s": 5}}
     h, client = await api({"a": endpoint("a", min_replicas=1, gpu_memory="400m", **SLEEPY),
-                           "b": endpoint("b", min_replicas=1, gpu_memory="400m", **awake)},
+                           "b": endpoint("b", min_replicas=1, gpu_memory="400m", **AWAKE)},
                           gpus=1)
     pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
     await wait_for(pb, lambda: ready_count(pb) == 1, what="b loaded")
@@ -157,29 +155,16 @@ async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):
 async def test_a_borrower_still_being_created_is_waited_for(api):
     # A borrower holds the lent GPU from the moment it is given it, while the engine still
     # creates its container: the lender must not wake on that GPU meanwhile.
-    h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
-                           "b": endpoint("b", min_replicas=0, **SLEEPY)}, gpus=1)
-    pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
-    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
-    [ra] = pa.replicas.values()
-    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
-    await asyncio.sleep(0.3)
-    create, entered, go_on = h.runtime._run, threading.Event(), threading.Event()
-
-    def slow_create(spec):  # this engine takes its time over b's create
-        entered.set()
-        go_on.wait(10)
-        return create(spec)
-
-    h.runtime._run = slow_create
+    h, client, pb, ra = await lender_asleep(api, SLEEPY)
+    creates = SlowCreates(h.runtime)  # the engine takes its time over b's create
     call_b = asyncio.create_task(client.get("/invoke/b/echo", headers=ADMIN))
-    assert await asyncio.to_thread(entered.wait, 10)
+    assert await creates.entered()
     [rb] = pb.replicas.values()
     assert rb.state is S.PENDING and h.reconciler.allocator.loans() == {ra.gpus[0]: rb.id}
     call_a = asyncio.create_task(client.get("/invoke/a/echo", headers=ADMIN))
     await asyncio.sleep(0.5)  # (passes run every 0.1 s)
     assert ra.state is S.SLEEPING  # not woken beside b's container coming up
-    go_on.set()
+    creates.go_on.set()
     assert (await call_b).status == 200
     resp = await call_a
     assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id

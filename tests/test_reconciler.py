@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import aiohttp
 import pytest
 
 from berth.scheduler.replica import ReplicaState
-from helpers import SESSION, TEST_LABEL, containers, endpoint, ready_count, wait_for
+from helpers import (
+    SESSION,
+    TEST_LABEL,
+    SlowCreates,
+    containers,
+    endpoint,
+    ready_count,
+    wait_for,
+)
 
 S = ReplicaState
 
@@ -260,23 +267,16 @@ async def test_a_replica_removed_while_its_container_is_created_holds_its_gpus_u
     # came up with them: two replicas on one GPU.
     h = await harness(gpus=1)
     rec = h.reconciler
-    create, entered, go_on = h.runtime._run, threading.Event(), threading.Event()
-
-    def slow_create(spec):  # this engine takes its time over the create
-        entered.set()
-        go_on.wait(10)
-        return create(spec)
-
-    h.runtime._run = slow_create
+    creates = SlowCreates(h.runtime)
     await rec.apply_specs({"slow": endpoint("slow", gpus=1, min_replicas=1)}, "config")
-    assert await asyncio.to_thread(entered.wait, 10)
+    assert await creates.entered()
     pool = rec.pool("slow")
     (replica,) = pool.replicas.values()
     await rec.apply_specs({}, "config")  # removed mid-create
     await asyncio.sleep(0.3)  # (a few reconcile passes)
     assert list(rec.allocator.owners().values()) == [replica.id]  # held: the create goes on
     assert rec.holds("slow")
-    go_on.set()
+    creates.go_on.set()
     await wait_for(pool, lambda: not rec.holds("slow"), what="stopped and forgotten")
     assert rec.allocator.owners() == {}
     assert not containers(docker_client, name=f"berth-{replica.id}")
