@@ -102,17 +102,19 @@ class GpuMoves:
                          pool.name, replica.id)
         return [g for g in self.allocator.gpus if g.uuid in picked]
 
-    def _gpus_given_back(self, sleeper: Replica) -> bool:
-        """Whether the sleeper may wake now: every replica it lent its GPUs to or borrowed
-        them from (lending_partners; not those sharing a GPU's memory with it) is asleep. If
-        not, idle ones are put to sleep (or stopped) now and the wake waits for a later pass."""
+    def _gpus_given_back(self, pool: EndpointPool, sleeper: Replica) -> bool:
+        """Whether the sleeper (of `pool`) may wake now: every replica it lent its GPUs to or
+        borrowed them from (lending_partners; not those sharing a GPU's memory with it) is
+        asleep. If not, those plan_reclaim says are put to sleep (or stopped) now, and the
+        wake waits for a later pass."""
         partners = lending_partners(sleeper.id, sleeper.gpus, self.allocator.owners(),
                                     self.allocator.loans())
         # (a pending partner holds the GPU already: its container is being created)
         cotenants = [(p, r) for p in self._pools.values() for r in p.replicas.values()
                      if r.id in partners and r.state not in (S.STOPPED, S.FAILED)]
         plan = plan_reclaim([CoTenant(r.id, r.state, r.in_flight, self._settling(p, r),
-                                      p.spec.sleep is not None) for p, r in cotenants])
+                                      p.spec.sleep is not None, p.spec.priority)
+                             for p, r in cotenants], pool.spec.priority)
         for p, r in cotenants:
             why = f"its GPU is wanted by {sleeper.id}, waking"
             if r.id in plan.sleep:

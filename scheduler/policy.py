@@ -190,6 +190,7 @@ class CoTenant:
     in_flight: int
     busy: bool  # entering sleep, waking or stopping right now
     can_sleep: bool  # its endpoint has a sleep tier
+    priority: int = 0  # its endpoint's
 
 
 @dataclass(frozen=True)
@@ -199,10 +200,13 @@ class Reclaim:
     wait: bool = False  # some co-tenant cannot give the GPU back yet
 
 
-def plan_reclaim(cotenants: Sequence[CoTenant]) -> Reclaim:
-    """What frees a GPU for a waking sleeper: one awake replica per GPU. Idle ready co-tenants
-    go to sleep (or stop, without a sleep tier); ones with calls in flight, starting, or busy
-    are waited for; settled sleepers are left as they are."""
+def plan_reclaim(cotenants: Sequence[CoTenant], priority: int = 0) -> Reclaim:
+    """What frees a GPU for a waking sleeper of `priority`: one awake replica per GPU. Ready
+    co-tenants go to sleep (or stop, without a sleep tier): an idle one at once, one with
+    calls in flight too when its endpoint's priority is no higher than the sleeper's (its
+    calls finish, new ones wait: never put to sleep, a co-tenant that is never idle would keep
+    the GPU for ever). Waited for: those busy with a move, starting, or of higher priority
+    with calls; settled sleepers are left as they are."""
     S = ReplicaState
     sleep: list[str] = []
     stop: list[str] = []
@@ -210,7 +214,7 @@ def plan_reclaim(cotenants: Sequence[CoTenant]) -> Reclaim:
     for c in cotenants:
         if c.state is S.SLEEPING and not c.busy:
             continue
-        if c.state is S.READY and c.in_flight == 0 and not c.busy:
+        if c.state is S.READY and not c.busy and (c.in_flight == 0 or c.priority <= priority):
             (sleep if c.can_sleep else stop).append(c.replica)
         wait = True  # until what was asked (or what runs) has settled
     return Reclaim(tuple(sleep), tuple(stop), wait)

@@ -487,7 +487,7 @@ class Reconciler(GpuMoves):
         waiting = pool.waiting + pool.backlog
         for rid in plan_wakes(replicas, busy, waiting, pool.spec.concurrency):
             life = self._life(pool, pool.replicas[rid])
-            if not life.stopping and self._gpus_given_back(pool.replicas[rid]):
+            if not life.stopping and self._gpus_given_back(pool, pool.replicas[rid]):
                 life.run(life.wake())
         if waiting:
             return

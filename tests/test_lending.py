@@ -44,8 +44,8 @@ def test_pick_loan(gpus, count, gpu_type, priority, loan):
 
 
 def tenant(rid: str, state: ReplicaState, in_flight: int = 0, busy: bool = False,
-           can_sleep: bool = True) -> CoTenant:
-    return CoTenant(rid, state, in_flight, busy, can_sleep)
+           can_sleep: bool = True, priority: int = 0) -> CoTenant:
+    return CoTenant(rid, state, in_flight, busy, can_sleep, priority)
 
 
 @pytest.mark.parametrize(("cotenants", "plan"), [
@@ -54,12 +54,17 @@ def tenant(rid: str, state: ReplicaState, in_flight: int = 0, busy: bool = False
     ([tenant("b", S.SLEEPING, busy=True)], Reclaim(wait=True)),           # still falling asleep
     ([tenant("b", S.READY)], Reclaim(sleep=("b",), wait=True)),           # idle: to sleep
     ([tenant("b", S.READY, can_sleep=False)], Reclaim(stop=("b",), wait=True)),  # no tier
-    ([tenant("b", S.READY, in_flight=1)], Reclaim(wait=True)),            # calls: wait
+    # calls in flight: put to sleep all the same (they finish; new ones wait), unless of
+    # higher priority than the sleeper: then waited for
+    ([tenant("b", S.READY, in_flight=1)], Reclaim(sleep=("b",), wait=True)),
+    ([tenant("b", S.READY, in_flight=1, can_sleep=False)], Reclaim(stop=("b",), wait=True)),
+    ([tenant("b", S.READY, in_flight=1, priority=1)], Reclaim(wait=True)),
+    ([tenant("b", S.READY, priority=1)], Reclaim(sleep=("b",), wait=True)),  # idle: to sleep
     ([tenant("b", S.STARTING)], Reclaim(wait=True)),
     ([tenant("b", S.DRAINING)], Reclaim(wait=True)),                      # going: wait
 ])
 def test_plan_reclaim(cotenants, plan):
-    assert plan_reclaim(cotenants) == plan
+    assert plan_reclaim(cotenants, priority=0) == plan
 
 
 @pytest.mark.parametrize(("gpus", "owners", "loans", "partners"), [
@@ -131,6 +136,32 @@ async def test_a_borrower_with_a_call_in_flight_is_waited_for(api):
     resp = await client.get("/invoke/a/echo", headers=ADMIN)  # waits for b's call to end
     assert resp.status == 200 and (await slow).status == 200
     assert resp.headers["X-Berth-Replica"] == ra.id
+
+
+async def test_a_borrower_never_idle_gives_the_gpu_back_for_a_wake(api):
+    # b always has a call in flight (two callers in turn, overlapping). Waited for until idle,
+    # it kept the GPU for ever and a's call timed out; now it is put to sleep: its calls in
+    # flight finish, its new ones wait for their turn, and a wakes.
+    _, client, pb, ra = await lender_asleep(api, SLEEPY)
+    answered: list[int] = []
+
+    async def caller() -> None:
+        while True:
+            resp = await client.get("/invoke/b/sleep?s=0.2", headers=ADMIN)
+            answered.append(resp.status)
+
+    callers = [asyncio.create_task(caller())]
+    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
+                   what="b busy on the lent GPU")
+    callers.append(asyncio.create_task(caller()))
+    try:
+        resp = await asyncio.wait_for(client.get("/invoke/a/echo", headers=ADMIN), 10)
+        assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
+    finally:
+        for task in callers:
+            task.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+    assert answered and set(answered) == {200}  # b's calls were served, none cut
 
 
 async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):
