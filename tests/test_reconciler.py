@@ -282,6 +282,27 @@ async def test_a_replica_removed_while_its_container_is_created_holds_its_gpus_u
     assert not containers(docker_client, name=f"berth-{replica.id}")
 
 
+async def test_a_stop_cut_short_by_shutdown_leaves_the_create_to_the_stop_that_follows(
+        harness, docker_client):
+    # berthd stopping cancels a stop that waits for a container's create; the shutdown's own
+    # stop of every replica must wait for that create too (the first stop used to forget it),
+    # else it frees the GPUs and the container comes up after berthd is gone.
+    h = await harness(gpus=1)
+    rec = h.reconciler
+    creates = SlowCreates(h.runtime)
+    await rec.apply_specs({"slow": endpoint("slow", gpus=1, min_replicas=1)}, "config")
+    assert await creates.entered()
+    (replica,) = rec.pool("slow").replicas.values()
+    await rec.apply_specs({}, "config")  # its stop waits for the create
+    await asyncio.sleep(0.3)
+    shutdown = asyncio.create_task(h.stop(stop_replicas=True))  # cancels it, stops again
+    await asyncio.sleep(0.5)
+    assert not shutdown.done()  # the stop that follows waits for the create as well
+    creates.go_on.set()
+    await shutdown
+    assert not containers(docker_client, name=f"berth-{replica.id}")
+
+
 async def test_replica_waits_pending_while_gpus_are_taken(harness):
     h = await harness(gpus=1)
     rec = h.reconciler
