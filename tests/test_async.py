@@ -354,6 +354,47 @@ async def test_two_cancels_at_once_end_a_task_once(aplane):
     assert ended == [task["id"]]
 
 
+async def test_a_task_whose_cancel_is_under_way_is_not_started_when_its_slot_comes(aplane):
+    # A cancel read the task queued and is ending it when the pump, given a slot meanwhile,
+    # reads it too: the pump used to start it, so the task ran and ended twice.
+    h, client, dispatcher = await aplane({"q": endpoint("q", min_replicas=1, concurrency=1)})
+    pool = h.reconciler.pool("q")
+    await wait_for(pool, lambda: ready_count(pool) == 1, what="q ready")
+    ended: list[str] = []
+    dispatcher.finished_listeners.append(lambda task, meter: ended.append(task.id))
+    busy = asyncio.create_task(client.get("/invoke/q/sleep?s=0.8"))  # the one slot, taken
+    await wait_for(pool, lambda: any(r.in_flight for r in pool.replicas.values()),
+                   what="the slot taken")
+    task_id = (await (await client.post("/async/q/echo")).json())["id"]
+    get = h.store.tasks.get
+    gate, begun = asyncio.Event(), asyncio.Event()
+    reads_while_ending = 0
+
+    async def gated_get(tid: str):
+        nonlocal reads_while_ending
+        if tid == task_id and tid in dispatcher._finishing:
+            reads_while_ending += 1
+            if reads_while_ending == 1:
+                await gate.wait()  # the cancel's read waits...
+            else:
+                begun.set()  # ... while the pump's job, given the slot, reads the task
+        return await get(tid)
+
+    h.store.tasks.get = gated_get
+    cancel = asyncio.create_task(client.delete(f"/tasks/{task_id}"))
+    await asyncio.wait_for(begun.wait(), 10)
+    gate.set()
+    assert (await cancel).status == 200
+    assert (await busy).status == 200
+    for _ in range(100):
+        if task_id not in dispatcher._running:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # (a job that ran it would end it now)
+    assert ended == [task_id]
+    assert (await get(task_id)).status == "cancelled"
+
+
 async def test_a_task_queued_while_its_removed_endpoints_tasks_are_cancelled_is_cancelled_too(
         aplane):
     # A submit that passed its endpoint check before the endpoint went may queue its task
