@@ -20,7 +20,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Coroutine
 from enum import Enum
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import httptools
 import structlog
@@ -84,19 +84,24 @@ class Refused(Exception):
     """A request the front will not take: answered with `status` and `code`, then closed
     (`after_pending`: once the requests parsed before it are answered)."""
 
-    status, code, after_pending = 400, "bad_request", False
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    after_pending: ClassVar[bool] = False
 
 
 class HeadTooLarge(Refused):
     """A request head over the limits."""
 
-    status, code = 431, "headers_too_large"
+    status: ClassVar[int] = 431
+    code: ClassVar[str] = "headers_too_large"
 
 
 class TooManyPipelined(Refused):
     """More requests sent ahead than the front holds (llhttp parses a whole read at once)."""
 
-    status, code, after_pending = 503, "too_many_pipelined", True
+    status: ClassVar[int] = 503
+    code: ClassVar[str] = "too_many_pipelined"
+    after_pending: ClassVar[bool] = True
 
 
 def _never_started(task: asyncio.Task[None], call: FastCall,

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
+from berth.daemon.chunks import chunks_of, no_chunks
 from berth.daemon.errors import error_document
 from berth.daemon.http_types import Answer, Headers, media_type
 
@@ -77,6 +78,8 @@ class RequestBody:
         self.failed = False
 
     def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return  # (none comes from llhttp; b"" would read as the body's end)
         self._chunks.append(chunk)
         self._size += len(chunk)
         if self._size > BODY_HIGH:
@@ -113,21 +116,24 @@ class RequestBody:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         """The body in the pieces it arrived in (`n` is aiohttp's signature; unused)."""
-        while True:
-            while not self._chunks:
-                if self.done:
-                    return
-                if self.failed:
-                    raise ConnectionResetError("the client left before sending its body")
-                self._waiter = self._front.loop.create_future()
-                await self._waiter
-            chunk = self._chunks.popleft()
-            self._size -= len(chunk)
-            if self._size <= BODY_HIGH:
-                self._front.release(HOLD_BODY)
-            yield chunk
+        return chunks_of(self.next_chunk)
+
+    async def next_chunk(self) -> bytes:
+        """The next piece as it arrived, once it has; b"" at the body's end."""
+        while not self._chunks:
+            if self.done:
+                return b""
+            if self.failed:
+                raise ConnectionResetError("the client left before sending its body")
+            self._waiter = self._front.loop.create_future()
+            await self._waiter
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._size <= BODY_HIGH:
+            self._front.release(HOLD_BODY)
+        return chunk
 
 
 class NoBody:
@@ -148,9 +154,8 @@ class NoBody:
     def whole(self) -> bytes:
         return b""
 
-    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
-        return
-        yield b""  # (an async generator that yields nothing)
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        return no_chunks()
 
 
 EMPTY_BODY = NoBody()

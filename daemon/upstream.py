@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httptools
 
+from berth.daemon.chunks import chunks_of
 from berth.daemon.flow import FlowControl
 from berth.daemon.http_types import media_type
 
@@ -168,9 +169,8 @@ class UpstreamResponse:
         if self._sink is not None:
             self._conn.resume_reading()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while chunk := await self.next_chunk():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return chunks_of(self.next_chunk)
 
     async def read(self) -> bytes:
         if self.complete:  # the common small answer: no await
