@@ -19,6 +19,7 @@ import uvloop
 
 from berth.daemon.config import Config, ConfigError, ConfigIssue, gpu_issues, load_config
 from berth.daemon.logs import setup_logging
+from berth.daemon.native import compiled
 from berth.daemon.sdnotify import Notifier, watchdog_interval_s
 from berth.daemon.service import EXIT_CONFIG, EXIT_STATE, Berth, StartupError, summary_text
 from berth.gpu import GpuSourceError, load_inventory
@@ -100,7 +101,8 @@ async def serve(config_path: str, stop_replicas_on_exit: bool) -> int:
     watchdog = loop.create_task(_watchdog(notifier))
     tune_gc()
     notifier.send("READY=1", f"STATUS=serving on port {berth.port}")
-    log.info("berthd.ready", endpoints=len(config.endpoints), port=berth.port)
+    log.info("berthd.ready", endpoints=len(config.endpoints), port=berth.port,
+             compiled=compiled())  # the hot modules that run compiled (daemon/native.py)
     while await signals.get() == "reload":
         notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         await _reload(berth, config_path)

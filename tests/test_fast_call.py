@@ -19,6 +19,8 @@ from berth.daemon.fast_call import FastCall
 from berth.daemon.front import MAX_PIPELINED
 
 SERVE = "Front._serve"  # the task of a call that goes the task's way
+# ... as mypyc names its coroutine when front.py runs compiled (daemon/native.py)
+COMPILED = {"_serve_Front_gen": SERVE}
 HTTP = " HTTP/1.1\nHost: 127.0.0.1\n"
 
 
@@ -31,7 +33,8 @@ def tasks_started() -> Iterator[list[str]]:
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
                 **kwargs: Any) -> asyncio.Task[Any]:
-        names.append(coro.__qualname__)
+        kind = type(coro).__name__
+        names.append(getattr(coro, "__qualname__", None) or COMPILED.get(kind, kind))
         return asyncio.Task(coro, loop=loop, **kwargs)
 
     loop.set_task_factory(factory)  # type: ignore[arg-type]
@@ -56,6 +59,8 @@ class Client:
         status_line = await self.reader.readline()
         headers: dict[str, str] = {}
         while (line := await self.reader.readline()) != b"\r\n":
+            if not line:  # (closed: fail, not read the end for ever)
+                raise ConnectionResetError(f"closed after {status_line!r} {headers}")
             name, _, value = line.decode().partition(":")
             headers[name.lower()] = value.strip()
         if head_only:
