@@ -12,7 +12,8 @@ replica connection as the replica would, in a loop. What is timed is berth's Pyt
 system calls, the loop and the other processes are what proxy_vs_nginx adds). Not a test of
 the data plane: the Docker path and the real sockets are tested in tests/, and
 bench/proxy_vs_nginx.py is the measure of record. Prints microseconds per call: the least of
-seven runs (the steadiest figure on a shared box) and their median.
+seven runs (the steadiest figure on a shared box) and their median; with the compiled build
+(daemon/native.py) when it matches the sources, plain Python with BERTH_NATIVE=0.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from berth.daemon.deadlines import Deadlines
 from berth.daemon.front import Front
 from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane, Limits
 from berth.daemon.metrics import Metrics
+from berth.daemon.native import compiled
 from berth.daemon.pacing import CallPacer
 from berth.daemon.proxy import RequestIds
 from berth.daemon.quota import Quota
@@ -166,6 +168,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=50000)
     parser.add_argument("--request", choices=sorted(REQUESTS), default=None)
     args = parser.parse_args()
+    names = compiled()
+    print(f"compiled (daemon/native.py): {', '.join(names) or 'none, plain Python'}")
     for name in [args.request] if args.request else sorted(REQUESTS, reverse=True):
         runs = uvloop.run(measure(args.calls, REQUESTS[name]))
         print(f"{name}: {min(runs):.2f} us per call (least of 7), median "
