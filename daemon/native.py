@@ -15,6 +15,15 @@ matches, that folder goes first on the package's module path, so `berth.daemon.f
 others load compiled. Any edit to any berth source, or another Python, leaves the build unused
 (never a stale one) until it is built again; BERTH_NATIVE=0 leaves it unused too. Everything
 else, and these modules whenever the build is not used, runs as the Python it is.
+
+Compiled code differs from Python in ways the type checker does not catch; in these modules:
+- a value assigned in a class body and read through an instance must be annotated ClassVar;
+- an exception pending in a `finally` (or a bare `raise` in an `except`) that awaits first
+  is lost (mypyc issue 1114): catch it by name and `raise exc` after the await;
+- `raise ... from exc` sets no __cause__ (only a logged traceback shows the difference);
+- a function defined here and replaced at run time (a test's monkeypatch) is still called
+  directly by compiled callers in these modules.
+The suite runs compiled (scripts/test builds first); tests/test_native.py checks that it does.
 """
 
 from __future__ import annotations

@@ -255,13 +255,15 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
         writer = self.loop.create_task(self._write_body(body, chunked))
         writer.add_done_callback(_read_out)
         try:
-            return await head_future
-        finally:
-            if not writer.done():
-                writer.cancel()  # answered early: the rest of the body is not wanted
-                # Waited for, not awaited: this call's own cancel (its deadline, its client
-                # gone) arriving meanwhile must propagate, not be taken for the writer's.
-                await asyncio.wait((writer,))
+            answer = await head_future
+        except BaseException as exc:
+            # Raised by name, not from a `finally`: compiled by mypyc (daemon/native.py), an
+            # exception pending in a `finally` that awaits is lost (mypyc issue 1114), and the
+            # call came back None (a 500 where a deadline must answer 504).
+            await _stopped(writer)
+            raise exc
+        await _stopped(writer)  # answered early: the rest of the body is not wanted
+        return answer
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         assert self._transport is not None
@@ -407,6 +409,15 @@ class UpstreamConnection(FlowControl, asyncio.Protocol):
             head.set_exception(error)
         elif self._response is not None:
             self._response.fail(error)
+
+
+async def _stopped(writer: asyncio.Task[None]) -> None:
+    """A request body's writer cancelled, if it still writes. Waited for, not awaited: this
+    call's own cancel (its deadline, its client gone) arriving meanwhile must propagate, not be
+    taken for the writer's."""
+    if not writer.done():
+        writer.cancel()
+        await asyncio.wait((writer,))
 
 
 def _read_out(writer: asyncio.Task[None]) -> None:

@@ -555,3 +555,16 @@ async def test_a_timed_out_stream_to_a_client_that_stopped_reading_frees_its_slo
         await wait_for(pool, lambda: replica.in_flight == 0, timeout=5, what="the slot freed")
     finally:
         writer.close()  # (when it failed: the client leaving ends the call)
+
+
+async def test_a_deadline_passing_while_the_body_is_still_sent_answers_504(front):
+    # The call ends while its body is still being written to the replica (the client sends
+    # 1 KiB of 100 KB and waits). Compiled (daemon/native.py), the replica client lost that
+    # error in a `finally` that awaited the body's writer: the call answered 500, not 504.
+    address, pool = await front(request_timeout_s=0.5)
+    answer = await raw(address, b"POST /invoke/h/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                b"Content-Length: 100000\r\n\r\n" + b"a" * 1024)
+    assert answer.startswith(b"HTTP/1.1 504 "), answer
+    assert b'"code": "timeout"' in answer
+    replica = next(iter(pool.replicas.values()))
+    await wait_for(pool, lambda: replica.in_flight == 0, timeout=5, what="the slot freed")
