@@ -11,8 +11,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from berth.daemon.native import DIGEST, MODULES, OFF, berth_root, compiled, source_digest
+
+# The copy has no pyproject.toml: what its [tool.mypy] says of untyped libraries (the type
+# check itself is scripts/test's mypy run; the build needs only what the compiler needs).
+MYPY_FLAGS = ("--ignore-missing-imports",)
 
 
 def build() -> None:
@@ -26,12 +31,18 @@ def build() -> None:
     shutil.rmtree(out, ignore_errors=True)
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(root.parent)  # module names come from the paths: berth/daemon/front.py
+        # Compiled from a copy (links followed): mypy run in site-packages, where an install
+        # keeps berth, would take every module there for one of the project's own.
+        src = Path(tmp, "src")
+        shutil.copytree(root, src / "berth",
+                        ignore=shutil.ignore_patterns("_native", "__pycache__"))
+        os.chdir(src)  # module names come from the paths: berth/daemon/front.py
         try:
             setup(name="berth-native", script_args=[
-                "-q", "build_ext", "--build-lib", str(out), "--build-temp", tmp],
-                ext_modules=mypycify([f"berth/daemon/{name}.py" for name in MODULES],
-                                     opt_level="3", target_dir=tmp))
+                "-q", "build_ext", "--build-lib", str(out), "--build-temp", f"{tmp}/build"],
+                ext_modules=mypycify([*MYPY_FLAGS, *(f"berth/daemon/{name}.py"
+                                                     for name in MODULES)],
+                                     opt_level="3", target_dir=f"{tmp}/c"))
         finally:
             os.chdir(here)
     (out / DIGEST).write_text(digest + "\n")
