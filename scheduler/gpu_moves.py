@@ -34,6 +34,7 @@ class GpuMoves:
         allocator: GpuAllocator
         clock: Callable[[], float]
         _pools: dict[str, EndpointPool]
+        _turns: dict[str, str]
 
         def _life(self, pool: EndpointPool, replica: Replica) -> ReplicaLifecycle: ...
 
@@ -86,8 +87,10 @@ class GpuMoves:
         spec, owners, loans = pool.spec, self.allocator.owners(), self.allocator.loans()
         lendable, owner_of = [], {}
         for other in self.live_pools():
+            if other is pool or other.waiting + other.backlog:
+                continue  # (a sleeper whose calls wait is about to wake: it lends nothing)
             for r in other.replicas.values():
-                if other is pool or r.state is not S.SLEEPING or self._settling(other, r):
+                if r.state is not S.SLEEPING or self._settling(other, r):
                     continue
                 for gpu in self.allocator.held_by(r.id):
                     if owners.get(gpu.uuid) == r.id and gpu.uuid not in loans:
@@ -106,7 +109,10 @@ class GpuMoves:
         """Whether the sleeper (of `pool`) may wake now: every replica it lent its GPUs to or
         borrowed them from (lending_partners; not those sharing a GPU's memory with it) is
         asleep. If not, those plan_reclaim says are put to sleep (or stopped) now, and the
-        wake waits for a later pass."""
+        wake waits for a later pass. One put to sleep for a co-tenant's wake waits for that
+        wake first (turns): else, both busy, it could take the GPU back every time."""
+        if self._turn_owed(sleeper):
+            return False
         partners = lending_partners(sleeper.id, sleeper.gpus, self.allocator.owners(),
                                     self.allocator.loans())
         # (a pending partner holds the GPU already: its container is being created)
@@ -118,10 +124,25 @@ class GpuMoves:
         for p, r in cotenants:
             why = f"its GPU is wanted by {sleeper.id}, waking"
             if r.id in plan.sleep:
+                self._turns[r.id] = sleeper.id
                 self._life(p, r).run(self._reclaim(p, r, why))
             elif r.id in plan.stop:
                 self._stop_soon(p, r, why)
         return not plan.wait
+
+    def _turn_owed(self, sleeper: Replica) -> bool:
+        """Whether the sleeper was put to sleep for a co-tenant that has not woken yet and
+        still has calls waiting for it (the turn is over once it woke, or wants nothing)."""
+        waker = self._turns.get(sleeper.id)
+        if waker is None:
+            return False
+        for p in self._pools.values():
+            r = p.replicas.get(waker)
+            if r is not None and r.state is S.SLEEPING and p.waiting + p.backlog and \
+                    not self._life(p, r).stopping:
+                return True
+        del self._turns[sleeper.id]
+        return False
 
     def _settling(self, pool: EndpointPool, replica: Replica) -> bool:
         """Stopping, or a sleeper still entering sleep or waking (a ready replica's task is

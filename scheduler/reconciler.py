@@ -109,6 +109,9 @@ class Reconciler(GpuMoves):
         self.start_listeners: list[Callable[[str, StartPhases], None]] = []
         self.wake_listeners: list[Callable[[str, float], None]] = []
         self._lives: dict[str, ReplicaLifecycle] = {}  # replica id -> its owner
+        # A replica put to sleep for a waking co-tenant -> that co-tenant: it wakes first
+        # (gpu_moves: turns on a shared GPU)
+        self._turns: dict[str, str] = {}
         self.images = ImagePuller(runtime)  # pre-pulls every endpoint's image
 
     # --- replicas' owners ----------------------------------------------------------------------
@@ -123,6 +126,7 @@ class Reconciler(GpuMoves):
     def forget(self, replica: Replica) -> None:
         """A lifecycle is over: its replica left the pool."""
         self._lives.pop(replica.id, None)
+        self._turns.pop(replica.id, None)
 
     def _stop_soon(self, pool: EndpointPool, replica: Replica, reason: str) -> None:
         life = self._life(pool, replica)

@@ -6,6 +6,7 @@ Pure decisions in tables; a real switch between two endpoints on one GPU, by sle
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -162,6 +163,38 @@ async def test_a_borrower_never_idle_gives_the_gpu_back_for_a_wake(api):
             task.cancel()
         await asyncio.gather(*callers, return_exceptions=True)
     assert answered and set(answered) == {200}  # b's calls were served, none cut
+
+
+async def test_two_busy_endpoints_on_one_gpu_take_turns(api):
+    # Both endpoints always have calls. Each wake puts the other to sleep; without turns the
+    # first endpoint of a reconcile pass took the GPU back every time the other had put it to
+    # sleep, and the other never woke (found in review).
+    _, client, pb, _ra = await lender_asleep(api, SLEEPY)
+    served: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def caller(name: str) -> None:
+        while True:
+            resp = await client.get(f"/invoke/{name}/sleep?s=0.2", headers=ADMIN)
+            if resp.status == 200:
+                served[name].append(time.monotonic())
+
+    def turns() -> list[str]:  # who served, in time order, runs of one name as one turn
+        order = sorted((t, name) for name, times in served.items() for t in times)
+        return [name for i, (_, name) in enumerate(order) if i == 0 or order[i - 1][1] != name]
+
+    callers = [asyncio.create_task(caller("b"))]
+    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
+                   what="b busy on the lent GPU")
+    callers += [asyncio.create_task(caller(name)) for name in ("b", "a", "a")]
+    try:
+        async with asyncio.timeout(20):
+            while len(turns()) < 4:  # b, a, b, a: each woke while the other was busy
+                await asyncio.sleep(0.1)
+    finally:
+        for task in callers:
+            task.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+    assert turns()[:4] == ["b", "a", "b", "a"]
 
 
 async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):
