@@ -197,6 +197,36 @@ async def test_two_busy_endpoints_on_one_gpu_take_turns(api):
     assert turns()[:4] == ["b", "a", "b", "a"]
 
 
+async def test_a_sleeper_whose_calls_wait_lends_its_gpu_to_nobody(api):
+    # b has no sleep tier and comes first in each pass. Stopped so that a can wake, b started
+    # another replica for its own waiting calls and borrowed a's GPU straight back, every
+    # time, before a's part of the pass could wake a (found in review).
+    no_tier = {"idle_timeout_s": 60, "gpus": 1, "env": {"LOAD_S": "0.5"}}
+    h, client = await api({"b": endpoint("b", min_replicas=0, **no_tier),
+                           "a": endpoint("a", min_replicas=1, **SLEEPY)}, gpus=1)
+    pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
+    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
+    [ra] = pa.replicas.values()
+    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
+    await asyncio.sleep(0.3)  # a's sleep call has gone out: it is settled
+
+    async def caller() -> None:
+        while True:
+            await client.get("/invoke/b/sleep?s=0.2", headers=ADMIN)
+
+    callers = [asyncio.create_task(caller())]
+    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
+                   what="b busy on the lent GPU")
+    callers.append(asyncio.create_task(caller()))
+    try:
+        resp = await asyncio.wait_for(client.get("/invoke/a/echo", headers=ADMIN), 15)
+        assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
+    finally:
+        for task in callers:
+            task.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+
+
 async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):
     # Sharers of one GPU's memory run side by side: waking one never puts the other to sleep
     # (it used to, as if the other had borrowed the GPU).
