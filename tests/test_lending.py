@@ -6,7 +6,9 @@ Pure decisions in tables; a real switch between two endpoints on one GPU, by sle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -84,16 +86,45 @@ SLEEPY = {"sleep": {"after_s": 0.3, "wake_timeout_s": 5}, "idle_timeout_s": 60,
 AWAKE = {**SLEEPY, "sleep": {"after_s": 30, "wake_timeout_s": 5}}  # sleeps only when asked
 
 
+async def settled_asleep(pa):
+    """a's one replica, once loaded and settled asleep (its sleep call has gone out)."""
+    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
+    [ra] = pa.replicas.values()
+    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
+    await asyncio.sleep(0.3)
+    return ra
+
+
+@contextlib.asynccontextmanager
+async def calling(client, pb, names: tuple[str, ...],
+                  answered: Callable[[str, int], object] = lambda name, status: None):
+    """One caller per name, each calling its endpoint's /sleep?s=0.2 over and over (and
+    telling `answered`): the first until b has a call in flight, then the others too, so that
+    their calls overlap. All cancelled on exit."""
+    async def caller(name: str) -> None:
+        while True:
+            resp = await client.get(f"/invoke/{name}/sleep?s=0.2", headers=ADMIN)
+            answered(name, resp.status)
+
+    callers = [asyncio.create_task(caller(names[0]))]
+    try:
+        await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
+                       what="b busy on the lent GPU")
+        callers += [asyncio.create_task(caller(name)) for name in names[1:]]
+        yield
+    finally:
+        for task in callers:
+            task.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+
+
 async def lender_asleep(api, borrower: dict):
     """One GPU: "a" loaded and settled asleep (a lender), "b" (`borrower`'s fields) with no
     replica yet: (harness, client, b's pool, a's replica)."""
     h, client = await api({"a": endpoint("a", min_replicas=1, **SLEEPY),
                            "b": endpoint("b", min_replicas=0, **borrower)}, gpus=1)
     pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
-    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
-    [ra] = pa.replicas.values()
-    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
-    await asyncio.sleep(0.3)  # a's sleep call has gone out: it is settled
+    ra = await settled_asleep(pa)
     return h, client, pb, ra
 
 
@@ -145,23 +176,9 @@ async def test_a_borrower_never_idle_gives_the_gpu_back_for_a_wake(api):
     # flight finish, its new ones wait for their turn, and a wakes.
     _, client, pb, ra = await lender_asleep(api, SLEEPY)
     answered: list[int] = []
-
-    async def caller() -> None:
-        while True:
-            resp = await client.get("/invoke/b/sleep?s=0.2", headers=ADMIN)
-            answered.append(resp.status)
-
-    callers = [asyncio.create_task(caller())]
-    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
-                   what="b busy on the lent GPU")
-    callers.append(asyncio.create_task(caller()))
-    try:
+    async with calling(client, pb, ("b", "b"), lambda _, status: answered.append(status)):
         resp = await asyncio.wait_for(client.get("/invoke/a/echo", headers=ADMIN), 10)
         assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
-    finally:
-        for task in callers:
-            task.cancel()
-        await asyncio.gather(*callers, return_exceptions=True)
     assert answered and set(answered) == {200}  # b's calls were served, none cut
 
 
@@ -172,28 +189,17 @@ async def test_two_busy_endpoints_on_one_gpu_take_turns(api):
     _, client, pb, _ra = await lender_asleep(api, SLEEPY)
     served: dict[str, list[float]] = {"a": [], "b": []}
 
-    async def caller(name: str) -> None:
-        while True:
-            resp = await client.get(f"/invoke/{name}/sleep?s=0.2", headers=ADMIN)
-            if resp.status == 200:
-                served[name].append(time.monotonic())
+    def answered(name: str, status: int) -> None:
+        if status == 200:
+            served[name].append(time.monotonic())
 
     def turns() -> list[str]:  # who served, in time order, runs of one name as one turn
         order = sorted((t, name) for name, times in served.items() for t in times)
         return [name for i, (_, name) in enumerate(order) if i == 0 or order[i - 1][1] != name]
 
-    callers = [asyncio.create_task(caller("b"))]
-    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
-                   what="b busy on the lent GPU")
-    callers += [asyncio.create_task(caller(name)) for name in ("b", "a", "a")]
-    try:
-        async with asyncio.timeout(20):
-            while len(turns()) < 4:  # b, a, b, a: each woke while the other was busy
-                await asyncio.sleep(0.1)
-    finally:
-        for task in callers:
-            task.cancel()
-        await asyncio.gather(*callers, return_exceptions=True)
+    async with calling(client, pb, ("b", "b", "a", "a"), answered), asyncio.timeout(20):
+        while len(turns()) < 4:  # b, a, b, a: each woke while the other was busy
+            await asyncio.sleep(0.1)
     assert turns()[:4] == ["b", "a", "b", "a"]
 
 
@@ -205,26 +211,10 @@ async def test_a_sleeper_whose_calls_wait_lends_its_gpu_to_nobody(api):
     h, client = await api({"b": endpoint("b", min_replicas=0, **no_tier),
                            "a": endpoint("a", min_replicas=1, **SLEEPY)}, gpus=1)
     pa, pb = h.reconciler.pool("a"), h.reconciler.pool("b")
-    await wait_for(pa, lambda: ready_count(pa) == 1, what="a loaded")
-    [ra] = pa.replicas.values()
-    await wait_for(pa, lambda: ra.state is S.SLEEPING, what="a asleep")
-    await asyncio.sleep(0.3)  # a's sleep call has gone out: it is settled
-
-    async def caller() -> None:
-        while True:
-            await client.get("/invoke/b/sleep?s=0.2", headers=ADMIN)
-
-    callers = [asyncio.create_task(caller())]
-    await wait_for(pb, lambda: any(r.in_flight for r in pb.replicas.values()),
-                   what="b busy on the lent GPU")
-    callers.append(asyncio.create_task(caller()))
-    try:
+    ra = await settled_asleep(pa)
+    async with calling(client, pb, ("b", "b")):
         resp = await asyncio.wait_for(client.get("/invoke/a/echo", headers=ADMIN), 15)
         assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
-    finally:
-        for task in callers:
-            task.cancel()
-        await asyncio.gather(*callers, return_exceptions=True)
 
 
 async def test_a_sharer_wakes_beside_the_other_sharer_of_its_gpu(api):

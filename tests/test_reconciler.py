@@ -260,20 +260,28 @@ async def test_removed_endpoint_stops_its_replicas_and_frees_gpus(harness, docke
     assert "bye" not in [e.name for e in await h.store.endpoints()]
 
 
+async def removed_mid_create(harness):
+    """One GPU; endpoint "slow" removed while the engine (SlowCreates) creates its replica's
+    container, a few reconcile passes ago: (harness, creates, pool, replica)."""
+    h = await harness(gpus=1)
+    creates = SlowCreates(h.runtime)
+    await h.reconciler.apply_specs({"slow": endpoint("slow", gpus=1, min_replicas=1)},
+                                   "config")
+    assert await creates.entered()
+    pool = h.reconciler.pool("slow")
+    (replica,) = pool.replicas.values()
+    await h.reconciler.apply_specs({}, "config")
+    await asyncio.sleep(0.3)  # (a few reconcile passes)
+    return h, creates, pool, replica
+
+
 async def test_a_replica_removed_while_its_container_is_created_holds_its_gpus_until_removed(
         harness, docker_client):
     # The engine creates a container in the runtime's thread, which no cancel stops. A stop
     # landing then used to free the GPUs at once (no container id yet) while the container
     # came up with them: two replicas on one GPU.
-    h = await harness(gpus=1)
+    h, creates, pool, replica = await removed_mid_create(harness)
     rec = h.reconciler
-    creates = SlowCreates(h.runtime)
-    await rec.apply_specs({"slow": endpoint("slow", gpus=1, min_replicas=1)}, "config")
-    assert await creates.entered()
-    pool = rec.pool("slow")
-    (replica,) = pool.replicas.values()
-    await rec.apply_specs({}, "config")  # removed mid-create
-    await asyncio.sleep(0.3)  # (a few reconcile passes)
     assert list(rec.allocator.owners().values()) == [replica.id]  # held: the create goes on
     assert rec.holds("slow")
     creates.go_on.set()
@@ -287,14 +295,7 @@ async def test_a_stop_cut_short_by_shutdown_leaves_the_create_to_the_stop_that_f
     # berthd stopping cancels a stop that waits for a container's create; the shutdown's own
     # stop of every replica must wait for that create too (the first stop used to forget it),
     # else it frees the GPUs and the container comes up after berthd is gone.
-    h = await harness(gpus=1)
-    rec = h.reconciler
-    creates = SlowCreates(h.runtime)
-    await rec.apply_specs({"slow": endpoint("slow", gpus=1, min_replicas=1)}, "config")
-    assert await creates.entered()
-    (replica,) = rec.pool("slow").replicas.values()
-    await rec.apply_specs({}, "config")  # its stop waits for the create
-    await asyncio.sleep(0.3)
+    h, creates, _, replica = await removed_mid_create(harness)  # its stop waits for the create
     shutdown = asyncio.create_task(h.stop(stop_replicas=True))  # cancels it, stops again
     await asyncio.sleep(0.5)
     assert not shutdown.done()  # the stop that follows waits for the create as well
