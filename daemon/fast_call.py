@@ -5,9 +5,10 @@ top of what it does; that machinery was a third of berth's Python per proxied ca
 (bench/RESULTS.md). The common call needs none of it: its request is whole, a slot is free, a
 connection to the replica is idle, and the replica's small answer comes whole in one read.
 
-`serve_fast` takes a call only when all of that holds up to the slot: `/invoke`, no pin, not
-HEAD, no `Expect`, its body (if any) whole in what was read, the browser and token checks
-passed, the caller without token limits. Anything else goes the task's way untouched. Once it
+`serve_fast` takes a call only when all of that holds up to the slot: `/invoke` or an OpenAI
+JSON route (its model known, its answer not asked to stream), no pin, not HEAD, no `Expect`,
+its body (if any) whole in what was read, the browser and token checks passed, the caller
+without token limits. Anything else goes the task's way untouched. Once it
 holds a slot the call is the fast path's: its request goes out on an idle connection, and
 each read of that connection steps it on (`FastCall.step`). A small whole answer is written
 to the client from there; anything else (no idle connection, a big or streamed answer, a
@@ -26,6 +27,7 @@ import structlog
 
 from berth.daemon.errors import ApiError
 from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane
+from berth.daemon.openai_api import fast_call as openai_fast_call
 from berth.daemon.proxy import (
     Call,
     Sent,
@@ -64,7 +66,7 @@ def serve_fast(front: Front, request: FrontRequest, replier: FrontReplier) -> Fa
     """Begin `request` on the fast path if it can take it (see the module's doc); None: it
     goes the task's way, and nothing was done."""
     content = request.content
-    if request.openai or request.expect_continue or request.head_only or not content.done:
+    if request.expect_continue or request.head_only or not content.done:
         return None
     app = request.app
     plane = app[DATA_PLANE]
@@ -72,23 +74,39 @@ def serve_fast(front: Front, request: FrontRequest, replier: FrontReplier) -> Fa
         if "X-Berth-Replica" in request.headers:
             return None
         app[BROWSER].check(request)
-        call = open_call(plane, request, replier)
-        if plane.auth.limits.get(call.principal) is not None:
-            return None  # (a quota counts each call: the task's way would count it again)
-        check_call(plane, call)
-        if content.size > plane.limits.max_body:
-            return None  # (a chunked body, whole: the task's way refuses it as it streams)
+        call = _openai_call(plane, request, replier) if request.openai else \
+            _invoke_call(plane, request, replier)
+        if call is None:
+            return None
         replica = plane.router.free_slot(call.pool, None, NO_EXCLUDE)
     except (ApiError, SchedulerError):
         return None  # the task's way refuses it again, and says why
     if replica is None:
         return None  # it must wait for a slot
     # From here the call holds a slot: it is the fast path's, to its end.
-    if request.body_exists:
+    if request.body_exists and call.body is None:
         call.whole = content.whole()
     fast = FastCall(front, plane, call, Lease(call.pool, replica, plane.router.clock))
     fast.send()
     return fast
+
+
+def _invoke_call(plane: DataPlane, request: FrontRequest, replier: FrontReplier
+                 ) -> Call | None:
+    call = open_call(plane, request, replier)
+    if plane.auth.limits.get(call.principal) is not None:
+        return None  # (a quota counts each call: the task's way would count it again)
+    check_call(plane, call)
+    if request.content.size > plane.limits.max_body:
+        return None  # (a chunked body, whole: the task's way refuses it as it streams)
+    return call
+
+
+def _openai_call(plane: DataPlane, request: FrontRequest, replier: FrontReplier
+                 ) -> Call | None:
+    if request.content.size > plane.limits.max_body:
+        return None  # (the task's way answers 413 in OpenAI's shape)
+    return openai_fast_call(request, replier, request.content.peek())
 
 
 class FastCall:

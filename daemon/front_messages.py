@@ -95,6 +95,14 @@ class RequestBody:
         """Body bytes arrived and not yet taken."""
         return self._size
 
+    def peek(self) -> bytes:
+        """The body, once `done`, left in place (the fast path reads an OpenAI call's model
+        from it before it knows the call can be its own)."""
+        assert self.done
+        if len(self._chunks) > 1:
+            self._chunks = deque((b"".join(self._chunks),))
+        return self._chunks[0] if self._chunks else b""
+
     def whole(self) -> bytes:
         """The body, once `done`: all of it, taken (the fast path's; daemon/fast_call.py)."""
         assert self.done
@@ -150,6 +158,9 @@ class NoBody:
 
     def discard(self) -> None:
         pass
+
+    def peek(self) -> bytes:
+        return b""
 
     def whole(self) -> bytes:
         return b""

@@ -178,6 +178,38 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
     return rewrite
 
 
+def fast_call(request: CallRequest, reply: Replier, raw: bytes) -> Call | None:
+    """The call that a JSON request whose body `raw` came whole makes on the fast path
+    (daemon/fast_call.py); None when it is anything but a plain one: not JSON, no known model,
+    a key that may not call it, a caller with limits, a streamed answer (whose wait for a
+    slot keeps its stream alive). Those go serve_openai's way, which says why."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict) or asks_to_stream(body):
+        return None
+    app = request.app
+    auth = app[AUTH]
+    try:
+        model, pool = model_pool(request, body.get("model"))
+        check_key(request, pool)
+    except OpenAIError:
+        return None
+    principal = auth.principal(presented_key(request))
+    if auth.limits.get(principal) is not None:
+        return None  # (admit counts each call: serve_openai's way counts it)
+    call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
+                request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(), reply,
+                openai=True, meter=UsageMeter() if app[USAGE].enabled else None,
+                started=time.monotonic(), principal=principal, model=model)
+    upstream = pool.spec.upstream_model
+    Asked(model, False, raw, json_body=body).into(call, upstream)
+    if upstream:
+        call.rewrite = renamer(model, upstream)
+    return call
+
+
 async def openai_call(request: web.Request) -> web.StreamResponse:
     return cast(web.StreamResponse, await serve_openai(request, asked_json,
                                                        AiohttpReplier(request)))

@@ -133,6 +133,7 @@ class Call:
     response: Answer | None = None
     started: float = 0.0  # time.monotonic() when it came
     principal: str = "public"  # whom its usage counts for (Auth.principal)
+    model: str | None = None  # the model it asked for (None: the endpoint's first)
 
 
 @dataclass(slots=True)
@@ -344,7 +345,7 @@ def end_call(plane: DataPlane, call: Call, outcome: int) -> None:
     plane.metrics.call_ended(spec.name, outcome, time.monotonic() - call.started)
     if plane.usage.enabled:
         account(plane.usage, (hour_of(time.time()), call.principal, spec.name,
-                              spec.model_names[0]), outcome, call.meter)
+                              call.model or spec.model_names[0]), outcome, call.meter)
 
 
 def admit(plane: DataPlane, principal: str, tick: float) -> None:

@@ -124,6 +124,45 @@ async def test_common_calls_take_no_task_and_the_rest_go_the_tasks_way(front):
         assert started.count(SERVE) == 2, started  # a pin and a HEAD go the task's way
 
 
+async def test_openai_json_calls_take_no_task_and_count_as_the_model_asked(front):
+    """/v1 JSON calls share the fast path (its `model` read from the whole body, renamed
+    both ways, its usage counted under the name asked); what the fast path cannot tell or
+    hold (a stream, an error to say) goes serve_openai's way and is answered as ever."""
+    address, pool = await front(models=["llama", "l2"], upstream_model="real-name")
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            for words in ("a", "b c"):
+                sent = json.dumps({"model": "l2", "messages": [
+                    {"role": "user", "content": words}]}).encode()
+                status, headers, body = await c.call(
+                    "POST /v1/chat/completions" + HTTP + f"Content-Length: {len(sent)}\n"
+                    "Content-Type: application/json\n", sent)
+                answer = json.loads(body)
+                assert status == 200 and headers["x-berth-replica"] in pool.replicas
+                assert (answer["model"], answer["received_model"]) == ("l2", "real-name")
+        assert started.count(SERVE) == 0, started
+        with tasks_started() as started:
+            for sent, want in ((b'{"model": "l2", "stream": true, "messages": []}', 200),
+                               (b'{"model": "nope"}', 404), (b'{"model": 7}', 400),
+                               (b"not json", 400)):
+                status, headers, body = await c.call(
+                    "POST /v1/chat/completions" + HTTP + f"Content-Length: {len(sent)}\n",
+                    sent)
+                assert status == want, (sent, body)
+                if want != 200:
+                    assert set(json.loads(body)["error"]) == {"message", "type", "param",
+                                                              "code"}
+        assert started.count(SERVE) == 4, started
+    async with aiohttp.ClientSession() as s, s.get(f"http://{address}/metrics") as r:
+        metrics = await r.text()
+    # 1 + 2 words asked (and the stream's 0: it asked for no usage), each answered with one more
+    assert 'berth_model_tokens_total{endpoint="h",kind="prompt",model="l2"} 3.0' in metrics
+    assert 'berth_model_tokens_total{endpoint="h",kind="completion",model="l2"} 5.0' \
+        in metrics
+    assert re.search(r'berth_calls_total\{code="200",endpoint="h"\} 4\.0', metrics), metrics
+
+
 async def test_answers_not_small_and_whole_are_handed_on_and_arrive_whole(front):
     address, pool = await front()
     async with client(address) as c:
