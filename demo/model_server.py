@@ -278,6 +278,10 @@ def main():
     crash_after = float(os.environ.get("MODEL_CRASH_AFTER_S", "0"))
     if crash_after > 0:
         threading.Timer(crash_after, lambda: os._exit(4)).start()
+    # A thread runs until it blocks (each runs microseconds between its reads, writes and
+    # sleeps): no forced switch comes between a chunk's `sent_at` stamp and its write, which
+    # with hundreds of streams woken at once held a stamped chunk back for milliseconds.
+    sys.setswitchinterval(1.0)
     port = int(os.environ.get("PORT", "8080"))
     ThreadingHTTPServer.request_queue_size = 1024  # a burst of connects must not hit SYN retries
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
