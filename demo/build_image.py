@@ -1,9 +1,10 @@
 """Build the demo/test model image offline: no registry, no Dockerfile, no base image.
 
 The root filesystem holds Debian's /usr/bin/python3.11, the libraries `ldd` names for it,
-/usr/lib/python3.11 (tests and caches left out) and demo/model_server.py; it is imported into
+/usr/lib/python3.11 (tests and caches left out), demo/model_server.py (its command) and
+demo/stream_model.py (the benchmarks' lean streaming model); it is imported into
 the engine with the docker SDK (`docker import`). About 50 MB, about a second. The image is
-rebuilt only when model_server.py or this file change (a content label says which).
+rebuilt only when those two or this file change (a content label says which).
 
     python demo/build_image.py [--tag berth-demo/model:latest]
 """
@@ -28,12 +29,13 @@ HERE = Path(__file__).resolve().parent
 PYTHON = "/usr/bin/python3.11"
 STDLIB = "/usr/lib/python3.11"
 DEFAULT_TAG = "berth-demo/model:latest"
+SERVERS = ("model_server.py", "stream_model.py")  # copied into /srv
 SKIP = re.compile(r"/(test|tests|idlelib|tkinter|turtledemo|ensurepip|__pycache__)(/|$)")
 
 
 def content_hash() -> str:
     digest = hashlib.sha256()
-    for name in ("model_server.py", "build_image.py"):
+    for name in (*SERVERS, "build_image.py"):
         digest.update((HERE / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -66,10 +68,11 @@ def build_rootfs(out: Path) -> None:
             for name in files:
                 if not name.endswith((".pyc", ".pyo")):
                     add_path(tar, os.path.join(root, name))
-        server = (HERE / "model_server.py").read_bytes()
-        info = tarfile.TarInfo("srv/model_server.py")
-        info.size, info.mode = len(server), 0o644
-        tar.addfile(info, io.BytesIO(server))
+        for name in SERVERS:
+            server = (HERE / name).read_bytes()
+            info = tarfile.TarInfo(f"srv/{name}")
+            info.size, info.mode = len(server), 0o644
+            tar.addfile(info, io.BytesIO(server))
         passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n"
         info = tarfile.TarInfo("etc/passwd")
         info.size = len(passwd)
