@@ -10,7 +10,7 @@ import json
 from collections import deque
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -176,8 +176,8 @@ class FrontRequest:
     """A model call's request as the front parsed it (satisfies http_types.CallRequest)."""
 
     __slots__ = ("app", "body_exists", "content", "content_length", "expect_continue",
-                 "head_only", "headers", "host", "keep_alive", "match_info", "method",
-                 "openai", "raw_headers", "rel_url", "remote", "scheme", "version")
+                 "head_only", "headers", "host", "json_body", "keep_alive", "match_info",
+                 "method", "openai", "raw_headers", "rel_url", "remote", "scheme", "version")
 
     def __init__(self, front: Connection, method: str, url: str,
                  raw_headers: list[tuple[bytes, bytes]], keep_alive: bool, version: str,
@@ -206,6 +206,9 @@ class FrontRequest:
         self.version = version
         self.head_only = method == "HEAD"
         self.expect_continue = headers.get("Expect", "").lower() == "100-continue"
+        # An OpenAI call's whole JSON body as the fast path parsed it: the task's way, if
+        # the call goes there (a stream, an error to tell), does not parse it again.
+        self.json_body: dict[str, Any] | None = None
 
 
 class FrontAnswer:

@@ -115,7 +115,11 @@ class Asked:
 
 
 async def asked_json(request: CallRequest) -> Asked:
-    body, raw = await read_json(request)
+    body = getattr(request, "json_body", None)  # (the front's fast path parsed it whole)
+    if body is not None:
+        raw = request.content.peek()  # type: ignore[attr-defined]
+    else:
+        body, raw = await read_json(request)
     return Asked(body.get("model"), asks_to_stream(body), raw, json_body=body)
 
 
@@ -178,16 +182,22 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
     return rewrite
 
 
-def fast_call(request: CallRequest, reply: Replier, raw: bytes) -> Call | None:
-    """The call that a JSON request whose body `raw` came whole makes on the fast path
-    (daemon/fast_call.py); None when it is anything but a plain one: not JSON, no known model,
-    a key that may not call it, a caller with limits, a streamed answer (whose wait for a
-    slot keeps its stream alive). Those go serve_openai's way, which says why."""
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` as a JSON object, or None when it is not one."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(body, dict) or asks_to_stream(body):
+    return body if isinstance(body, dict) else None
+
+
+def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, Any]
+              ) -> Call | None:
+    """The call that a JSON request whose body `raw` (parsed: `body`) came whole makes on
+    the fast path (daemon/fast_call.py); None when it is anything but a plain one: no known
+    model, a key that may not call it, a caller with limits, a streamed answer (whose wait
+    for a slot keeps its stream alive). Those go serve_openai's way, which says why."""
+    if asks_to_stream(body):
         return None
     app = request.app
     auth = app[AUTH]

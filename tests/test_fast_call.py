@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from berth.daemon import openai_api
 from berth.daemon.fast_call import FastCall
 from berth.daemon.front import MAX_PIPELINED
 
@@ -124,10 +125,19 @@ async def test_common_calls_take_no_task_and_the_rest_go_the_tasks_way(front):
         assert started.count(SERVE) == 2, started  # a pin and a HEAD go the task's way
 
 
-async def test_openai_json_calls_take_no_task_and_count_as_the_model_asked(front):
+async def test_openai_json_calls_take_no_task_and_count_as_the_model_asked(front, monkeypatch):
     """/v1 JSON calls share the fast path (its `model` read from the whole body, renamed
     both ways, its usage counted under the name asked); what the fast path cannot tell or
-    hold (a stream, an error to say) goes serve_openai's way and is answered as ever."""
+    hold (a stream, an error to say) goes serve_openai's way and is answered as ever, with
+    the body the fast path parsed (read again only when it was no JSON object)."""
+    read_again: list[int] = []
+    read_json = openai_api.read_json
+
+    async def counted(request: Any) -> Any:
+        read_again.append(1)
+        return await read_json(request)
+
+    monkeypatch.setattr(openai_api, "read_json", counted)
     address, pool = await front(models=["llama", "l2"], upstream_model="real-name")
     async with client(address) as c:
         await warm(c)
@@ -154,6 +164,7 @@ async def test_openai_json_calls_take_no_task_and_count_as_the_model_asked(front
                     assert set(json.loads(body)["error"]) == {"message", "type", "param",
                                                               "code"}
         assert started.count(SERVE) == 4, started
+        assert len(read_again) == 1  # the body that is not JSON
     async with aiohttp.ClientSession() as s, s.get(f"http://{address}/metrics") as r:
         metrics = await r.text()
     # 1 + 2 words asked (and the stream's 0: it asked for no usage), each answered with one more
