@@ -11,17 +11,20 @@ the demo model, which answers chat completions with a usage object) and measures
     /v1/chat/completions and to /invoke/llm/v1/chat/completions on the first berthd (same
     replica): added p50 at 1 client, throughput ratio at 64;
   - /v1/chat/completions at 64 connections on both berthds: accounting on vs off;
-  - 500 concurrent streamed chats (a lean asyncio client on uvloop: SseStream), each answered
-    in 12 chunks 50 ms apart, through berth and straight to the replica, STREAM_ROUNDS times
-    in turn: every chunk must arrive; per-chunk latency is its arrival time minus the model's
-    `sent_at` stamp (container and host share the clock); the target is read on the median
-    of the rounds' added p99 (each round's is printed too).
+  - 500 concurrent streamed chats (a lean asyncio client on uvloop: SseStream) to a second
+    endpoint whose replica runs demo/stream_model.py (one event loop, as real model servers
+    stream: the threaded demo server took twice berthd's CPU here), begun over RAMP_S on
+    both sides alike, each answered in 12 chunks 50 ms apart, through berth and straight to
+    the replica, STREAM_ROUNDS times in turn: every chunk must arrive; per-chunk latency is
+    its arrival time minus the model's `sent_at` stamp (container and host share the clock);
+    the target is read on the median of the rounds' added p99 (each round's is printed too).
 Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import signal
@@ -50,9 +53,19 @@ from data_plane import (  # noqa: E402
 
 STREAMS = 500
 ROUNDS = 3
-STREAM_ROUNDS = 5  # (one round is 2 x 1.5 s; this box has hiccups of tens of ms)
+# Two berthds, each with its own replica: one berthd's own rounds swing by a fifth here, and
+# three rounds once put accounting on at 0.82x of off, two runs after 1.07x and 1.10x.
+ONOFF_ROUNDS = 5
+STREAM_ROUNDS = 9  # (one round is 2 x ~0.8 s; this box has hiccups of tens of ms)
 SENT_AT = re.compile(rb'"sent_at": ([0-9.]+)')
 WORDS = 10  # + "echo:" and the usage chunk: 12 chunks a stream
+# The streams begin over this many seconds, on both sides alike: all 500 are running from
+# then until the first ends (12 chunks 50 ms apart). Begun at once, the straight side's 500
+# streams (the model times each from its start) sent each chunk in one burst the client
+# read for 5-13 ms, while berth's pacing of new calls spread its side's: the two were not
+# measured alike.
+RAMP_S = 0.25
+STREAM_MODEL = "streamer"  # (served by demo/stream_model.py)
 CHAT = {"model": "llama", "messages": [{"role": "user", "content": "hello berth"}]}
 CONFIG = """
 [daemon]
@@ -75,6 +88,15 @@ concurrency = 1024
 queue_limit = 4096
 readiness = {{ path = "/health", period_s = 0.05, timeout_s = 1.0 }}
 liveness = {{ period_s = 5.0 }}
+[endpoints.streamer]
+image = "{image}"
+command = ["/usr/bin/python3.11", "-u", "/srv/stream_model.py"]
+models = ["{stream_model}"]
+min_replicas = 1
+concurrency = 1024
+queue_limit = 4096
+readiness = {{ path = "/health", period_s = 0.05, timeout_s = 1.0 }}
+liveness = {{ period_s = 5.0 }}
 """
 LUA = """wrk.method = "POST"
 wrk.body = '{body}'
@@ -87,7 +109,8 @@ def start_berthd(tmp: Path, name: str, accounting: bool) -> tuple[str, subproces
     config = tmp / f"{name}.toml"
     config.write_text(CONFIG.format(port=port, state=tmp / name, network=f"berth-bench-{name}",
                                     image=build_image.DEFAULT_TAG,
-                                    accounting=str(accounting).lower()))
+                                    accounting=str(accounting).lower(),
+                                    stream_model=STREAM_MODEL))
     proc = subprocess.Popen([sys.executable, "-m", "berth.daemon.main", "--config", str(config),
                              "--stop-replicas-on-exit"], cwd=ROOT, stdout=subprocess.DEVNULL)
     return f"http://127.0.0.1:{port}", proc
@@ -126,10 +149,13 @@ class SseStream(asyncio.Protocol):
             self.ended.set_result(None)
 
 
-async def one_stream(url: str) -> list[float]:
-    """Per-chunk latencies (ms) of one streamed chat; all chunks must come."""
+async def one_stream(url: str, after: float) -> list[float]:
+    """Per-chunk latencies (ms) of one streamed chat begun `after` seconds from now; all
+    chunks must come."""
+    await asyncio.sleep(after)
     where = urllib.parse.urlsplit(url)
-    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": " ".join(["w"] * WORDS)}],
+    body = json.dumps({"model": STREAM_MODEL,
+                       "messages": [{"role": "user", "content": " ".join(["w"] * WORDS)}],
                        "stream": True, "stream_options": {"include_usage": True},
                        "interval_s": 0.05}).encode()
     request = (f"POST {where.path} HTTP/1.1\r\nHost: {where.netloc}\r\n"
@@ -150,8 +176,17 @@ async def one_stream(url: str) -> list[float]:
 
 
 async def streams(url: str) -> tuple[list[float], list[float]]:
-    """Per-chunk latencies of all chunks, and of all but each stream's first."""
-    results = await asyncio.gather(*(one_stream(url) for _ in range(STREAMS)))
+    """Per-chunk latencies of all chunks, and of all but each stream's first. The client's
+    own collector is off meanwhile: its collections (gen1 of 1-3.5 ms, gen2 of ~30 ms, seen
+    with gc.callbacks in this process during the rounds) delayed the arrival stamps of
+    whichever side was being measured, berth or direct."""
+    gc.collect()
+    gc.disable()
+    try:
+        results = await asyncio.gather(*(one_stream(url, i * RAMP_S / STREAMS)
+                                         for i in range(STREAMS)))
+    finally:
+        gc.enable()
     return [lat for one in results for lat in one], [lat for one in results for lat in one[1:]]
 
 
@@ -162,10 +197,11 @@ class Side:
     runs: str  # every round's requests/s of both sides, "a/b, a/b, ..."
 
 
-def alternated(a: str, b: str, clients: int, lua: str) -> tuple[Side, Side]:
-    """wrk on `a` and `b` in turn, ROUNDS times each (the box's noise falls on both alike):
+def alternated(a: str, b: str, clients: int, lua: str, rounds: int = ROUNDS
+               ) -> tuple[Side, Side]:
+    """wrk on `a` and `b` in turn, `rounds` times each (the box's noise falls on both alike):
     the median requests/s and p50 of each."""
-    runs = [(wrk(a, clients, lua), wrk(b, clients, lua)) for _ in range(ROUNDS)]
+    runs = [(wrk(a, clients, lua), wrk(b, clients, lua)) for _ in range(rounds)]
     text = ", ".join(f"{x['rps']:.0f}/{y['rps']:.0f}" for x, y in runs)
     first, second = ([r[i] for r in runs] for i in (0, 1))
     return (Side(statistics.median(r["rps"] for r in first),
@@ -183,7 +219,7 @@ def row(name: str, a: float, b: float, unit: str, note: str) -> str:
 
 
 async def measure(on: str, off: str, lua: str) -> list[str]:
-    replica = await wait_ready(on, "llm")
+    await wait_ready(on, "llm")
     await wait_ready(off, "llm")
     rows = []
     for clients in (1, 64):
@@ -197,16 +233,16 @@ async def measure(on: str, off: str, lua: str) -> list[str]:
                         f"added {front.p50 - invoke.p50:.2f} ms"
                         + (" (target <= 0.3 ms)" if clients == 1 else "")))
     counted, uncounted = alternated(f"{on}/v1/chat/completions", f"{off}/v1/chat/completions",
-                                    64, lua)
+                                    64, lua, ONOFF_ROUNDS)
     rows.append(row("requests/s, 64 clients, usage accounting on vs off", counted.rps,
                     uncounted.rps, "/s", f"on / off = {counted.rps / uncounted.rps:.2f}x"
                     f" (target >= 0.95x; runs on/off: {counted.runs})"))
-    rows += await stream_rows(on, replica, STREAM_ROUNDS)
+    rows += await stream_rows(on, await wait_ready(on, "streamer"), STREAM_ROUNDS)
     return rows
 
 
 async def only_streams(on: str, rounds: int) -> list[str]:
-    return await stream_rows(on, await wait_ready(on, "llm"), rounds)
+    return await stream_rows(on, await wait_ready(on, "streamer"), rounds)
 
 
 @dataclass
