@@ -33,7 +33,18 @@ from berth.daemon.browser import BrowserGuard
 from berth.daemon.config import EndpointSpec
 from berth.daemon.deadlines import Deadlines
 from berth.daemon.front import Front
-from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane, Limits
+from berth.daemon.keys import (
+    AUTH,
+    BROWSER,
+    DATA_PLANE,
+    LIMITS,
+    METRICS,
+    RECONCILER,
+    REQUEST_IDS,
+    USAGE,
+    DataPlane,
+    Limits,
+)
 from berth.daemon.metrics import Metrics
 from berth.daemon.native import compiled
 from berth.daemon.pacing import CallPacer
@@ -57,11 +68,22 @@ REQUESTS = {
            b"User-Agent: OpenAI/Python 1.50.0\r\nX-Stainless-Lang: python\r\n"
            b"X-Stainless-Package-Version: 1.50.0\r\nAuthorization: Bearer sk-none\r\n"
            b"Content-Length: 40\r\n\r\n" b'{"model": "bge", "input": "hello world"}',
+    # the OpenAI front door's: routed by the body's model, its usage read from the answer
+    "chat": b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 71\r\n\r\n"
+            b'{"model": "fast", "messages": [{"role": "user", "content": "hello b"}]}',
 }
 # what the bench's nginx upstream answers to /echo
 ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 02 Dec 2026 10:00:00 GMT\r\n"
           b"Content-Type: application/json\r\nContent-Length: 29\r\nConnection: keep-alive\r\n"
           b"\r\n" b'{"ok": true, "from": "nginx"}')
+# what the demo model answers to a chat (its length and shape; the usage object last)
+CHAT = (b'{"id": "chatcmpl-demo", "object": "chat.completion", "created": 1796000000, '
+        b'"model": "fast", "choices": [{"index": 0, "finish_reason": "stop", "message": '
+        b'{"role": "assistant", "content": "echo: hello b"}}], "usage": {"prompt_tokens": '
+        b'2, "completion_tokens": 3, "total_tokens": 5}, "from": "nginx"}')
+CHAT_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(CHAT), CHAT))
 
 
 class Transport:
@@ -116,19 +138,26 @@ class Pools:
     def pool(self, name: str) -> EndpointPool | None:
         return self._pool if name == self._pool.name else None
 
+    def live_pools(self) -> list[EndpointPool]:
+        return [self._pool]
 
-def setup() -> tuple[Front, UpstreamConnection, Transport]:
+
+def setup(usage: bool) -> tuple[Front, UpstreamConnection, Transport]:
     spec = EndpointSpec.model_validate({"name": "fast", "image": "x", "concurrency": 1024})
     pool = EndpointPool(Endpoint(spec, "config"))
     pool.replicas["r0"] = Replica(id="r0", endpoint="fast", generation=1, created_at=0.0,
                                   state=ReplicaState.READY, address=ADDRESS)
     upstream = UpstreamPool()
     loop = upstream.loop
-    plane = DataPlane(Router(Pools(pool)), Auth(admin=None), Quota(None), Limits(),  # type: ignore[arg-type]
-                      upstream, Metrics(), UsageLedger(None, enabled=False),  # type: ignore[arg-type]
+    pools = Pools(pool)
+    plane = DataPlane(Router(pools), Auth(admin=None), Quota(None), Limits(),  # type: ignore[arg-type]
+                      upstream, Metrics(), UsageLedger(None, enabled=usage),  # type: ignore[arg-type]
                       RequestIds(), Deadlines(loop), CallPacer(loop))
     app = web.Application()
     app[DATA_PLANE] = plane
+    # what the OpenAI routes read off the app (the same objects as the plane's)
+    app[AUTH], app[RECONCILER], app[REQUEST_IDS] = plane.auth, pools, plane.request_ids
+    app[USAGE], app[LIMITS], app[METRICS] = plane.usage, plane.limits, plane.metrics
     app[BROWSER] = BrowserGuard.build("127.0.0.1", ["localhost"], [])
     client = Transport()
     front = Front(Host(), app, client)  # type: ignore[arg-type]
@@ -139,12 +168,12 @@ def setup() -> tuple[Front, UpstreamConnection, Transport]:
     return front, conn, client
 
 
-async def measure(calls: int, request: bytes) -> list[float]:
-    front, conn, client = setup()
+async def measure(calls: int, request: bytes, answer: bytes, usage: bool) -> list[float]:
+    front, conn, client = setup(usage)
 
     def one() -> None:
         front.feed(request)
-        conn.data_received(ANSWER)
+        conn.data_received(answer)
 
     for _ in range(2000):
         one()
@@ -171,9 +200,12 @@ def main() -> int:
     names = compiled()
     print(f"compiled (daemon/native.py): {', '.join(names) or 'none, plain Python'}")
     for name in [args.request] if args.request else sorted(REQUESTS, reverse=True):
-        runs = uvloop.run(measure(args.calls, REQUESTS[name]))
-        print(f"{name}: {min(runs):.2f} us per call (least of 7), median "
-              f"{statistics.median(runs):.2f}", flush=True)
+        # usage accounting (daemon.usage_accounting) off and on: it reads /v1 answers only
+        for usage in (False, True) if name != "wrk" else (False,):
+            answer = CHAT_ANSWER if name == "chat" else ANSWER
+            runs = uvloop.run(measure(args.calls, REQUESTS[name], answer, usage))
+            print(f"{name}{', usage on' if usage else ''}: {min(runs):.2f} us per call (least "
+                  f"of 7), median {statistics.median(runs):.2f}", flush=True)
     return 0
 
 
