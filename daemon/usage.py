@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from berth.daemon.json_values import json_value
 from berth.daemon.sse import LineBuffer
 from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
 
@@ -127,7 +128,7 @@ class UsageMeter:
     def whole(self, body: bytes) -> None:
         """A complete (small) answer."""
         with contextlib.suppress(ValueError, RecursionError):
-            self._take(usage_in_object(json.loads(body)))
+            self._take(usage_in_object(json_value(body)))
 
     def feed(self, chunk: bytes) -> None:
         """One chunk of a streamed answer (SSE when `sse` is set)."""
@@ -153,7 +154,7 @@ class UsageMeter:
 
     def _line(self, payload: bytes) -> None:
         with contextlib.suppress(ValueError, RecursionError):
-            self._take(usage_in_object(json.loads(payload)))
+            self._take(usage_in_object(json_value(payload)))
 
     def _take(self, found: tuple[int, int] | None) -> None:
         if found is not None:
