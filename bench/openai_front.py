@@ -6,18 +6,21 @@ accounting on against off, and 500 concurrent streamed chats, in one run.
 
 Starts (or reuses) a Docker engine, builds the demo image, runs two real berthds on free
 loopback ports (the second with daemon.usage_accounting = false; each with one replica of
-the demo model, which answers chat completions with a usage object) and measures:
+demo/stream_model.py, the demo image's lean model: one event loop, as real model servers
+serve, answering chat completions with a usage object, streamed or not) and measures:
   - wrk (a separate process) POSTing one small chat body at 1 and 64 connections to
     /v1/chat/completions and to /invoke/llm/v1/chat/completions on the first berthd (same
     replica): added p50 at 1 client, throughput ratio at 64;
   - /v1/chat/completions at 64 connections on both berthds: accounting on vs off;
-  - 500 concurrent streamed chats (a lean asyncio client on uvloop: SseStream) to a second
-    endpoint whose replica runs demo/stream_model.py (one event loop, as real model servers
-    stream: the threaded demo server took twice berthd's CPU here), begun over RAMP_S on
-    both sides alike, each answered in 12 chunks 50 ms apart, through berth and straight to
-    the replica, STREAM_ROUNDS times in turn: every chunk must arrive; per-chunk latency is
-    its arrival time minus the model's `sent_at` stamp (container and host share the clock);
-    the target is read on the median of the rounds' added p99 (each round's is printed too).
+  - 500 concurrent streamed chats (a lean asyncio client on uvloop: SseStream), begun over
+    RAMP_S on both sides alike, each answered in 12 chunks 50 ms apart, through berth and
+    straight to the replica, STREAM_ROUNDS times in turn: every chunk must arrive; per-chunk
+    latency is its arrival time minus the model's `sent_at` stamp (container and host share
+    the clock); the target is read on the median of the rounds' added p99 (each round's is
+    printed too).
+Why the lean model: the demo's threaded model_server.py was the bottleneck of every row (about
+3,000 chats/s whoever called it; each berthd had its own, so on/off compared two replicas and
+swung by a fifth), and with 500 streams it took twice berthd's CPU on a 2-core box.
 Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this command.
 """
 
@@ -65,7 +68,6 @@ WORDS = 10  # + "echo:" and the usage chunk: 12 chunks a stream
 # read for 5-13 ms, while berth's pacing of new calls spread its side's: the two were not
 # measured alike.
 RAMP_S = 0.25
-STREAM_MODEL = "streamer"  # (served by demo/stream_model.py)
 CHAT = {"model": "llama", "messages": [{"role": "user", "content": "hello berth"}]}
 CONFIG = """
 [daemon]
@@ -82,16 +84,8 @@ stop_timeout_s = 1.0
 source = "none"
 [endpoints.llm]
 image = "{image}"
-models = ["llama"]
-min_replicas = 1
-concurrency = 1024
-queue_limit = 4096
-readiness = {{ path = "/health", period_s = 0.05, timeout_s = 1.0 }}
-liveness = {{ period_s = 5.0 }}
-[endpoints.streamer]
-image = "{image}"
 command = ["/usr/bin/python3.11", "-u", "/srv/stream_model.py"]
-models = ["{stream_model}"]
+models = ["llama"]
 min_replicas = 1
 concurrency = 1024
 queue_limit = 4096
@@ -109,8 +103,7 @@ def start_berthd(tmp: Path, name: str, accounting: bool) -> tuple[str, subproces
     config = tmp / f"{name}.toml"
     config.write_text(CONFIG.format(port=port, state=tmp / name, network=f"berth-bench-{name}",
                                     image=build_image.DEFAULT_TAG,
-                                    accounting=str(accounting).lower(),
-                                    stream_model=STREAM_MODEL))
+                                    accounting=str(accounting).lower()))
     proc = subprocess.Popen([sys.executable, "-m", "berth.daemon.main", "--config", str(config),
                              "--stop-replicas-on-exit"], cwd=ROOT, stdout=subprocess.DEVNULL)
     return f"http://127.0.0.1:{port}", proc
@@ -154,7 +147,7 @@ async def one_stream(url: str, after: float) -> list[float]:
     chunks must come."""
     await asyncio.sleep(after)
     where = urllib.parse.urlsplit(url)
-    body = json.dumps({"model": STREAM_MODEL,
+    body = json.dumps({"model": CHAT["model"],
                        "messages": [{"role": "user", "content": " ".join(["w"] * WORDS)}],
                        "stream": True, "stream_options": {"include_usage": True},
                        "interval_s": 0.05}).encode()
@@ -202,7 +195,9 @@ def alternated(a: str, b: str, clients: int, lua: str, rounds: int = ROUNDS
     """wrk on `a` and `b` in turn, `rounds` times each (the box's noise falls on both alike):
     the median requests/s and p50 of each."""
     runs = [(wrk(a, clients, lua), wrk(b, clients, lua)) for _ in range(rounds)]
-    text = ", ".join(f"{x['rps']:.0f}/{y['rps']:.0f}" for x, y in runs)
+    own = statistics.median(x["rps"] / y["rps"] for x, y in runs)  # (each pair side by side)
+    text = ", ".join(f"{x['rps']:.0f}/{y['rps']:.0f}" for x, y in runs) + \
+        f"; rounds' own ratios: median {own:.2f}x"
     first, second = ([r[i] for r in runs] for i in (0, 1))
     return (Side(statistics.median(r["rps"] for r in first),
                  statistics.median(r["p50"] for r in first), text),
@@ -237,12 +232,12 @@ async def measure(on: str, off: str, lua: str) -> list[str]:
     rows.append(row("requests/s, 64 clients, usage accounting on vs off", counted.rps,
                     uncounted.rps, "/s", f"on / off = {counted.rps / uncounted.rps:.2f}x"
                     f" (target >= 0.95x; runs on/off: {counted.runs})"))
-    rows += await stream_rows(on, await wait_ready(on, "streamer"), STREAM_ROUNDS)
+    rows += await stream_rows(on, await wait_ready(on, "llm"), STREAM_ROUNDS)
     return rows
 
 
 async def only_streams(on: str, rounds: int) -> list[str]:
-    return await stream_rows(on, await wait_ready(on, "streamer"), rounds)
+    return await stream_rows(on, await wait_ready(on, "llm"), rounds)
 
 
 @dataclass
