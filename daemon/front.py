@@ -44,7 +44,7 @@ from berth.daemon.front_messages import (
 )
 from berth.daemon.http_types import JSON_TYPE, as_lines
 from berth.daemon.keys import BROWSER, DATA_PLANE
-from berth.daemon.openai_api import JSON_ROUTES, asked_json, serve_openai
+from berth.daemon.openai_api import JSON_ROUTES, OpenAIError, asked_json, serve_openai
 from berth.daemon.proxy import invoke_call
 from berth.scheduler.errors import SchedulerError
 
@@ -410,6 +410,10 @@ class Front(FlowControl):
             return
         if replier.request.content.failed and self._error_later is not None:
             return  # its body was refused as it came: that refusal, at the close, answers it
+        if replier.request.openai:  # (a fast call handed on, past serve_openai's shaping)
+            OpenAIError(error.status, error.code, error.message,
+                        headers=error.headers).answer(replier)
+            return
         headers = [*as_lines(error.headers), JSON_TYPE]
         replier.whole(error.status, "", headers, error_body(error.code, error.message))
 

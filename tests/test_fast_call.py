@@ -208,6 +208,22 @@ async def test_a_fast_call_past_its_deadline_gets_504_and_frees_its_slot(front):
         assert status == 200  # on a fresh connection to the replica: the cut one was closed
 
 
+async def test_a_v1_fast_call_past_its_deadline_is_told_in_openais_shape(front):
+    """Handed on to a task, a /v1 call's error still comes in OpenAI's shape (SDKs read
+    `type` and `param`), not berth's own."""
+    address, _ = await front(request_timeout_s=0.3)
+    sent = json.dumps({"model": "h", "sleep_s": 3, "messages": []}).encode()
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            status, _, body = await c.call(
+                "POST /v1/chat/completions" + HTTP + f"Content-Length: {len(sent)}\n", sent)
+        assert started.count(SERVE) == 1  # began fast, handed on at the deadline
+    assert status == 504 and json.loads(body)["error"] == {
+        "message": "call exceeded request_timeout_s=0.3", "type": "server_error",
+        "param": None, "code": "timeout"}
+
+
 async def test_a_client_leaving_a_fast_call_frees_its_slot_and_counts_499(front):
     address, pool = await front()
     [replica] = pool.replicas.values()
