@@ -85,8 +85,10 @@ def serve_fast(front: Front, request: FrontRequest, replier: FrontReplier) -> Fa
     if replica is None:
         return None  # it must wait for a slot
     # From here the call holds a slot: it is the fast path's, to its end.
-    if request.body_exists and call.body is None:
-        call.whole = content.whole()
+    if request.body_exists:
+        whole = content.whole()  # taken (an OpenAI call's was only peeked): its hold goes
+        if call.body is None:
+            call.whole = whole
     fast = FastCall(front, plane, call, Lease(call.pool, replica, plane.router.clock))
     fast.send()
     return fast

@@ -116,8 +116,8 @@ class Asked:
 
 async def asked_json(request: CallRequest) -> Asked:
     body = getattr(request, "json_body", None)  # (the front's fast path parsed it whole)
-    if body is not None:
-        raw = request.content.peek()  # type: ignore[attr-defined]
+    if body is not None:  # (its body is whole: taken, so that its hold goes)
+        raw = request.content.whole()  # type: ignore[attr-defined]
     else:
         body, raw = await read_json(request)
     return Asked(body.get("model"), asks_to_stream(body), raw, json_body=body)
