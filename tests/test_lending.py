@@ -252,4 +252,6 @@ async def test_a_borrower_still_being_created_is_waited_for(api):
     assert (await call_b).status == 200
     resp = await call_a
     assert resp.status == 200 and resp.headers["X-Berth-Replica"] == ra.id
-    assert rb.state is S.SLEEPING
+    # Whichever call was served first (b may be put to sleep for a's turn and woken again
+    # for its own: CI saw that order once in three runs), the GPU is never awake for both.
+    assert S.SLEEPING in (ra.state, rb.state), (ra.state, rb.state)
