@@ -199,8 +199,7 @@ def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, 
     for a slot keeps its stream alive). Those go serve_openai's way, which says why."""
     if asks_to_stream(body):
         return None
-    app = request.app
-    auth = app[AUTH]
+    auth = request.app[AUTH]
     try:
         model, pool = model_pool(request, body.get("model"))
         check_key(request, pool)
@@ -209,12 +208,21 @@ def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, 
     principal = auth.principal(presented_key(request))
     if auth.limits.get(principal) is not None:
         return None  # (admit counts each call: serve_openai's way counts it)
+    return routed_call(request, reply, pool, model, principal,
+                       Asked(model, False, raw, json_body=body))
+
+
+def routed_call(request: CallRequest, reply: Replier, pool: EndpointPool, model: str,
+                principal: str, asked: Asked) -> Call:
+    """The call an OpenAI request routed to `pool` makes (either way: fast or a task's), its
+    body given and its model renamed when the endpoint has an upstream_model."""
+    app = request.app
     call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                 request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(), reply,
                 openai=True, meter=UsageMeter() if app[USAGE].enabled else None,
                 started=time.monotonic(), principal=principal, model=model)
     upstream = pool.spec.upstream_model
-    Asked(model, False, raw, json_body=body).into(call, upstream)
+    asked.into(call, upstream)
     if upstream:
         call.rewrite = renamer(model, upstream)
     return call
@@ -245,14 +253,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
         admit(app[DATA_PLANE], principal, time.monotonic())
         if asked.stream and app[AUTH].daily_budget(principal) is not None:
             asked.ask_usage()
-        call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
-                    request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(),
-                    reply, openai=True,
-                    meter=UsageMeter() if app[USAGE].enabled else None)
-        upstream = pool.spec.upstream_model
-        asked.into(call, upstream)
-        if upstream:
-            call.rewrite = renamer(model, upstream)
+        call = routed_call(request, reply, pool, model, principal, asked)
         every = pool.spec.stream_keepalive_s
         if asked.stream and every > 0:
             response = await serve_streaming(app[ROUTER], call, every)

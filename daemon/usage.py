@@ -163,12 +163,11 @@ class UsageMeter:
             found = usage_in_object(json_value(payload))
         except (ValueError, RecursionError):  # (the replica's bytes: anything)
             return
-        if found is not None:
-            self.tokens = found  # the last usage seen is the call's
+        self._take(found)
 
     def _take(self, found: tuple[int, int] | None) -> None:
         if found is not None:
-            self.tokens = found
+            self.tokens = found  # the last usage seen is the call's
 
 
 Cell = tuple[int, str, str, str]  # (hour, principal, endpoint, model)
