@@ -37,7 +37,9 @@ class Auth:
 
     admin: str = ""
     endpoint_tokens: dict[str, tuple[str, str]] = field(default_factory=dict)  # hash -> (ep, id)
-    limits: dict[str, TokenLimits] = field(default_factory=dict)  # token id -> its limits
+    # token id -> its limits, only for tokens that have some: a call whose principal is not
+    # here skips the quota, and only such calls may take the fast path.
+    limits: dict[str, TokenLimits] = field(default_factory=dict)
 
     @property
     def open(self) -> bool:
@@ -46,8 +48,15 @@ class Auth:
     async def load(self, store: Store) -> None:
         tokens = await store.tokens()
         self.endpoint_tokens = {t["hash"]: (t["endpoint"], t["id"]) for t in tokens}
-        self.limits = {t["id"]: TokenLimits(t["requests_per_minute"], t["tokens_per_day"])
-                       for t in tokens}
+        self.limits = {}
+        for t in tokens:
+            self.set_limits(t["id"], TokenLimits(t["requests_per_minute"], t["tokens_per_day"]))
+
+    def set_limits(self, token_id: str, limits: TokenLimits) -> None:
+        if limits.any:
+            self.limits[token_id] = limits
+        else:
+            self.limits.pop(token_id, None)
 
     def daily_budget(self, principal: str) -> int | None:
         """The principal's tokens_per_day; None when it has no daily budget (most callers)."""
@@ -58,7 +67,7 @@ class Auth:
                  limits: TokenLimits | None = None) -> None:
         """A token just stored: it authenticates from now on."""
         self.endpoint_tokens[digest(token)] = (endpoint, token_id)
-        self.limits[token_id] = limits or TokenLimits()
+        self.set_limits(token_id, limits or TokenLimits())
 
     def revoke(self, endpoint: str, token_id: str) -> None:
         """A token just deleted from the store: refused from now on."""

@@ -302,7 +302,7 @@ async def patch_token(request: web.Request) -> web.Response:
     row = next((t for t in await store.tokens(name) if t["id"] == token_id), None)
     if row is None:  # revoked between the update and this read
         raise ApiError(404, "token_not_found", f"endpoint {name} has no token {token_id!r}")
-    auth.limits[token_id] = TokenLimits(row["requests_per_minute"], row["tokens_per_day"])
+    auth.set_limits(token_id, TokenLimits(row["requests_per_minute"], row["tokens_per_day"]))
     await request.app[RECONCILER].event("token_updated", f"token {token_id} limits: "
                                         f"{row['requests_per_minute']} requests/min, "
                                         f"{row['tokens_per_day']} tokens/day", name)

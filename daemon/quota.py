@@ -24,6 +24,11 @@ class TokenLimits:
     requests_per_minute: int | None = None
     tokens_per_day: int | None = None
 
+    @property
+    def any(self) -> bool:
+        """Whether either limit is set (a token without any is never held back here)."""
+        return self.requests_per_minute is not None or self.tokens_per_day is not None
+
 
 def minute_wait(admitted: deque[float], rpm: int, now: float) -> float:
     """Seconds until one more call fits in the last minute's window (0: it fits now).

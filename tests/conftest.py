@@ -180,9 +180,11 @@ async def front(harness) -> AsyncIterator[Callable[..., Awaitable[tuple[str, obj
         site = GuardedSite(runner, "127.0.0.1", 0, limits or ConnectionLimits())
         await site.start()
         make.sites.append(site)  # type: ignore[attr-defined]
+        make.apps.append(app)  # type: ignore[attr-defined]
         return f"127.0.0.1:{site.port}", pool
 
     make.sites = []  # type: ignore[attr-defined]  (the listeners, for tests that stop them)
+    make.apps = []  # type: ignore[attr-defined]  (the apps, for tests that hand in tokens)
     yield make
     for runner in runners:
         await runner.cleanup()

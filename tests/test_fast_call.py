@@ -18,6 +18,8 @@ import aiohttp
 from berth.daemon import openai_api
 from berth.daemon.fast_call import FastCall
 from berth.daemon.front import MAX_PIPELINED
+from berth.daemon.keys import AUTH
+from berth.daemon.quota import TokenLimits
 
 SERVE = "Front._serve"  # the task of a call that goes the task's way
 # ... as mypyc names its coroutine when front.py runs compiled (daemon/native.py)
@@ -172,6 +174,26 @@ async def test_openai_json_calls_take_no_task_and_count_as_the_model_asked(front
     assert 'berth_model_tokens_total{endpoint="h",kind="completion",model="l2"} 5.0' \
         in metrics
     assert re.search(r'berth_calls_total\{code="200",endpoint="h"\} 4\.0', metrics), metrics
+
+
+async def test_a_token_without_limits_takes_the_fast_path_and_one_with_limits_does_not(front):
+    """Only a call the quota must hold back goes the task's way: endpoint tokens without
+    limits (most of them) are served like admin and public calls."""
+    address, _ = await front()
+    auth = front.apps[-1][AUTH]
+    auth.remember("plain-secret", "h", "tok_plain")
+    auth.remember("held-secret", "h", "tok_held", TokenLimits(requests_per_minute=1000))
+    async with client(address) as c:
+        await warm(c)
+        with tasks_started() as started:
+            for token in ("plain-secret", "held-secret", "plain-secret"):
+                status, _, _ = await c.call("GET /invoke/h/echo" + HTTP +
+                                            f"Authorization: Bearer {token}\n")
+                assert status == 200
+        assert started.count(SERVE) == 1, started
+    # limits lifted (PATCH with both null) leave the token as one without any
+    auth.set_limits("tok_held", TokenLimits())
+    assert auth.limits == {}
 
 
 async def test_answers_not_small_and_whole_are_handed_on_and_arrive_whole(front):
