@@ -45,13 +45,13 @@ from berth.daemon.keys import (
     DataPlane,
     Limits,
 )
+from berth.daemon.metering import UsageLedger
 from berth.daemon.metrics import Metrics
 from berth.daemon.native import compiled
 from berth.daemon.pacing import CallPacer
 from berth.daemon.proxy import RequestIds
 from berth.daemon.quota import Quota
 from berth.daemon.upstream import UpstreamConnection, UpstreamPool
-from berth.daemon.usage import UsageLedger
 from berth.scheduler.endpoint import Endpoint
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica, ReplicaState

@@ -38,6 +38,7 @@ from berth.daemon.keys import (
     WRITES,
     Limits,
 )
+from berth.daemon.metering import UsageLedger
 from berth.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from berth.daemon.models_api import add_models_api
 from berth.daemon.openai_api import add_openai_api
@@ -47,7 +48,7 @@ from berth.daemon.quota import Quota
 from berth.daemon.replica_logs import track_log_streams
 from berth.daemon.tasks_api import add_async_plane
 from berth.daemon.ui_page import add_ui
-from berth.daemon.usage import UsageLedger, flushing
+from berth.daemon.usage import flushing
 from berth.gpu import GpuAllocator, GpuSample
 from berth.gpu.inventory import GpuReadings
 from berth.scheduler.dispatch import Dispatcher

@@ -26,11 +26,11 @@ if TYPE_CHECKING:
     from berth.daemon.browser import BrowserGuard
     from berth.daemon.deadlines import Deadlines
     from berth.daemon.event_feed import EventFeed
+    from berth.daemon.metering import UsageLedger
     from berth.daemon.metrics import Metrics
     from berth.daemon.pacing import CallPacer
     from berth.daemon.proxy import RequestIds
     from berth.daemon.quota import Quota
-    from berth.daemon.usage import UsageLedger
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-MODULES = ("flow", "front", "front_messages", "fast_call", "upstream")
+MODULES = ("flow", "front", "front_messages", "fast_call", "upstream", "metering")
 DIGEST = "SOURCES"  # the digest file in the build folder
 OFF = "BERTH_NATIVE"  # "0": never use the build
 

@@ -33,11 +33,12 @@ from berth.daemon.keys import (
     ROUTER,
     USAGE,
 )
+from berth.daemon.metering import UsageMeter, account, hour_of
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call, within_body_time
 from berth.daemon.stream_wait import serve_streaming
-from berth.daemon.usage import UsageMeter, account, ask_usage, asks_to_stream, hour_of
+from berth.daemon.usage import ask_usage, asks_to_stream
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 

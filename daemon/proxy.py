@@ -39,6 +39,7 @@ from berth.daemon.keys import (
     USAGE,
     DataPlane,
 )
+from berth.daemon.metering import UsageMeter, account, hour_of
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.pacing import CallPacer
 from berth.daemon.sse import SseRewriter
@@ -51,7 +52,7 @@ from berth.daemon.upstream import (
     UpstreamResponse,
     UpstreamUnanswered,
 )
-from berth.daemon.usage import UsageMeter, account, hour_of, usage_asked
+from berth.daemon.usage import usage_asked
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool
 from berth.scheduler.replica import Replica
@@ -344,8 +345,9 @@ def end_call(plane: DataPlane, call: Call, outcome: int) -> None:
     spec = call.pool.spec
     plane.metrics.call_ended(spec.name, outcome, time.monotonic() - call.started)
     if plane.usage.enabled:
-        account(plane.usage, (hour_of(time.time()), call.principal, spec.name,
-                              call.model or spec.model_names[0]), outcome, call.meter)
+        model = call.model or (spec.models[0] if spec.models else spec.name)  # (no list)
+        account(plane.usage, (hour_of(time.time()), call.principal, spec.name, model),
+                outcome, call.meter)
 
 
 def admit(plane: DataPlane, principal: str, tick: float) -> None:

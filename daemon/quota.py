@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from berth.daemon.errors import ApiError
-from berth.daemon.usage import DAY, UsageLedger, day_of
+from berth.daemon.metering import DAY, UsageLedger, day_of
 
 MINUTE = 60.0
 

@@ -32,7 +32,7 @@ from berth.daemon.core import (
     StartupError,
     start_core,
 )
-from berth.daemon.usage import UsageLedger
+from berth.daemon.metering import UsageLedger
 from berth.gpu import GpuSample
 from berth.gpu.health import GpuHealthWatch, on_loop
 from berth.gpu.inventory import NvmlInventory

@@ -29,6 +29,7 @@ from berth.daemon.keys import (
     STORE,
     USAGE,
 )
+from berth.daemon.metering import UsageMeter, account, hour_of
 from berth.daemon.models_api import presented_key
 from berth.daemon.params import bad_query, query_limit
 from berth.daemon.proxy import (
@@ -39,7 +40,7 @@ from berth.daemon.proxy import (
     forwarded_headers,
     raw_tail,
 )
-from berth.daemon.usage import UsageMeter, account, hour_of, usage_asked
+from berth.daemon.usage import usage_asked
 from berth.scheduler.callbacks import describe_task
 from berth.scheduler.dispatch import Dispatcher, Spool, TaskFinished
 from berth.scheduler.egress import CallbackRefused, PolicyUnavailable

@@ -1,13 +1,6 @@
-"""Usage accounting: who called which model how often, and how many model tokens it cost.
-
-`UsageMeter` reads the OpenAI `usage` object of an answer as it passes through the proxy (a
-whole JSON answer, the last SSE chunk that carries one, or the tail of a large JSON answer);
-it never holds a byte back. `UsageLedger` owns the counts: it adds each ended call in memory
-and writes them to SQLite in batches every `flush_s` and at shutdown (one statement per batch,
-so a batch counts whole or not at all; a crash loses at most the last `flush_s` of counts).
-It also keeps each principal's model tokens of the current UTC day, loaded from SQLite at
-start, for the tokens_per_day limit (daemon.quota). Principals are token ids, "admin" or
-"public" (no token, or open mode).
+"""Usage accounting on the request side: whether a call streams, and asking a streamed
+answer for its usage; and `flushing`, the ledger's task. What every call runs (the meter that
+reads answers, the ledger that counts them) is daemon/metering.py, compiled.
 """
 
 from __future__ import annotations
@@ -15,60 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 
-from berth.daemon.json_values import json_value
-from berth.daemon.sse import LineBuffer
-from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
+from berth.daemon.metering import UsageLedger
 
 log = structlog.get_logger("berth.usage")
-
-HOUR, DAY = 3600, 86400
-MAX_TOKENS = 10 ** 12  # a model's claim beyond this is not a count
-TAIL = 4096  # bytes of a large JSON answer kept to find its usage object
-MAX_LINE = 1024 ** 2  # an SSE line longer than this is not read for usage
-USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
-
-
-def hour_of(now: float) -> int:
-    return int(now) - int(now) % HOUR
-
-
-def day_of(now: float) -> int:
-    return int(now) - int(now) % DAY
-
-
-def _count(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
-        return None
-    return int(value)
-
-
-def tokens_of(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) from an OpenAI usage object (chat/completions/embeddings names or
-    the Responses API's input/output names); None when it is not one."""
-    if not isinstance(usage, dict):
-        return None
-    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
-    completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0)))
-    if prompt is None or completion is None:
-        return None
-    return prompt, completion
-
-
-def usage_in_object(answer: Any) -> tuple[int, int] | None:
-    """The usage of an answer object: top level, or in a Responses API event's `response`."""
-    if not isinstance(answer, dict):
-        return None
-    found = tokens_of(answer.get("usage"))
-    if found is None and isinstance(answer.get("response"), dict):
-        found = tokens_of(answer["response"].get("usage"))
-    return found
-
 
 STREAM_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})  # as model servers' parsers
 
@@ -102,158 +49,6 @@ def usage_asked(raw: bytes) -> bytes:
     if isinstance(body, dict) and asks_to_stream(body) and ask_usage(body):
         return json.dumps(body).encode()
     return raw
-
-
-def usage_in_tail(data: bytes) -> tuple[int, int] | None:
-    """The last `"usage": {...}` object in the tail of a JSON text too large to parse whole."""
-    matches = list(USAGE_KEY.finditer(data))
-    if not matches:
-        return None
-    try:
-        value, _ = json.JSONDecoder().raw_decode(data[matches[-1].end():].decode(errors="replace"))
-    except (ValueError, RecursionError):  # (the replica's bytes: anything, nested at will)
-        return None
-    return tokens_of(value)
-
-
-class UsageMeter:
-    """The model tokens of one answer, read as it streams by. One is made per OpenAI-style
-    call, so it costs next to nothing until it reads: try, not contextlib.suppress (a third
-    of `whole` measured), and the SSE line buffer only for a stream."""
-
-    __slots__ = ("_lines", "_tail", "sse", "tokens")
-
-    def __init__(self) -> None:
-        self.tokens: tuple[int, int] | None = None
-        self.sse = False
-        self._tail = b""  # the last TAIL bytes of a JSON answer
-        self._lines: LineBuffer | None = None  # an SSE stream's lines, once one streams
-
-    def whole(self, body: bytes) -> None:
-        """A complete (small) answer."""
-        self._line(body)
-
-    def feed(self, chunk: bytes) -> None:
-        """One chunk of a streamed answer (SSE when `sse` is set)."""
-        if not self.sse:
-            self._tail = (self._tail + chunk)[-TAIL:]
-            return
-        lines = self._lines
-        if lines is None:
-            lines = self._lines = LineBuffer(MAX_LINE)
-        done = lines.feed(chunk)
-        if lines.overflowing:  # not a line worth reading for usage
-            lines.take()
-        if b'"usage"' in done:
-            for line in done.splitlines():
-                if line.startswith(b"data:") and b'"usage"' in line:
-                    self._line(line[5:])
-
-    def end(self) -> None:
-        """The streamed answer is over."""
-        tail, self._tail = self._tail, b""
-        held = self._lines.take() if self._lines is not None else b""
-        if self.sse and held.startswith(b"data:"):
-            self._line(held[5:])
-        elif not self.sse and tail:
-            self._take(usage_in_tail(tail))
-
-    def _line(self, payload: bytes) -> None:
-        try:
-            found = usage_in_object(json_value(payload))
-        except (ValueError, RecursionError):  # (the replica's bytes: anything)
-            return
-        self._take(found)
-
-    def _take(self, found: tuple[int, int] | None) -> None:
-        if found is not None:
-            self.tokens = found  # the last usage seen is the call's
-
-
-Cell = tuple[int, str, str, str]  # (hour, principal, endpoint, model)
-# A cell's counts: [calls, errors, prompt tokens, completion tokens]. A list, not an object:
-# every call adds to one, and the accounting must cost next to nothing per call.
-Tally = list[int]
-
-
-def add_to(tallies: dict[Cell, Tally], cell: Cell, counts: Tally) -> None:
-    tally = tallies.get(cell)
-    if tally is None:
-        tallies[cell] = counts
-    else:
-        tally[0] += counts[0]
-        tally[1] += counts[1]
-        tally[2] += counts[2]
-        tally[3] += counts[3]
-
-
-class UsageLedger:
-    """Usage counts of every call, in memory until flushed to SQLite; see the module
-    docstring. `enabled` False (daemon.usage_accounting = false) records nothing."""
-
-    def __init__(self, store: UsageStore, flush_s: float = 1.0, enabled: bool = True) -> None:
-        self.store, self.flush_s, self.enabled = store, flush_s, enabled
-        self.pending: dict[Cell, Tally] = {}
-        self.day = 0
-        self.day_tokens: dict[str, int] = {}
-        # (endpoint, model) -> [prompt, completion] since start: /metrics counters.
-        self.model_tokens: dict[tuple[str, str], list[int]] = {}
-
-    async def load(self, now: float) -> None:
-        """Today's model tokens per principal, so daily budgets hold across restarts."""
-        self.day = day_of(now)
-        self.day_tokens = await self.store.tokens_since(self.day)
-
-    def record(self, cell: Cell, error: bool, tokens: tuple[int, int] | None) -> None:
-        if not self.enabled:
-            return
-        prompt, completion = tokens or (0, 0)
-        add_to(self.pending, cell, [1, int(error), prompt, completion])
-        if tokens is None:
-            return
-        self._roll(cell[0])
-        principal = cell[1]
-        self.day_tokens[principal] = self.day_tokens.get(principal, 0) + prompt + completion
-        totals = self.model_tokens.setdefault((cell[2], cell[3]), [0, 0])
-        totals[0] += prompt
-        totals[1] += completion
-
-    def tokens_today(self, principal: str, now: float) -> int:
-        self._roll(hour_of(now))
-        return self.day_tokens.get(principal, 0)
-
-    def _roll(self, hour: int) -> None:
-        if day_of(hour) > self.day:  # a new UTC day: every budget starts again
-            self.day, self.day_tokens = day_of(hour), {}
-
-    async def flush(self) -> None:
-        """Write what is pending, a batch per statement; a batch that fails stays pending."""
-        while self.pending:
-            cells = list(self.pending)[:ROWS_PER_STATEMENT]
-            batch = {cell: self.pending.pop(cell) for cell in cells}
-            rows = [UsageRow(*cell, *tally) for cell, tally in batch.items()]
-            try:  # shielded: a statement already queued runs anyway, so it counts once
-                await asyncio.shield(self.store.add(rows))
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                for cell, tally in batch.items():  # counted next time, never lost here
-                    add_to(self.pending, cell, tally)
-                raise
-
-    async def run(self) -> None:
-        """Flush every flush_s until cancelled."""
-        while True:
-            await asyncio.sleep(self.flush_s)
-            try:
-                await self.flush()
-            except Exception as exc:  # a full disk: keep counting in memory, try again
-                log.warning("usage.flush_failed", error=str(exc))
-
-
-def account(ledger: UsageLedger, cell: Cell, status: int, meter: UsageMeter | None) -> None:
-    """Count one ended call (status 499: the client left) in the ledger (and so /metrics)."""
-    ledger.record(cell, status >= 400, meter.tokens if meter is not None else None)
 
 
 @contextlib.asynccontextmanager

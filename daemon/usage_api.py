@@ -12,8 +12,8 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError
 from berth.daemon.keys import STORE, USAGE
+from berth.daemon.metering import HOUR
 from berth.daemon.params import bad_query
-from berth.daemon.usage import HOUR
 from berth.store.usage import GROUPS
 
 COUNTS = ("calls", "errors", "prompt_tokens", "completion_tokens")

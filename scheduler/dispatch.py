@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from berth.daemon.usage import UsageMeter
+from berth.daemon.metering import UsageMeter
 from berth.scheduler.callbacks import CallbackSender
 from berth.scheduler.errors import SchedulerError
 from berth.scheduler.pool import EndpointPool

@@ -9,8 +9,17 @@ from collections import deque
 
 import pytest
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from berth.daemon.metering import (
+    UsageLedger,
+    UsageMeter,
+    tokens_of,
+    usage_in_json,
+    usage_in_object,
+)
 from berth.daemon.quota import day_wait, minute_wait
-from berth.daemon.usage import UsageLedger, UsageMeter, tokens_of
 from berth.store import Store
 from helpers import endpoint, ready_count, wait_for
 
@@ -31,6 +40,55 @@ T0 = 1_764_547_200.0  # 2025-12-01 00:00:00 UTC, a day's start
 ])
 def test_tokens_of_a_usage_object(usage, tokens):
     assert tokens_of(usage) == tokens
+
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 4}
+
+
+@pytest.mark.parametrize(("answer", "tokens"), [
+    (b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
+     (3, 4)),
+    (b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "id": "c"}', (3, 4)),
+    (b'{\n  "usage" : {"prompt_tokens": 3,\n "completion_tokens": 4}\n}\n', (3, 4)),
+    # a top-level usage, then one deeper: the top level's (the whole answer parsed)
+    (b'{"usage": {"prompt_tokens": 3}, "meta": {"usage": {"prompt_tokens": 9}}}', (3, 0)),
+    (b'{"meta": {"usage": {"prompt_tokens": 9}}}', None),  # none at the top
+    (b'{"choices": [{"usage": {"prompt_tokens": 9}}]}', None),
+    (b'{"type": "response.completed", "response": {"usage": {"input_tokens": 2, '
+     b'"output_tokens": 5}}}', (2, 5)),  # the Responses API
+    (b'{"usage": null, "response": {"usage": {"input_tokens": 2}}}', (2, 0)),
+    # "usage" inside strings, as a value, or ending a key: never a usage member
+    (b'{"content": "x \\"usage\\": {\\"prompt_tokens\\": 9}}"}', None),
+    (b'{"content": "say \\"usage", "n": {"prompt_tokens": 9}}', None),
+    (b'{"a\\"usage": {"prompt_tokens": 9}}', None),
+    (b'{"type": "usage"}', None),
+    (b'{"id": "c"}', None),
+    (b"not json", None),
+    (b'[{"usage": {"prompt_tokens": 9}}]', None),
+])
+def test_usage_is_read_from_the_top_level_of_an_answer(answer, tokens):
+    assert usage_in_json(answer) == tokens
+
+
+JSON_KEYS = st.sampled_from(["usage", "response", "prompt_tokens", "completion_tokens",
+                             "input_tokens", "a\"usage", "x", ""])
+JSON_LEAVES = st.none() | st.booleans() | st.integers(-5, 10 ** 13) | st.sampled_from(
+    ["usage", '"usage": {"prompt_tokens": 9}}', 'say "usage', "\\", "}]"])
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=3) |
+                           st.dictionaries(JSON_KEYS, inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(answer=st.dictionaries(JSON_KEYS, JSON_VALUES, max_size=5), usage_last=st.booleans(),
+       indent=st.sampled_from([None, 1]))
+def test_reading_only_the_last_usage_member_agrees_with_parsing_the_whole_answer(
+        answer, usage_last, indent):
+    if usage_last and "usage" in answer:
+        answer["usage"] = answer.pop("usage")
+    if usage_last:
+        answer.setdefault("usage", USAGE)
+    raw = json.dumps(answer, indent=indent).encode()
+    assert usage_in_json(raw) == usage_in_object(answer), raw
 
 
 def test_a_replicas_deeply_nested_json_is_passed_on_not_a_fault():
