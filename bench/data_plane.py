@@ -89,11 +89,12 @@ def wrk(url: str, clients: int, script: str | None = None) -> dict[str, float]:
                           "-d", f"{WRK_SECONDS}s", "--latency", *extra, url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    calls = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     lat = {p: _ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise SystemExit(f"wrk saw {errors.group(1)} errors on {url}:\n{out}")
-    return {"rps": rps, "p50": lat["50"], "p99": lat["99"]}
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "calls": calls}
 
 
 def _ms(text: str) -> float:

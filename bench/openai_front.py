@@ -27,6 +27,7 @@ Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import re
@@ -183,26 +184,51 @@ async def streams(url: str) -> tuple[list[float], list[float]]:
     return [lat for one in results for lat in one], [lat for one in results for lat in one[1:]]
 
 
+Target = tuple[str, int]  # a URL, and the pid of the berthd that serves it
+
+
 @dataclass
 class Side:
     rps: float
     p50: float
+    cpu_us: float  # berthd's CPU per call, microseconds
     runs: str  # every round's requests/s of both sides, "a/b, a/b, ..."
 
 
-def alternated(a: str, b: str, clients: int, lua: str, rounds: int = ROUNDS
+def berthd_cpu_ns(pid: int) -> int:
+    """CPU time a process has run so far, all its threads, in ns (schedstat: finer than
+    /proc/PID/stat's 10 ms ticks)."""
+    total = 0
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # (a thread that ended meanwhile)
+            total += int((thread / "schedstat").read_text().split()[0])
+    return total
+
+
+def timed_wrk(url: str, pid: int, clients: int, lua: str) -> dict[str, float]:
+    """wrk, plus the CPU microseconds berthd (`pid`) spent per call meanwhile."""
+    before = berthd_cpu_ns(pid)
+    result = wrk(url, clients, lua)
+    result["cpu_us"] = (berthd_cpu_ns(pid) - before) / 1000 / result["calls"]
+    return result
+
+
+def alternated(a: Target, b: Target, clients: int, lua: str, rounds: int = ROUNDS
                ) -> tuple[Side, Side]:
     """wrk on `a` and `b` in turn, `rounds` times each (the box's noise falls on both alike):
-    the median requests/s and p50 of each."""
-    runs = [(wrk(a, clients, lua), wrk(b, clients, lua)) for _ in range(rounds)]
+    the median requests/s, p50 and berthd CPU per call of each."""
+    runs = [(timed_wrk(*a, clients, lua), timed_wrk(*b, clients, lua)) for _ in range(rounds)]
     own = statistics.median(x["rps"] / y["rps"] for x, y in runs)  # (each pair side by side)
     text = ", ".join(f"{x['rps']:.0f}/{y['rps']:.0f}" for x, y in runs) + \
         f"; rounds' own ratios: median {own:.2f}x"
     first, second = ([r[i] for r in runs] for i in (0, 1))
-    return (Side(statistics.median(r["rps"] for r in first),
-                 statistics.median(r["p50"] for r in first), text),
-            Side(statistics.median(r["rps"] for r in second),
-                 statistics.median(r["p50"] for r in second), text))
+    return side(first, text), side(second, text)
+
+
+def side(runs: list[dict[str, float]], text: str) -> Side:
+    return Side(statistics.median(r["rps"] for r in runs),
+                statistics.median(r["p50"] for r in runs),
+                statistics.median(r["cpu_us"] for r in runs), text)
 
 
 def p99(values: list[float]) -> float:
@@ -213,13 +239,14 @@ def row(name: str, a: float, b: float, unit: str, note: str) -> str:
     return f"| {name} | {a:.2f} {unit} | {b:.2f} {unit} | {note} |"
 
 
-async def measure(on: str, off: str, lua: str) -> list[str]:
-    await wait_ready(on, "llm")
-    await wait_ready(off, "llm")
+async def measure(on: Target, off: Target, lua: str) -> list[str]:
+    await wait_ready(on[0], "llm")
+    await wait_ready(off[0], "llm")
     rows = []
     for clients in (1, 64):
-        front, invoke = alternated(f"{on}/v1/chat/completions",
-                                   f"{on}/invoke/llm/v1/chat/completions", clients, lua)
+        front, invoke = alternated((f"{on[0]}/v1/chat/completions", on[1]),
+                                   (f"{on[0]}/invoke/llm/v1/chat/completions", on[1]),
+                                   clients, lua)
         rows.append(row(f"requests/s, {clients} client(s)", front.rps, invoke.rps, "/s",
                         f"/v1 / invoke = {front.rps / invoke.rps:.2f}x"
                         + (" (target >= 0.9x)" if clients == 64 else "")
@@ -227,13 +254,27 @@ async def measure(on: str, off: str, lua: str) -> list[str]:
         rows.append(row(f"p50 latency, {clients} client(s)", front.p50, invoke.p50, "ms",
                         f"added {front.p50 - invoke.p50:.2f} ms"
                         + (" (target <= 0.3 ms)" if clients == 1 else "")))
-    counted, uncounted = alternated(f"{on}/v1/chat/completions", f"{off}/v1/chat/completions",
+        if clients == 64:
+            rows.append(cpu_row("berthd CPU per call, 64 clients", front, invoke,
+                                "/v1 / invoke"))
+    counted, uncounted = alternated((f"{on[0]}/v1/chat/completions", on[1]),
+                                    (f"{off[0]}/v1/chat/completions", off[1]),
                                     64, lua, ONOFF_ROUNDS)
     rows.append(row("requests/s, 64 clients, usage accounting on vs off", counted.rps,
                     uncounted.rps, "/s", f"on / off = {counted.rps / uncounted.rps:.2f}x"
                     f" (target >= 0.95x; runs on/off: {counted.runs})"))
-    rows += await stream_rows(on, await wait_ready(on, "llm"), STREAM_ROUNDS)
+    rows.append(cpu_row("berthd CPU per call, 64 clients, usage accounting on vs off",
+                        counted, uncounted, "on / off"))
+    rows += await stream_rows(on[0], await wait_ready(on[0], "llm"), STREAM_ROUNDS)
     return rows
+
+
+def cpu_row(name: str, a: Side, b: Side, what: str) -> str:
+    """berthd's CPU per call on both sides, as the throughput the same CPU buys (b / a): at
+    full load berthd is the bottleneck, so this is the ratio its throughput comes to when
+    the box's swings are left out."""
+    return row(name, a.cpu_us, b.cpu_us, "us",
+               f"{what} by CPU per call = {b.cpu_us / a.cpu_us:.2f}x (medians of the rounds)")
 
 
 async def only_streams(on: str, rounds: int) -> list[str]:
@@ -307,7 +348,7 @@ def main() -> int:
         on, berth_on = start_berthd(tmp, "on", True)
         off, berth_off = start_berthd(tmp, "off", False)
         try:
-            rows = uvloop.run(measure(on, off, str(lua)))
+            rows = uvloop.run(measure((on, berth_on.pid), (off, berth_off.pid), str(lua)))
         finally:
             for proc in (berth_on, berth_off):
                 proc.send_signal(signal.SIGTERM)
