@@ -23,6 +23,9 @@ Compiled code differs from Python in ways the type checker does not catch; in th
 - `raise ... from exc` sets no __cause__ (only a logged traceback shows the difference);
 - a function defined here and replaced at run time (a test's monkeypatch) is still called
   directly by compiled callers in these modules.
+- mypyc before 2.2 leaked the left operand of every `bytes + bytes` (mypyc issue 1192): one
+  or two blocks per call, a berthd under load growing ~6 MB a second; hence mypy >= 2.2, and
+  tests/test_fast_call.py counts the blocks 3,000 calls leave.
 The suite runs compiled (scripts/test builds first); tests/test_native.py checks that it does.
 """
 
