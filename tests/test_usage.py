@@ -8,7 +8,6 @@ import json
 from collections import deque
 
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
