@@ -78,11 +78,13 @@ def usage_in_json(payload: bytes) -> tuple[int, int] | None:
     Most answers end with their usage: the last `"usage"` and what follows it, read as an
     object (`{` + that), parse only when it is a member of the top level. A match deeper in
     leaves closing brackets over, one that is a string value leaves no member, and one that
-    is inside a string begins with an escaped quote (a backslash before it). Only when that
-    fails (a Responses API event, an odd layout) is the whole answer parsed: a chat answer
-    costs a third of the work. Unlike a whole parse, an answer that is no JSON before its
-    last usage member is still counted by it, and a key spelt with escapes
-    (`"\\u0075sage"`) is not read: no model server writes one."""
+    is inside a string begins with an escaped quote (a backslash before it). A top-level
+    member that is no usage (`"usage": null`, on every chunk of a stream that asked for it)
+    is the answer's unless it has a Responses API `response`. Only when that fails is the
+    whole answer parsed: a chat answer costs a third of the work. Unlike a whole parse, an
+    answer that is no JSON (or nested past the parser's depth) before its last usage member
+    is still counted by it; and only UTF-8 answers with the key spelt plainly are read (not
+    `"\\u0075sage"`, nor UTF-16): no model server writes either."""
     at = payload.rfind(b'"usage"')
     if at < 0:
         return None
@@ -91,9 +93,10 @@ def usage_in_json(payload: bytes) -> tuple[int, int] | None:
             last = json_value(b"{" + payload[at:])
         except (ValueError, RecursionError):  # (the replica's bytes: anything)
             last = None
-        found = tokens_of(last.get("usage")) if isinstance(last, dict) else None
-        if found is not None:
-            return found
+        if isinstance(last, dict):
+            found = tokens_of(last.get("usage"))
+            if found is not None or b'"response"' not in payload:
+                return found
     try:
         return usage_in_object(json_value(payload))
     except (ValueError, RecursionError):

@@ -1,5 +1,5 @@
 """Usage counts in SQLite: calls, errors and model tokens per principal, endpoint, model and
-UTC hour (schema 6). Written in batches by the usage ledger (daemon.usage), read by /v1/usage."""
+UTC hour (schema 6). Written in batches by the usage ledger (daemon.metering), read by /v1/usage."""
 
 from __future__ import annotations
 

@@ -56,6 +56,8 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 4}
     (b'{"type": "response.completed", "response": {"usage": {"input_tokens": 2, '
      b'"output_tokens": 5}}}', (2, 5)),  # the Responses API
     (b'{"usage": null, "response": {"usage": {"input_tokens": 2}}}', (2, 0)),
+    (b'{"choices": [{"delta": {"content": "a"}}], "usage": null}', None),  # a stream's chunk
+    (b'{"response": {"usage": {"input_tokens": 2}}, "usage": null}', (2, 0)),
     # "usage" inside strings, as a value, or ending a key: never a usage member
     (b'{"content": "x \\"usage\\": {\\"prompt_tokens\\": 9}}"}', None),
     (b'{"content": "say \\"usage", "n": {"prompt_tokens": 9}}', None),
