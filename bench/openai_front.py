@@ -60,6 +60,11 @@ ROUNDS = 4  # (even: each side first as often)
 # Two berthds, each with its own replica: one berthd's own rounds swing by a fifth here, and
 # three rounds once put accounting on at 0.82x of off, two runs after 1.07x and 1.10x.
 ONOFF_ROUNDS = 6  # (even: each side first as often)
+# Usage on vs off also with both berthds loaded at the same moment, beside a control pair of
+# two berthds alike: alternated rounds met the box's 2x swings one side at a time.
+AT_ONCE_ROUNDS = 6
+AT_ONCE_CLIENTS = 32
+AT_ONCE_S = 3
 STREAM_ROUNDS = 9  # (one round is 2 x ~0.8 s; this box has hiccups of tens of ms)
 SENT_AT = re.compile(rb'"sent_at": ([0-9.]+)')
 WORDS = 10  # + "echo:" and the usage chunk: 12 chunks a stream
@@ -216,16 +221,16 @@ def timed_wrk(url: str, pid: int, clients: int, lua: str) -> dict[str, float]:
 def alternated(a: Target, b: Target, clients: int, lua: str, rounds: int = ROUNDS
                ) -> tuple[Side, Side]:
     """wrk on `a` and `b` in turn, `rounds` times each (the box's noise falls on both alike),
-    a first in even rounds and b first in odd ones: with a always first, the second side won
-    13 of 15 on/off pairs in three runs, yet the same two berthds loaded at the same moment
-    read 0.93-0.98x. The median requests/s, p50 and berthd CPU per call of each."""
+    a first in even rounds and b first in odd ones (with a always first, the second side won
+    13 of 15 on/off pairs in three runs). The median requests/s, p50 and berthd CPU per call
+    of each."""
     runs = []
     for i in range(rounds):
         if i % 2 == 0:
             runs.append((timed_wrk(*a, clients, lua), timed_wrk(*b, clients, lua)))
         else:
-            second = timed_wrk(*b, clients, lua)
-            runs.append((timed_wrk(*a, clients, lua), second))
+            b_first = timed_wrk(*b, clients, lua)
+            runs.append((timed_wrk(*a, clients, lua), b_first))
     own = statistics.median(x["rps"] / y["rps"] for x, y in runs)  # (each pair side by side)
     text = ", ".join(f"{x['rps']:.0f}/{y['rps']:.0f}" for x, y in runs) + \
         f"; rounds' own ratios: median {own:.2f}x"
@@ -239,6 +244,39 @@ def side(runs: list[dict[str, float]], text: str) -> Side:
                 statistics.median(r["cpu_us"] for r in runs), text)
 
 
+def at_once(a: Target, b: Target, lua: str) -> tuple[float, float]:
+    """wrk on `a` and `b` at the same moment (AT_ONCE_CLIENTS each): `a`'s requests/s over
+    `b`'s, and the throughput `a`'s CPU per call buys over `b`'s (b's us / a's us)."""
+    before = [berthd_cpu_ns(pid) for _, pid in (a, b)]
+    loads = [subprocess.Popen(["wrk", "-t", "1", "-c", str(AT_ONCE_CLIENTS), "-d",
+                               f"{AT_ONCE_S}s", "-s", lua, url], stdout=subprocess.PIPE,
+                              text=True) for url, _ in (a, b)]
+    outs = [load.communicate()[0] for load in loads]
+    calls = [int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+             for out in outs]
+    cpu = [(berthd_cpu_ns(pid) - was) / n for (_, pid), was, n in zip((a, b), before, calls,
+                                                                      strict=True)]
+    return calls[0] / calls[1], cpu[1] / cpu[0]
+
+
+def loaded_at_once(pairs: dict[str, tuple[Target, Target]], lua: str) -> list[str]:
+    """Each pair at once, AT_ONCE_ROUNDS times in turn; a row per pair: the medians of its
+    rounds' ratios. Both sides of a pair meet the box's swings at the same moment, and
+    the control pair (two berthds alike) shows what is left of the box's own noise."""
+    ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in pairs}
+    for _ in range(AT_ONCE_ROUNDS):
+        for name, (a, b) in pairs.items():
+            ratios[name].append(at_once(a, b, lua))
+    rows = []
+    for name, found in ratios.items():
+        rps, cpu = (statistics.median(r[i] for r in found) for i in (0, 1))
+        each = ", ".join(f"{r[0]:.2f}" for r in found)
+        rows.append(f"| {name}, {AT_ONCE_CLIENTS} clients each, loaded at once | {rps:.2f}x "
+                    f"req/s | {cpu:.2f}x by CPU per call | medians of {AT_ONCE_ROUNDS} "
+                    f"rounds; req/s ratios: {each} |")
+    return rows
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
@@ -247,9 +285,9 @@ def row(name: str, a: float, b: float, unit: str, note: str) -> str:
     return f"| {name} | {a:.2f} {unit} | {b:.2f} {unit} | {note} |"
 
 
-async def measure(on: Target, off: Target, lua: str) -> list[str]:
-    await wait_ready(on[0], "llm")
-    await wait_ready(off[0], "llm")
+async def measure(on: Target, off: Target, on2: Target, lua: str) -> list[str]:
+    for berthd in (on, off, on2):
+        await wait_ready(berthd[0], "llm")
     rows = []
     for clients in (1, 64):
         front, invoke = alternated((f"{on[0]}/v1/chat/completions", on[1]),
@@ -273,6 +311,12 @@ async def measure(on: Target, off: Target, lua: str) -> list[str]:
                     f" (target >= 0.95x; runs on/off: {counted.runs})"))
     rows.append(cpu_row("berthd CPU per call, 64 clients, usage accounting on vs off",
                         counted, uncounted, "on / off"))
+    v1 = "/v1/chat/completions"
+    rows += loaded_at_once({
+        "usage on / off (target >= 0.95x)": ((on[0] + v1, on[1]), (off[0] + v1, off[1])),
+        "control: usage on / a second berthd with usage on": ((on[0] + v1, on[1]),
+                                                               (on2[0] + v1, on2[1])),
+    }, lua)
     rows += await stream_rows(on[0], await wait_ready(on[0], "llm"), STREAM_ROUNDS)
     return rows
 
@@ -355,10 +399,12 @@ def main() -> int:
         lua.write_text(LUA.format(body=json.dumps(CHAT)))
         on, berth_on = start_berthd(tmp, "on", True)
         off, berth_off = start_berthd(tmp, "off", False)
+        on2, berth_on2 = start_berthd(tmp, "on2", True)
         try:
-            rows = uvloop.run(measure((on, berth_on.pid), (off, berth_off.pid), str(lua)))
+            rows = uvloop.run(measure((on, berth_on.pid), (off, berth_off.pid),
+                                      (on2, berth_on2.pid), str(lua)))
         finally:
-            for proc in (berth_on, berth_off):
+            for proc in (berth_on, berth_off, berth_on2):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
             if proc_engine is not None:
