@@ -1,7 +1,7 @@
 """OpenAI front door benchmark: /v1/chat/completions against /invoke to the same replica, usage
 accounting on against off, and 500 concurrent streamed chats, in one run.
 
-    .venv/bin/python bench/openai_front.py          # about 2 min on a 2-core machine
+    .venv/bin/python bench/openai_front.py          # about 4 min on a 2-core machine
     .venv/bin/python bench/openai_front.py --streams 5   # only the 500 streams, 5 rounds
 
 Starts (or reuses) a Docker engine, builds the demo image, runs two real berthds on free
@@ -11,7 +11,10 @@ serve, answering chat completions with a usage object, streamed or not) and meas
   - wrk (a separate process) POSTing one small chat body at 1 and 64 connections to
     /v1/chat/completions and to /invoke/llm/v1/chat/completions on the first berthd (same
     replica): added p50 at 1 client, throughput ratio at 64;
-  - /v1/chat/completions at 64 connections on both berthds: accounting on vs off;
+  - /v1/chat/completions at 64 connections on both berthds: accounting on vs off, in turn,
+    and again with both loaded at the same moment beside a control pair (a third berthd
+    with accounting on): what is left of the box's own spread;
+  - beside each 64-client throughput, berthd's CPU per call (all its threads, schedstat);
   - 500 concurrent streamed chats (a lean asyncio client on uvloop: SseStream), begun over
     RAMP_S on both sides alike, each answered in 12 chunks 50 ms apart, through berth and
     straight to the replica, STREAM_ROUNDS times in turn: every chunk must arrive; per-chunk
