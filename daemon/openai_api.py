@@ -23,6 +23,7 @@ from aiohttp import web
 
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
+from berth.daemon.json_values import request_json
 from berth.daemon.keys import (
     AUTH,
     DATA_PLANE,
@@ -77,7 +78,7 @@ async def read_json(request: CallRequest) -> tuple[dict[str, Any], bytes]:
             raise OpenAIError(413, "payload_too_large", f"request body is over the limit of "
                               f"{limit} bytes")
     try:
-        body = json.loads(raw)
+        body = request_json(raw)
     except (ValueError, RecursionError):
         raise OpenAIError(400, "bad_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -186,7 +187,7 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
 def json_object(raw: bytes) -> dict[str, Any] | None:
     """`raw` as a JSON object, or None when it is not one."""
     try:
-        body = json.loads(raw)
+        body = request_json(raw)
     except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None

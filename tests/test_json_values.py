@@ -1,13 +1,16 @@
 """json_values.json_value (the usage meter's) reads what json.loads reads, to the same value,
-and refuses what it refuses, but for the two differences its docstring names."""
+and refuses what it refuses, but for the two differences its docstring names; request_json
+(an OpenAI call's body, which may be forwarded or rewritten) has none."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from berth.daemon.json_values import json_value
+from berth.daemon.json_values import json_value, request_json
 
 DOCUMENTS = [
     b'{"model": "llama", "messages": [{"role": "user", "content": "hi"}]}',
@@ -49,3 +52,35 @@ def test_nesting_too_deep_for_json_too_is_a_recursion_error():
     raw = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(RecursionError):
         json_value(raw)
+
+
+EXACT = [*DOCUMENTS, b"123456789012345678901234567890", b'{"n": -9223372036854775809}',
+         b'{"id": "1234567890123456789012"}', b"[" * 950 + b"]" * 950,
+         b"[" * 1020 + b"]" * 1020, b"\xef\xbb\xbf{}", '{"a": 1}'.encode("utf-16"),
+         b'{"f": 1E400, "z": -0, "e": 0.1e-400}']
+
+
+@pytest.mark.parametrize("raw", EXACT + REFUSED)
+def test_a_request_body_reads_exactly_as_json_reads_it(raw):
+    try:
+        want = repr(json.loads(raw))
+    except (ValueError, RecursionError) as exc:
+        with pytest.raises(type(exc)):
+            request_json(raw)
+        return
+    assert repr(request_json(raw)) == want
+    assert repr(request_json(bytearray(raw))) == want
+
+
+JSON_TEXT = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_TEXT, indent=st.sampled_from([None, 2]))
+def test_any_request_body_reads_exactly_as_json_reads_it(value, indent):
+    raw = json.dumps(value, indent=indent).encode()
+    assert repr(request_json(raw)) == repr(json.loads(raw))
