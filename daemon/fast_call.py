@@ -27,6 +27,7 @@ import structlog
 
 from berth.daemon.errors import ApiError
 from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane
+from berth.daemon.models_api import presented_key
 from berth.daemon.openai_api import OpenAIError, check_any_key, json_object
 from berth.daemon.openai_api import fast_call as openai_fast_call
 from berth.daemon.proxy import (
@@ -109,13 +110,14 @@ def _openai_call(plane: DataPlane, request: FrontRequest, replier: FrontReplier
                  ) -> Call | None:
     if request.content.size > plane.limits.max_body:
         return None  # (the task's way answers 413 in OpenAI's shape)
+    key = presented_key(request)
     try:
-        check_any_key(request)  # (no body is parsed for a caller no model would take)
+        check_any_key(request, key)  # (no body is parsed for a caller no model would take)
     except OpenAIError:
         return None
     raw = request.content.peek()
     body = request.json_body = json_object(raw)
-    return openai_fast_call(request, replier, raw, body) if body is not None else None
+    return openai_fast_call(request, replier, raw, body, key) if body is not None else None
 
 
 class FastCall:

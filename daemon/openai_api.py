@@ -151,18 +151,19 @@ def model_pool(request: CallRequest, model: Any) -> tuple[str, EndpointPool]:
                       "do not have access to it.", "model")
 
 
-def check_any_key(request: CallRequest) -> None:
+def check_any_key(request: CallRequest, key: str | None) -> None:
     """401 before the body is read, when no model could be called without a known key: an
-    anonymous caller must not make berth read and parse a large body."""
-    auth, key = request.app[AUTH], presented_key(request)
+    anonymous caller must not make berth read and parse a large body. (`key`: the
+    request's presented_key, read once per call.)"""
+    auth = request.app[AUTH]
     if auth.open or (key is not None and auth.knows(key)):
         return
     if not any(p.spec.public for p in request.app[RECONCILER].live_pools()):
         raise OpenAIError(401, "unauthorized", "missing, unknown or revoked API key")
 
 
-def check_key(request: CallRequest, pool: EndpointPool) -> None:
-    auth, key = request.app[AUTH], presented_key(request)
+def check_key(request: CallRequest, pool: EndpointPool, key: str | None) -> None:
+    auth = request.app[AUTH]
     if auth.allows(key, pool.name, pool.spec.public):
         return
     if key is None or not auth.knows(key):
@@ -193,21 +194,22 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, Any]
-              ) -> Call | None:
-    """The call that a JSON request whose body `raw` (parsed: `body`) came whole makes on
-    the fast path (daemon/fast_call.py); None when it is anything but a plain one: no known
-    model, a key that may not call it, a caller with limits, a streamed answer (whose wait
-    for a slot keeps its stream alive). Those go serve_openai's way, which says why."""
+def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, Any],
+              key: str | None) -> Call | None:
+    """The call that a JSON request whose body `raw` (parsed: `body`; its presented key:
+    `key`) came whole makes on the fast path (daemon/fast_call.py); None when it is anything
+    but a plain one: no known model, a key that may not call it, a caller with limits, a
+    streamed answer (whose wait for a slot keeps its stream alive). Those go serve_openai's
+    way, which says why."""
     if asks_to_stream(body):
         return None
     auth = request.app[AUTH]
     try:
         model, pool = model_pool(request, body.get("model"))
-        check_key(request, pool)
+        check_key(request, pool, key)
     except OpenAIError:
         return None
-    principal = auth.principal(presented_key(request))
+    principal = auth.principal(key)
     if auth.limits.get(principal) is not None:
         return None  # (admit counts each call: serve_openai's way counts it)
     return routed_call(request, reply, pool, model, principal,
@@ -246,12 +248,13 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
     started, outcome, call, cell = time.monotonic(), 499, None, None
     app = request.app
     try:
-        check_any_key(request)
+        key = presented_key(request)
+        check_any_key(request, key)
         asked = await within_body_time(request, read(request))  # (its model is inside)
         model, pool = model_pool(request, asked.model)
-        principal = app[AUTH].principal(presented_key(request))
+        principal = app[AUTH].principal(key)
         cell = (hour_of(time.time()), principal, pool.name, model)
-        check_key(request, pool)
+        check_key(request, pool, key)
         admit(app[DATA_PLANE], principal, time.monotonic())
         if asked.stream and app[AUTH].daily_budget(principal) is not None:
             asked.ask_usage()
