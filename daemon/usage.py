@@ -63,6 +63,7 @@ async def flushing(ledger: UsageLedger, now: float) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         try:
-            await ledger.flush()
+            while ledger.pending:  # (and what calls ending meanwhile counted)
+                await ledger.flush()
         except Exception as exc:
             log.warning("usage.flush_failed", error=str(exc), at="shutdown")
