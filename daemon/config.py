@@ -227,6 +227,11 @@ class EndpointSpec(EndpointFields):
         """The models this endpoint serves: `models`, else its own name."""
         return list(self.models) if self.models is not None else [self.name]
 
+    @property
+    def first_model(self) -> str:
+        """model_names[0] without a list: what a call that names no model is counted under."""
+        return self.models[0] if self.models is not None else self.name
+
     def runtime_view(self) -> dict[str, Any]:
         """The part of the spec that decides what a replica runs."""
         return self.model_dump(include=set(RUNTIME_FIELDS))

@@ -171,15 +171,17 @@ Cell = tuple[int, str, str, str]  # (hour, principal, endpoint, model)
 Tally = list[int]
 
 
-def add_to(tallies: dict[Cell, Tally], cell: Cell, counts: Tally) -> None:
+def add_to(tallies: dict[Cell, Tally], cell: Cell, calls: int, errors: int, prompt: int,
+           completion: int) -> None:
+    """Add to a cell's counts (numbers, not a list: every call adds to one)."""
     tally = tallies.get(cell)
     if tally is None:
-        tallies[cell] = counts
+        tallies[cell] = [calls, errors, prompt, completion]
     else:
-        tally[0] += counts[0]
-        tally[1] += counts[1]
-        tally[2] += counts[2]
-        tally[3] += counts[3]
+        tally[0] += calls
+        tally[1] += errors
+        tally[2] += prompt
+        tally[3] += completion
 
 
 class UsageLedger:
@@ -203,14 +205,7 @@ class UsageLedger:
         if not self.enabled:
             return
         prompt, completion = tokens or (0, 0)
-        tally = self.pending.get(cell)
-        if tally is None:
-            self.pending[cell] = [1, int(error), prompt, completion]
-        else:  # (most calls: the cell of this hour's earlier calls)
-            tally[0] += 1
-            tally[1] += int(error)
-            tally[2] += prompt
-            tally[3] += completion
+        add_to(self.pending, cell, 1, int(error), prompt, completion)
         if tokens is None:
             return
         self._roll(cell[0])
@@ -244,7 +239,7 @@ class UsageLedger:
                 raise
             except BaseException:
                 for cell, tally in batch.items():  # counted next time, never lost here
-                    add_to(self.pending, cell, tally)
+                    add_to(self.pending, cell, tally[0], tally[1], tally[2], tally[3])
                 raise
 
     async def run(self) -> None:

@@ -345,9 +345,8 @@ def end_call(plane: DataPlane, call: Call, outcome: int) -> None:
     spec = call.pool.spec
     plane.metrics.call_ended(spec.name, outcome, time.monotonic() - call.started)
     if plane.usage.enabled:
-        model = call.model or (spec.models[0] if spec.models else spec.name)  # (no list)
-        account(plane.usage, (hour_of(time.time()), call.principal, spec.name, model),
-                outcome, call.meter)
+        account(plane.usage, (hour_of(time.time()), call.principal, spec.name,
+                              call.model or spec.first_model), outcome, call.meter)
 
 
 def admit(plane: DataPlane, principal: str, tick: float) -> None:

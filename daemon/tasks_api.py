@@ -287,7 +287,7 @@ def account_task(app: web.Application, task: TaskRecord, meter: UsageMeter | Non
         499 if task.status == "cancelled" else 429 if error.startswith(OVER_BUDGET) else \
         504 if "async_timeout_s" in error else 502
     account(app[USAGE], (hour_of(task.finished_at or time.time()), task.principal,
-                         task.endpoint, pool.spec.model_names[0]), status, meter)
+                         task.endpoint, pool.spec.first_model), status, meter)
 
 
 def add_async_plane(app: web.Application, dispatcher: Dispatcher) -> None:
