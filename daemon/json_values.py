@@ -8,18 +8,25 @@ stops near 1000. No token count comes near either.
 
 `request_json` reads an OpenAI call's body (its model, whether it streams), which may be
 forwarded or rewritten: it gives exactly what json.loads gives. orjson reads it (0.29
-against 1.84 us for a small chat request) unless the text holds a run of 19 digits (an
-integer past 64 bits would come back a float) or 900 brackets (orjson nests deeper)."""
+against 1.84 us for a small chat request, plus 0.39 us for the check) unless the text holds
+a run of 19 digits (an integer past 64 bits would come back a float) or 900 brackets (orjson
+nests deeper)."""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-LONG_NUMBER = re.compile(rb"[0-9]{19}")  # (19: -9223372036854775809 is past 64 bits)
+# Digits to 9 and brackets to [, all else to a space: one C pass finds both a run of 19
+# digits (-9223372036854775809 is past 64 bits) and the bracket count. A regex for the run
+# ([0-9]{19}, no literal to skip by) cost 21,000 instructions on a 76-byte chat body, a
+# twelfth of a whole /v1 call in berthd (callgrind); this costs a third of its time.
+DIGITS_AND_BRACKETS = bytes(
+    ord("9") if byte in b"0123456789" else ord("[") if byte in b"[{" else ord(" ")
+    for byte in range(256))
+LONG_NUMBER = b"9" * 19
 MANY_BRACKETS = 900
 
 
@@ -33,8 +40,8 @@ def json_value(raw: bytes | bytearray) -> Any:
 
 def request_json(raw: bytes | bytearray) -> Any:
     """`raw` read as json.loads reads it, to the same value and the same errors."""
-    if LONG_NUMBER.search(raw) is None and \
-            raw.count(b"[") + raw.count(b"{") < MANY_BRACKETS:
+    marks = raw.translate(DIGITS_AND_BRACKETS)
+    if LONG_NUMBER not in marks and marks.count(b"[") < MANY_BRACKETS:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
