@@ -227,6 +227,10 @@ class EndpointSpec(EndpointFields):
         """The models this endpoint serves: `models`, else its own name."""
         return list(self.models) if self.models is not None else [self.name]
 
+    def serves(self, model: str) -> bool:
+        """Whether `model` is one of model_names (without building the list)."""
+        return model in self.models if self.models is not None else model == self.name
+
     @property
     def first_model(self) -> str:
         """model_names[0] without a list: what a call that names no model is counted under."""

@@ -112,12 +112,13 @@ def _openai_call(plane: DataPlane, request: FrontRequest, replier: FrontReplier
         return None  # (the task's way answers 413 in OpenAI's shape)
     key = presented_key(request)
     try:
-        check_any_key(request, key)  # (no body is parsed for a caller no model would take)
+        check_any_key(plane, key)  # (no body is parsed for a caller no model would take)
     except OpenAIError:
         return None
     raw = request.content.peek()
     body = request.json_body = json_object(raw)
-    return openai_fast_call(request, replier, raw, body, key) if body is not None else None
+    return openai_fast_call(plane, request, replier, raw, body, key) if body is not None \
+        else None
 
 
 class FastCall:

@@ -24,16 +24,7 @@ from aiohttp import web
 from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
 from berth.daemon.json_values import request_json
-from berth.daemon.keys import (
-    AUTH,
-    DATA_PLANE,
-    LIMITS,
-    METRICS,
-    RECONCILER,
-    REQUEST_IDS,
-    ROUTER,
-    USAGE,
-)
+from berth.daemon.keys import DATA_PLANE, LIMITS, DataPlane
 from berth.daemon.metering import UsageMeter, account, hour_of
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
@@ -141,29 +132,29 @@ async def asked_form(request: web.Request) -> Asked:
     return Asked(model, False, head, span=span)
 
 
-def model_pool(request: CallRequest, model: Any) -> tuple[str, EndpointPool]:
+def model_pool(plane: DataPlane, model: Any) -> tuple[str, EndpointPool]:
     if not isinstance(model, str) or not model:
         raise OpenAIError(400, "missing_model", "`model` (a string) is required", "model")
-    for pool in request.app[RECONCILER].live_pools():
-        if model in pool.spec.model_names:
-            return model, pool
+    pool = plane.router.reconciler.serving(model)
+    if pool is not None:
+        return model, pool
     raise OpenAIError(404, "model_not_found", f"The model {model!r} does not exist or you "
                       "do not have access to it.", "model")
 
 
-def check_any_key(request: CallRequest, key: str | None) -> None:
+def check_any_key(plane: DataPlane, key: str | None) -> None:
     """401 before the body is read, when no model could be called without a known key: an
     anonymous caller must not make berth read and parse a large body. (`key`: the
     request's presented_key, read once per call.)"""
-    auth = request.app[AUTH]
+    auth = plane.auth
     if auth.open or (key is not None and auth.knows(key)):
         return
-    if not any(p.spec.public for p in request.app[RECONCILER].live_pools()):
+    if not any(p.spec.public for p in plane.router.reconciler.live_pools()):
         raise OpenAIError(401, "unauthorized", "missing, unknown or revoked API key")
 
 
-def check_key(request: CallRequest, pool: EndpointPool, key: str | None) -> None:
-    auth = request.app[AUTH]
+def check_key(plane: DataPlane, pool: EndpointPool, key: str | None) -> None:
+    auth = plane.auth
     if auth.allows(key, pool.name, pool.spec.public):
         return
     if key is None or not auth.knows(key):
@@ -194,8 +185,8 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, Any],
-              key: str | None) -> Call | None:
+def fast_call(plane: DataPlane, request: CallRequest, reply: Replier, raw: bytes,
+              body: dict[str, Any], key: str | None) -> Call | None:
     """The call that a JSON request whose body `raw` (parsed: `body`; its presented key:
     `key`) came whole makes on the fast path (daemon/fast_call.py); None when it is anything
     but a plain one: no known model, a key that may not call it, a caller with limits, a
@@ -203,27 +194,25 @@ def fast_call(request: CallRequest, reply: Replier, raw: bytes, body: dict[str, 
     way, which says why."""
     if asks_to_stream(body):
         return None
-    auth = request.app[AUTH]
     try:
-        model, pool = model_pool(request, body.get("model"))
-        check_key(request, pool, key)
+        model, pool = model_pool(plane, body.get("model"))
+        check_key(plane, pool, key)
     except OpenAIError:
         return None
-    principal = auth.principal(key)
-    if auth.limits.get(principal) is not None:
+    principal = plane.auth.principal(key)
+    if plane.auth.limits.get(principal) is not None:
         return None  # (admit counts each call: serve_openai's way counts it)
-    return routed_call(request, reply, pool, model, principal,
+    return routed_call(plane, request, reply, pool, model, principal,
                        Asked(model, False, raw, json_body=body))
 
 
-def routed_call(request: CallRequest, reply: Replier, pool: EndpointPool, model: str,
-                principal: str, asked: Asked) -> Call:
+def routed_call(plane: DataPlane, request: CallRequest, reply: Replier, pool: EndpointPool,
+                model: str, principal: str, asked: Asked) -> Call:
     """The call an OpenAI request routed to `pool` makes (either way: fast or a task's), its
     body given and its model renamed when the endpoint has an upstream_model."""
-    app = request.app
     call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
-                request.headers.get("X-Request-Id") or app[REQUEST_IDS].next(), reply,
-                openai=True, meter=UsageMeter() if app[USAGE].enabled else None,
+                request.headers.get("X-Request-Id") or plane.request_ids.next(), reply,
+                openai=True, meter=UsageMeter() if plane.usage.enabled else None,
                 started=time.monotonic(), principal=principal, model=model)
     upstream = pool.spec.upstream_model
     asked.into(call, upstream)
@@ -246,24 +235,24 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
                        reply: Replier) -> Answer:
     """An OpenAI call from aiohttp (any route) or from berth's own front (the JSON ones)."""
     started, outcome, call, cell = time.monotonic(), 499, None, None
-    app = request.app
+    plane = request.app[DATA_PLANE]
     try:
         key = presented_key(request)
-        check_any_key(request, key)
+        check_any_key(plane, key)
         asked = await within_body_time(request, read(request))  # (its model is inside)
-        model, pool = model_pool(request, asked.model)
-        principal = app[AUTH].principal(key)
+        model, pool = model_pool(plane, asked.model)
+        principal = plane.auth.principal(key)
         cell = (hour_of(time.time()), principal, pool.name, model)
-        check_key(request, pool, key)
-        admit(app[DATA_PLANE], principal, time.monotonic())
-        if asked.stream and app[AUTH].daily_budget(principal) is not None:
+        check_key(plane, pool, key)
+        admit(plane, principal, time.monotonic())
+        if asked.stream and plane.auth.daily_budget(principal) is not None:
             asked.ask_usage()
-        call = routed_call(request, reply, pool, model, principal, asked)
+        call = routed_call(plane, request, reply, pool, model, principal, asked)
         every = pool.spec.stream_keepalive_s
         if asked.stream and every > 0:
-            response = await serve_streaming(app[ROUTER], call, every)
+            response = await serve_streaming(plane.router, call, every)
         else:
-            response = await serve_call(app[ROUTER], call, None)
+            response = await serve_call(plane.router, call, None)
         outcome = call.failed_status or response.status
         return response
     except OpenAIError as exc:
@@ -276,8 +265,8 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
                            headers=error.headers).answer(reply)
     finally:
         if cell is not None:
-            app[METRICS].call_ended(cell[2], outcome, time.monotonic() - started)
-            account(app[USAGE], cell, outcome, call.meter if call is not None else None)
+            plane.metrics.call_ended(cell[2], outcome, time.monotonic() - started)
+            account(plane.usage, cell, outcome, call.meter if call is not None else None)
 
 
 def add_openai_api(app: web.Application) -> None:

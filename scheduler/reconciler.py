@@ -144,6 +144,14 @@ class Reconciler(GpuMoves):
         """Every endpoint that exists (not those draining after removal)."""
         return [p for p in self._pools.values() if not p.removed]
 
+    def serving(self, model: str) -> EndpointPool | None:
+        """The endpoint that serves `model` (model names are unique across endpoints), not
+        one draining after removal; None when none does."""
+        for pool in self._pools.values():
+            if not pool.removed and pool.spec.serves(model):
+                return pool
+        return None
+
     def holds(self, name: str) -> bool:
         """Whether the endpoint is still here, removed ones draining included."""
         return name in self._pools

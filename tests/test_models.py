@@ -38,6 +38,10 @@ def test_model_fields_in_the_file():
         "embed": {"image": "x"}}})
     assert config.endpoints["llm"].model_names == ["meta-llama/Llama-3.1-8B-Instruct", "llama"]
     assert config.endpoints["embed"].model_names == ["embed"]
+    llm, embed = config.endpoints["llm"], config.endpoints["embed"]
+    assert [llm.serves(m) for m in ("llama", "llm", "embed")] == [True, False, False]
+    assert [embed.serves(m) for m in ("embed", "llama")] == [True, False]
+    assert (llm.first_model, embed.first_model) == ("meta-llama/Llama-3.1-8B-Instruct", "embed")
     assert config.endpoints["llm"].upstream_model == "/models/llama-3.1-8b"
     with pytest.raises(ConfigError) as caught:
         parse_config({"endpoints": {"a": {"image": "x", "models": ["m", "bad name"]},
