@@ -26,6 +26,7 @@ Prints a Markdown table; bench/RESULTS.md keeps the numbers of a run with this c
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -67,7 +68,8 @@ class CountedBerthd:
             ["valgrind", "--tool=callgrind", "--instr-atstart=no",
              f"--callgrind-out-file={self.out}/cg.%p", sys.executable, "-m",
              "berth.daemon.main", "--config", str(config), "--stop-replicas-on-exit"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONHASHSEED": "0"})  # (each berthd hashes alike)
         self.windows = 0
 
     def ready(self) -> None:

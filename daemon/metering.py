@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -29,7 +29,9 @@ from berth.store.usage import ROWS_PER_STATEMENT, UsageRow, UsageStore
 log = structlog.get_logger("berth.usage")
 
 HOUR, DAY = 3600, 86400
-MAX_TOKENS = 10 ** 12  # a model's claim beyond this is not a count
+# Final: compiled, a constant is inlined; else each use is a lookup in the module's dict.
+MAX_TOKENS: Final = 1_000_000_000_000  # a model's claim beyond this is not a count
+MISSING: Final = object()
 TAIL = 4096  # bytes of a large JSON answer kept to find its usage object
 MAX_LINE = 1024 ** 2  # an SSE line longer than this is not read for usage
 USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
@@ -45,9 +47,10 @@ def day_of(now: float) -> int:
 
 
 def _count(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+    if type(value) is not int:  # (a JSON number that is an integer; true and false are not)
         return None
-    return int(value)
+    count: int = value
+    return count if 0 <= count <= MAX_TOKENS else None
 
 
 def tokens_of(usage: Any) -> tuple[int, int] | None:
@@ -55,11 +58,16 @@ def tokens_of(usage: Any) -> tuple[int, int] | None:
     the Responses API's input/output names); None when it is not one."""
     if not isinstance(usage, dict):
         return None
-    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
-    completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0)))
-    if prompt is None or completion is None:
+    prompt = usage.get("prompt_tokens", MISSING)  # (the other name looked up only if needed)
+    if prompt is MISSING:
+        prompt = usage.get("input_tokens", 0)
+    completion = usage.get("completion_tokens", MISSING)
+    if completion is MISSING:
+        completion = usage.get("output_tokens", 0)
+    prompt_count, completion_count = _count(prompt), _count(completion)
+    if prompt_count is None or completion_count is None:
         return None
-    return prompt, completion
+    return prompt_count, completion_count
 
 
 def usage_in_object(answer: Any) -> tuple[int, int] | None:
@@ -211,7 +219,10 @@ class UsageLedger:
         self._roll(cell[0])
         principal = cell[1]
         self.day_tokens[principal] = self.day_tokens.get(principal, 0) + prompt + completion
-        totals = self.model_tokens.setdefault((cell[2], cell[3]), [0, 0])
+        model = (cell[2], cell[3])
+        totals = self.model_tokens.get(model)
+        if totals is None:  # (not setdefault: its new list would be made for every call)
+            totals = self.model_tokens[model] = [0, 0]
         totals[0] += prompt
         totals[1] += completion
 

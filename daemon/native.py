@@ -36,7 +36,8 @@ import os
 import sys
 from pathlib import Path
 
-MODULES = ("flow", "front", "front_messages", "fast_call", "upstream", "metering")
+MODULES = ("flow", "front", "front_messages", "fast_call", "upstream", "metering",
+           "json_values")
 DIGEST = "SOURCES"  # the digest file in the build folder
 OFF = "BERTH_NATIVE"  # "0": never use the build
 
