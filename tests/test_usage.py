@@ -205,7 +205,7 @@ async def test_a_failed_flush_keeps_its_counts(tmp_path):
     await store.close()  # the next write fails
     with pytest.raises(ValueError):
         await ledger.flush()
-    assert sum(t[0] for t in ledger.pending.values()) == 1
+    assert sum(t.calls for t in ledger.pending.values()) == 1
     store = await Store.open(tmp_path)
     ledger.store = store.usage
     await ledger.flush()
@@ -233,9 +233,9 @@ async def test_a_flush_writes_what_was_pending_and_leaves_later_counts_for_the_n
     store.usage.add = add
     ledger.record(cell, False, (1, 1))
     await ledger.flush()
-    assert statements == [1] and ledger.pending[cell][0] == 1  # written at the next flush
+    assert statements == [1] and ledger.pending[cell].calls == 1  # written at the next flush
     await ledger.flush()
-    assert statements == [1, 1] and ledger.pending[cell][0] == 1
+    assert statements == [1, 1] and ledger.pending[cell].calls == 1
     await store.close()
 
 
