@@ -130,13 +130,16 @@ class Host:
 
 
 class Pools:
-    """The reconciler's one method the router reads on a call."""
+    """What of the reconciler a call reads: its endpoint by name (/invoke) or by model (/v1)."""
 
     def __init__(self, pool: EndpointPool) -> None:
         self._pool = pool
 
     def pool(self, name: str) -> EndpointPool | None:
         return self._pool if name == self._pool.name else None
+
+    def serving(self, model: str) -> EndpointPool | None:
+        return self._pool if self._pool.spec.serves(model) else None
 
     def live_pools(self) -> list[EndpointPool]:
         return [self._pool]
@@ -155,7 +158,7 @@ def setup(usage: bool) -> tuple[Front, UpstreamConnection, Transport]:
                       RequestIds(), Deadlines(loop), CallPacer(loop))
     app = web.Application()
     app[DATA_PLANE] = plane
-    # what the OpenAI routes read off the app (the same objects as the plane's)
+    # what else reads the app (the same objects as the plane's): the routes' task path
     app[AUTH], app[RECONCILER], app[REQUEST_IDS] = plane.auth, pools, plane.request_ids
     app[USAGE], app[LIMITS], app[METRICS] = plane.usage, plane.limits, plane.metrics
     app[BROWSER] = BrowserGuard.build("127.0.0.1", ["localhost"], [])
