@@ -85,3 +85,24 @@ JSON_TEXT = st.recursive(
 def test_any_request_body_reads_exactly_as_json_reads_it(value, indent):
     raw = json.dumps(value, indent=indent).encode()
     assert repr(request_json(raw)) == repr(json.loads(raw))
+
+
+def _at_depth(frames: int, work):
+    return work() if frames == 0 else _at_depth(frames - 1, work)
+
+
+@pytest.mark.parametrize("depth", [499, 899])
+def test_a_body_nested_near_the_limit_reads_as_json_reads_it_deep_in_a_call_stack(depth):
+    """json's nesting limit counts the frames its caller is under; orjson's does not."""
+    raw = b"[" * depth + b"]" * depth
+
+    def both() -> list[str]:
+        outcome = []
+        for read in (json.loads, request_json):
+            try:
+                outcome.append(type(read(raw)).__name__)  # (repr of it may recurse too deep)
+            except RecursionError:
+                outcome.append("RecursionError")
+        return outcome
+    outcome = _at_depth(200, both)
+    assert outcome[0] == outcome[1], outcome
