@@ -3,6 +3,8 @@ accounting on against off, and 500 concurrent streamed chats, in one run.
 
     .venv/bin/python bench/openai_front.py          # about 4 min on a 2-core machine
     .venv/bin/python bench/openai_front.py --streams 5   # only the 500 streams, 5 rounds
+    .venv/bin/python bench/openai_front.py --fresh 6     # only the two ratios, as medians
+                                                         # over 6 fresh pairs (~6 min)
 
 Starts (or reuses) a Docker engine, builds the demo image, runs two real berthds on free
 loopback ports (the second with daemon.usage_accounting = false; each with one replica of
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
 sys.path.insert(0, str(ROOT / "bench"))
 import build_image  # noqa: E402
+import data_plane  # noqa: E402
 from data_plane import (  # noqa: E402
     engine_with_image,
     free_port,
@@ -66,6 +69,8 @@ ONOFF_ROUNDS = 6  # (even: each side first as often)
 # Usage on vs off also with both berthds loaded at the same moment, beside a control pair of
 # two berthds alike: alternated rounds met the box's 2x swings one side at a time.
 AT_ONCE_ROUNDS = 6
+FRESH_ROUNDS = 4  # (even) per pair of fresh berthds, with --fresh N
+FRESH_WRK_S = 2  # (each round's wrk, there: many short rounds over many processes)
 AT_ONCE_CLIENTS = 32
 AT_ONCE_S = 3
 STREAM_ROUNDS = 9  # (one round is 2 x ~0.8 s; this box has hiccups of tens of ms)
@@ -107,10 +112,12 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def start_berthd(tmp: Path, name: str, accounting: bool) -> tuple[str, subprocess.Popen[bytes]]:
+def start_berthd(tmp: Path, name: str, accounting: bool, network: str | None = None
+                 ) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     config = tmp / f"{name}.toml"
-    config.write_text(CONFIG.format(port=port, state=tmp / name, network=f"berth-bench-{name}",
+    config.write_text(CONFIG.format(port=port, state=tmp / name,
+                                    network=network or f"berth-bench-{name}",
                                     image=build_image.DEFAULT_TAG,
                                     accounting=str(accounting).lower()))
     proc = subprocess.Popen([sys.executable, "-m", "berth.daemon.main", "--config", str(config),
@@ -332,6 +339,44 @@ def cpu_row(name: str, a: Side, b: Side, what: str) -> str:
                f"{what} by CPU per call = {b.cpu_us / a.cpu_us:.2f}x (medians of the rounds)")
 
 
+def fresh_pairs(tmp: Path, lua: str, pairs: int) -> list[str]:
+    """`pairs` fresh pairs of berthds (accounting on, off), one pair at a time, each pair
+    measured FRESH_ROUNDS rounds in turn at 64 clients: `/v1` against `/invoke` on the first,
+    `/v1` on both. Why: one berthd's ratios differ from the next one's by more than the
+    effects measured (twelve berthds of one tree gave 0.84-1.03 for `/v1` / `/invoke`), so a
+    single pair says little; the rows are medians over processes."""
+    data_plane.WRK_SECONDS = FRESH_WRK_S
+    v1_invoke: list[tuple[float, float]] = []
+    on_off: list[tuple[float, float]] = []
+    for k in range(pairs):
+        started = [start_berthd(tmp, f"fresh-{side}{k}", side == "on", f"berth-bench-f{side}")
+                   for side in ("on", "off")]
+        try:
+            (on, on_proc), (off, off_proc) = started
+            for base, _ in started:
+                uvloop.run(wait_ready(base, "llm"))
+            v1, v1_off = (f"{on}/v1/chat/completions", on_proc.pid), \
+                (f"{off}/v1/chat/completions", off_proc.pid)
+            front, invoke = alternated(v1, (f"{on}/invoke/llm/v1/chat/completions",
+                                            on_proc.pid), 64, lua, FRESH_ROUNDS)
+            counted, uncounted = alternated(v1, v1_off, 64, lua, FRESH_ROUNDS)
+        finally:
+            for _, proc in started:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+        v1_invoke.append((front.rps / invoke.rps, invoke.cpu_us / front.cpu_us))
+        on_off.append((counted.rps / uncounted.rps, uncounted.cpu_us / counted.cpu_us))
+    return [fresh_row(f"/v1 / invoke (target >= 0.9x), {pairs} fresh berthds", v1_invoke),
+            fresh_row(f"usage on / off (target >= 0.95x), {pairs} fresh pairs", on_off)]
+
+
+def fresh_row(name: str, ratios: list[tuple[float, float]]) -> str:
+    rps, cpu = (statistics.median(r[i] for r in ratios) for i in (0, 1))
+    each = ", ".join(f"{r[1]:.2f}" for r in ratios)
+    return (f"| {name}, 64 clients | {rps:.2f}x req/s | {cpu:.2f}x by CPU per call | medians "
+            f"over processes; each one's by CPU per call: {each} |")
+
+
 async def only_streams(on: str, rounds: int) -> list[str]:
     return await stream_rows(on, await wait_ready(on, "llm"), rounds)
 
@@ -395,6 +440,14 @@ def main() -> int:
                 berthd.wait(timeout=60)
         print_table("500 streams through berth (first column) and straight to the replica",
                     ("through berth", "direct"), rows)
+        return 0
+    if "--fresh" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            lua = Path(tmp_name) / "chat.lua"
+            lua.write_text(LUA.format(body=json.dumps(CHAT)))
+            rows = fresh_pairs(Path(tmp_name), str(lua),
+                               int(sys.argv[sys.argv.index("--fresh") + 1]))
+        print_table("berth OpenAI front door over fresh berthds", ("req/s", "CPU"), rows)
         return 0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
