@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any, Final
 
 import structlog
@@ -200,6 +201,41 @@ def add_to(tallies: dict[Cell, Tally], cell: Cell, calls: int, errors: int, prom
         tally.completion += completion
 
 
+class ModelTokens:
+    """An (endpoint, model)'s tokens since berthd started: its /metrics counters."""
+
+    __slots__ = ("completion", "prompt")
+
+    def __init__(self) -> None:
+        self.prompt, self.completion = 0, 0
+
+
+class DayTokens:
+    """A principal's model tokens of one UTC day (`day`: its first second): what its
+    tokens_per_day budget is held to."""
+
+    __slots__ = ("day", "tokens")
+
+    def __init__(self, day: int, tokens: int) -> None:
+        self.day, self.tokens = day, tokens
+
+
+class Account:
+    """What the calls of one (principal, endpoint, model) count into, held by the ledger so
+    that a call adds to its counts with one lookup, not a cell built and looked up, a day
+    counter and a model's totals each looked up (4,000 instructions per call in berthd):
+    the pending tally of its last hour (stale once the ledger has flushed since: a flush
+    takes pending tallies away), its principal's DayTokens and its model's ModelTokens."""
+
+    __slots__ = ("day", "flushes", "hour", "model_tokens", "tally")
+
+    def __init__(self, day: DayTokens, model_tokens: ModelTokens) -> None:
+        self.hour = -1
+        self.tally = Tally(0, 0, 0, 0)  # (none yet: `flushes` -1 never matches)
+        self.flushes = -1
+        self.day, self.model_tokens = day, model_tokens
+
+
 class UsageLedger:
     """Usage counts of every call, in memory until flushed to SQLite; see the module
     docstring. `enabled` False (daemon.usage_accounting = false) records nothing."""
@@ -207,46 +243,80 @@ class UsageLedger:
     def __init__(self, store: UsageStore, flush_s: float = 1.0, enabled: bool = True) -> None:
         self.store, self.flush_s, self.enabled = store, flush_s, enabled
         self.pending: dict[Cell, Tally] = {}
-        self.day = 0
-        self.day_tokens: dict[str, int] = {}
-        # (endpoint, model) -> [prompt, completion] since start: /metrics counters.
-        self.model_tokens: dict[tuple[str, str], list[int]] = {}
+        self.flushes = 0  # flushes begun: an Account's tally from before one is stale
+        self.accounts: dict[tuple[str, str, str], Account] = {}
+        self.day_tokens: dict[str, DayTokens] = {}
+        self.model_tokens: dict[tuple[str, str], ModelTokens] = {}  # since start: /metrics
 
     async def load(self, now: float) -> None:
         """Today's model tokens per principal, so daily budgets hold across restarts."""
-        self.day = day_of(now)
-        self.day_tokens = await self.store.tokens_since(self.day)
+        day = day_of(now)
+        used = await self.store.tokens_since(day)
+        self.accounts = {}  # (none holds a DayTokens of before)
+        self.day_tokens = {principal: DayTokens(day, tokens) for principal, tokens in used.items()}
+
+    def count(self, principal: str, endpoint: str, model: str, status: int,
+              meter: UsageMeter | None) -> None:
+        """A call that ended now (status 499: the client left), with its answer's tokens."""
+        if self.enabled:
+            self.add(hour_of(time.time()), principal, endpoint, model, status >= 400,
+                     meter.tokens if meter is not None else None)
 
     def record(self, cell: Cell, error: bool, tokens: tuple[int, int] | None) -> None:
-        if not self.enabled:
-            return
-        prompt, completion = tokens or (0, 0)
-        add_to(self.pending, cell, 1, int(error), prompt, completion)
+        if self.enabled:
+            self.add(cell[0], cell[1], cell[2], cell[3], error, tokens)
+
+    def add(self, hour: int, principal: str, endpoint: str, model: str, error: bool,
+            tokens: tuple[int, int] | None) -> None:
+        account = self.accounts.get((principal, endpoint, model))
+        if account is None:
+            account = self._open(principal, endpoint, model)
+        tally = account.tally
+        if account.flushes != self.flushes or account.hour != hour:
+            tally = self._pending_tally(account, (hour, principal, endpoint, model))
+        tally.calls += 1
+        if error:
+            tally.errors += 1
         if tokens is None:
             return
-        self._roll(cell[0])
-        principal = cell[1]
-        self.day_tokens[principal] = self.day_tokens.get(principal, 0) + prompt + completion
-        model = (cell[2], cell[3])
-        totals = self.model_tokens.get(model)
-        if totals is None:  # (not setdefault: its new list would be made for every call)
-            totals = self.model_tokens[model] = [0, 0]
-        totals[0] += prompt
-        totals[1] += completion
+        prompt, completion = tokens
+        tally.prompt += prompt
+        tally.completion += completion
+        day, today = account.day, day_of(hour)
+        if day.day < today:  # a new UTC day: its budget starts again
+            day.day, day.tokens = today, 0
+        day.tokens += prompt + completion
+        totals = account.model_tokens
+        totals.prompt += prompt
+        totals.completion += completion
 
     def tokens_today(self, principal: str, now: float) -> int:
-        self._roll(hour_of(now))
-        return self.day_tokens.get(principal, 0)
+        day = self.day_tokens.get(principal)
+        return day.tokens if day is not None and day.day >= day_of(now) else 0
 
-    def _roll(self, hour: int) -> None:
-        if day_of(hour) > self.day:  # a new UTC day: every budget starts again
-            self.day, self.day_tokens = day_of(hour), {}
+    def _open(self, principal: str, endpoint: str, model: str) -> Account:
+        day = self.day_tokens.get(principal)
+        if day is None:
+            day = self.day_tokens[principal] = DayTokens(0, 0)
+        totals = self.model_tokens.get((endpoint, model))
+        if totals is None:
+            totals = self.model_tokens[(endpoint, model)] = ModelTokens()
+        account = self.accounts[(principal, endpoint, model)] = Account(day, totals)
+        return account
+
+    def _pending_tally(self, account: Account, cell: Cell) -> Tally:
+        tally = self.pending.get(cell)
+        if tally is None:
+            tally = self.pending[cell] = Tally(0, 0, 0, 0)
+        account.hour, account.tally, account.flushes = cell[0], tally, self.flushes
+        return tally
 
     async def flush(self) -> None:
         """Write what is pending now, a batch per statement; a batch that fails stays
         pending. Counts added meanwhile wait for the next flush: flushing until nothing was
         pending wrote back to back under load (a statement and commit every ~70 ms, the
         SQLite thread contending for the GIL with the event loop all the while)."""
+        self.flushes += 1  # (before any tally is taken away)
         cells = list(self.pending)
         for start in range(0, len(cells), ROWS_PER_STATEMENT):
             batch = {cell: self.pending.pop(cell)
@@ -273,7 +343,7 @@ class UsageLedger:
 
 
 def account(ledger: UsageLedger, cell: Cell, status: int, meter: UsageMeter | None) -> None:
-    """Count one ended call (status 499: the client left) in the ledger (and so /metrics)."""
+    """Count one call that ended in `cell`'s hour (status 499: the client left)."""
     ledger.record(cell, status >= 400, meter.tokens if meter is not None else None)
 
 

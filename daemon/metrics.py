@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from berth.daemon.metering import ModelTokens
 from berth.gpu import GpuAllocator, GpuMarkKind, GpuSample
 from berth.gpu.inventory import attribute
 from berth.scheduler.endpoint import StartPhases
@@ -128,7 +129,7 @@ class Metrics:
 
     async def refresh(self, reconciler: Reconciler, allocator: GpuAllocator,
                       samples: dict[str, GpuSample],
-                      model_tokens: dict[tuple[str, str], list[int]],
+                      model_tokens: dict[tuple[str, str], ModelTokens],
                       min_free_disk: int = 0) -> None:
         store = reconciler.store  # reconciler: the scrape's one source
         tasks = await store.tasks.counts()
@@ -155,13 +156,13 @@ def state_families(db_bytes: int, free_bytes: int, min_free: int) -> list[Metric
     return [db, free, floor]
 
 
-def token_family(model_tokens: dict[tuple[str, str], list[int]]) -> Metric:
+def token_family(model_tokens: dict[tuple[str, str], ModelTokens]) -> Metric:
     """The usage ledger's totals since start (counted there as calls end, read here)."""
     family = CounterMetricFamily("berth_model_tokens", "Model tokens of answers, from their "
                                  "OpenAI usage object", labels=("endpoint", "model", "kind"))
-    for (endpoint, model), (prompt, completion) in sorted(model_tokens.items()):
-        family.add_metric((endpoint, model, "prompt"), prompt)
-        family.add_metric((endpoint, model, "completion"), completion)
+    for (endpoint, model), totals in sorted(model_tokens.items()):
+        family.add_metric((endpoint, model, "prompt"), totals.prompt)
+        family.add_metric((endpoint, model, "completion"), totals.completion)
     return family
 
 

@@ -25,7 +25,7 @@ from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
 from berth.daemon.json_values import request_json
 from berth.daemon.keys import DATA_PLANE, LIMITS, DataPlane
-from berth.daemon.metering import UsageMeter, account, hour_of
+from berth.daemon.metering import UsageMeter
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call, within_body_time
@@ -234,7 +234,7 @@ async def openai_form_call(request: web.Request) -> web.StreamResponse:
 async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
                        reply: Replier) -> Answer:
     """An OpenAI call from aiohttp (any route) or from berth's own front (the JSON ones)."""
-    started, outcome, call, cell = time.monotonic(), 499, None, None
+    started, outcome, call, routed = time.monotonic(), 499, None, None
     plane = request.app[DATA_PLANE]
     try:
         key = presented_key(request)
@@ -242,7 +242,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
         asked = await within_body_time(request, read(request))  # (its model is inside)
         model, pool = model_pool(plane, asked.model)
         principal = plane.auth.principal(key)
-        cell = (hour_of(time.time()), principal, pool.name, model)
+        routed = (principal, pool.name, model)
         check_key(plane, pool, key)
         admit(plane, principal, time.monotonic())
         if asked.stream and plane.auth.daily_budget(principal) is not None:
@@ -264,9 +264,9 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
         return OpenAIError(error.status, error.code, error.message,
                            headers=error.headers).answer(reply)
     finally:
-        if cell is not None:
-            plane.metrics.call_ended(cell[2], outcome, time.monotonic() - started)
-            account(plane.usage, cell, outcome, call.meter if call is not None else None)
+        if routed is not None:
+            plane.metrics.call_ended(routed[1], outcome, time.monotonic() - started)
+            plane.usage.count(*routed, outcome, call.meter if call is not None else None)
 
 
 def add_openai_api(app: web.Application) -> None:

@@ -39,7 +39,7 @@ from berth.daemon.keys import (
     USAGE,
     DataPlane,
 )
-from berth.daemon.metering import UsageMeter, account, hour_of
+from berth.daemon.metering import UsageMeter
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.pacing import CallPacer
 from berth.daemon.sse import SseRewriter
@@ -345,8 +345,8 @@ def end_call(plane: DataPlane, call: Call, outcome: int) -> None:
     spec = call.pool.spec
     plane.metrics.call_ended(spec.name, outcome, time.monotonic() - call.started)
     if plane.usage.enabled:
-        account(plane.usage, (hour_of(time.time()), call.principal, spec.name,
-                              call.model or spec.first_model), outcome, call.meter)
+        plane.usage.count(call.principal, spec.name, call.model or spec.first_model, outcome,
+                          call.meter)
 
 
 def admit(plane: DataPlane, principal: str, tick: float) -> None:

@@ -197,6 +197,38 @@ async def test_ledger_counts_survive_a_restart_and_a_new_day_starts_afresh(tmp_p
     await store.close()
 
 
+async def test_a_call_counts_into_its_hour_after_a_flush_took_its_tally_and_budgets_roll_per_day(
+        tmp_path):
+    """A call adds to its (principal, endpoint, model) Account's tally, kept between calls:
+    after a flush took that tally, or in a new hour, it must count into a new pending cell,
+    and each principal's day counter starts again on a new UTC day."""
+    store = await Store.open(tmp_path)
+    ledger = UsageLedger(store.usage)
+    await ledger.load(T0)
+    hour, next_hour, next_day = int(T0), int(T0) + 3600, int(T0) + 86400
+    ledger.record((hour, "tok_a", "llm", "llama"), False, (1, 2))
+    await ledger.flush()
+    ledger.record((hour, "tok_a", "llm", "llama"), True, (10, 20))  # after the flush
+    ledger.record((next_hour, "tok_a", "llm", "llama"), False, (100, 200))
+    ledger.record((next_hour, "tok_b", "llm", "llama"), False, (5, 5))
+    assert {cell: (t.calls, t.errors, t.prompt, t.completion)
+            for cell, t in ledger.pending.items()} == {
+        (hour, "tok_a", "llm", "llama"): (1, 1, 10, 20),
+        (next_hour, "tok_a", "llm", "llama"): (1, 0, 100, 200),
+        (next_hour, "tok_b", "llm", "llama"): (1, 0, 5, 5)}
+    assert ledger.tokens_today("tok_a", T0 + 7200) == 333
+    ledger.record((next_day, "tok_a", "llm", "llama"), False, (4, 0))
+    assert ledger.tokens_today("tok_a", T0 + 86401) == 4
+    assert ledger.tokens_today("tok_b", T0 + 86401) == 0  # (nothing counted today yet)
+    totals = ledger.model_tokens[("llm", "llama")]
+    assert (totals.prompt, totals.completion) == (120, 227)
+    await ledger.flush()
+    rows = await store.usage.summary("token", 0, None, None, None)
+    assert {r["group"]: (r["calls"], r["prompt_tokens"]) for r in rows} == {
+        "tok_a": (4, 115), "tok_b": (1, 5)}
+    await store.close()
+
+
 async def test_a_failed_flush_keeps_its_counts(tmp_path):
     store = await Store.open(tmp_path)
     ledger = UsageLedger(store.usage)
