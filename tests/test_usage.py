@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from berth.daemon.metering import (
+    UNREAD,
     UsageLedger,
     UsageMeter,
+    flat_usage,
     tokens_of,
     usage_in_json,
     usage_in_object,
@@ -90,6 +92,79 @@ def test_reading_only_the_last_usage_member_agrees_with_parsing_the_whole_answer
         answer.setdefault("usage", USAGE)
     raw = json.dumps(answer, indent=indent).encode()
     assert usage_in_json(raw) == usage_in_object(answer), raw
+
+
+@pytest.mark.parametrize(("text", "tokens"), [
+    ('{"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}', (5, 6)),
+    ('{"completion_tokens":6,"prompt_tokens":5,"total_tokens":11}', (5, 6)),  # llama.cpp
+    ('{"prompt_tokens":5,"total_tokens":11,"completion_tokens":6,'
+     '"prompt_tokens_details":null}', (5, 6)),  # vLLM
+    (' {\n "input_tokens" : 2 ,\t"output_tokens":0 }\r\n', (2, 0)),  # the Responses API
+    ('{"prompt_tokens": 3, "input_tokens": 9}', (3, 0)),  # prompt_tokens first
+    ('{"prompt_tokens": 1, "prompt_tokens": 4}', (4, 0)),  # the last of a key, as a dict
+    ('{}', (0, 0)),
+    ('{"prompt_tokens": null}', None),
+    ('{"prompt_tokens": 1000000000001}', None),  # past MAX_TOKENS: no count
+    ('{"prompt_tokens": 999999999999999}', None),
+    ('{"prompt_tokens": 0}', (0, 0)),
+    # anything else is left to the parser
+    ('{"prompt_tokens": 1.0}', UNREAD),
+    ('{"prompt_tokens": 1e3}', UNREAD),
+    ('{"prompt_tokens": -1}', UNREAD),
+    ('{"prompt_tokens": 01}', UNREAD),
+    ('{"prompt_tokens": 1234567890123456}', UNREAD),  # more than MAX_DIGITS
+    ('{"prompt_tokens": "5"}', UNREAD),
+    ('{"prompt_tokens": true}', UNREAD),
+    ('{"details": {"cached_tokens": 1}}', UNREAD),
+    ('{"prompt\\u005ftokens": 5}', UNREAD),
+    ('{"pr\u00f6mpt_tokens": 5}', UNREAD),
+    ('{"prompt_tokens": 5,}', UNREAD),
+    ('{"prompt_tokens": 5', UNREAD),
+    ('{"prompt_tokens" 5}', UNREAD),
+    ('{"prompt_tokens": 5} x', UNREAD),
+    ('{"prompt_tokens": nul}', UNREAD),
+    ('{"prompt_tokens": 5 6}', UNREAD),
+    ('', UNREAD),
+    ('null', UNREAD),
+])
+def test_a_flat_usage_object_is_read_without_a_parser_and_anything_else_is_left_to_one(
+        text, tokens):
+    raw = text.encode()
+    found = flat_usage(raw, 0, len(raw))
+    assert found == ((UNREAD, UNREAD) if tokens == UNREAD else tokens)
+    if tokens != UNREAD:  # what it reads, a parser reads alike
+        assert tokens_of(json.loads(raw)) == tokens
+
+
+USAGE_KEYS = st.sampled_from(["prompt_tokens", "completion_tokens", "input_tokens",
+                              "output_tokens", "total_tokens", "prompt_tokens_details", "x"])
+USAGE_LEAVES = st.none() | st.booleans() | st.integers(-3, 10 ** 16) | st.floats(
+    allow_nan=False, allow_infinity=False) | st.sampled_from(["", "7", "\\", "\u00e9"])
+SPACES = st.sampled_from(["", " ", "\n", "\t ", "\r\n  "])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(usage=st.dictionaries(USAGE_KEYS, USAGE_LEAVES | st.dictionaries(
+           USAGE_KEYS, USAGE_LEAVES, max_size=2), max_size=6),
+       gaps=st.lists(SPACES, min_size=1, max_size=8), cut=st.integers(0, 200),
+       byte=st.integers(0, 255))
+def test_the_flat_reading_agrees_with_a_parser_on_usage_objects_and_their_corruptions(
+        usage, gaps, cut, byte):
+    """Whatever flat_usage reads, tokens_of of the parsed object gives too: valid objects
+    with any spacing, and the same with one byte changed (most then not JSON)."""
+    pieces = [json.dumps(k) + gaps[i % len(gaps)] + ":" + json.dumps(v)
+              for i, (k, v) in enumerate(usage.items())]
+    text = gaps[0] + "{" + gaps[-1] + ("," + gaps[1 % len(gaps)]).join(pieces) + "}" + gaps[-1]
+    for raw in (text.encode(), mutated(text.encode(), cut, byte)):
+        found = flat_usage(raw, 0, len(raw))
+        if found is not None and found[0] == UNREAD:
+            continue  # left to the parser
+        assert found == tokens_of(json.loads(raw)), raw
+
+
+def mutated(raw: bytes, at: int, byte: int) -> bytes:
+    at = at % (len(raw) + 1)
+    return raw[:at] + bytes([byte]) + raw[at + 1:]
 
 
 def test_a_replicas_deeply_nested_json_is_passed_on_not_a_fault():
