@@ -414,11 +414,10 @@ class UsageLedger:
         self.day_tokens = {principal: DayTokens(day, tokens) for principal, tokens in used.items()}
 
     def count(self, principal: str, endpoint: str, model: str, status: int,
-              meter: UsageMeter | None) -> None:
+              tokens: tuple[int, int] | None) -> None:
         """A call that ended now (status 499: the client left), with its answer's tokens."""
         if self.enabled:
-            self.add(hour_of(time.time()), principal, endpoint, model, status >= 400,
-                     meter.tokens if meter is not None else None)
+            self.add(hour_of(time.time()), principal, endpoint, model, status >= 400, tokens)
 
     def record(self, cell: Cell, error: bool, tokens: tuple[int, int] | None) -> None:
         if self.enabled:

@@ -25,7 +25,6 @@ from berth.daemon.errors import ApiError, as_api_error
 from berth.daemon.http_types import JSON_TYPE, Answer, CallRequest, Replier, as_lines
 from berth.daemon.json_values import request_json
 from berth.daemon.keys import DATA_PLANE, LIMITS, DataPlane
-from berth.daemon.metering import UsageMeter
 from berth.daemon.models_api import ERROR_TYPES, presented_key
 from berth.daemon.openai_form import FormError, Found, read_model_field
 from berth.daemon.proxy import AiohttpReplier, Call, admit, serve_call, within_body_time
@@ -212,7 +211,7 @@ def routed_call(plane: DataPlane, request: CallRequest, reply: Replier, pool: En
     body given and its model renamed when the endpoint has an upstream_model."""
     call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                 request.headers.get("X-Request-Id") or plane.request_ids.next(), reply,
-                openai=True, meter=UsageMeter() if plane.usage.enabled else None,
+                openai=True, metered=plane.usage.enabled,
                 started=time.monotonic(), principal=principal, model=model)
     upstream = pool.spec.upstream_model
     asked.into(call, upstream)
@@ -266,7 +265,7 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
     finally:
         if routed is not None:
             plane.metrics.call_ended(routed[1], outcome, time.monotonic() - started)
-            plane.usage.count(*routed, outcome, call.meter if call is not None else None)
+            plane.usage.count(*routed, outcome, call.tokens if call is not None else None)
 
 
 def add_openai_api(app: web.Application) -> None:

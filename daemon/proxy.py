@@ -39,7 +39,7 @@ from berth.daemon.keys import (
     USAGE,
     DataPlane,
 )
-from berth.daemon.metering import UsageMeter
+from berth.daemon.metering import UsageMeter, usage_in_json
 from berth.daemon.models_api import error_object, presented_key
 from berth.daemon.pacing import CallPacer
 from berth.daemon.sse import SseRewriter
@@ -120,8 +120,10 @@ class Call:
     replaces: int = 0
     # Applied to a whole (small) answer before it goes back, e.g. the model name rewritten.
     rewrite: Callable[[bytes], bytes] | None = None
-    # Reads the answer's OpenAI usage object as it passes (None: accounting does not look).
-    meter: UsageMeter | None = None
+    # Usage accounting reads the answer's OpenAI usage object as it passes: `tokens`, what it
+    # said. (A UsageMeter only for a streamed answer: a whole one is read at once.)
+    metered: bool = False
+    tokens: tuple[int, int] | None = None
     # An OpenAI call: a broken stream ends with `data: {"error": ...}` and `data: [DONE]`.
     openai: bool = False
     # Awaited when the call gets its slot, before anything goes to the replica.
@@ -263,7 +265,7 @@ def open_call(plane: DataPlane, request: CallRequest, reply: Replier) -> Call:
                 started=time.monotonic(), principal=plane.auth.principal(presented_key(request)))
     # An OpenAI-style route, as the model server will read the path (decoded: %76%31 is v1).
     if plane.usage.enabled and request.match_info.get("path", "").startswith("v1/"):
-        call.meter = UsageMeter()
+        call.metered = True
     return call
 
 
@@ -281,7 +283,7 @@ def check_call(plane: DataPlane, call: Call) -> None:
 
 async def _checked(plane: DataPlane, call: Call, pinned: str | None) -> Answer:
     check_call(plane, call)
-    if call.meter is not None and plane.auth.daily_budget(call.principal) is not None:
+    if call.metered and plane.auth.daily_budget(call.principal) is not None:
         await _budgeted_body(plane, call)
     return await serve_call(plane.router, call, pinned)
 
@@ -346,7 +348,7 @@ def end_call(plane: DataPlane, call: Call, outcome: int) -> None:
     plane.metrics.call_ended(spec.name, outcome, time.monotonic() - call.started)
     if plane.usage.enabled:
         plane.usage.count(call.principal, spec.name, call.model or spec.first_model, outcome,
-                          call.meter)
+                          call.tokens)
 
 
 def admit(plane: DataPlane, principal: str, tick: float) -> None:
@@ -521,9 +523,19 @@ async def _relay(call: Call, upstream: UpstreamResponse,
     """Stream the answer's body as it comes; the meter reads each chunk after it is sent."""
     is_sse = upstream.content_type == "text/event-stream"
     sse = SseRewriter(call.rewrite) if call.rewrite is not None and is_sse else None
-    meter = call.meter
+    meter = UsageMeter() if call.metered else None
     if meter is not None:
         meter.sse = is_sse
+    try:
+        await _relayed(upstream, response, sse, meter)
+    finally:
+        if meter is not None:  # (what it read, if the client left)
+            call.tokens = meter.tokens
+    await response.write_eof()
+
+
+async def _relayed(upstream: UpstreamResponse, response: Answer, sse: SseRewriter | None,
+                   meter: UsageMeter | None) -> None:
     writer = cast(WritesNow | None, getattr(response, "write_now", None) and response)
     if writer is not None:
         write_now = writer.write_now
@@ -546,7 +558,6 @@ async def _relay(call: Call, upstream: UpstreamResponse,
         await response.write(rest)
     if meter is not None:
         meter.end()
-    await response.write_eof()
 
 
 async def _into_committed(call: Call, upstream: UpstreamResponse,
@@ -597,8 +608,8 @@ def _response_headers(call: Call, replica: Replica, upstream: UpstreamResponse) 
 def whole_answer(call: Call, replica: Replica, upstream: UpstreamResponse,
                  body: bytes) -> Answer:
     """A small answer read whole, in one write."""
-    if call.meter is not None:
-        call.meter.whole(body)
+    if call.metered:
+        call.tokens = usage_in_json(body)
     if call.rewrite is not None:
         body = call.rewrite(body)
     return call.reply.whole(upstream.status, upstream.reason, _response_headers(
