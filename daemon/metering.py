@@ -170,7 +170,7 @@ def flat_usage(payload: bytes, start: i64, end: i64) -> tuple[int, int] | None:
         key_end = _key_end(payload, at, end)
         if key_end < 0:
             return UNREAD, UNREAD
-        key = _token_key(payload, at + 1, key_end)
+        key = payload[at + 1:key_end]  # (one slice and compares cost less than byte loops)
         at = _skip_space(payload, key_end + 1, end)
         if at == end or payload[at] != COLON:
             return UNREAD, UNREAD
@@ -178,16 +178,14 @@ def flat_usage(payload: bytes, start: i64, end: i64) -> tuple[int, int] | None:
         value_end = _count_end(payload, at, end)
         if value_end < 0:
             return UNREAD, UNREAD
-        if key != 0:
-            count = _count_at(payload, at, value_end)
-            if key == 1:
-                prompt = count
-            elif key == 2:
-                completion = count
-            elif key == 3:
-                inputs = count
-            else:
-                outputs = count
+        if key == b"prompt_tokens":
+            prompt = _count_at(payload, at, value_end)
+        elif key == b"completion_tokens":
+            completion = _count_at(payload, at, value_end)
+        elif key == b"input_tokens":
+            inputs = _count_at(payload, at, value_end)
+        elif key == b"output_tokens":
+            outputs = _count_at(payload, at, value_end)
         at = _skip_space(payload, value_end, end)
         if at == end or (payload[at] != COMMA and payload[at] != CLOSE):
             return UNREAD, UNREAD
@@ -202,7 +200,10 @@ def flat_usage(payload: bytes, start: i64, end: i64) -> tuple[int, int] | None:
 
 
 def _skip_space(payload: bytes, at: i64, end: i64) -> i64:
-    while at < end and _is_space(payload[at]):
+    while at < end:
+        byte = payload[at]  # (JSON's whitespace, as _is_space: compiled, no call per byte)
+        if byte != 0x20 and byte != 0x0A and byte != 0x0D and byte != 0x09:
+            return at
         at += 1
     return at
 
@@ -247,27 +248,6 @@ def _count_at(payload: bytes, at: i64, end: i64) -> int:
         count = count * 10 + payload[at] - ZERO
         at += 1
     return int(count) if count <= MAX_TOKENS else NOT_A_COUNT
-
-
-def _token_key(payload: bytes, start: i64, end: i64) -> i64:
-    """Which count the key in payload[start:end] names: 1 prompt_tokens, 2
-    completion_tokens, 3 input_tokens, 4 output_tokens, 0 none of them."""
-    size = end - start
-    if size == 13:
-        return 1 if _same(payload, start, b"prompt_tokens") else \
-            4 if _same(payload, start, b"output_tokens") else 0
-    if size == 17:
-        return 2 if _same(payload, start, b"completion_tokens") else 0
-    if size == 12:
-        return 3 if _same(payload, start, b"input_tokens") else 0
-    return 0
-
-
-def _same(payload: bytes, at: i64, name: bytes) -> bool:
-    for index in range(len(name)):  # noqa: SIM110 (all(...) compiled: a generator per call)
-        if payload[at + index] != name[index]:
-            return False
-    return True
 
 
 def usage_in_tail(data: bytes) -> tuple[int, int] | None:
