@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from berth.daemon.errors import ApiError
+from berth.daemon.json_values import json_object
 from berth.daemon.keys import BROWSER, DATA_PLANE, DataPlane
 from berth.daemon.models_api import presented_key
-from berth.daemon.openai_api import OpenAIError, check_any_key, json_object
+from berth.daemon.openai_api import OpenAIError, check_any_key
 from berth.daemon.openai_api import fast_call as openai_fast_call
 from berth.daemon.proxy import (
     Call,

@@ -51,3 +51,12 @@ def request_json(raw: bytes | bytearray) -> Any:
         except orjson.JSONDecodeError:
             pass  # (json says why, or reads what orjson refuses: NaN, a lone surrogate)
     return json.loads(raw)
+
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` read by request_json if it is a JSON object; None when it is not one."""
+    try:
+        body = request_json(raw)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None

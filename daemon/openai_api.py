@@ -97,13 +97,18 @@ class Asked:
     def into(self, call: Call, upstream: str | None) -> None:
         """Give the call its body, with the model renamed to `upstream` when set."""
         if self.json_body is not None:
-            call.body = self.head if not (upstream or self.changed) else json.dumps(
-                {**self.json_body, "model": upstream or self.json_body.get("model")}).encode()
+            call.body = self.head if not (upstream or self.changed) else with_model(
+                self.json_body, upstream or self.json_body.get("model"))
             return
         call.prefix, call.replaces = self.head, len(self.head)
         if upstream and self.span is not None:
             call.prefix = self.head[:self.span.start] + upstream.encode() + \
                 self.head[self.span.end:]
+
+
+def with_model(body: dict[str, Any], model: Any) -> bytes:
+    """A JSON body sent with its `model` replaced (the endpoint's upstream_model)."""
+    return json.dumps({**body, "model": model}).encode()
 
 
 async def asked_json(request: CallRequest) -> Asked:
@@ -175,15 +180,6 @@ def renamer(asked: str, upstream: str) -> Callable[[bytes], bytes]:
     return rewrite
 
 
-def json_object(raw: bytes) -> dict[str, Any] | None:
-    """`raw` as a JSON object, or None when it is not one."""
-    try:
-        body = request_json(raw)
-    except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
-
-
 def fast_call(plane: DataPlane, request: CallRequest, reply: Replier, raw: bytes,
               body: dict[str, Any], key: str | None) -> Call | None:
     """The call that a JSON request whose body `raw` (parsed: `body`; its presented key:
@@ -201,20 +197,22 @@ def fast_call(plane: DataPlane, request: CallRequest, reply: Replier, raw: bytes
     principal = plane.auth.principal(key)
     if plane.auth.limits.get(principal) is not None:
         return None  # (admit counts each call: serve_openai's way counts it)
-    return routed_call(plane, request, reply, pool, model, principal,
-                       Asked(model, False, raw, json_body=body))
+    call = routed_call(plane, request, reply, pool, model, principal)
+    upstream = pool.spec.upstream_model  # (its body as it came: no Asked made and read)
+    call.body = with_model(body, upstream) if upstream else raw
+    return call
 
 
 def routed_call(plane: DataPlane, request: CallRequest, reply: Replier, pool: EndpointPool,
-                model: str, principal: str, asked: Asked) -> Call:
+                model: str, principal: str) -> Call:
     """The call an OpenAI request routed to `pool` makes (either way: fast or a task's), its
-    body given and its model renamed when the endpoint has an upstream_model."""
+    answer's model renamed back when the endpoint has an upstream_model; the caller gives
+    it its body."""
     call = Call(request, pool, request.rel_url.raw_path.lstrip("/"),
                 request.headers.get("X-Request-Id") or plane.request_ids.next(), reply,
                 openai=True, metered=plane.usage.enabled,
                 started=time.monotonic(), principal=principal, model=model)
     upstream = pool.spec.upstream_model
-    asked.into(call, upstream)
     if upstream:
         call.rewrite = renamer(model, upstream)
     return call
@@ -246,7 +244,8 @@ async def serve_openai(request: R, read: Callable[[R], Awaitable[Asked]],
         admit(plane, principal, time.monotonic())
         if asked.stream and plane.auth.daily_budget(principal) is not None:
             asked.ask_usage()
-        call = routed_call(plane, request, reply, pool, model, principal, asked)
+        call = routed_call(plane, request, reply, pool, model, principal)
+        asked.into(call, pool.spec.upstream_model)
         every = pool.spec.stream_keepalive_s
         if asked.stream and every > 0:
             response = await serve_streaming(plane.router, call, every)
