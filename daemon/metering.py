@@ -95,23 +95,26 @@ def usage_in_object(answer: Any) -> tuple[int, int] | None:
 def usage_in_json(payload: bytes) -> tuple[int, int] | None:
     """The usage of one JSON answer (or SSE event's data), as `usage_in_object` of it parsed.
 
-    Most answers end with their usage: the last `"usage"` is a member of the top level, its
-    value read alone, when only `:` comes between them and only the top level's `}` after
-    the value. A match deeper in leaves closing brackets over, one that is a string value
-    leaves no `:`, and one that is inside a string begins with an escaped quote (a backslash
-    before it). A top-level member that is no usage (`"usage": null`, on every chunk of a
+    Most answers carry their usage as a top-level member near their end: the last
+    `"usage"` and what follows it are read as an object (`b"{" + payload[at:]`), which
+    parses only when that `"usage"` is a member of the top level. A match deeper in leaves
+    closing brackets over, one that is a string value leaves no member, and one that is
+    inside a string begins with an escaped quote (a backslash before it). When the member is
+    the last and its object flat (as model servers write usage), flat_usage reads it without
+    a parser. A top-level member that is no usage (`"usage": null`, on every chunk of a
     stream that asked for it) is the answer's unless it has a Responses API `response`. Only
-    when that fails is the whole answer parsed: a chat answer costs a third of the work.
-    Unlike a whole parse, an answer that is no JSON (or nested past the parser's depth)
-    before its last usage member is still counted by it; and only UTF-8 answers with the
-    key spelt plainly are read (not `"\\u0075sage"`, nor UTF-16): no model server writes
-    either."""
+    when that fails is the whole answer parsed. Unlike a whole parse, an answer that is no
+    JSON (or nested past the parser's depth) before its last usage member is still counted
+    by it; and only UTF-8 answers with the key spelt plainly are read (not `"\\u0075sage"`,
+    nor UTF-16): no model server writes either."""
     at = payload.rfind(b'"usage"')
     if at < 0:
         return None
     if at == 0 or payload[at - 1] != BACKSLASH:
         start, end = last_member_value(payload, at + 7)
-        found = usage_value(payload, start, end) if start >= 0 else (UNREAD, UNREAD)
+        found = flat_usage(payload, start, end) if start >= 0 else (UNREAD, UNREAD)
+        if found is not None and found[0] == UNREAD:
+            found = usage_member(payload, at)
         read = found is None or found[0] != UNREAD
         if read and (found is not None or b'"response"' not in payload):
             return found
@@ -141,16 +144,14 @@ def last_member_value(payload: bytes, at: i64) -> tuple[i64, i64]:
     return at + 1, end - 1
 
 
-def usage_value(payload: bytes, start: i64, end: i64) -> tuple[int, int] | None:
-    """tokens_of the JSON value in payload[start:end] (whitespace about it), read by
-    flat_usage if it can, else parsed; (UNREAD, UNREAD) if it is no JSON."""
-    found = flat_usage(payload, start, end)
-    if found is None or found[0] != UNREAD:
-        return found
+def usage_member(payload: bytes, at: int) -> tuple[int, int] | None:
+    """tokens_of the usage member whose key begins at `at`, read with all that follows it as
+    an object (`b"{" + payload[at:]`); (UNREAD, UNREAD) if that is no JSON object."""
     try:
-        return tokens_of(json_value(payload[start:end]))
+        last = json_value(b"{" + payload[at:])
     except (ValueError, RecursionError):  # (the replica's bytes: anything)
         return UNREAD, UNREAD
+    return tokens_of(last.get("usage")) if isinstance(last, dict) else (UNREAD, UNREAD)
 
 
 def flat_usage(payload: bytes, start: i64, end: i64) -> tuple[int, int] | None:
@@ -422,7 +423,8 @@ class UsageLedger:
         day, today = account.day, day_of(hour)
         if day.day < today:  # a new UTC day: its budget starts again
             day.day, day.tokens = today, 0
-        day.tokens += prompt + completion
+        if day.day == today:  # (not a late count of an earlier day: a restart would not)
+            day.tokens += prompt + completion
         totals = account.model_tokens
         totals.prompt += prompt
         totals.completion += completion
@@ -453,11 +455,13 @@ class UsageLedger:
         pending. Counts added meanwhile wait for the next flush: flushing until nothing was
         pending wrote back to back under load (a statement and commit every ~70 ms, the
         SQLite thread contending for the GIL with the event loop all the while)."""
-        self.flushes += 1  # (before any tally is taken away)
         cells = list(self.pending)
         for start in range(0, len(cells), ROWS_PER_STATEMENT):
             batch = {cell: self.pending.pop(cell)
                      for cell in cells[start:start + ROWS_PER_STATEMENT]}
+            # (each batch taken away: an Account's tally may be in it, and calls that end
+            # while it is written count into new pending ones)
+            self.flushes += 1
             rows = [UsageRow(*cell, t.calls, t.errors, t.prompt, t.completion)
                     for cell, t in batch.items()]
             try:  # shielded: a statement already queued runs anyway, so it counts once

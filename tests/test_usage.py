@@ -22,6 +22,7 @@ from berth.daemon.metering import (
 )
 from berth.daemon.quota import day_wait, minute_wait
 from berth.store import Store
+from berth.store.usage import ROWS_PER_STATEMENT
 from helpers import endpoint, ready_count, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -68,6 +69,16 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 4}
     (b'{"id": "c"}', None),
     (b"not json", None),
     (b'[{"usage": {"prompt_tokens": 9}}]', None),
+    # members after the usage (vLLM's prompt_logprobs, OpenAI's system_fingerprint)
+    (b'{"id": "c", "usage": {"prompt_tokens": 3, "completion_tokens": 4, '
+     b'"prompt_tokens_details": {"cached_tokens": 0}}, "system_fingerprint": null}', (3, 4)),
+    (b'garbage{{["usage":{"input_tokens":3234}, "x": 1}', (3234, 0)),  # read as before
+    # a value that is not UTF-8 JSON, or nested past the parser's depth in its object
+    (b'{"usage":\xef\xbb\xbf{"prompt_tokens":3}}', None),
+    (b'{"id":1,"usage":' + '{"prompt_tokens":3,"completion_tokens":4}'.encode("utf-16-le")
+     + b'}', None),
+    (b'{"usage":{"prompt_tokens":1,"completion_tokens":2,"x":' + b"[" * 1023 + b"]" * 1023
+     + b"}}", None),
 ])
 def test_usage_is_read_from_the_top_level_of_an_answer(answer, tokens):
     assert usage_in_json(answer) == tokens
@@ -294,14 +305,46 @@ async def test_a_call_counts_into_its_hour_after_a_flush_took_its_tally_and_budg
     assert ledger.tokens_today("tok_a", T0 + 7200) == 333
     ledger.record((next_day, "tok_a", "llm", "llama"), False, (4, 0))
     assert ledger.tokens_today("tok_a", T0 + 86401) == 4
+    ledger.record((next_hour, "tok_a", "llm", "llama"), False, (50, 0))  # yesterday's, late
+    assert ledger.tokens_today("tok_a", T0 + 86401) == 4  # (as a restart would count)
     assert ledger.tokens_today("tok_b", T0 + 86401) == 0  # (nothing counted today yet)
     totals = ledger.model_tokens[("llm", "llama")]
-    assert (totals.prompt, totals.completion) == (120, 227)
+    assert (totals.prompt, totals.completion) == (170, 227)
     await ledger.flush()
     rows = await store.usage.summary("token", 0, None, None, None)
     assert {r["group"]: (r["calls"], r["prompt_tokens"]) for r in rows} == {
-        "tok_a": (4, 115), "tok_b": (1, 5)}
+        "tok_a": (5, 165), "tok_b": (1, 5)}
     await store.close()
+
+
+async def test_calls_that_end_while_a_flush_writes_its_batches_are_all_written(tmp_path):
+    """A flush of more cells than one statement takes writes them batch by batch; a call
+    that ends meanwhile, in a cell of a batch still to come or already taken, must count in
+    a tally that is written (an Account kept a tally the next batch took away)."""
+    store = await Store.open(tmp_path)
+    ledger = UsageLedger(store.usage)
+    await ledger.load(T0)
+    hour = int(T0)
+    for n in range(ROWS_PER_STATEMENT + 1):
+        ledger.record((hour, f"tok_{n}", "llm", "llama"), False, (1, 0))
+    last = (hour, f"tok_{ROWS_PER_STATEMENT}", "llm", "llama")  # in the second batch
+    write = store.usage.add
+
+    async def add(rows):  # the last cell's call ends while each batch is written
+        ledger.record(last, False, (1, 0))
+        await write(rows)
+
+    try:
+        store.usage.add = add
+        await ledger.flush()
+        ledger.record(last, False, (1, 0))  # and once after
+        store.usage.add = write
+        await ledger.flush()
+        rows = await store.usage.summary("token", 0, None, None, None)
+    finally:
+        await store.close()
+    calls = {r["group"]: r["calls"] for r in rows}
+    assert calls[last[1]] == 4 and sum(calls.values()) == ROWS_PER_STATEMENT + 4
 
 
 async def test_a_failed_flush_keeps_its_counts(tmp_path):
