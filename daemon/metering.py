@@ -176,17 +176,17 @@ def flat_usage(payload: bytes, start: i64, end: i64) -> tuple[int, int] | None:
         if at == end or payload[at] != COLON:
             return UNREAD, UNREAD
         at = _skip_space(payload, at + 1, end)
-        value_end = _count_end(payload, at, end)
+        count, value_end = _flat_count(payload, at, end)
         if value_end < 0:
             return UNREAD, UNREAD
         if key == b"prompt_tokens":
-            prompt = _count_at(payload, at, value_end)
+            prompt = count
         elif key == b"completion_tokens":
-            completion = _count_at(payload, at, value_end)
+            completion = count
         elif key == b"input_tokens":
-            inputs = _count_at(payload, at, value_end)
+            inputs = count
         elif key == b"output_tokens":
-            outputs = _count_at(payload, at, value_end)
+            outputs = count
         at = _skip_space(payload, value_end, end)
         if at == end or (payload[at] != COMMA and payload[at] != CLOSE):
             return UNREAD, UNREAD
@@ -224,31 +224,23 @@ def _key_end(payload: bytes, at: i64, end: i64) -> i64:
     return -1
 
 
-def _count_end(payload: bytes, at: i64, end: i64) -> i64:
-    """Where the value at `at` ends if it is null or an unsigned integer of MAX_DIGITS
-    digits at most; -1 for any other (or no) value."""
+def _flat_count(payload: bytes, at: i64, end: i64) -> tuple[int, i64]:
+    """(the count, where it ends) of the value at `at` if it is null or an unsigned integer
+    of MAX_DIGITS digits at most (NOT_A_COUNT for null or past MAX_TOKENS); (UNREAD, -1) for
+    any other (or no) value."""
     if end - at >= 4 and payload[at] == 0x6E and payload[at + 1] == 0x75 \
             and payload[at + 2] == 0x6C and payload[at + 3] == 0x6C:  # null
-        return at + 4
-    start = at
-    while at < end and 0x30 <= payload[at] <= 0x39:
-        at += 1
-    if at == start or at - start > MAX_DIGITS or (payload[start] == ZERO and at - start > 1):
-        return -1  # (a leading zero is not JSON)
-    if at < end and (payload[at] == 0x2E or payload[at] | 0x20 == 0x65):
-        return -1  # a fraction or an exponent
-    return at
-
-
-def _count_at(payload: bytes, at: i64, end: i64) -> int:
-    """The count of the value _count_end found: NOT_A_COUNT for null or past MAX_TOKENS."""
-    if payload[at] == 0x6E:
-        return NOT_A_COUNT
-    count: i64 = 0
-    while at < end:
+        return NOT_A_COUNT, at + 4
+    start, count = at, 0
+    while at < end and 0x30 <= payload[at] <= 0x39 and at - start < MAX_DIGITS:
         count = count * 10 + payload[at] - ZERO
         at += 1
-    return int(count) if count <= MAX_TOKENS else NOT_A_COUNT
+    if at == start or (payload[start] == ZERO and at - start > 1):
+        return UNREAD, -1  # (a leading zero is not JSON)
+    if at < end and (0x30 <= payload[at] <= 0x39 or payload[at] == 0x2E
+                     or payload[at] | 0x20 == 0x65):
+        return UNREAD, -1  # more than MAX_DIGITS, a fraction or an exponent
+    return (count if count <= MAX_TOKENS else NOT_A_COUNT), at
 
 
 def usage_in_tail(data: bytes) -> tuple[int, int] | None:
